@@ -1,0 +1,3 @@
+from autocoder.cli import main
+
+raise SystemExit(main())

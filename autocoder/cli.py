@@ -1,0 +1,236 @@
+"""The command-line door: `autocoder run|serve|kernels|model`. Translates errors to exit codes.
+
+Exit codes: 0 success, 1 every attempt failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from autocoder import __version__
+from autocoder.config import Settings, load_settings
+from autocoder.errors import AutocoderError, ConfigError
+from autocoder.records import ErrorKind, Event, RunResult
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Progress:
+    """Short per-attempt progress lines on stderr, so stdout stays the result."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(f"autocoder: {text}", file=sys.stderr, flush=True)
+
+    def __call__(self, event: Event) -> None:
+        d = event.data
+        n = event.attempt
+        if event.type == "attempt_started":
+            self.say(f"attempt {n}/{d['max_attempts']}: generating…")
+        elif event.type == "code_generated":
+            lines = len(d["code"].splitlines())
+            self.say(f"attempt {n}: {d['model']} wrote {lines} line(s) in {d['llm_duration']:.1f} s; running…")
+        elif event.type == "attempt_finished":
+            if d["status"] == "success":
+                self.say(f"attempt {n}: succeeded in {d['duration']:.1f} s")
+            else:
+                what = d.get("ename") or d["error_kind"]
+                self.say(f"attempt {n}: failed ({d['error_kind']}: {what})")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    print(f"autocoder: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "timeout": getattr(args, "timeout", None),
+        "max_attempts": getattr(args, "attempts", None),
+        "model": getattr(args, "model", None),
+        "notebooks_dir": getattr(args, "notebooks_dir", None),
+        "autofile_dir": getattr(args, "autofile_dir", None),
+        "sandbox": getattr(args, "sandbox", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+    }
+    try:
+        return load_settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = "AUTOCODER_" + str(err["loc"][0]).upper() if err["loc"] else "a setting"
+        _fail(f"{name}: {err['msg']}")
+
+
+def _read_prompt(words: Sequence[str]) -> str:
+    if words:
+        return " ".join(words)
+    if sys.stdin is None or not sys.stdin.isatty():
+        text = sys.stdin.read() if sys.stdin is not None else ""
+    else:
+        try:
+            text = input("Enter your prompt: ")
+        except EOFError:
+            text = ""
+    return text.strip()
+
+
+def _print_result(result: RunResult) -> None:
+    rule = "─" * 60
+    last = result.attempts[-1] if result.attempts else None
+    if result.code:
+        print(f"{rule}\ncode ({result.filename})\n{rule}")
+        print(result.code.rstrip("\n"))
+    if result.status == "success":
+        print(f"{rule}\noutput\n{rule}")
+        print(result.output.rstrip("\n"))
+    else:
+        print(f"{rule}\nerror after {len(result.attempts)} attempt(s)\n{rule}")
+        print(result.error.rstrip("\n"))
+        if last is not None and last.output.strip():
+            print(f"{rule}\noutput\n{rule}\n{last.output.rstrip()}")
+    print(rule)
+    print(f"notebook: {result.notebook}")
+    if result.workdir:
+        print(f"files:    {result.workdir}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from autocoder.runner import Runner
+
+    settings = _settings(args)
+    prompt = _read_prompt(args.prompt)
+    if not prompt:
+        _fail("no prompt given (pass it as an argument, on stdin, or type it when asked)")
+    if len(prompt) > settings.max_prompt_chars:
+        _fail(f"the prompt has {len(prompt):,} characters; the limit is "
+              f"{settings.max_prompt_chars:,} (AUTOCODER_MAX_PROMPT_CHARS)")
+    progress = Progress(not args.quiet)
+
+    async def go() -> RunResult:
+        runner = Runner(settings)
+        try:
+            model = await runner.llm()
+            progress.say(f"using the {model.backend} model {await model.resolve_model()}")
+            return await runner.run(prompt, on_event=progress)
+        finally:
+            await runner.close()
+
+    result = asyncio.run(go())
+    if result.error_kind is ErrorKind.LLM and not any(a.code for a in result.attempts):
+        _fail(result.error)
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        _print_result(result)
+    return EXIT_OK if result.status == "success" else EXIT_FAILED
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from autocoder.api import serve
+
+    settings = _settings(args)
+    serve(settings)
+    return EXIT_OK
+
+
+def cmd_kernels_install(args: argparse.Namespace) -> int:
+    from autocoder.kernel import install_kernelspecs
+
+    for path in install_kernelspecs(user=args.user, prefix=args.prefix):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from autocoder import local_model
+
+    info: dict[str, Any] = local_model.model_info(_settings(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key + ':':<10} {value}")
+    return EXIT_OK
+
+
+def cmd_model_serve(args: argparse.Namespace) -> int:
+    from autocoder import local_model
+
+    local_model.serve_forever(_settings(args), args.port)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autocoder",
+        description="Turn a plain-English prompt into working Python code, run in a Jupyter kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"autocoder {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="generate and run code for a prompt")
+    run.add_argument("prompt", nargs="*", help="the task; asked for interactively when omitted")
+    run.add_argument("--json", action="store_true", help="print the result as the API's JSON")
+    run.add_argument("--attempts", type=int, metavar="N", help="max attempts (AUTOCODER_MAX_ATTEMPTS)")
+    run.add_argument("--timeout", type=float, metavar="S", help="seconds per attempt (AUTOCODER_TIMEOUT)")
+    run.add_argument("--model", help="model name (AUTOCODER_MODEL)")
+    run.add_argument("--notebooks-dir", metavar="DIR", help="where run notebooks go")
+    run.add_argument("--autofile-dir", metavar="DIR", help="where attempt code files go")
+    run.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (POST /run)")
+    serve.add_argument("--host", help="bind address (AUTOCODER_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (AUTOCODER_PORT, default 5005)")
+    serve.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
+    serve.set_defaults(func=cmd_serve)
+
+    kernels = sub.add_parser("kernels", help="manage the kernelspecs autocoder ships")
+    ksub = kernels.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
+    install = ksub.add_parser("install", help="install them where Jupyter finds them")
+    install.add_argument("--user", action="store_true", help="into the user's Jupyter data dir")
+    install.add_argument("--prefix", help="into this prefix (e.g. sys.prefix of a venv)")
+    install.set_defaults(func=cmd_kernels_install)
+
+    model = sub.add_parser("model", help="the embedded local model")
+    msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    info = msub.add_parser("info", help="which model answers, and whether it is verified")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_model_info)
+    mserve = msub.add_parser("serve", help="expose the embedded model as an OpenAI endpoint")
+    mserve.add_argument("--port", type=int, default=8080)
+    mserve.set_defaults(func=cmd_model_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        _fail(str(e))
+    except AutocoderError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        print("autocoder: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

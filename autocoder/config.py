@@ -1,0 +1,81 @@
+"""One typed settings object, read once from the environment (and flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+
+
+class Settings(BaseSettings):
+    """Everything autocoder can be told. Env vars are `AUTOCODER_<NAME>` except the OpenAI ones."""
+
+    model_config = SettingsConfigDict(env_prefix="AUTOCODER_", extra="ignore", populate_by_name=True)
+
+    # The model endpoint.
+    openai_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
+    )
+    model: str | None = None
+    llm_timeout: float = Field(120.0, gt=0, description="Seconds one model request may take.")
+    llm_retries: int = Field(2, ge=0, le=10, description="Transport retries on 429/5xx/connection errors.")
+    max_tokens: int = Field(1024, gt=0)
+    retry_policy: Literal["auto", "conversation", "regenerate"] = "auto"
+
+    # The run loop.
+    timeout: float = Field(10.0, gt=0, description="Seconds one attempt's code may run.")
+    max_attempts: int = Field(5, ge=1, le=50)
+    max_output_bytes: int = Field(1_000_000, ge=1024, description="Output kept per attempt.")
+    notebooks_dir: Path = Path("notebooks")
+    autofile_dir: Path = Path("autofile")
+
+    # The sandbox.
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    memory_mb: int = Field(1024, ge=64)
+    cpu_seconds: int = Field(300, ge=1, description="CPU time a kernel may use over its life.")
+    max_processes: int = Field(64, ge=4)
+    max_open_files: int = Field(256, ge=32)
+    max_file_mb: int = Field(256, ge=1)
+    allow_network: bool = False
+
+    # The service.
+    host: str = "127.0.0.1"
+    port: int = Field(5005, ge=0, le=65535)
+    api_token: SecretStr | None = None
+    pool_size: int = Field(2, ge=0, le=64)
+    max_concurrent_runs: int = Field(4, ge=1, le=256)
+    max_queued_runs: int = Field(16, ge=0)
+    max_prompt_chars: int = Field(20_000, ge=1)
+    max_request_attempts: int = Field(10, ge=1)
+    max_request_timeout: float = Field(120.0, gt=0)
+
+    # The embedded model.
+    home: Path = Path("~/.cache/autocoder")
+    local_model: Literal["0.5b", "1.5b"] = "0.5b"
+    model_path: Path | None = None
+
+    @field_validator("home", "notebooks_dir", "autofile_dir", "model_path", mode="after")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+    @property
+    def api_key(self) -> str | None:
+        return self.openai_api_key.get_secret_value() if self.openai_api_key else None
+
+    @property
+    def uses_remote_endpoint(self) -> bool:
+        """A configured endpoint wins; otherwise the embedded model answers."""
+        return bool(self.openai_base_url or self.openai_api_key)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once; flags given as overrides win (None means 'not given')."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,23 @@
+"""autocoder's own failures. Failures of generated code are data (see `runner.ErrorKind`), not these."""
+
+from __future__ import annotations
+
+
+class AutocoderError(Exception):
+    """Root of every error autocoder raises about itself."""
+
+
+class ConfigError(AutocoderError, ValueError):
+    """A setting is wrong or missing; the message names the setting to fix."""
+
+
+class LLMError(AutocoderError, ConnectionError):
+    """The model endpoint could not give an answer (down, refusing, unknown model)."""
+
+
+class KernelStartError(AutocoderError, RuntimeError):
+    """A kernel could not be started (bad kernelspec, sandbox unavailable)."""
+
+
+class SandboxUnavailable(KernelStartError):
+    """The requested sandbox cannot run on this machine; the message says why and what to set."""

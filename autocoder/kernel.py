@@ -1,0 +1,481 @@
+"""One kernel session: start, execute under a deadline, interrupt, replace, shut down.
+
+A session owns one Jupyter kernel (jupyter-client + ipykernel over IPC) started from the
+kernelspecs in `kernels/`, with its own runtime directory (connection file, sockets) and
+working directory. Sessions are never shared between runs; `KernelPool` keeps some started
+ahead of time so a run does not wait for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbformat.v4 import output_from_msg
+
+from autocoder import sandbox
+from autocoder.config import Settings
+from autocoder.errors import KernelStartError
+from autocoder.records import ErrorInfo, ErrorKind, Execution
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 60.0
+INTERRUPT_GRACE = 2.0
+POLL_INTERVAL = 0.25
+RESET_CODE = "get_ipython().reset(new_session=False)"
+
+OutputCallback = Callable[[dict[str, Any]], None]
+
+_live: weakref.WeakSet[KernelSession] = weakref.WeakSet()
+
+
+def kernels_dir() -> Path:
+    """The kernelspecs we ship: inside the package when installed, at the repo root in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "autocoder-sandbox" / "kernel.json").is_file():
+            return candidate
+    raise KernelStartError(f"autocoder's kernelspecs are missing (looked in {here / 'kernels'})")
+
+
+def install_kernelspecs(*, user: bool = False, prefix: str | None = None) -> list[str]:
+    """Install the shipped kernelspecs where Jupyter finds them; returns where they went."""
+    ksm = KernelSpecManager()
+    root = kernels_dir()
+    return [
+        ksm.install_kernel_spec(str(spec), spec.name, user=user, prefix=prefix)
+        for spec in sorted(root.iterdir())
+        if (spec / "kernel.json").is_file()
+    ]
+
+
+def kernel_name(settings: Settings) -> str:
+    return "autocoder-sandbox" if settings.sandbox == "bwrap" else "autocoder-python"
+
+
+class OutputCollector:
+    """Turns iopub messages into nbformat outputs, keeping at most `limit` bytes (head and tail).
+
+    Past the limit nothing more is stored except a bounded tail of the stream text, so a
+    flood costs the server no memory beyond the limit.
+    """
+
+    def __init__(self, limit: int, on_output: OutputCallback | None = None) -> None:
+        self.limit = limit
+        self.head_budget = limit // 2
+        self.tail_budget = limit - self.head_budget
+        self.outputs: list[dict[str, Any]] = []
+        self.tail = ""
+        self.tail_name = "stdout"
+        self.total = 0
+        self.dropped = 0
+        self.error: ErrorInfo | None = None
+        self.on_output = on_output
+
+    @property
+    def over(self) -> bool:
+        return self.total > self.limit
+
+    def add(self, msg: dict[str, Any]) -> None:
+        kind = msg["msg_type"]
+        content = msg["content"]
+        if kind == "clear_output":
+            if not self.over:
+                self.outputs.clear()
+            return
+        if kind not in {"stream", "display_data", "execute_result", "error", "update_display_data"}:
+            return
+        if kind == "update_display_data":
+            return
+        if kind == "error":
+            self.error = ErrorInfo(
+                ename=content.get("ename", ""),
+                evalue=content.get("evalue", ""),
+                traceback=list(content.get("traceback", [])),
+            )
+        out = output_from_msg(msg)
+        size = _size(out)
+        before = self.total
+        self.total += size
+        if self.on_output is not None:
+            self.on_output(_preview(out))
+        if kind == "error" or before + size <= self.head_budget:
+            self._append(out)
+            return
+        if kind == "stream":
+            room = max(0, self.head_budget - before)
+            text = out["text"]
+            if room:
+                self._append({**out, "text": text[:room]})
+                text = text[room:]
+            self.tail = (self.tail + text)[-self.tail_budget :]
+            self.tail_name = out["name"]
+        self.dropped += size
+
+    def _append(self, out: dict[str, Any]) -> None:
+        last = self.outputs[-1] if self.outputs else None
+        if (
+            out["output_type"] == "stream"
+            and last is not None
+            and last["output_type"] == "stream"
+            and last["name"] == out["name"]
+        ):
+            last["text"] += out["text"]
+        else:
+            self.outputs.append(out)
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self.over:
+            cut = self.total - sum(_size(o) for o in self.outputs) - len(self.tail.encode())
+            self._append(
+                {"output_type": "stream", "name": self.tail_name,
+                 "text": f"\n... [{cut:,} bytes of output cut] ...\n"}
+            )
+            if self.tail:
+                self._append({"output_type": "stream", "name": self.tail_name, "text": self.tail})
+        for out in self.outputs:
+            if out["output_type"] == "stream":
+                out["text"] = _join_crlf(out["text"])
+        return self.outputs
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _join_crlf(text: str) -> str:
+    return text.replace("\r\n", "\n")
+
+
+def _size(out: dict[str, Any]) -> int:
+    if out["output_type"] == "stream":
+        return len(out["text"].encode("utf-8", "replace"))
+    data = out.get("data", {})
+    return sum(len(v) if isinstance(v, str) else len(str(v)) for v in data.values())
+
+
+def _preview(out: dict[str, Any]) -> dict[str, Any]:
+    """A small copy of an output for progress events (no large payloads)."""
+    if out["output_type"] == "stream":
+        return {"output_type": "stream", "name": out["name"], "text": out["text"][:4096]}
+    if out["output_type"] == "error":
+        return {"output_type": "error", "ename": out["ename"], "evalue": out["evalue"]}
+    plain = out.get("data", {}).get("text/plain", "")
+    return {"output_type": out["output_type"], "mimetypes": sorted(out.get("data", {})),
+            "text": plain[:4096] if isinstance(plain, str) else ""}
+
+
+def texts(outputs: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """stdout, stderr and the answer text (stdout plus text/plain of results) of some outputs."""
+    stdout, stderr, text = [], [], []
+    for out in outputs:
+        if out["output_type"] == "stream":
+            (stdout if out["name"] == "stdout" else stderr).append(out["text"])
+            if out["name"] == "stdout":
+                text.append(out["text"])
+        elif out["output_type"] in {"execute_result", "display_data"}:
+            plain = out.get("data", {}).get("text/plain")
+            if isinstance(plain, str):
+                text.append(plain if plain.endswith("\n") else plain + "\n")
+    return "".join(stdout), "".join(stderr), "".join(text)
+
+
+class KernelSession:
+    """A started kernel that belongs to one run. Use as `async with KernelSession(s) as k`."""
+
+    def __init__(self, settings: Settings, *, work_root: Path | None = None) -> None:
+        self.settings = settings
+        self.id = uuid.uuid4().hex[:12]
+        self.work_root = work_root or settings.autofile_dir / ".work"
+        self.workdir = (self.work_root / self.id).resolve()
+        self.runtime_dir: Path | None = None
+        self.km: AsyncKernelManager | None = None
+        self.kc: Any = None
+        self.restarts = 0
+
+    async def __aenter__(self) -> KernelSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Start the kernel and wait until it answers, or raise KernelStartError."""
+        sandbox.check_available(self.settings)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="ac-"))
+        km = AsyncKernelManager(
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir())]),
+            kernel_name=kernel_name(self.settings),
+            transport="ipc",
+            ip=str(self.runtime_dir / "k"),
+            connection_file=str(self.runtime_dir / "kernel.json"),
+        )
+        self.km = km
+        _live.add(self)
+        env = sandbox.kernel_env(self.settings, self.workdir, self.runtime_dir)
+        try:
+            with open(self.runtime_dir / "kernel.log", "wb") as log_file:
+                await asyncio.wait_for(
+                    km.start_kernel(
+                        env=env, cwd=str(self.workdir), stdout=subprocess.DEVNULL, stderr=log_file
+                    ),
+                    STARTUP_TIMEOUT,
+                )
+            self.kc = km.client()
+            self.kc.start_channels()
+            await self.kc.wait_for_ready(timeout=STARTUP_TIMEOUT)
+        except BaseException as e:
+            await asyncio.shield(self._stop_kernel())
+            if isinstance(e, Exception):
+                raise KernelStartError(f"the kernel did not start: {e}") from e
+            raise
+
+    async def is_alive(self) -> bool:
+        return self.km is not None and await self.km.is_alive()
+
+    async def execute(
+        self, code: str, *, timeout: float, max_output_bytes: int | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> Execution:
+        """Run `code`; a timeout, a dead kernel or an output flood ends it and becomes data.
+
+        After a timeout the kernel is interrupted; if it is not idle again within a short
+        grace (code that swallows KeyboardInterrupt, or blocks in C) it is replaced by a
+        fresh one, as it is after it dies.
+        """
+        if self.kc is None:
+            raise KernelStartError("the kernel session is not started")
+        collector = OutputCollector(max_output_bytes or self.settings.max_output_bytes, on_output)
+        start = time.monotonic()
+        msg_id = self.kc.execute(code, store_history=False, allow_stdin=False)
+        outcome = await self._drain(msg_id, collector, start + timeout)
+        kind: ErrorKind | None = None
+        if outcome == "died":
+            kind = ErrorKind.KERNEL_DIED
+        elif outcome == "timeout":
+            kind = ErrorKind.TIMEOUT
+        elif collector.over:
+            kind = ErrorKind.OUTPUT_LIMIT
+        elif collector.error is not None:
+            kind = ErrorKind.EXCEPTION
+        if outcome in {"timeout", "cut"}:
+            if collector.over:
+                kind = ErrorKind.OUTPUT_LIMIT
+            await self.kc_interrupt()
+            settled = await self._drain(msg_id, collector, time.monotonic() + INTERRUPT_GRACE)
+            if settled != "idle":
+                await self.replace()
+        elif outcome == "died":
+            death = self.kernel_log()
+            collector.error = ErrorInfo(
+                ename="KernelDied", evalue=_last_line(death) or "the kernel process exited",
+                traceback=[death] if death else [],
+            )
+            await self.replace()
+        outputs = collector.finish()
+        stdout, stderr, text = texts(outputs)
+        return Execution(
+            outputs=outputs, stdout=stdout, stderr=stderr, text=text,
+            error=collector.error, kind=kind, duration=time.monotonic() - start,
+            truncated=collector.over, output_bytes=collector.total,
+        )
+
+    async def _drain(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
+        """Collect iopub messages of `msg_id` until idle ('idle'), or 'timeout', 'died', 'cut'."""
+        interrupted_for_flood = collector.over
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            try:
+                msg = await self.kc.get_iopub_msg(timeout=min(remaining, POLL_INTERVAL))
+            except queue.Empty:
+                if not await self.is_alive():
+                    return "died"
+                continue
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "status":
+                if msg["content"].get("execution_state") == "idle":
+                    return "idle"
+                continue
+            collector.add(msg)
+            if collector.over and not interrupted_for_flood:
+                return "cut"
+
+    def kernel_log(self, limit: int = 2000) -> str:
+        """The end of what the kernel process wrote to stderr (why it died, often)."""
+        if self.runtime_dir is None:
+            return ""
+        try:
+            with open(self.runtime_dir / "kernel.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - limit))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    async def kc_interrupt(self) -> None:
+        if self.km is not None:
+            with contextlib.suppress(Exception):
+                await self.km.interrupt_kernel()
+
+    async def reset(self) -> None:
+        """Give the next attempt a clean namespace without the cost of a new kernel."""
+        if self.kc is None:
+            return
+        msg_id = self.kc.execute(RESET_CODE, silent=True, store_history=False)
+        outcome = await self._drain(msg_id, OutputCollector(4096), time.monotonic() + 5)
+        if outcome != "idle":
+            await self.replace()
+
+    async def replace(self) -> None:
+        """Swap a hung or dead kernel for a fresh one; the working directory stays."""
+        self.restarts += 1
+        await self._stop_kernel()
+        await self.start()
+
+    async def shutdown(self) -> None:
+        await self._stop_kernel()
+
+    async def _stop_kernel(self) -> None:
+        kc, km, runtime = self.kc, self.km, self.runtime_dir
+        self.kc = self.km = self.runtime_dir = None
+        if kc is not None:
+            with contextlib.suppress(Exception):
+                kc.stop_channels()
+        if km is not None:
+            try:
+                await asyncio.wait_for(km.shutdown_kernel(now=True), 10)
+            except Exception:
+                _kill_hard(km)
+        if runtime is not None:
+            shutil.rmtree(runtime, ignore_errors=True)
+        _live.discard(self)
+
+    def kill_now(self) -> None:
+        """Synchronous last resort at interpreter exit or on a signal."""
+        if self.km is not None:
+            _kill_hard(self.km)
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+def _kill_hard(km: AsyncKernelManager) -> None:
+    provisioner = getattr(km, "provisioner", None)
+    process = getattr(provisioner, "process", None)
+    if process is None:
+        return
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        process.kill()
+    with contextlib.suppress(Exception):
+        process.wait(timeout=5)
+
+
+@atexit.register
+def kill_all_kernels() -> None:
+    """No kernel outlives the program, whatever way it ends."""
+    for session in list(_live):
+        session.kill_now()
+
+
+class KernelProvider:
+    """Hands each run a started kernel that no other run has used. This one starts them on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def acquire(self) -> KernelSession:
+        session = KernelSession(self.settings)
+        await session.start()
+        return session
+
+    async def release(self, session: KernelSession) -> None:
+        await session.shutdown()
+
+    async def close(self) -> None:
+        return None
+
+
+class KernelPool(KernelProvider):
+    """Keeps `size` kernels started ahead of time and refills in the background.
+
+    Kernels are never reused: a released kernel is shut down and a new one takes its place.
+    """
+
+    def __init__(self, settings: Settings, size: int | None = None) -> None:
+        super().__init__(settings)
+        self.size = settings.pool_size if size is None else size
+        self._ready: asyncio.Queue[KernelSession] = asyncio.Queue()
+        self._starting: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self._refill()
+
+    @property
+    def ready(self) -> int:
+        return self._ready.qsize()
+
+    def _refill(self) -> None:
+        if self._closed or self.ready + len(self._starting) >= self.size:
+            return
+        task = asyncio.get_running_loop().create_task(self._start_one())
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start_one(self) -> None:
+        session = KernelSession(self.settings)
+        try:
+            await session.start()
+        except Exception as e:
+            self.last_error = str(e)
+            log.warning("pool: %s", e)
+            return
+        if self._closed:
+            await session.shutdown()
+        else:
+            self.last_error = None
+            self._ready.put_nowait(session)
+
+    async def acquire(self) -> KernelSession:
+        while not self._ready.empty():
+            session = self._ready.get_nowait()
+            self._refill()
+            if await session.is_alive():
+                return session
+            await session.shutdown()
+        self._refill()
+        return await super().acquire()
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._starting):
+            task.cancel()
+        await asyncio.gather(*self._starting, return_exceptions=True)
+        while not self._ready.empty():
+            await self._ready.get_nowait().shutdown()

@@ -1,0 +1,233 @@
+"""The model: one small interface, the OpenAI-compatible client behind it, prompts and code extraction."""
+
+from __future__ import annotations
+
+import abc
+import ipaddress
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import openai
+
+from autocoder.config import DEFAULT_OPENAI_URL, Settings
+from autocoder.errors import ConfigError, LLMError
+
+SYSTEM_PROMPT = """\
+You are autocoder. You write Python 3 code that solves the user's task.
+Your code runs as one cell in a fresh Jupyter Python kernel with no state from earlier runs; \
+its standard output (and the value of the last expression) is the answer the user sees, \
+so print the answer. Plots and rich displays are shown to the user as well.
+Reply with exactly one fenced ```python code block holding the complete program, \
+and nothing needed outside it. Do not ask questions, do not read from stdin, \
+and do not use the network unless the task asks for it."""
+
+DEFAULT_REMOTE_MODEL = "gpt-4o-mini"
+
+Message = dict[str, str]
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
+
+
+def extract_code(reply: str) -> str:
+    """The code in a model's reply: its python fenced blocks, else any fenced block, else all of it.
+
+    Several python blocks are joined in order (models sometimes split a program); a reply
+    with no fence is taken whole, as the original AutoCoder did.
+    """
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(reply)]
+    python = [b for lang, b in blocks if lang in {"python", "py", "python3", "ipython"}]
+    chosen = python or [b for lang, b in blocks if lang in {"", "code"}]
+    if not blocks:
+        text = reply.strip()
+        return "" if _looks_like_prose(text) else text + "\n"
+    code = "\n\n".join(b.strip("\n") for b in chosen).strip("\n")
+    return code + "\n" if code.strip() else ""
+
+
+def _looks_like_prose(text: str) -> bool:
+    if not text:
+        return True
+    try:
+        compile(text, "<reply>", "exec")
+    except SyntaxError:
+        first = text.splitlines()[0]
+        return not any(ch in first for ch in "=()[]:#") and len(text.split()) > 3
+    return False
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def clean_traceback(traceback: list[str] | str) -> str:
+    """A traceback as plain text: ANSI colours stripped, IPython's cell noise trimmed."""
+    text = traceback if isinstance(traceback, str) else "\n".join(traceback)
+    text = strip_ansi(text)
+    lines = [ln.rstrip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if not set(ln) <= {"-"} or not ln]
+    return "\n".join(lines).strip("\n")
+
+
+def cut_middle(text: str, limit: int) -> str:
+    """Keep the head and the tail of `text` within about `limit` characters."""
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    tail = limit - head
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n... [{cut:,} characters cut] ...\n{text[-tail:]}"
+
+
+@dataclass
+class Completion:
+    text: str
+    model: str
+    duration: float
+    completion_tokens: int = 0
+
+
+class LLM(abc.ABC):
+    """A model that completes chat messages. One method to implement."""
+
+    backend: str = "openai"
+    model: str = ""
+
+    @abc.abstractmethod
+    async def complete(
+        self, messages: list[Message], *, temperature: float, max_tokens: int,
+        model: str | None = None,
+    ) -> Completion:
+        """Return the model's reply or raise LLMError / ConfigError."""
+
+    async def resolve_model(self) -> str:
+        """The model's name, asking the endpoint when it was not configured."""
+        return self.model
+
+    async def close(self) -> None:
+        return None
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class OpenAIChat(LLM):
+    """Any OpenAI-compatible chat endpoint (OpenAI, xAI, Ollama, vLLM, llama.cpp's server)."""
+
+    def __init__(
+        self, *, base_url: str, api_key: str | None, model: str | None, settings: Settings,
+        backend: str = "openai",
+    ) -> None:
+        self.base_url = base_url
+        self.backend = backend
+        self.model = model or ""
+        self.settings = settings
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or "not-needed",
+            timeout=settings.llm_timeout,
+            max_retries=settings.llm_retries,
+        )
+
+    async def resolve_model(self) -> str:
+        """Ask a local server which model it serves when none is configured."""
+        if self.model:
+            return self.model
+        try:
+            page = await self.client.models.list()
+        except openai.APIError as e:
+            raise self._translate(e) from e
+        ids = [m.id for m in page.data]
+        if not ids:
+            raise ConfigError(f"the endpoint {self.base_url} lists no models: set AUTOCODER_MODEL")
+        self.model = ids[0]
+        return self.model
+
+    async def complete(
+        self, messages: list[Message], *, temperature: float, max_tokens: int,
+        model: str | None = None,
+    ) -> Completion:
+        model = model or await self.resolve_model()
+        start = time.monotonic()
+        try:
+            reply: Any = await self.client.chat.completions.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                temperature=temperature,
+                max_tokens=max_tokens,
+            )
+        except openai.APIError as e:
+            raise self._translate(e) from e
+        if not reply.choices:
+            raise LLMError(f"the model endpoint {self.base_url} answered with no choices")
+        text = reply.choices[0].message.content or ""
+        usage = getattr(reply, "usage", None)
+        return Completion(
+            text=text,
+            model=reply.model or model,
+            duration=time.monotonic() - start,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        )
+
+    def _translate(self, e: openai.APIError) -> Exception:
+        where = f"the model endpoint {self.base_url} (OPENAI_BASE_URL)"
+        if isinstance(e, openai.APITimeoutError):
+            return LLMError(
+                f"{where} did not answer within {self.settings.llm_timeout:g} s "
+                "(AUTOCODER_LLM_TIMEOUT)"
+            )
+        if isinstance(e, openai.APIConnectionError):
+            return LLMError(f"cannot reach {where}: {e.__cause__ or e}")
+        if isinstance(e, openai.AuthenticationError):
+            return ConfigError(f"{where} refused the API key: check OPENAI_API_KEY")
+        if isinstance(e, openai.NotFoundError):
+            return ConfigError(
+                f"{where} answered 404 for the model {self.model!r}: set AUTOCODER_MODEL "
+                "to a model it serves (or check OPENAI_BASE_URL)"
+            )
+        if isinstance(e, openai.RateLimitError):
+            return LLMError(f"{where} is rate limiting requests (HTTP 429) after retries")
+        if isinstance(e, openai.APIStatusError):
+            return LLMError(f"{where} answered HTTP {e.status_code}: {_short(e.message)}")
+        return LLMError(f"{where} failed: {_short(str(e))}")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def connect(settings: Settings) -> LLM:
+    """The model the settings ask for: a configured endpoint, else the embedded one."""
+    if settings.uses_remote_endpoint:
+        base_url = settings.openai_base_url or DEFAULT_OPENAI_URL
+        if not settings.api_key and not _is_loopback(base_url):
+            raise ConfigError(
+                f"OPENAI_API_KEY is not set, and {base_url} needs one "
+                "(set it, or point OPENAI_BASE_URL at a local server)"
+            )
+        model = settings.model
+        if not model and base_url.rstrip("/") == DEFAULT_OPENAI_URL:
+            model = DEFAULT_REMOTE_MODEL
+        return OpenAIChat(base_url=base_url, api_key=settings.api_key, model=model, settings=settings)
+    from autocoder import local_model
+
+    server = local_model.get_server(settings)
+    base_url = await server.ensure()
+    return OpenAIChat(
+        base_url=base_url, api_key=None, model=server.model_name, settings=settings,
+        backend="local",
+    )

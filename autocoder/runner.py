@@ -1,0 +1,385 @@
+"""The run loop: generate → check → run → record → retry. All retry policy lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import secrets
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from autocoder import llm as llm_mod
+from autocoder.config import Settings
+from autocoder.errors import ConfigError, LLMError
+from autocoder.kernel import KernelProvider, KernelSession
+from autocoder.llm import LLM, Message, clean_traceback, cut_middle, extract_code
+from autocoder.notebook import notebook_path, write_atomic, write_notebook
+from autocoder.records import Attempt, ErrorInfo, ErrorKind, Event, Execution, RunResult
+
+FEEDBACK_CHARS = 4000
+EventSink = Callable[[Event], Awaitable[None] | None]
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across processes, and safe as a file name."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def feedback(attempt: Attempt, timeout: float) -> str:
+    """What went wrong, in the words the model gets back (bounded in size)."""
+    out = cut_middle(attempt.output, FEEDBACK_CHARS // 2) if attempt.output.strip() else ""
+    shown = f"\n\nIts output before that:\n{out}" if out else ""
+    kind = attempt.error_kind
+    if kind is ErrorKind.EMPTY:
+        return "Your reply contained no Python code. Reply with one fenced ```python block."
+    if kind is ErrorKind.SYNTAX:
+        return f"The code does not compile:\n{attempt.error}"
+    if kind is ErrorKind.TIMEOUT:
+        return (
+            f"The code timed out after {timeout:g} s and was interrupted. "
+            f"Make it finish faster (no infinite loops, no waiting for input).{shown}"
+        )
+    if kind is ErrorKind.KERNEL_DIED:
+        return (
+            "The kernel died while running the code (it crashed, exited, or ran out of memory):"
+            f"\n{attempt.error}{shown}"
+        )
+    if kind is ErrorKind.OUTPUT_LIMIT:
+        return (
+            "The code printed far too much output and was stopped. Print only the answer."
+            f"{shown}"
+        )
+    return f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
+
+
+class RetryPolicy(Protocol):
+    """Decides what the model is asked on each attempt, given the attempts so far."""
+
+    name: str
+
+    def request(self, task: str, history: list[Attempt], settings: Settings) -> tuple[list[Message], float]:
+        """The messages to send and the sampling temperature."""
+        ...
+
+
+@dataclass
+class Conversation:
+    """Keep the whole exchange: the model sees its previous code and what went wrong.
+
+    Works best for large models, which read a traceback and fix the line at fault.
+    """
+
+    name: str = "conversation"
+    retry_temperature: float = 0.2
+
+    def request(self, task: str, history: list[Attempt], settings: Settings) -> tuple[list[Message], float]:
+        messages: list[Message] = [
+            {"role": "system", "content": llm_mod.SYSTEM_PROMPT},
+            {"role": "user", "content": task},
+        ]
+        for attempt in history:
+            messages.append({"role": "assistant", "content": attempt.reply or "(no reply)"})
+            messages.append({
+                "role": "user",
+                "content": feedback(attempt, settings.timeout)
+                + "\n\nFix the problem and reply with the complete corrected program.",
+            })
+        return messages, 0.0 if not history else self.retry_temperature
+
+
+@dataclass
+class Regenerate:
+    """Ask afresh from the task with only the end of the last error as a hint, sampling.
+
+    Small models copy their previous answer when they see it; without it, and with some
+    temperature, they try something different.
+    """
+
+    name: str = "regenerate"
+    retry_temperature: float = 0.8
+    hint_lines: int = 6
+
+    def request(self, task: str, history: list[Attempt], settings: Settings) -> tuple[list[Message], float]:
+        content = task
+        if history:
+            last = history[-1]
+            hint = "\n".join(feedback(last, settings.timeout).splitlines()[-self.hint_lines :])
+            content += (
+                "\n\nA previous attempt at this task failed with:\n"
+                f"{hint}\nWrite a correct solution."
+            )
+        messages: list[Message] = [
+            {"role": "system", "content": llm_mod.SYSTEM_PROMPT},
+            {"role": "user", "content": content},
+        ]
+        return messages, 0.0 if not history else self.retry_temperature
+
+
+POLICIES: dict[str, Callable[[], RetryPolicy]] = {
+    "conversation": Conversation,
+    "regenerate": Regenerate,
+}
+
+
+def choose_policy(settings: Settings, backend: str) -> RetryPolicy:
+    """`AUTOCODER_RETRY_POLICY`, or by backend: small local models regenerate, remote ones converse."""
+    name = settings.retry_policy
+    if name == "auto":
+        name = "regenerate" if backend == "local" else "conversation"
+    return POLICIES[name]()
+
+
+def check_syntax(code: str) -> ErrorInfo | None:
+    """Compile without running; IPython magics (`%`, `!`) are left to the kernel."""
+    if any(line.lstrip().startswith(("%", "!")) for line in code.splitlines()):
+        return None
+    try:
+        compile(code, "<autocoder>", "exec")
+    except SyntaxError as e:
+        where = f"line {e.lineno}" if e.lineno else "somewhere"
+        lines = [f"  File \"<autocoder>\", {where}"]
+        if e.text:
+            lines.append("    " + e.text.rstrip("\n"))
+            if e.offset:
+                lines.append("    " + " " * (e.offset - 1) + "^")
+        lines.append(f"{type(e).__name__}: {e.msg}")
+        return ErrorInfo(ename=type(e).__name__, evalue=str(e.msg), traceback=lines)
+    except (ValueError, OverflowError) as e:
+        return ErrorInfo(ename="SyntaxError", evalue=str(e), traceback=[f"SyntaxError: {e}"])
+    return None
+
+
+class Runner:
+    """Runs prompts to completion. One Runner can serve many concurrent runs."""
+
+    def __init__(
+        self, settings: Settings, *, llm: LLM | None = None, kernels: KernelProvider | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        self.settings = settings
+        self._llm = llm
+        self._llm_lock = asyncio.Lock()
+        self.kernels = kernels or KernelProvider(settings)
+        self.policy = policy
+
+    async def llm(self) -> LLM:
+        async with self._llm_lock:
+            if self._llm is None:
+                self._llm = await llm_mod.connect(self.settings)
+            return self._llm
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            await self._llm.close()
+        await self.kernels.close()
+
+    async def run(
+        self, prompt: str, *, max_attempts: int | None = None, timeout: float | None = None,
+        model: str | None = None, on_event: EventSink | None = None, run_id: str | None = None,
+    ) -> RunResult:
+        """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting."""
+        settings = self.settings.model_copy(update={
+            k: v for k, v in {"max_attempts": max_attempts, "timeout": timeout}.items() if v is not None
+        })
+        run = _Run(self, settings, prompt, run_id or new_run_id(), on_event, model)
+        return await run.go()
+
+
+class _Run:
+    """One run's state; lives only as long as `Runner.run`."""
+
+    def __init__(
+        self, runner: Runner, settings: Settings, prompt: str, run_id: str,
+        on_event: EventSink | None, model: str | None,
+    ) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.prompt = prompt
+        self.run_id = run_id
+        self.on_event = on_event
+        self.model_override = model
+        self.attempts: list[Attempt] = []
+        self.kernel: KernelSession | None = None
+        self.kernel_task: asyncio.Task[KernelSession] | None = None
+        self.code_dir = settings.autofile_dir / run_id
+        self.started = time.monotonic()
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.model = ""
+        self.backend = ""
+
+    async def emit(self, type_: Any, attempt: int | None = None, **data: Any) -> None:
+        if self.on_event is None:
+            return
+        result = self.on_event(Event(type=type_, run_id=self.run_id, attempt=attempt, data=data))
+        if inspect.isawaitable(result):
+            await result
+
+    async def go(self) -> RunResult:
+        await self.emit("run_started", prompt=self.prompt, max_attempts=self.settings.max_attempts)
+        error_kind: ErrorKind | None = None
+        error = ""
+        try:
+            model = await self.runner.llm()
+            self.model = self.model_override or model.model
+            self.backend = model.backend
+            # The kernel starts while the model thinks.
+            self.kernel_task = asyncio.create_task(self.runner.kernels.acquire())
+            policy = self.runner.policy or choose_policy(self.settings, model.backend)
+            for number in range(1, self.settings.max_attempts + 1):
+                attempt = await self.attempt(number, model, policy)
+                self.attempts.append(attempt)
+                await self.emit("attempt_finished", number, **attempt.model_dump(mode="json", exclude={"reply"}))
+                if attempt.status == "success":
+                    break
+        except (LLMError, ConfigError) as e:
+            error_kind, error = ErrorKind.LLM, str(e)
+            if isinstance(e, ConfigError) and not self.attempts:
+                await self._release()
+                raise
+        except asyncio.CancelledError:
+            error_kind, error = ErrorKind.CANCELLED, "the run was cancelled"
+            await asyncio.shield(self._finish(error_kind, error))
+            raise
+        return await asyncio.shield(self._finish(error_kind, error))
+
+    async def attempt(self, number: int, model: LLM, policy: RetryPolicy) -> Attempt:
+        await self.emit("attempt_started", number, max_attempts=self.settings.max_attempts)
+        start = time.monotonic()
+        messages, temperature = policy.request(self.prompt, self.attempts, self.settings)
+        completion = await model.complete(
+            messages, temperature=temperature, max_tokens=self.settings.max_tokens,
+            model=self.model_override,
+        )
+        self.model = completion.model or self.model
+        code = extract_code(completion.text)
+        attempt = Attempt(
+            number=number, status="error", code=code, reply=completion.text,
+            llm_duration=completion.duration, model=self.model,
+        )
+        if code:
+            attempt.filename = str(self.code_dir / f"generated_code_{number}.py")
+            write_atomic(Path(attempt.filename), code)
+        await self.emit("code_generated", number, code=code, model=self.model,
+                        llm_duration=completion.duration, tokens=completion.completion_tokens)
+        if not code:
+            attempt.error_kind = ErrorKind.EMPTY
+            attempt.error = "the model's reply contained no code"
+        elif (syntax := check_syntax(code)) is not None:
+            attempt.error_kind = ErrorKind.SYNTAX
+            attempt.ename = syntax.ename
+            attempt.error = "\n".join(syntax.traceback)
+            attempt.outputs = [{"output_type": "error", **syntax.model_dump()}]
+        else:
+            await self.execute(attempt, number)
+        attempt.duration = time.monotonic() - start
+        return attempt
+
+    async def execute(self, attempt: Attempt, number: int) -> None:
+        kernel = await self.get_kernel()
+        if number > 1:
+            await kernel.reset()
+
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Future[Any]] = set()
+
+        def on_output(out: dict[str, Any]) -> None:
+            if self.on_event is not None:
+                fut = asyncio.ensure_future(self.emit("output", number, **out), loop=loop)
+                pending.add(fut)
+                fut.add_done_callback(pending.discard)
+
+        result: Execution = await kernel.execute(
+            attempt.code, timeout=self.settings.timeout, on_output=on_output
+        )
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        attempt.outputs = result.outputs
+        attempt.output = result.text
+        attempt.stderr = result.stderr
+        attempt.truncated = result.truncated
+        attempt.exec_duration = result.duration
+        if result.ok:
+            attempt.status = "success"
+            return
+        attempt.error_kind = result.kind
+        attempt.ename = result.error.ename if result.error else None
+        if result.kind is ErrorKind.TIMEOUT:
+            attempt.error = f"timed out after {self.settings.timeout:g} s"
+        elif result.kind is ErrorKind.OUTPUT_LIMIT:
+            attempt.error = (
+                f"output exceeded {self.settings.max_output_bytes:,} bytes "
+                "(AUTOCODER_MAX_OUTPUT_BYTES) and was cut"
+            )
+        elif result.kind is ErrorKind.KERNEL_DIED:
+            detail = result.error.evalue if result.error else ""
+            attempt.error = "kernel died" + (f": {detail}" if detail else "")
+        elif result.error is not None:
+            attempt.error = clean_traceback(result.error.traceback) or (
+                f"{result.error.ename}: {result.error.evalue}"
+            )
+
+    async def get_kernel(self) -> KernelSession:
+        if self.kernel is None:
+            assert self.kernel_task is not None
+            self.kernel = await self.kernel_task
+        return self.kernel
+
+    async def _release(self) -> None:
+        task, self.kernel_task = self.kernel_task, None
+        if task is not None:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                self.kernel = await task
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
+            await self.runner.kernels.release(kernel)
+            self._keep_workdir(kernel.workdir)
+
+    def _keep_workdir(self, workdir: Path) -> None:
+        """Files the code wrote stay with the run's record; an empty directory is dropped."""
+        try:
+            if not any(workdir.iterdir()):
+                workdir.rmdir()
+                return
+            target = self.code_dir / "files"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(workdir), str(target))
+            self.workdir = str(target)
+        except OSError:
+            pass
+
+    async def _finish(self, error_kind: ErrorKind | None, error: str) -> RunResult:
+        self.workdir = ""
+        await self._release()
+        last = self.attempts[-1] if self.attempts else None
+        success = last is not None and last.status == "success"
+        if not success and error_kind is None and last is not None:
+            error_kind, error = last.error_kind, last.error
+        result = RunResult(
+            status="success" if success else "error",
+            filename=last.filename if last else "",
+            code=last.code if last else "",
+            output=last.output if last else "",
+            error="" if success else error,
+            error_kind=None if success else error_kind,
+            run_id=self.run_id,
+            prompt=self.prompt,
+            model=self.model,
+            backend=self.backend,
+            attempts=self.attempts,
+            workdir=self.workdir,
+            started_at=self.started_at,
+            duration=time.monotonic() - self.started,
+        )
+        path = notebook_path(self.settings.notebooks_dir, self.run_id)
+        write_notebook(result, path)
+        result.notebook = str(path)
+        await self.emit("run_finished", **result.model_dump(mode="json", exclude={"attempts"}))
+        return result

@@ -1,0 +1,110 @@
+"""Shared fixtures: a scripted model server on 127.0.0.1, settings in a temp dir, a runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from autocoder.config import Settings, load_settings
+from autocoder.runner import Runner
+from autocoder.testing import ScriptedLLM
+
+SECRET = "sk-test-never-reaches-the-kernel"
+
+
+def sandbox_mode() -> str:
+    """bwrap where it can run here, else none (the sandbox's own tests say why they skip)."""
+    wanted = os.environ.get("AUTOCODER_TEST_SANDBOX")
+    if wanted:
+        return wanted
+    try:
+        probe = subprocess.run(
+            ["bwrap", "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "true"],
+            capture_output=True, timeout=10,
+        )
+        return "bwrap" if probe.returncode == 0 else "none"
+    except (OSError, subprocess.TimeoutExpired):
+        return "none"
+
+
+SANDBOX = sandbox_mode()
+
+
+def kernel_pids() -> list[int]:
+    """Kernel processes this suite may have started (their connection files live in /tmp/ac-*)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if ("ipykernel" in args or "autocoder.sandbox" in args) and "/ac-" in args:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_kernel_left_behind() -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 15
+    while kernel_pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kernel_pids() == [], "kernel processes outlived the test suite"
+
+
+@pytest.fixture(scope="session")
+def llm_server() -> Iterator[ScriptedLLM]:
+    server = ScriptedLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def llm(llm_server: ScriptedLLM) -> ScriptedLLM:
+    llm_server.script()
+    llm_server.responder = None
+    return llm_server
+
+
+@pytest.fixture
+def settings(tmp_path: Path, llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.chdir(tmp_path)
+    return load_settings(
+        openai_base_url=llm.base_url,
+        openai_api_key=SECRET,
+        notebooks_dir=tmp_path / "notebooks",
+        autofile_dir=tmp_path / "autofile",
+        sandbox=SANDBOX,
+        timeout=5.0,
+        llm_retries=0,
+    )
+
+
+@pytest.fixture
+async def runner(settings: Settings) -> AsyncIterator[Runner]:
+    r = Runner(settings)
+    yield r
+    await r.close()
+
+
+@pytest.fixture
+def cli_env(settings: Settings, llm: ScriptedLLM) -> dict[str, str]:
+    """The environment a user would have for `autocoder run` against the scripted model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOCODER_", "OPENAI_"))}
+    env.update(
+        OPENAI_BASE_URL=llm.base_url,
+        OPENAI_API_KEY=SECRET,
+        AUTOCODER_SANDBOX=SANDBOX,
+        AUTOCODER_TIMEOUT="5",
+        AUTOCODER_LLM_RETRIES="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def autocoder_cmd() -> list[str]:
+    return [sys.executable, "-m", "autocoder"]

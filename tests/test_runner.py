@@ -1,0 +1,211 @@
+"""The engine's story: a prompt goes to the model, the code runs in a real kernel, failures retry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from autocoder.records import ErrorKind
+from autocoder.runner import Runner
+from autocoder.testing import Reply, ScriptedLLM, fenced
+
+pytestmark = pytest.mark.timeout(120)
+
+FIB = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\nprint(fib(10))"
+
+
+async def test_success_on_the_first_attempt(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced(FIB))
+    result = await runner.run("Write a function that returns the n-th Fibonacci number and print fib(10)")
+
+    assert result.status == "success"
+    assert result.output == "55\n"
+    assert result.error == ""
+    assert result.code.strip() == FIB
+    assert len(result.attempts) == 1
+    assert Path(result.filename).read_text() == result.code
+    assert Path(result.filename).name == "generated_code_1.py"
+    assert Path(result.filename).parent.name == result.run_id
+    nb = nbformat.read(result.notebook, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    assert nb.metadata.autocoder.run_id == result.run_id
+    assert nb.metadata.autocoder.status == "success"
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert code_cells[-1].outputs[0]["text"] == "55\n"
+    assert code_cells[-1].metadata.autocoder.attempt == 1
+    # The model was told the code runs in a fresh kernel and that stdout is the answer.
+    system = llm.requests[0]["messages"][0]["content"]
+    assert "fresh" in system and "print" in system
+
+
+async def test_a_traceback_goes_back_to_the_model(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("x = [1, 2]\nprint(sum(x) / 0)"), fenced("print(3 / 1)"))
+    result = await runner.run("divide")
+
+    assert result.status == "success"
+    assert result.output == "3.0\n"
+    first, second = result.attempts
+    assert first.error_kind is ErrorKind.EXCEPTION
+    assert first.ename == "ZeroDivisionError"
+    sent = json.dumps(llm.requests[1]["messages"])
+    assert "ZeroDivisionError: division by zero" in sent
+    assert "print(sum(x) / 0)" in sent
+    assert "\\u001b[" not in sent
+    assert Path(first.filename).name == "generated_code_1.py"
+    assert Path(result.filename).name == "generated_code_2.py"
+
+
+async def test_a_syntax_error_never_reaches_the_kernel(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("open('ran.txt', 'w').write('x')\nprint('oops'"), fenced("print('fixed')"))
+    result = await runner.run("print something")
+
+    first = result.attempts[0]
+    assert first.error_kind is ErrorKind.SYNTAX
+    assert first.exec_duration == 0.0
+    assert "SyntaxError" in first.error
+    assert "was never closed" in llm.requests[1]["messages"][-1]["content"]
+    assert result.status == "success" and result.output == "fixed\n"
+    assert not Path(result.workdir or "/nonexistent", "ran.txt").exists()
+
+
+async def test_an_endless_loop_is_stopped_within_the_timeout(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("while True:\n    pass"), fenced("print('done')"))
+    result = await runner.run("loop", timeout=2)
+
+    first = result.attempts[0]
+    assert first.error_kind is ErrorKind.TIMEOUT
+    assert first.exec_duration < 2 + 10
+    assert "timed out after 2 s" in llm.requests[1]["messages"][-1]["content"]
+    assert result.status == "success" and result.output == "done\n"
+
+
+async def test_code_that_swallows_interrupts_is_stopped_by_a_restart(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    stubborn = (
+        "import time\nwhile True:\n    try:\n        time.sleep(0.05)\n"
+        "    except KeyboardInterrupt:\n        pass"
+    )
+    llm.script(fenced(stubborn), fenced("print('recovered')"))
+    result = await runner.run("loop forever", timeout=2)
+
+    assert result.attempts[0].error_kind is ErrorKind.TIMEOUT
+    assert result.status == "success" and result.output == "recovered\n"
+
+
+async def test_a_dying_kernel_is_reported_and_replaced(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("import os\nos._exit(1)"), fenced("print('alive')"))
+    result = await runner.run("exit")
+
+    first = result.attempts[0]
+    assert first.error_kind is ErrorKind.KERNEL_DIED
+    assert "kernel died" in llm.requests[1]["messages"][-1]["content"]
+    assert result.status == "success" and result.output == "alive\n"
+
+
+async def test_a_50_mb_print_is_cut_without_harm(runner: Runner, llm: ScriptedLLM, settings) -> None:  # type: ignore[no-untyped-def]
+    llm.script(fenced("print('A' * 50_000_000)\nprint('never')"), fenced("print('small')"))
+    result = await runner.run("flood")
+
+    first = result.attempts[0]
+    assert first.error_kind is ErrorKind.OUTPUT_LIMIT
+    assert first.truncated
+    assert len(first.output) <= settings.max_output_bytes + 1000
+    assert "bytes of output cut" in first.output
+    assert result.status == "success"
+    assert Path(result.notebook).stat().st_size < 3 * settings.max_output_bytes
+
+
+async def test_every_attempt_failing_gives_an_error_result(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(*[fenced("raise ValueError('nope')")] * 3)
+    result = await runner.run("fail", max_attempts=3)
+
+    assert result.status == "error"
+    assert len(result.attempts) == 3
+    assert result.error_kind is ErrorKind.EXCEPTION
+    assert "ValueError: nope" in result.error
+    assert Path(result.filename).name == "generated_code_3.py"
+    assert nbformat.read(result.notebook, as_version=4).metadata.autocoder.status == "error"
+
+
+async def test_a_reply_without_code_is_an_empty_attempt(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script("I am not able to do that, but here is some advice instead.", fenced("print(1)"))
+    result = await runner.run("x")
+
+    assert result.attempts[0].error_kind is ErrorKind.EMPTY
+    assert "no Python code" in llm.requests[1]["messages"][-1]["content"]
+    assert result.status == "success"
+    nbformat.validate(nbformat.read(result.notebook, as_version=4))
+
+
+async def test_each_attempt_starts_from_a_clean_namespace(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("leftover = 42\nraise RuntimeError('first')"), fenced("print(leftover)"),
+               fenced("print('clean')"))
+    result = await runner.run("x")
+
+    assert result.attempts[1].ename == "NameError"
+    assert result.output == "clean\n"
+
+
+async def test_files_the_code_writes_stay_with_the_run(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("open('answer.txt', 'w').write('42')\nprint('written')"))
+    result = await runner.run("write a file")
+
+    assert Path(result.workdir, "answer.txt").read_text() == "42"
+    assert Path(result.workdir).parent.name == result.run_id
+
+
+async def test_rich_outputs_are_recorded(runner: Runner, llm: ScriptedLLM) -> None:
+    code = (
+        "from IPython.display import HTML, display\n"
+        "display(HTML('<b>bold</b>'))\n"
+        "import sys\nprint('to stderr', file=sys.stderr)\n"
+        "6 * 7"
+    )
+    llm.script(fenced(code))
+    result = await runner.run("rich")
+
+    assert result.status == "success"
+    kinds = [o["output_type"] for o in result.attempts[0].outputs]
+    assert kinds == ["display_data", "stream", "execute_result"]
+    assert result.attempts[0].outputs[0]["data"]["text/html"] == "<b>bold</b>"
+    assert result.attempts[0].stderr == "to stderr\n"
+    assert result.output.endswith("42\n")
+
+
+async def test_the_model_endpoint_down_ends_the_run_with_an_error(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(Reply(status=500, content="overloaded"))
+    result = await runner.run("anything")
+
+    assert result.status == "error"
+    assert result.error_kind is ErrorKind.LLM
+    assert "HTTP 500" in result.error
+    assert Path(result.notebook).exists()
+
+
+async def test_events_tell_the_story_of_a_run(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("1/0"), fenced("print('ok')"))
+    events = []
+    await runner.run("x", on_event=events.append)
+
+    types = [e.type for e in events]
+    assert types[0] == "run_started" and types[-1] == "run_finished"
+    assert types.count("attempt_started") == 2
+    assert types.count("attempt_finished") == 2
+    assert "output" in types
+
+
+async def test_the_notebook_re_executes_with_nbclient(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("1/0"), fenced("import json, decimal\nprint(json.dumps({'v': str(decimal.Decimal('0.1') * 3)}))"))
+    result = await runner.run("x")
+
+    nb = nbformat.read(result.notebook, as_version=4)
+    client = NotebookClient(nb, timeout=60, kernel_name="python3", allow_errors=False)
+    await client.async_execute()
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    assert last.outputs[0]["text"] == '{"v": "0.3"}\n'
