@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     home: Path = Path("~/.cache/autocoder")
     local_model: Literal["0.5b", "1.5b"] = "0.5b"
     model_path: Path | None = None
+    local_n_ctx: int = Field(4096, ge=512, le=32768, description="Context tokens of the embedded model.")
+    local_threads: int = Field(0, ge=0, description="CPU threads for the embedded model; 0 means all we may use.")
 
     @field_validator("home", "notebooks_dir", "autofile_dir", "model_path", mode="after")
     @classmethod

@@ -205,7 +205,7 @@ class KernelSession:
         self.settings = settings
         self.id = uuid.uuid4().hex[:12]
         self.work_root = work_root or settings.autofile_dir / ".work"
-        self.workdir = (self.work_root / self.id).resolve()
+        self.workdir: Path | None = (self.work_root / self.id).resolve()
         self.runtime_dir: Path | None = None
         self.km: AsyncKernelManager | None = None
         self.kc: Any = None
@@ -221,6 +221,7 @@ class KernelSession:
     async def start(self) -> None:
         """Start the kernel and wait until it answers, or raise KernelStartError."""
         sandbox.check_available(self.settings)
+        assert self.workdir is not None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="ac-"))
         km = AsyncKernelManager(

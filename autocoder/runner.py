@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, LLMError
-from autocoder.kernel import KernelProvider, KernelSession
+from autocoder.kernel import KernelProvider, OutputCallback
 from autocoder.llm import LLM, Message, clean_traceback, cut_middle, extract_code
 from autocoder.notebook import notebook_path, write_atomic, write_notebook
 from autocoder.records import Attempt, ErrorInfo, ErrorKind, Event, Execution, RunResult
@@ -56,6 +56,29 @@ def feedback(attempt: Attempt, timeout: float) -> str:
             f"{shown}"
         )
     return f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
+
+
+class Executor(Protocol):
+    """Where code runs: a `KernelSession`, or the user's own shell for the magic."""
+
+    workdir: Path | None
+
+    async def execute(
+        self, code: str, *, timeout: float, max_output_bytes: int | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> Execution: ...
+
+    async def reset(self) -> None:
+        """Make the next attempt start from a clean namespace (or do nothing, by design)."""
+        ...
+
+
+class ExecutorProvider(Protocol):
+    async def acquire(self) -> Executor: ...
+
+    async def release(self, executor: Executor) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class RetryPolicy(Protocol):
@@ -159,13 +182,13 @@ class Runner:
     """Runs prompts to completion. One Runner can serve many concurrent runs."""
 
     def __init__(
-        self, settings: Settings, *, llm: LLM | None = None, kernels: KernelProvider | None = None,
-        policy: RetryPolicy | None = None,
+        self, settings: Settings, *, llm: LLM | None = None,
+        kernels: ExecutorProvider | None = None, policy: RetryPolicy | None = None,
     ) -> None:
         self.settings = settings
         self._llm = llm
         self._llm_lock = asyncio.Lock()
-        self.kernels = kernels or KernelProvider(settings)
+        self.kernels: ExecutorProvider = kernels or KernelProvider(settings)
         self.policy = policy
 
     async def llm(self) -> LLM:
@@ -182,12 +205,16 @@ class Runner:
     async def run(
         self, prompt: str, *, max_attempts: int | None = None, timeout: float | None = None,
         model: str | None = None, on_event: EventSink | None = None, run_id: str | None = None,
+        record: bool = True,
     ) -> RunResult:
-        """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting."""
+        """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
+
+        With `record=False` nothing is written (no notebook, no code files).
+        """
         settings = self.settings.model_copy(update={
             k: v for k, v in {"max_attempts": max_attempts, "timeout": timeout}.items() if v is not None
         })
-        run = _Run(self, settings, prompt, run_id or new_run_id(), on_event, model)
+        run = _Run(self, settings, prompt, run_id or new_run_id(), on_event, model, record)
         return await run.go()
 
 
@@ -196,7 +223,7 @@ class _Run:
 
     def __init__(
         self, runner: Runner, settings: Settings, prompt: str, run_id: str,
-        on_event: EventSink | None, model: str | None,
+        on_event: EventSink | None, model: str | None, record: bool,
     ) -> None:
         self.runner = runner
         self.settings = settings
@@ -204,9 +231,11 @@ class _Run:
         self.run_id = run_id
         self.on_event = on_event
         self.model_override = model
+        self.record = record
         self.attempts: list[Attempt] = []
-        self.kernel: KernelSession | None = None
-        self.kernel_task: asyncio.Task[KernelSession] | None = None
+        self.kernel: Executor | None = None
+        self.kernel_task: asyncio.Task[Executor] | None = None
+        self.workdir = ""
         self.code_dir = settings.autofile_dir / run_id
         self.started = time.monotonic()
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -262,7 +291,7 @@ class _Run:
             number=number, status="error", code=code, reply=completion.text,
             llm_duration=completion.duration, model=self.model,
         )
-        if code:
+        if code and self.record:
             attempt.filename = str(self.code_dir / f"generated_code_{number}.py")
             write_atomic(Path(attempt.filename), code)
         await self.emit("code_generated", number, code=code, model=self.model,
@@ -324,7 +353,7 @@ class _Run:
                 f"{result.error.ename}: {result.error.evalue}"
             )
 
-    async def get_kernel(self) -> KernelSession:
+    async def get_kernel(self) -> Executor:
         if self.kernel is None:
             assert self.kernel_task is not None
             self.kernel = await self.kernel_task
@@ -340,13 +369,14 @@ class _Run:
         kernel, self.kernel = self.kernel, None
         if kernel is not None:
             await self.runner.kernels.release(kernel)
-            self._keep_workdir(kernel.workdir)
+            if kernel.workdir is not None:
+                self._keep_workdir(kernel.workdir)
 
     def _keep_workdir(self, workdir: Path) -> None:
         """Files the code wrote stay with the run's record; an empty directory is dropped."""
         try:
-            if not any(workdir.iterdir()):
-                workdir.rmdir()
+            if not self.record or not any(workdir.iterdir()):
+                shutil.rmtree(workdir, ignore_errors=True)
                 return
             target = self.code_dir / "files"
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -356,7 +386,6 @@ class _Run:
             pass
 
     async def _finish(self, error_kind: ErrorKind | None, error: str) -> RunResult:
-        self.workdir = ""
         await self._release()
         last = self.attempts[-1] if self.attempts else None
         success = last is not None and last.status == "success"
@@ -378,8 +407,9 @@ class _Run:
             started_at=self.started_at,
             duration=time.monotonic() - self.started,
         )
-        path = notebook_path(self.settings.notebooks_dir, self.run_id)
-        write_notebook(result, path)
-        result.notebook = str(path)
+        if self.record:
+            path = notebook_path(self.settings.notebooks_dir, self.run_id)
+            write_notebook(result, path)
+            result.notebook = str(path)
         await self.emit("run_finished", **result.model_dump(mode="json", exclude={"attempts"}))
         return result

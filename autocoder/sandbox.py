@@ -1,45 +1,440 @@
-"""Launch a kernel confined (bubblewrap + rlimits) or plain. Runs as `python -m autocoder.sandbox`.
+"""Launch a kernel confined (bubblewrap + rlimits + cgroups) or plain. Runs as `python -m autocoder.sandbox`.
 
-STUB: the sandbox issue fills this in. Contract used by kernel.py:
+Contract used by kernel.py:
 - `kernel_env(settings, workdir, runtime_dir) -> dict[str, str]`: the whole environment the
-  launcher is started with (no secrets).
+  launcher is started with. It carries the limits (AUTOCODER_*) and never a secret.
 - `check_available(settings) -> None`: raises SandboxUnavailable with one clear line.
-- `main(argv)`: the launcher; execs ipykernel (under bwrap when --sandbox bwrap).
+- `main(argv)`: the launcher; applies the limits and execs ipykernel (under bwrap when --sandbox bwrap).
+
+Under bwrap the kernel sees a read-only system and Python installation, its workdir and runtime dir
+(connection file + IPC sockets) read-write, a private /tmp and home, no network, its own PID, IPC
+and UTS namespaces, and an environment built from scratch. Root ignores RLIMIT_NPROC, so a root
+server runs each kernel as its own throwaway uid (UID_BASE + launcher pid): the process limit then
+holds, and a kernel cannot signal or read another kernel. Where the v1 memory and pids cgroups are
+writable, the kernel's whole process tree is also bounded in total memory and tasks.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
+import json
+import logging
 import os
+import resource
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
-from autocoder.config import Settings
+from autocoder.config import Settings, load_settings
+from autocoder.errors import SandboxUnavailable
 
-KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--IPKernelApp.parent_handle=0"]
+log = logging.getLogger(__name__)
+
+KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:"]
+# Under a PID namespace the kernel's parent is the namespace's init; 1 turns the parent poller off.
+BWRAP_KERNEL_ARGS = [*KERNEL_ARGS, "--IPKernelApp.parent_handle=1"]
+
+UID_BASE = 0x7000_0000
+SANDBOX_HOME = "/home/sandbox"
+PROBE_TIMEOUT = 15.0
+
+WORKDIR_VAR = "AUTOCODER_SANDBOX_WORKDIR"
+RUNTIME_DIR_VAR = "AUTOCODER_SANDBOX_RUNTIME_DIR"
+_LIMIT_FIELDS = ("memory_mb", "cpu_seconds", "max_processes", "max_open_files", "max_file_mb")
+_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
+
+# Only what ordinary Python needs from /etc: never environment, pip.conf, npmrc, gitconfig, shadow.
+_ETC = (
+    "alternatives", "ca-certificates", "ca-certificates.conf", "crypto-policies", "debian_version",
+    "fonts", "gai.conf", "host.conf", "hosts", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
+    "locale.alias", "localtime", "magic", "matplotlibrc", "mime.types", "networks", "nsswitch.conf",
+    "os-release", "pki", "protocols", "services", "ssl", "timezone",
+)
+
+# Runs as root inside the sandbox with CAP_SETUID/SETGID/CHOWN only; setuid() then clears them all.
+_DROP_TO_UID = """\
+import os, sys
+uid = int(sys.argv[1])
+os.chown(sys.argv[2], uid, uid)
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
 
 
 def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str, str]:
-    env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
-    env["HOME"] = str(workdir)
-    env["AUTOCODER_SANDBOX_WORKDIR"] = str(workdir)
-    env["AUTOCODER_SANDBOX_RUNTIME_DIR"] = str(runtime_dir)
+    """The launcher's whole environment: a whitelist, the limits, and where the run's dirs are."""
+    env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env["HOME"] = str(runtime_dir / "home")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     env["PYTHONUNBUFFERED"] = "1"
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    env["AUTOCODER_SANDBOX"] = settings.sandbox
+    env["AUTOCODER_ALLOW_NETWORK"] = "1" if settings.allow_network else "0"
+    for field in _LIMIT_FIELDS:
+        env[f"AUTOCODER_{field.upper()}"] = str(getattr(settings, field))
+    env[WORKDIR_VAR] = str(workdir)
+    env[RUNTIME_DIR_VAR] = str(runtime_dir)
     return env
 
 
 def check_available(settings: Settings) -> None:
+    """Fail fast, in one line, when the configured sandbox cannot run here. Probes once per process."""
+    if settings.sandbox == "none":
+        _warn_unconfined()
+        return
+    problem = _probe_bwrap(settings.allow_network)
+    if problem:
+        raise SandboxUnavailable(
+            f"sandbox unavailable: {problem}; install bubblewrap (and enable user namespaces when "
+            "not root), or set AUTOCODER_SANDBOX=none to run generated code unconfined"
+        )
+
+
+@functools.cache
+def _warn_unconfined() -> None:
+    log.warning(
+        "AUTOCODER_SANDBOX=none: generated code runs unconfined, as this user, with only rlimits"
+    )
+
+
+@functools.cache
+def _probe_bwrap(allow_network: bool) -> str | None:
+    """Run the real sandbox setup around `python -c pass`; None when it works, else why not."""
+    if shutil.which("bwrap") is None:
+        return "bwrap (package bubblewrap) is not on PATH"
+    settings = load_settings(sandbox="bwrap", allow_network=allow_network)
+    uid = UID_BASE + os.getpid() if os.geteuid() == 0 else None
+    with tempfile.TemporaryDirectory(prefix="autocoder-probe-") as tmp:
+        workdir, runtime_dir = Path(tmp, "work"), Path(tmp, "run")
+        workdir.mkdir()
+        runtime_dir.mkdir()
+        if uid is not None:
+            _hand_over([workdir, runtime_dir], uid)
+        argv, fds = _bwrap_argv(settings, workdir, runtime_dir, None, [sys.executable, "-c", "pass"], uid)
+        try:
+            done = subprocess.run(
+                argv, pass_fds=fds, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return f"bwrap did not finish a trivial command within {PROBE_TIMEOUT:.0f}s"
+        finally:
+            for fd in fds:
+                os.close(fd)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return f"bwrap failed ({lines[-1] if lines else f'exit {done.returncode}'})"
     return None
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Apply the limits and exec the kernel; never returns."""
     p = argparse.ArgumentParser(prog="python -m autocoder.sandbox")
     p.add_argument("--sandbox", choices=["bwrap", "none"], default="bwrap")
     p.add_argument("-f", dest="connection_file", required=True)
     args = p.parse_args(argv)
-    cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", args.connection_file, *KERNEL_ARGS]
-    os.execv(cmd[0], cmd)
+    settings = load_settings()
+    connection_file = Path(args.connection_file).resolve()
+    kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)]
+    if args.sandbox == "none":
+        _exec_unconfined(settings, [*kernel, *KERNEL_ARGS])
+    try:
+        workdir = Path(os.environ[WORKDIR_VAR]).resolve()
+        runtime_dir = Path(os.environ[RUNTIME_DIR_VAR]).resolve()
+    except KeyError as e:
+        sys.exit(f"autocoder.sandbox: {e.args[0]} is not set; start the launcher with kernel_env()")
+    _check_connection(connection_file, runtime_dir, settings.allow_network)
+    uid = UID_BASE + os.getpid() if os.geteuid() == 0 else None
+    if uid is not None:
+        _hand_over([workdir, runtime_dir], uid)
+        _join_cgroups(settings)
+    cmd, fds = _bwrap_argv(
+        settings, workdir, runtime_dir, connection_file, [*kernel, *BWRAP_KERNEL_ARGS], uid
+    )
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    _apply_limits(settings, dedicated_uid=uid is not None)
+    try:
+        os.execv(cmd[0], cmd)
+    except OSError as e:
+        sys.exit(f"autocoder.sandbox: cannot exec {cmd[0]}: {e}")
+
+
+def _exec_unconfined(settings: Settings, cmd: list[str]) -> NoReturn:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCODER_")}
+    Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
+    _die_with_parent()
+    _apply_limits(settings, dedicated_uid=False)
+    os.execve(cmd[0], cmd, env)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG survives exec; it fires when the thread that started us exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def _check_connection(connection_file: Path, runtime_dir: Path, allow_network: bool) -> None:
+    """Only the runtime dir is shared with the sandbox, so everything the kernel binds must live there."""
+    if not connection_file.is_relative_to(runtime_dir):
+        sys.exit(f"autocoder.sandbox: connection file {connection_file} is outside {runtime_dir}")
+    info = json.loads(connection_file.read_text())
+    if info.get("transport") == "ipc":
+        if not Path(info["ip"]).resolve().is_relative_to(runtime_dir):
+            sys.exit(f"autocoder.sandbox: IPC path {info['ip']} is outside {runtime_dir}")
+    elif not allow_network:
+        sys.exit("autocoder.sandbox: the sandbox has no network; start the kernel with transport='ipc'")
+
+
+def _limits(settings: Settings, nproc: int) -> dict[int, int]:
+    mib = 2**20
+    return {
+        resource.RLIMIT_AS: settings.memory_mb * mib,
+        resource.RLIMIT_CPU: settings.cpu_seconds,
+        resource.RLIMIT_NPROC: nproc,
+        resource.RLIMIT_NOFILE: settings.max_open_files,
+        resource.RLIMIT_FSIZE: settings.max_file_mb * mib,
+        resource.RLIMIT_CORE: 0,
+    }
+
+
+def _apply_limits(settings: Settings, dedicated_uid: bool) -> None:
+    """Soft = hard, so the kernel cannot raise them back."""
+    nproc = settings.max_processes
+    if not dedicated_uid:
+        nproc += _tasks_of(os.getuid())
+    for kind, value in _limits(settings, nproc).items():
+        _, hard = resource.getrlimit(kind)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(kind, (value, value))
+
+
+def _tasks_of(uid: int) -> int:
+    """RLIMIT_NPROC counts every task (thread) of the real uid, so a shared uid needs headroom."""
+    count = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("Uid", "-1").split()[0]) == uid:
+            count += int(fields.get("Threads", "1"))
+    return count
+
+
+def _hand_over(dirs: Iterable[Path], uid: int) -> None:
+    """Give the kernel's uid its dirs, including files an earlier kernel of the same run left.
+
+    fwalk with dir fds and no symlink following, so a planted symlink cannot redirect the chown.
+    """
+    for top in dirs:
+        os.chown(top, uid, uid, follow_symlinks=False)
+        for _, dirnames, filenames, dirfd in os.fwalk(top, follow_symlinks=False):
+            for name in (*dirnames, *filenames):
+                os.chown(name, uid, uid, dir_fd=dirfd, follow_symlinks=False)
+
+
+def _bwrap_argv(
+    settings: Settings,
+    workdir: Path,
+    runtime_dir: Path,
+    connection_file: Path | None,
+    command: list[str],
+    uid: int | None,
+) -> tuple[list[str], list[int]]:
+    """The bwrap command line and the fds it reads (synthetic /etc/passwd and /etc/group).
+
+    uid None: bwrap runs unprivileged in a user namespace. Otherwise bwrap runs as root, keeps
+    only the caps the uid drop needs (root bwrap would otherwise keep ALL caps), and the kernel
+    runs as `uid` with nothing.
+    """
+    a = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session"]
+    a += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox"]
+    a += ["--unshare-cgroup-try"]
+    if not settings.allow_network:
+        a += ["--unshare-net"]
+    if uid is None:
+        a += ["--unshare-user", "--disable-userns"]
+    else:
+        a += ["--cap-drop", "ALL"]
+        a += [arg for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN") for arg in ("--cap-add", cap)]
+    a += _system_mounts(settings.allow_network)
+    a += _ro_binds(_python_dirs())
+    tmpfs_bytes = str(settings.memory_mb * 2**20)
+    for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777"), (SANDBOX_HOME, "0700")):
+        a += ["--perms", mode, "--size", tmpfs_bytes, "--tmpfs", path]
+    a += _parents(workdir, runtime_dir)
+    a += ["--bind", str(workdir), str(workdir), "--bind", str(runtime_dir), str(runtime_dir)]
+    if connection_file is not None:
+        a += ["--ro-bind", str(connection_file), str(connection_file)]
+    inner_uid = uid if uid is not None else os.getuid()
+    fds = [_data_fd(_passwd(inner_uid)), _data_fd(_group(inner_uid))]
+    a += ["--ro-bind-data", str(fds[0]), "/etc/passwd", "--ro-bind-data", str(fds[1]), "/etc/group"]
+    a += ["--chdir", str(workdir), "--clearenv"]
+    for key, value in _inner_env().items():
+        a += ["--setenv", key, value]
+    a += ["--"]
+    if uid is not None:
+        a += [sys.executable, "-I", "-S", "-c", _DROP_TO_UID, str(uid), SANDBOX_HOME]
+    return a + command, fds
+
+
+def _system_mounts(allow_network: bool) -> list[str]:
+    a = ["--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        top = Path("/", name)
+        if top.is_symlink():
+            a += ["--symlink", os.readlink(top), str(top)]
+        elif top.is_dir():
+            a += ["--ro-bind", str(top), str(top)]
+    for name in (*_ETC, *(("resolv.conf",) if allow_network else ())):
+        a += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    return a
+
+
+def _python_dirs() -> list[Path]:
+    """The interpreter and its packages, wherever they live (a venv, pyenv under /root, /opt)."""
+    import site
+
+    found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages()}
+    found |= {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
+    dirs = sorted({Path(p).resolve() for p in found if Path(p).is_dir()})
+    outside_usr = [d for d in dirs if not d.is_relative_to("/usr")]
+    return [d for d in outside_usr if not any(d != o and d.is_relative_to(o) for o in outside_usr)]
+
+
+def _ro_binds(dirs: list[Path]) -> list[str]:
+    a = _parents(*dirs)
+    for d in dirs:
+        a += ["--ro-bind", str(d), str(d)]
+    return a
+
+
+def _parents(*paths: Path) -> list[str]:
+    """bwrap creates missing parents with the host's modes (0700 for /root); make them traversable."""
+    a: list[str] = []
+    for path in paths:
+        for parent in reversed(path.parents[:-1]):
+            if str(parent) not in a and str(parent) not in ("/tmp", "/usr", "/dev"):
+                a += ["--perms", "0755", "--dir", str(parent)]
+    return a
+
+
+def _inner_env() -> dict[str, str]:
+    threads = str(min(os.cpu_count() or 1, 4))
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": SANDBOX_HOME,
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "TMPDIR": "/tmp",
+        "PYTHONUNBUFFERED": "1",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        # glibc reserves 64 MiB of address space per thread arena, which RLIMIT_AS counts.
+        "MALLOC_ARENA_MAX": "2",
+        # Every thread counts against the process limit; BLAS pools default to one per core.
+        "OMP_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
+    for key in ("LC_ALL", "TZ"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def _passwd(uid: int) -> str:
+    return (
+        "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+        f"sandbox:x:{uid}:{uid}:sandbox:{SANDBOX_HOME}:/usr/sbin/nologin\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )
+
+
+def _group(gid: int) -> str:
+    return f"root:x:0:\nsandbox:x:{gid}:\nnogroup:x:65534:\n"
+
+
+def _data_fd(text: str) -> int:
+    """A pipe holding `text`, for bwrap's --ro-bind-data (small, so it fits the pipe buffer)."""
+    read, write = os.pipe()
+    os.write(write, text.encode())
+    os.close(write)
+    return read
+
+
+def _join_cgroups(settings: Settings) -> None:
+    """Best effort: bound the whole tree's memory and tasks with cgroup v1, where writable.
+
+    Each kernel gets `<own cgroup>/autocoder/k<pid>`; exec keeps the pid, so a dir whose pid is
+    gone belongs to a finished kernel and is removed here (rmdir refuses a non-empty cgroup).
+    pids.max allows for bwrap's two root processes besides the kernel's own.
+    """
+    mib = 2**20
+    wanted = {
+        "memory": {
+            "memory.limit_in_bytes": settings.memory_mb * mib,
+            "memory.memsw.limit_in_bytes": settings.memory_mb * mib,
+        },
+        "pids": {"pids.max": settings.max_processes + 2},
+    }
+    for controller, files in wanted.items():
+        base = _cgroup_dir(controller)
+        if base is None:
+            continue
+        try:
+            parent = base / "autocoder"
+            parent.mkdir(exist_ok=True)
+            _sweep(parent)
+            mine = parent / f"k{os.getpid()}"
+            mine.mkdir(exist_ok=True)
+            for name, value in files.items():
+                if (mine / name).exists():
+                    (mine / name).write_text(str(value))
+            (mine / "cgroup.procs").write_text(str(os.getpid()))
+        except OSError:
+            continue
+
+
+def _cgroup_dir(controller: str) -> Path | None:
+    """This process's cgroup in the v1 hierarchy holding `controller`, if it is mounted."""
+    mounts = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if tail and tail[0] == "cgroup" and controller in tail[-1].split(","):
+            mounts[fields[3]] = Path(fields[4])
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if controller in names.split(","):
+            for root, mount in mounts.items():
+                if path.startswith(root):
+                    return mount / path[len(root):].lstrip("/")
+    return None
+
+
+def _sweep(parent: Path) -> None:
+    for child in _children(parent):
+        if not Path("/proc", child.name[1:]).exists():
+            try:
+                child.rmdir()
+            except OSError:
+                pass
+
+
+def _children(parent: Path) -> Iterator[Path]:
+    return (c for c in parent.iterdir() if c.is_dir() and c.name[:1] == "k" and c.name[1:].isdigit())
 
 
 if __name__ == "__main__":
