@@ -40,7 +40,9 @@ class Progress:
             self.say(f"attempt {n}/{d['max_attempts']}: generating…")
         elif event.type == "code_generated":
             lines = len(d["code"].splitlines())
-            self.say(f"attempt {n}: {d['model']} wrote {lines} line(s) in {d['llm_duration']:.1f} s; running…")
+            self.say(
+                f"attempt {n}: {d['model']} wrote {lines} line(s) in {d['llm_duration']:.1f} s; running…"
+            )
         elif event.type == "attempt_finished":
             if d["status"] == "success":
                 self.say(f"attempt {n}: succeeded in {d['duration']:.1f} s")
@@ -114,8 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompt:
         _fail("no prompt given (pass it as an argument, on stdin, or type it when asked)")
     if len(prompt) > settings.max_prompt_chars:
-        _fail(f"the prompt has {len(prompt):,} characters; the limit is "
-              f"{settings.max_prompt_chars:,} (AUTOCODER_MAX_PROMPT_CHARS)")
+        _fail(
+            f"the prompt has {len(prompt):,} characters; the limit is "
+            f"{settings.max_prompt_chars:,} (AUTOCODER_MAX_PROMPT_CHARS)"
+        )
     progress = Progress(not args.quiet)
 
     async def go() -> RunResult:
@@ -183,8 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate and run code for a prompt")
     run.add_argument("prompt", nargs="*", help="the task; asked for interactively when omitted")
     run.add_argument("--json", action="store_true", help="print the result as the API's JSON")
-    run.add_argument("--attempts", type=int, metavar="N", help="max attempts (AUTOCODER_MAX_ATTEMPTS)")
-    run.add_argument("--timeout", type=float, metavar="S", help="seconds per attempt (AUTOCODER_TIMEOUT)")
+    run.add_argument(
+        "--attempts", type=int, metavar="N", help="max attempts (AUTOCODER_MAX_ATTEMPTS)"
+    )
+    run.add_argument(
+        "--timeout", type=float, metavar="S", help="seconds per attempt (AUTOCODER_TIMEOUT)"
+    )
     run.add_argument("--model", help="model name (AUTOCODER_MODEL)")
     run.add_argument("--notebooks-dir", metavar="DIR", help="where run notebooks go")
     run.add_argument("--autofile-dir", metavar="DIR", help="where attempt code files go")

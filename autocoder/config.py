@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,7 +14,9 @@ DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 class Settings(BaseSettings):
     """Everything autocoder can be told. Env vars are `AUTOCODER_<NAME>` except the OpenAI ones."""
 
-    model_config = SettingsConfigDict(env_prefix="AUTOCODER_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOCODER_", extra="ignore", populate_by_name=True
+    )
 
     # The model endpoint.
     openai_base_url: str | None = Field(
@@ -25,7 +27,9 @@ class Settings(BaseSettings):
     )
     model: str | None = None
     llm_timeout: float = Field(120.0, gt=0, description="Seconds one model request may take.")
-    llm_retries: int = Field(2, ge=0, le=10, description="Transport retries on 429/5xx/connection errors.")
+    llm_retries: int = Field(
+        2, ge=0, le=10, description="Transport retries on 429/5xx/connection errors."
+    )
     max_tokens: int = Field(1024, gt=0)
     retry_policy: Literal["auto", "conversation", "regenerate"] = "auto"
 
@@ -60,8 +64,12 @@ class Settings(BaseSettings):
     home: Path = Path("~/.cache/autocoder")
     local_model: Literal["0.5b", "1.5b"] = "0.5b"
     model_path: Path | None = None
-    local_n_ctx: int = Field(4096, ge=512, le=32768, description="Context tokens of the embedded model.")
-    local_threads: int = Field(0, ge=0, description="CPU threads for the embedded model; 0 means all we may use.")
+    local_n_ctx: int = Field(
+        4096, ge=512, le=32768, description="Context tokens of the embedded model."
+    )
+    local_threads: int = Field(
+        0, ge=0, description="CPU threads for the embedded model; 0 means all we may use."
+    )
 
     @field_validator("home", "notebooks_dir", "autofile_dir", "model_path", mode="after")
     @classmethod
@@ -80,4 +88,5 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: object) -> Settings:
     """Read the environment once; flags given as overrides win (None means 'not given')."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**given)

@@ -145,8 +145,11 @@ class OutputCollector:
         if self.over:
             cut = self.total - sum(_size(o) for o in self.outputs) - len(self.tail.encode())
             self._append(
-                {"output_type": "stream", "name": self.tail_name,
-                 "text": f"\n... [{cut:,} bytes of output cut] ...\n"}
+                {
+                    "output_type": "stream",
+                    "name": self.tail_name,
+                    "text": f"\n... [{cut:,} bytes of output cut] ...\n",
+                }
             )
             if self.tail:
                 self._append({"output_type": "stream", "name": self.tail_name, "text": self.tail})
@@ -179,13 +182,18 @@ def _preview(out: dict[str, Any]) -> dict[str, Any]:
     if out["output_type"] == "error":
         return {"output_type": "error", "ename": out["ename"], "evalue": out["evalue"]}
     plain = out.get("data", {}).get("text/plain", "")
-    return {"output_type": out["output_type"], "mimetypes": sorted(out.get("data", {})),
-            "text": plain[:4096] if isinstance(plain, str) else ""}
+    return {
+        "output_type": out["output_type"],
+        "mimetypes": sorted(out.get("data", {})),
+        "text": plain[:4096] if isinstance(plain, str) else "",
+    }
 
 
 def texts(outputs: list[dict[str, Any]]) -> tuple[str, str, str]:
     """stdout, stderr and the answer text (stdout plus text/plain of results) of some outputs."""
-    stdout, stderr, text = [], [], []
+    stdout: list[str] = []
+    stderr: list[str] = []
+    text: list[str] = []
     for out in outputs:
         if out["output_type"] == "stream":
             (stdout if out["name"] == "stdout" else stderr).append(out["text"])
@@ -255,7 +263,11 @@ class KernelSession:
         return self.km is not None and await self.km.is_alive()
 
     async def execute(
-        self, code: str, *, timeout: float, max_output_bytes: int | None = None,
+        self,
+        code: str,
+        *,
+        timeout: float,
+        max_output_bytes: int | None = None,
         on_output: OutputCallback | None = None,
     ) -> Execution:
         """Run `code`; a timeout, a dead kernel or an output flood ends it and becomes data.
@@ -289,16 +301,23 @@ class KernelSession:
         elif outcome == "died":
             death = self.kernel_log()
             collector.error = ErrorInfo(
-                ename="KernelDied", evalue=_last_line(death) or "the kernel process exited",
+                ename="KernelDied",
+                evalue=_last_line(death) or "the kernel process exited",
                 traceback=[death] if death else [],
             )
             await self.replace()
         outputs = collector.finish()
         stdout, stderr, text = texts(outputs)
         return Execution(
-            outputs=outputs, stdout=stdout, stderr=stderr, text=text,
-            error=collector.error, kind=kind, duration=time.monotonic() - start,
-            truncated=collector.over, output_bytes=collector.total,
+            outputs=outputs,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            error=collector.error,
+            kind=kind,
+            duration=time.monotonic() - start,
+            truncated=collector.over,
+            output_bytes=collector.total,
         )
 
     async def _drain(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:

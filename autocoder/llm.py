@@ -98,7 +98,11 @@ class LLM(abc.ABC):
 
     @abc.abstractmethod
     async def complete(
-        self, messages: list[Message], *, temperature: float, max_tokens: int,
+        self,
+        messages: list[Message],
+        *,
+        temperature: float,
+        max_tokens: int,
         model: str | None = None,
     ) -> Completion:
         """Return the model's reply or raise LLMError / ConfigError."""
@@ -125,7 +129,12 @@ class OpenAIChat(LLM):
     """Any OpenAI-compatible chat endpoint (OpenAI, xAI, Ollama, vLLM, llama.cpp's server)."""
 
     def __init__(
-        self, *, base_url: str, api_key: str | None, model: str | None, settings: Settings,
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        model: str | None,
+        settings: Settings,
         backend: str = "openai",
     ) -> None:
         self.base_url = base_url
@@ -154,7 +163,11 @@ class OpenAIChat(LLM):
         return self.model
 
     async def complete(
-        self, messages: list[Message], *, temperature: float, max_tokens: int,
+        self,
+        messages: list[Message],
+        *,
+        temperature: float,
+        max_tokens: int,
         model: str | None = None,
     ) -> Completion:
         model = model or await self.resolve_model()
@@ -222,12 +235,17 @@ async def connect(settings: Settings) -> LLM:
         model = settings.model
         if not model and base_url.rstrip("/") == DEFAULT_OPENAI_URL:
             model = DEFAULT_REMOTE_MODEL
-        return OpenAIChat(base_url=base_url, api_key=settings.api_key, model=model, settings=settings)
+        return OpenAIChat(
+            base_url=base_url, api_key=settings.api_key, model=model, settings=settings
+        )
     from autocoder import local_model
 
     server = local_model.get_server(settings)
     base_url = await server.ensure()
     return OpenAIChat(
-        base_url=base_url, api_key=None, model=server.model_name, settings=settings,
+        base_url=base_url,
+        api_key=None,
+        model=server.model_name,
+        settings=settings,
         backend="local",
     )

@@ -74,7 +74,10 @@ def _attempt_cells(attempt: Attempt, total: int) -> list[Any]:
     if attempt.status == "error":
         # A re-run of the notebook runs only the code that worked; Jupyter's "Run All" goes on.
         meta["tags"] = ["raises-exception", "skip-execution"]
-    if attempt.error_kind in {ErrorKind.EMPTY, ErrorKind.LLM, ErrorKind.CANCELLED} and not attempt.code:
+    if (
+        attempt.error_kind in {ErrorKind.EMPTY, ErrorKind.LLM, ErrorKind.CANCELLED}
+        and not attempt.code
+    ):
         text = attempt.reply.strip() or attempt.error
         cells.append(new_markdown_cell("> " + "\n> ".join(text.splitlines() or [""])))
         return cells

@@ -35,7 +35,9 @@ class Execution(BaseModel):
     )
     stdout: str = ""
     stderr: str = ""
-    text: str = Field("", description="stdout plus text/plain of results and displays: the answer.")
+    text: str = Field(
+        default="", description="stdout plus text/plain of results and displays: the answer."
+    )
     error: ErrorInfo | None = None
     kind: ErrorKind | None = None
     duration: float = 0.0
@@ -51,10 +53,10 @@ class Attempt(BaseModel):
     number: int
     status: Literal["success", "error"]
     code: str = ""
-    reply: str = Field("", description="The model's whole reply.")
+    reply: str = Field(default="", description="The model's whole reply.")
     output: str = ""
     stderr: str = ""
-    error: str = Field("", description="What went wrong, as sent back to the model.")
+    error: str = Field(default="", description="What went wrong, as sent back to the model.")
     error_kind: ErrorKind | None = None
     ename: str | None = None
     outputs: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
@@ -70,7 +72,7 @@ class RunResult(BaseModel):
     """The original AutoCoder contract (status, filename, code, output, error) plus the record."""
 
     status: Literal["success", "error"]
-    filename: str = Field("", description="The last attempt's code file.")
+    filename: str = Field(default="", description="The last attempt's code file.")
     code: str = ""
     output: str = ""
     error: str = ""

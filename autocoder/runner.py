@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
@@ -52,8 +52,7 @@ def feedback(attempt: Attempt, timeout: float) -> str:
         )
     if kind is ErrorKind.OUTPUT_LIMIT:
         return (
-            "The code printed far too much output and was stopped. Print only the answer."
-            f"{shown}"
+            f"The code printed far too much output and was stopped. Print only the answer.{shown}"
         )
     return f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
 
@@ -64,7 +63,11 @@ class Executor(Protocol):
     workdir: Path | None
 
     async def execute(
-        self, code: str, *, timeout: float, max_output_bytes: int | None = None,
+        self,
+        code: str,
+        *,
+        timeout: float,
+        max_output_bytes: int | None = None,
         on_output: OutputCallback | None = None,
     ) -> Execution: ...
 
@@ -73,10 +76,15 @@ class Executor(Protocol):
         ...
 
 
-class ExecutorProvider(Protocol):
-    async def acquire(self) -> Executor: ...
+E = TypeVar("E", bound=Executor)
 
-    async def release(self, executor: Executor) -> None: ...
+
+class ExecutorProvider(Protocol[E]):
+    """Hands out executors no other run has used, and takes them back."""
+
+    async def acquire(self) -> E: ...
+
+    async def release(self, executor: E) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -86,7 +94,9 @@ class RetryPolicy(Protocol):
 
     name: str
 
-    def request(self, task: str, history: list[Attempt], settings: Settings) -> tuple[list[Message], float]:
+    def request(
+        self, task: str, history: list[Attempt], settings: Settings
+    ) -> tuple[list[Message], float]:
         """The messages to send and the sampling temperature."""
         ...
 
@@ -101,18 +111,22 @@ class Conversation:
     name: str = "conversation"
     retry_temperature: float = 0.2
 
-    def request(self, task: str, history: list[Attempt], settings: Settings) -> tuple[list[Message], float]:
+    def request(
+        self, task: str, history: list[Attempt], settings: Settings
+    ) -> tuple[list[Message], float]:
         messages: list[Message] = [
             {"role": "system", "content": llm_mod.SYSTEM_PROMPT},
             {"role": "user", "content": task},
         ]
         for attempt in history:
             messages.append({"role": "assistant", "content": attempt.reply or "(no reply)"})
-            messages.append({
-                "role": "user",
-                "content": feedback(attempt, settings.timeout)
-                + "\n\nFix the problem and reply with the complete corrected program.",
-            })
+            messages.append(
+                {
+                    "role": "user",
+                    "content": feedback(attempt, settings.timeout)
+                    + "\n\nFix the problem and reply with the complete corrected program.",
+                }
+            )
         return messages, 0.0 if not history else self.retry_temperature
 
 
@@ -128,7 +142,9 @@ class Regenerate:
     retry_temperature: float = 0.8
     hint_lines: int = 6
 
-    def request(self, task: str, history: list[Attempt], settings: Settings) -> tuple[list[Message], float]:
+    def request(
+        self, task: str, history: list[Attempt], settings: Settings
+    ) -> tuple[list[Message], float]:
         content = task
         if history:
             last = history[-1]
@@ -166,7 +182,7 @@ def check_syntax(code: str) -> ErrorInfo | None:
         compile(code, "<autocoder>", "exec")
     except SyntaxError as e:
         where = f"line {e.lineno}" if e.lineno else "somewhere"
-        lines = [f"  File \"<autocoder>\", {where}"]
+        lines = [f'  File "<autocoder>", {where}']
         if e.text:
             lines.append("    " + e.text.rstrip("\n"))
             if e.offset:
@@ -182,13 +198,17 @@ class Runner:
     """Runs prompts to completion. One Runner can serve many concurrent runs."""
 
     def __init__(
-        self, settings: Settings, *, llm: LLM | None = None,
-        kernels: ExecutorProvider | None = None, policy: RetryPolicy | None = None,
+        self,
+        settings: Settings,
+        *,
+        llm: LLM | None = None,
+        kernels: ExecutorProvider[Any] | None = None,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.settings = settings
         self._llm = llm
         self._llm_lock = asyncio.Lock()
-        self.kernels: ExecutorProvider = kernels or KernelProvider(settings)
+        self.kernels: ExecutorProvider[Any] = kernels or KernelProvider(settings)
         self.policy = policy
 
     async def llm(self) -> LLM:
@@ -203,17 +223,27 @@ class Runner:
         await self.kernels.close()
 
     async def run(
-        self, prompt: str, *, max_attempts: int | None = None, timeout: float | None = None,
-        model: str | None = None, on_event: EventSink | None = None, run_id: str | None = None,
+        self,
+        prompt: str,
+        *,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        model: str | None = None,
+        on_event: EventSink | None = None,
+        run_id: str | None = None,
         record: bool = True,
     ) -> RunResult:
         """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
 
         With `record=False` nothing is written (no notebook, no code files).
         """
-        settings = self.settings.model_copy(update={
-            k: v for k, v in {"max_attempts": max_attempts, "timeout": timeout}.items() if v is not None
-        })
+        settings = self.settings.model_copy(
+            update={
+                k: v
+                for k, v in {"max_attempts": max_attempts, "timeout": timeout}.items()
+                if v is not None
+            }
+        )
         run = _Run(self, settings, prompt, run_id or new_run_id(), on_event, model, record)
         return await run.go()
 
@@ -222,8 +252,14 @@ class _Run:
     """One run's state; lives only as long as `Runner.run`."""
 
     def __init__(
-        self, runner: Runner, settings: Settings, prompt: str, run_id: str,
-        on_event: EventSink | None, model: str | None, record: bool,
+        self,
+        runner: Runner,
+        settings: Settings,
+        prompt: str,
+        run_id: str,
+        on_event: EventSink | None,
+        model: str | None,
+        record: bool,
     ) -> None:
         self.runner = runner
         self.settings = settings
@@ -263,7 +299,9 @@ class _Run:
             for number in range(1, self.settings.max_attempts + 1):
                 attempt = await self.attempt(number, model, policy)
                 self.attempts.append(attempt)
-                await self.emit("attempt_finished", number, **attempt.model_dump(mode="json", exclude={"reply"}))
+                await self.emit(
+                    "attempt_finished", number, **attempt.model_dump(mode="json", exclude={"reply"})
+                )
                 if attempt.status == "success":
                     break
         except (LLMError, ConfigError) as e:
@@ -282,20 +320,32 @@ class _Run:
         start = time.monotonic()
         messages, temperature = policy.request(self.prompt, self.attempts, self.settings)
         completion = await model.complete(
-            messages, temperature=temperature, max_tokens=self.settings.max_tokens,
+            messages,
+            temperature=temperature,
+            max_tokens=self.settings.max_tokens,
             model=self.model_override,
         )
         self.model = completion.model or self.model
         code = extract_code(completion.text)
         attempt = Attempt(
-            number=number, status="error", code=code, reply=completion.text,
-            llm_duration=completion.duration, model=self.model,
+            number=number,
+            status="error",
+            code=code,
+            reply=completion.text,
+            llm_duration=completion.duration,
+            model=self.model,
         )
         if code and self.record:
             attempt.filename = str(self.code_dir / f"generated_code_{number}.py")
             write_atomic(Path(attempt.filename), code)
-        await self.emit("code_generated", number, code=code, model=self.model,
-                        llm_duration=completion.duration, tokens=completion.completion_tokens)
+        await self.emit(
+            "code_generated",
+            number,
+            code=code,
+            model=self.model,
+            llm_duration=completion.duration,
+            tokens=completion.completion_tokens,
+        )
         if not code:
             attempt.error_kind = ErrorKind.EMPTY
             attempt.error = "the model's reply contained no code"

@@ -44,8 +44,8 @@ class ScriptedLLM:
     @property
     def base_url(self) -> str:
         assert self._server is not None, "start() the server first"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        port = self._server.server_address[1]
+        return f"http://127.0.0.1:{port}/v1"
 
     def script(self, *replies: str | Reply) -> None:
         self.replies.clear()
@@ -93,25 +93,45 @@ class ScriptedLLM:
                     return
                 owner.requests.append(body)
                 if body.get("model") not in owner.models:
-                    self._send(404, {"error": {"message": f"model {body.get('model')} not found",
-                                               "type": "invalid_request_error"}})
+                    self._send(
+                        404,
+                        {
+                            "error": {
+                                "message": f"model {body.get('model')} not found",
+                                "type": "invalid_request_error",
+                            }
+                        },
+                    )
                     return
                 reply = owner.next_reply(body)
                 if reply.delay:
                     time.sleep(reply.delay)
                 if reply.status != 200:
-                    self._send(reply.status, {"error": {"message": reply.content or "scripted error"}})
+                    self._send(
+                        reply.status, {"error": {"message": reply.content or "scripted error"}}
+                    )
                     return
-                self._send(200, {
-                    "id": f"chatcmpl-{len(owner.requests)}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", MODEL),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": reply.content}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": max(1, len(reply.content) // 4),
-                              "total_tokens": 2},
-                })
+                self._send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{len(owner.requests)}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", MODEL),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": reply.content},
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": 1,
+                            "completion_tokens": max(1, len(reply.content) // 4),
+                            "total_tokens": 2,
+                        },
+                    },
+                )
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True

@@ -55,8 +55,10 @@ async def main() -> None:
             starts.append(time.perf_counter() - t)
 
     print(f"sandbox={args.sandbox} repeat={args.repeat} python={sys.version.split()[0]}")
-    print(f"kernel start (once per run; pre-started by the server's pool): "
-          f"median {statistics.median(starts) * 1000:.0f} ms")
+    print(
+        f"kernel start (once per run; pre-started by the server's pool): "
+        f"median {statistics.median(starts) * 1000:.0f} ms"
+    )
     print(f"{'snippet':<22}{'kernel ms':>11}{'subprocess ms':>15}{'ratio':>9}")
     async with KernelSession(settings) as kernel:
         for name, code in SNIPPETS.items():

@@ -26,7 +26,8 @@ def sandbox_mode() -> str:
     try:
         probe = subprocess.run(
             ["bwrap", "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "true"],
-            capture_output=True, timeout=10,
+            capture_output=True,
+            timeout=10,
         )
         return "bwrap" if probe.returncode == 0 else "none"
     except (OSError, subprocess.TimeoutExpired):

@@ -18,9 +18,16 @@ from tests.conftest import autocoder_cmd
 pytestmark = pytest.mark.timeout(120)
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str], cwd: Path, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        autocoder_cmd() + args, env=env, cwd=cwd, input=stdin, capture_output=True, text=True,
+        autocoder_cmd() + args,
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
         timeout=90,
     )
 
@@ -28,9 +35,15 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, stdin: str | None =
 def test_run_prints_code_output_and_where_the_notebook_went(
     llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    llm.script(fenced("print(1/0)"), fenced("def fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)\nprint(fib(10))"))
-    proc = run_cli(["run", "Write a function that returns the n-th Fibonacci number and print fib(10)"],
-                   cli_env, tmp_path)
+    llm.script(
+        fenced("print(1/0)"),
+        fenced("def fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)\nprint(fib(10))"),
+    )
+    proc = run_cli(
+        ["run", "Write a function that returns the n-th Fibonacci number and print fib(10)"],
+        cli_env,
+        tmp_path,
+    )
 
     assert proc.returncode == 0, proc.stderr
     assert "def fib(n):" in proc.stdout
@@ -43,19 +56,32 @@ def test_run_prints_code_output_and_where_the_notebook_went(
     assert (tmp_path / "autofile" / notebook.stem / "generated_code_2.py").exists()
 
 
-def test_json_is_the_api_contract(llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_json_is_the_api_contract(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     llm.script(fenced("print('hello')"))
     proc = run_cli(["run", "--json", "-q", "say hello"], cli_env, tmp_path)
 
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     data = json.loads(proc.stdout)
-    assert {"status", "filename", "code", "output", "error", "run_id", "attempts", "notebook",
-            "duration"} <= data.keys()
+    assert {
+        "status",
+        "filename",
+        "code",
+        "output",
+        "error",
+        "run_id",
+        "attempts",
+        "notebook",
+        "duration",
+    } <= data.keys()
     assert data["status"] == "success" and data["output"] == "hello\n" and data["error"] == ""
 
 
-def test_every_attempt_failing_exits_1(llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_every_attempt_failing_exits_1(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     llm.script(*[fenced("raise KeyError('missing')")] * 2)
     proc = run_cli(["run", "--attempts", "2", "fail please"], cli_env, tmp_path)
 
@@ -63,7 +89,9 @@ def test_every_attempt_failing_exits_1(llm: ScriptedLLM, cli_env: dict[str, str]
     assert "KeyError: 'missing'" in proc.stdout
 
 
-def test_the_prompt_can_come_from_stdin(llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_the_prompt_can_come_from_stdin(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     llm.script(fenced("print(2 + 3)"))
     proc = run_cli(["run"], cli_env, tmp_path, stdin="print the sum of 2 and 3\n")
 
@@ -121,8 +149,14 @@ def test_stopping_the_cli_leaves_no_kernel(
     signum: int, llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     llm.script(fenced("import time\nprint('started', flush=True)\ntime.sleep(60)"))
-    proc = subprocess.Popen(autocoder_cmd() + ["run", "--timeout", "60", "sleep"], env=cli_env,
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        autocoder_cmd() + ["run", "--timeout", "60", "sleep"],
+        env=cli_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stderr is not None
         for line in proc.stderr:

@@ -66,10 +66,16 @@ def test_cut_middle_keeps_head_and_tail() -> None:
 
 async def test_transport_errors_are_retried(llm: ScriptedLLM, settings) -> None:  # type: ignore[no-untyped-def]
     llm.script(Reply(status=503), Reply(status=429), "```python\nprint(1)\n```")
-    chat = OpenAIChat(base_url=llm.base_url, api_key="k", model=None,
-                      settings=settings.model_copy(update={"llm_retries": 2}))
+    chat = OpenAIChat(
+        base_url=llm.base_url,
+        api_key="k",
+        model=None,
+        settings=settings.model_copy(update={"llm_retries": 2}),
+    )
     try:
-        reply = await chat.complete([{"role": "user", "content": "x"}], temperature=0, max_tokens=50)
+        reply = await chat.complete(
+            [{"role": "user", "content": "x"}], temperature=0, max_tokens=50
+        )
     finally:
         await chat.close()
     assert reply.text.startswith("```python")

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from autocoder.records import ErrorKind
+from autocoder.records import ErrorKind, Event
 from autocoder.runner import Runner
 from autocoder.testing import Reply, ScriptedLLM, fenced
 
@@ -20,7 +20,9 @@ FIB = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\nprint(fi
 
 async def test_success_on_the_first_attempt(runner: Runner, llm: ScriptedLLM) -> None:
     llm.script(fenced(FIB))
-    result = await runner.run("Write a function that returns the n-th Fibonacci number and print fib(10)")
+    result = await runner.run(
+        "Write a function that returns the n-th Fibonacci number and print fib(10)"
+    )
 
     assert result.status == "success"
     assert result.output == "55\n"
@@ -73,7 +75,9 @@ async def test_a_syntax_error_never_reaches_the_kernel(runner: Runner, llm: Scri
     assert not Path(result.workdir or "/nonexistent", "ran.txt").exists()
 
 
-async def test_an_endless_loop_is_stopped_within_the_timeout(runner: Runner, llm: ScriptedLLM) -> None:
+async def test_an_endless_loop_is_stopped_within_the_timeout(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
     llm.script(fenced("while True:\n    pass"), fenced("print('done')"))
     result = await runner.run("loop", timeout=2)
 
@@ -108,7 +112,9 @@ async def test_a_dying_kernel_is_reported_and_replaced(runner: Runner, llm: Scri
     assert result.status == "success" and result.output == "alive\n"
 
 
-async def test_a_50_mb_print_is_cut_without_harm(runner: Runner, llm: ScriptedLLM, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_50_mb_print_is_cut_without_harm(
+    runner: Runner, llm: ScriptedLLM, settings
+) -> None:  # type: ignore[no-untyped-def]
     llm.script(fenced("print('A' * 50_000_000)\nprint('never')"), fenced("print('small')"))
     result = await runner.run("flood")
 
@@ -121,7 +127,9 @@ async def test_a_50_mb_print_is_cut_without_harm(runner: Runner, llm: ScriptedLL
     assert Path(result.notebook).stat().st_size < 3 * settings.max_output_bytes
 
 
-async def test_every_attempt_failing_gives_an_error_result(runner: Runner, llm: ScriptedLLM) -> None:
+async def test_every_attempt_failing_gives_an_error_result(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
     llm.script(*[fenced("raise ValueError('nope')")] * 3)
     result = await runner.run("fail", max_attempts=3)
 
@@ -144,8 +152,11 @@ async def test_a_reply_without_code_is_an_empty_attempt(runner: Runner, llm: Scr
 
 
 async def test_each_attempt_starts_from_a_clean_namespace(runner: Runner, llm: ScriptedLLM) -> None:
-    llm.script(fenced("leftover = 42\nraise RuntimeError('first')"), fenced("print(leftover)"),
-               fenced("print('clean')"))
+    llm.script(
+        fenced("leftover = 42\nraise RuntimeError('first')"),
+        fenced("print(leftover)"),
+        fenced("print('clean')"),
+    )
     result = await runner.run("x")
 
     assert result.attempts[1].ename == "NameError"
@@ -178,7 +189,9 @@ async def test_rich_outputs_are_recorded(runner: Runner, llm: ScriptedLLM) -> No
     assert result.output.endswith("42\n")
 
 
-async def test_the_model_endpoint_down_ends_the_run_with_an_error(runner: Runner, llm: ScriptedLLM) -> None:
+async def test_the_model_endpoint_down_ends_the_run_with_an_error(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
     llm.script(Reply(status=500, content="overloaded"))
     result = await runner.run("anything")
 
@@ -190,7 +203,7 @@ async def test_the_model_endpoint_down_ends_the_run_with_an_error(runner: Runner
 
 async def test_events_tell_the_story_of_a_run(runner: Runner, llm: ScriptedLLM) -> None:
     llm.script(fenced("1/0"), fenced("print('ok')"))
-    events = []
+    events: list[Event] = []
     await runner.run("x", on_event=events.append)
 
     types = [e.type for e in events]
@@ -201,7 +214,10 @@ async def test_events_tell_the_story_of_a_run(runner: Runner, llm: ScriptedLLM) 
 
 
 async def test_the_notebook_re_executes_with_nbclient(runner: Runner, llm: ScriptedLLM) -> None:
-    llm.script(fenced("1/0"), fenced("import json, decimal\nprint(json.dumps({'v': str(decimal.Decimal('0.1') * 3)}))"))
+    llm.script(
+        fenced("1/0"),
+        fenced("import json, decimal\nprint(json.dumps({'v': str(decimal.Decimal('0.1') * 3)}))"),
+    )
     result = await runner.run("x")
 
     nb = nbformat.read(result.notebook, as_version=4)
