@@ -63,6 +63,7 @@ class Attempt(BaseModel):
     truncated: bool = False
     duration: float = 0.0
     llm_duration: float = 0.0
+    tokens: int = Field(default=0, description="Tokens the model generated for this attempt.")
     exec_duration: float = 0.0
     model: str = ""
     filename: str = ""

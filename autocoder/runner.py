@@ -333,6 +333,7 @@ class _Run:
             code=code,
             reply=completion.text,
             llm_duration=completion.duration,
+            tokens=completion.completion_tokens,
             model=self.model,
         )
         if code and self.record:
