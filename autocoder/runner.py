@@ -412,9 +412,9 @@ class _Run:
 
     async def _release(self) -> None:
         task, self.kernel_task = self.kernel_task, None
-        if task is not None:
-            if not task.done():
-                task.cancel()
+        if task is not None and self.kernel is None:
+            # A kernel still starting is let finish, then shut down: tearing one down
+            # half-started races jupyter_client's channel threads.
             with contextlib.suppress(BaseException):
                 self.kernel = await task
         kernel, self.kernel = self.kernel, None

@@ -1,4 +1,4 @@
-"""Launch a kernel confined (bubblewrap + rlimits + cgroups) or plain. Runs as `python -m autocoder.sandbox`.
+"""Launch a kernel confined (bubblewrap, rlimits, cgroups) or plain: `python -m autocoder.sandbox`.
 
 Contract used by kernel.py:
 - `kernel_env(settings, workdir, runtime_dir) -> dict[str, str]`: the whole environment the
@@ -17,6 +17,7 @@ writable, the kernel's whole process tree is also bounded in total memory and ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import json
@@ -25,10 +26,11 @@ import os
 import resource
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
@@ -52,13 +54,35 @@ _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 
 # Only what ordinary Python needs from /etc: never environment, pip.conf, npmrc, gitconfig, shadow.
 _ETC = (
-    "alternatives", "ca-certificates", "ca-certificates.conf", "crypto-policies", "debian_version",
-    "fonts", "gai.conf", "host.conf", "hosts", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
-    "locale.alias", "localtime", "magic", "matplotlibrc", "mime.types", "networks", "nsswitch.conf",
-    "os-release", "pki", "protocols", "services", "ssl", "timezone",
+    "alternatives",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "crypto-policies",
+    "debian_version",
+    "fonts",
+    "gai.conf",
+    "host.conf",
+    "hosts",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "locale.alias",
+    "localtime",
+    "magic",
+    "matplotlibrc",
+    "mime.types",
+    "networks",
+    "nsswitch.conf",
+    "os-release",
+    "pki",
+    "protocols",
+    "services",
+    "ssl",
+    "timezone",
 )
 
 # Runs as root inside the sandbox with CAP_SETUID/SETGID/CHOWN only; setuid() then clears them all.
+# It, not bwrap, enters the workdir: without CAP_DAC_OVERRIDE root cannot enter a 0700 dir of uid.
 _DROP_TO_UID = """\
 import os, sys
 uid = int(sys.argv[1])
@@ -66,7 +90,8 @@ os.chown(sys.argv[2], uid, uid)
 os.setgroups([])
 os.setgid(uid)
 os.setuid(uid)
-os.execv(sys.argv[3], sys.argv[3:])
+os.chdir(sys.argv[3])
+os.execv(sys.argv[4], sys.argv[4:])
 """
 
 
@@ -76,6 +101,8 @@ def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str
     env.setdefault("PATH", os.defpath)
     env["HOME"] = str(runtime_dir / "home")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        env["PYTHONUSERBASE"] = site.getuserbase()
     env["PYTHONUNBUFFERED"] = "1"
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     env["AUTOCODER_SANDBOX"] = settings.sandbox
@@ -113,17 +140,24 @@ def _probe_bwrap(allow_network: bool) -> str | None:
     if shutil.which("bwrap") is None:
         return "bwrap (package bubblewrap) is not on PATH"
     settings = load_settings(sandbox="bwrap", allow_network=allow_network)
-    uid = UID_BASE + os.getpid() if os.geteuid() == 0 else None
+    uid = _dedicated_uid()
     with tempfile.TemporaryDirectory(prefix="autocoder-probe-") as tmp:
         workdir, runtime_dir = Path(tmp, "work"), Path(tmp, "run")
-        workdir.mkdir()
-        runtime_dir.mkdir()
+        workdir.mkdir(mode=0o700)
+        runtime_dir.mkdir(mode=0o700)
         if uid is not None:
             _hand_over([workdir, runtime_dir], uid)
-        argv, fds = _bwrap_argv(settings, workdir, runtime_dir, None, [sys.executable, "-c", "pass"], uid)
+        argv, fds = _bwrap_argv(
+            settings, workdir, runtime_dir, None, [sys.executable, "-c", "pass"], uid
+        )
         try:
             done = subprocess.run(
-                argv, pass_fds=fds, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False
+                argv,
+                pass_fds=fds,
+                capture_output=True,
+                text=True,
+                timeout=PROBE_TIMEOUT,
+                check=False,
             )
         except subprocess.TimeoutExpired:
             return f"bwrap did not finish a trivial command within {PROBE_TIMEOUT:.0f}s"
@@ -153,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyError as e:
         sys.exit(f"autocoder.sandbox: {e.args[0]} is not set; start the launcher with kernel_env()")
     _check_connection(connection_file, runtime_dir, settings.allow_network)
-    uid = UID_BASE + os.getpid() if os.geteuid() == 0 else None
+    uid = _dedicated_uid()
     if uid is not None:
         _hand_over([workdir, runtime_dir], uid)
         _join_cgroups(settings)
@@ -167,6 +201,22 @@ def main(argv: list[str] | None = None) -> None:
         os.execv(cmd[0], cmd)
     except OSError as e:
         sys.exit(f"autocoder.sandbox: cannot exec {cmd[0]}: {e}")
+
+
+def _dedicated_uid() -> int | None:
+    """The throwaway uid for this kernel, when we are root and that uid exists here.
+
+    Root inside a user namespace (a rootless container) usually has few uids mapped; it then
+    takes the unprivileged path like any other user.
+    """
+    if os.geteuid() != 0:
+        return None
+    uid = UID_BASE + os.getpid()
+    for line in Path("/proc/self/uid_map").read_text().splitlines():
+        inside, _, count = (int(n) for n in line.split())
+        if inside <= uid < inside + count:
+            return uid
+    return None
 
 
 def _exec_unconfined(settings: Settings, cmd: list[str]) -> NoReturn:
@@ -192,7 +242,9 @@ def _check_connection(connection_file: Path, runtime_dir: Path, allow_network: b
         if not Path(info["ip"]).resolve().is_relative_to(runtime_dir):
             sys.exit(f"autocoder.sandbox: IPC path {info['ip']} is outside {runtime_dir}")
     elif not allow_network:
-        sys.exit("autocoder.sandbox: the sandbox has no network; start the kernel with transport='ipc'")
+        sys.exit(
+            "autocoder.sandbox: the sandbox has no network; start the kernel with transport='ipc'"
+        )
 
 
 def _limits(settings: Settings, nproc: int) -> dict[int, int]:
@@ -224,7 +276,9 @@ def _tasks_of(uid: int) -> int:
     count = 0
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
         except OSError:
             continue
         if int(fields.get("Uid", "-1").split()[0]) == uid:
@@ -267,30 +321,35 @@ def _bwrap_argv(
         a += ["--unshare-user", "--disable-userns"]
     else:
         a += ["--cap-drop", "ALL"]
-        a += [arg for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN") for arg in ("--cap-add", cap)]
+        a += [
+            arg for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN") for arg in ("--cap-add", cap)
+        ]
     a += _system_mounts(settings.allow_network)
-    a += _ro_binds(_python_dirs())
     tmpfs_bytes = str(settings.memory_mb * 2**20)
+    a += _parents(Path(SANDBOX_HOME))
     for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777"), (SANDBOX_HOME, "0700")):
         a += ["--perms", mode, "--size", tmpfs_bytes, "--tmpfs", path]
+    a += _ro_binds(_python_dirs())  # after the tmpfs mounts, so a venv under /tmp stays visible
     a += _parents(workdir, runtime_dir)
     a += ["--bind", str(workdir), str(workdir), "--bind", str(runtime_dir), str(runtime_dir)]
     if connection_file is not None:
         a += ["--ro-bind", str(connection_file), str(connection_file)]
     inner_uid = uid if uid is not None else os.getuid()
     fds = [_data_fd(_passwd(inner_uid)), _data_fd(_group(inner_uid))]
-    a += ["--ro-bind-data", str(fds[0]), "/etc/passwd", "--ro-bind-data", str(fds[1]), "/etc/group"]
-    a += ["--chdir", str(workdir), "--clearenv"]
+    for fd, name in zip(fds, ("/etc/passwd", "/etc/group"), strict=True):
+        a += ["--perms", "0644", "--ro-bind-data", str(fd), name]
+    a += ["--remount-ro", "/"]
+    a += ["--clearenv"] if uid is not None else ["--chdir", str(workdir), "--clearenv"]
     for key, value in _inner_env().items():
         a += ["--setenv", key, value]
     a += ["--"]
     if uid is not None:
-        a += [sys.executable, "-I", "-S", "-c", _DROP_TO_UID, str(uid), SANDBOX_HOME]
+        a += [sys.executable, "-I", "-S", "-c", _DROP_TO_UID, str(uid), SANDBOX_HOME, str(workdir)]
     return a + command, fds
 
 
 def _system_mounts(allow_network: bool) -> list[str]:
-    a = ["--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
+    a = ["--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", *_parents(Path("/etc/x"))]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         top = Path("/", name)
         if top.is_symlink():
@@ -303,10 +362,18 @@ def _system_mounts(allow_network: bool) -> list[str]:
 
 
 def _python_dirs() -> list[Path]:
-    """The interpreter and its packages, wherever they live (a venv, pyenv under /root, /opt)."""
-    import site
+    """The interpreter and its packages, wherever they live (a venv, pyenv under /root, /opt).
 
-    found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages()}
+    The user site is on sys.path only when kernel_env passed PYTHONUSERBASE; only it is bound,
+    never the rest of that home.
+    """
+    found = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        *site.getsitepackages(),
+    }
     found |= {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
     dirs = sorted({Path(p).resolve() for p in found if Path(p).is_dir()})
     outside_usr = [d for d in dirs if not d.is_relative_to("/usr")]
@@ -321,7 +388,7 @@ def _ro_binds(dirs: list[Path]) -> list[str]:
 
 
 def _parents(*paths: Path) -> list[str]:
-    """bwrap creates missing parents with the host's modes (0700 for /root); make them traversable."""
+    """bwrap creates missing parents 0700 when run as root; make them traversable."""
     a: list[str] = []
     for path in paths:
         for parent in reversed(path.parents[:-1]):
@@ -348,7 +415,7 @@ def _inner_env() -> dict[str, str]:
         "OPENBLAS_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
     }
-    for key in ("LC_ALL", "TZ"):
+    for key in ("LC_ALL", "TZ", "PYTHONUSERBASE"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -377,8 +444,9 @@ def _data_fd(text: str) -> int:
 def _join_cgroups(settings: Settings) -> None:
     """Best effort: bound the whole tree's memory and tasks with cgroup v1, where writable.
 
-    Each kernel gets `<own cgroup>/autocoder/k<pid>`; exec keeps the pid, so a dir whose pid is
-    gone belongs to a finished kernel and is removed here (rmdir refuses a non-empty cgroup).
+    Each kernel gets `<own cgroup>/autocoder/k<pid>`; exec keeps the pid, so that is bwrap's pid.
+    A watcher outside the kernel's process group removes the dirs when bwrap exits (so they never
+    block removal of the server's own cgroup); a launch also sweeps dirs of pids that are gone.
     pids.max allows for bwrap's two root processes besides the kernel's own.
     """
     mib = 2**20
@@ -389,22 +457,64 @@ def _join_cgroups(settings: Settings) -> None:
         },
         "pids": {"pids.max": settings.max_processes + 2},
     }
+    made: list[Path] = []
     for controller, files in wanted.items():
         base = _cgroup_dir(controller)
-        if base is None:
+        if base is None or not os.access(base, os.W_OK):
             continue
+        mine = base / "autocoder" / f"k{os.getpid()}"
         try:
-            parent = base / "autocoder"
-            parent.mkdir(exist_ok=True)
-            _sweep(parent)
-            mine = parent / f"k{os.getpid()}"
-            mine.mkdir(exist_ok=True)
+            if mine.parent.is_dir():
+                _sweep(mine.parent)
+            mine.mkdir(parents=True, exist_ok=True)
+            made.append(mine)
             for name, value in files.items():
                 if (mine / name).exists():
                     (mine / name).write_text(str(value))
-            (mine / "cgroup.procs").write_text(str(os.getpid()))
         except OSError:
             continue
+    if not made:
+        return
+    _remove_when_gone(made)
+    for mine in made:
+        with contextlib.suppress(OSError):
+            (mine / "cgroup.procs").write_text(str(os.getpid()))
+
+
+_REMOVE_WHEN_GONE = """import os, select, sys, time
+select.select([int(sys.argv[1])], [], [])
+left = sys.argv[2:]
+for _ in range(100):
+    for d in list(left):
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        left.remove(d)
+        try:
+            os.rmdir(os.path.dirname(d))
+        except OSError:
+            pass
+    if not left:
+        break
+    time.sleep(0.1)
+"""
+
+
+def _remove_when_gone(dirs: list[Path]) -> None:
+    """Start a small watcher, in its own session, that waits on a pidfd of this process (bwrap soon)."""
+    pidfd = os.pidfd_open(os.getpid())
+    subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _REMOVE_WHEN_GONE, str(pidfd), *map(str, dirs)],
+        pass_fds=[pidfd],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    os.close(pidfd)
 
 
 def _cgroup_dir(controller: str) -> Path | None:
@@ -420,21 +530,15 @@ def _cgroup_dir(controller: str) -> Path | None:
         if controller in names.split(","):
             for root, mount in mounts.items():
                 if path.startswith(root):
-                    return mount / path[len(root):].lstrip("/")
+                    return mount / path[len(root) :].lstrip("/")
     return None
 
 
 def _sweep(parent: Path) -> None:
-    for child in _children(parent):
-        if not Path("/proc", child.name[1:]).exists():
-            try:
+    for child in parent.glob("k[0-9]*"):
+        if child.name[1:].isdigit() and not Path("/proc", child.name[1:]).exists():
+            with contextlib.suppress(OSError):
                 child.rmdir()
-            except OSError:
-                pass
-
-
-def _children(parent: Path) -> Iterator[Path]:
-    return (c for c in parent.iterdir() if c.is_dir() and c.name[:1] == "k" and c.name[1:].isdigit())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,14 +37,20 @@ def sandbox_mode() -> str:
 
 SANDBOX = sandbox_mode()
 
+# Kernels this suite starts (in-process or through the CLI) keep their runtime dirs under
+# this root, so the leak check below sees only them, not other kernels on the machine.
+SUITE_TMP = tempfile.mkdtemp(prefix="acsuite-")
+tempfile.tempdir = SUITE_TMP
+os.environ["TMPDIR"] = SUITE_TMP
+
 
 def kernel_pids() -> list[int]:
-    """Kernel processes this suite may have started (their connection files live in /tmp/ac-*)."""
+    """Kernel processes this suite started (their connection files live under SUITE_TMP)."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     pids = []
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if ("ipykernel" in args or "autocoder.sandbox" in args) and "/ac-" in args:
+        if ("ipykernel" in args or "autocoder.sandbox" in args) and SUITE_TMP in args:
             pids.append(int(pid))
     return pids
 
