@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     notebooks_dir: Path = Path("notebooks")
     autofile_dir: Path = Path("autofile")
 
+    magic_record: bool = Field(
+        default=False,
+        description="Record %autocoder runs as notebooks (the CLI and API always do).",
+    )
+
     # The sandbox.
     sandbox: Literal["bwrap", "none"] = "bwrap"
     memory_mb: int = Field(1024, ge=64)
@@ -59,6 +64,12 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(20_000, ge=1)
     max_request_attempts: int = Field(10, ge=1)
     max_request_timeout: float = Field(120.0, gt=0)
+    queue_timeout: float = Field(
+        60.0, gt=0, description="Seconds a request may wait for a run slot before it gets 503."
+    )
+    shutdown_grace: float = Field(
+        10.0, ge=0, description="Seconds running requests get to finish at shutdown."
+    )
 
     # The embedded model.
     home: Path = Path("~/.cache/autocoder")

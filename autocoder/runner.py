@@ -95,9 +95,9 @@ class RetryPolicy(Protocol):
     name: str
 
     def request(
-        self, task: str, history: list[Attempt], settings: Settings
+        self, task: str, history: list[Attempt], settings: Settings, system: str
     ) -> tuple[list[Message], float]:
-        """The messages to send and the sampling temperature."""
+        """The messages to send (opening with `system`) and the sampling temperature."""
         ...
 
 
@@ -112,10 +112,10 @@ class Conversation:
     retry_temperature: float = 0.2
 
     def request(
-        self, task: str, history: list[Attempt], settings: Settings
+        self, task: str, history: list[Attempt], settings: Settings, system: str
     ) -> tuple[list[Message], float]:
         messages: list[Message] = [
-            {"role": "system", "content": llm_mod.SYSTEM_PROMPT},
+            {"role": "system", "content": system},
             {"role": "user", "content": task},
         ]
         for attempt in history:
@@ -143,7 +143,7 @@ class Regenerate:
     hint_lines: int = 6
 
     def request(
-        self, task: str, history: list[Attempt], settings: Settings
+        self, task: str, history: list[Attempt], settings: Settings, system: str
     ) -> tuple[list[Message], float]:
         content = task
         if history:
@@ -154,7 +154,7 @@ class Regenerate:
                 f"{hint}\nWrite a correct solution."
             )
         messages: list[Message] = [
-            {"role": "system", "content": llm_mod.SYSTEM_PROMPT},
+            {"role": "system", "content": system},
             {"role": "user", "content": content},
         ]
         return messages, 0.0 if not history else self.retry_temperature
@@ -232,10 +232,12 @@ class Runner:
         on_event: EventSink | None = None,
         run_id: str | None = None,
         record: bool = True,
+        system_prompt: str | None = None,
     ) -> RunResult:
         """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
 
-        With `record=False` nothing is written (no notebook, no code files).
+        With `record=False` nothing is written (no notebook, no code files). `system_prompt`
+        replaces the default one when the code runs somewhere else than a fresh kernel.
         """
         settings = self.settings.model_copy(
             update={
@@ -245,6 +247,7 @@ class Runner:
             }
         )
         run = _Run(self, settings, prompt, run_id or new_run_id(), on_event, model, record)
+        run.system_prompt = system_prompt or llm_mod.SYSTEM_PROMPT
         return await run.go()
 
 
@@ -268,6 +271,7 @@ class _Run:
         self.on_event = on_event
         self.model_override = model
         self.record = record
+        self.system_prompt = llm_mod.SYSTEM_PROMPT
         self.attempts: list[Attempt] = []
         self.kernel: Executor | None = None
         self.kernel_task: asyncio.Task[Executor] | None = None
@@ -318,7 +322,9 @@ class _Run:
     async def attempt(self, number: int, model: LLM, policy: RetryPolicy) -> Attempt:
         await self.emit("attempt_started", number, max_attempts=self.settings.max_attempts)
         start = time.monotonic()
-        messages, temperature = policy.request(self.prompt, self.attempts, self.settings)
+        messages, temperature = policy.request(
+            self.prompt, self.attempts, self.settings, self.system_prompt
+        )
         completion = await model.complete(
             messages,
             temperature=temperature,

@@ -133,7 +133,11 @@ class ScriptedLLM:
                     },
                 )
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                """A client that hangs up mid-reply (a cancelled run) is not an error here."""
+
+        server = Server(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self._server = server
         threading.Thread(target=server.serve_forever, name="scripted-llm", daemon=True).start()

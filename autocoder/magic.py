@@ -1,0 +1,904 @@
+"""The `%autocoder` door: generate, run and fix code in the user's own IPython kernel.
+
+    %load_ext autocoder
+    %autocoder plot a sine wave
+    %%autocoder --attempts 3 --timeout 20
+    load data.csv and show the five largest rows by "amount"
+
+The magic is a thin door over the same `Runner` the CLI and the API use. What differs is where
+the code runs: `ShellExecutor` runs it in the shell that runs the magic, so the code sees the
+user's variables and leaves its results there (`reset()` does nothing, by design). That also
+means it is not sandboxed: it runs with the kernel's own permissions and working directory,
+like code the user typed.
+
+Threads. The runner is async (the model is called over HTTP), and a kernel's event loop is
+already running, so each `%autocoder` call starts its own event loop on a background thread
+and runs the runner there. The kernel's main thread, which is executing the `%autocoder` cell,
+waits on a queue meanwhile; whenever the runner needs something done in the user's shell
+(run an attempt's code, show a status line) it queues it and the main thread does it. User
+code therefore only ever runs on the main thread, as it would in a cell of its own.
+
+Timeouts. While an attempt's code runs, a watchdog thread sends SIGINT to the main thread
+when the deadline passes (and again every second until the code ends), which raises
+KeyboardInterrupt inside the generated code only; the kernel and the user's variables
+survive. Two limits follow, and users should know them:
+- code that catches and ignores KeyboardInterrupt, or that sits in one long call into C code,
+  cannot be stopped this way; press the interrupt button again, or restart the kernel;
+- a failed attempt's partial side effects (variables it assigned, files it wrote, output it
+  printed) stay: they happened in the user's session.
+Pressing interrupt yourself while `%autocoder` works stops the whole run.
+
+What the code shows (prints, displays, plots, the value of its last expression) appears in the
+cell as it happens and is also recorded for the retry and the run record. A failed attempt's
+traceback is not shown in full: it goes to the model, and the cell gets one status line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.display import DisplayHandle, display
+from pydantic import ValidationError
+
+from autocoder.config import DEFAULT_OPENAI_URL, Settings, load_settings
+from autocoder.errors import AutocoderError
+from autocoder.kernel import OutputCallback, OutputCollector, texts
+from autocoder.llm import clean_traceback
+from autocoder.records import ErrorInfo, ErrorKind, Event, Execution, RunResult
+from autocoder.runner import Runner
+
+T = TypeVar("T")
+
+POLL = 0.2
+"""Seconds between the main thread's checks that the background loop is still alive."""
+REPEAT_INTERRUPT = 1.0
+"""After the deadline, SIGINT is sent again this often until the code ends."""
+LATE_SIGNAL = 0.5
+"""A SIGINT this soon after our own deadline interrupt is ours arriving late: it is dropped."""
+CANCEL_GRACE = 10.0
+"""Seconds an interrupted run may take to finish its record before the magic gives up on it."""
+MAX_NAMES = 60
+
+SYSTEM_PROMPT = """\
+You are autocoder. You write Python 3 code that solves the user's task.
+Your code runs as a cell in the user's own IPython session. The names listed with the task \
+already exist there: use them as they are instead of re-creating or re-loading them, and do not \
+delete or overwrite them unless the task asks for it. Whatever your code defines stays in the \
+session for the user.
+What it prints, the value of its last expression, plots and rich displays are shown to the user.
+Reply with exactly one fenced ```python code block holding the complete code. \
+Do not ask questions, do not read from stdin, and do not use the network unless the task \
+asks for it."""
+
+_HIDDEN_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython"})
+
+
+# --- What the model is told -------------------------------------------------------------------
+
+
+def short_type(value: object) -> str:
+    """A type a model can read (`pandas.DataFrame`, `list`), with a size where that is cheap."""
+    if isinstance(value, type):
+        return "class"
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return "function"
+    cls = type(value)
+    package = (getattr(cls, "__module__", None) or "").split(".")[0]
+    name = cls.__qualname__ if package == "builtins" else f"{package}.{cls.__qualname__}"
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        return f"{name}, {len(value)} items"
+    if package in {"numpy", "pandas", "polars", "xarray", "torch"}:
+        try:
+            shape = value.shape  # type: ignore[attr-defined]
+        except Exception:
+            shape = None
+        if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape):
+            return f"{name}, shape {shape}"
+    return name
+
+
+def user_names(user_ns: dict[str, Any], hidden: dict[str, Any]) -> list[tuple[str, str]]:
+    """The user's own names and short types, as `%who` sees them, modules left out."""
+    missing = object()
+    names = [
+        (name, short_type(value))
+        for name, value in list(user_ns.items())
+        if not name.startswith("_")
+        and name not in _HIDDEN_NAMES
+        and value is not hidden.get(name, missing)
+        and not isinstance(value, types.ModuleType)
+    ]
+    return names[-MAX_NAMES:]
+
+
+def task_with_names(prompt: str, names: list[tuple[str, str]]) -> str:
+    """The task as the model gets it: the names that exist (never their values), then the prompt."""
+    if not names:
+        return prompt
+    listing = "\n".join(f"- {name}: {kind}" for name, kind in names)
+    return (
+        "These names already exist in the user's session (name: type):\n"
+        f"{listing}\n\nTask:\n{prompt}"
+    )
+
+
+# --- The main thread and the background loop -------------------------------------------------
+
+
+class MainThread:
+    """Work the background loop needs done on the kernel's main thread, done in order by `serve`."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the main thread and return what it returns (from the loop thread)."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def job() -> None:
+            if not done.set_running_or_notify_cancel():
+                return
+            try:
+                done.set_result(fn())
+            except KeyboardInterrupt:
+                # The user interrupted: the run is being cancelled; the loop must not see a
+                # KeyboardInterrupt (asyncio would re-raise it out of the loop).
+                done.set_exception(asyncio.CancelledError())
+                raise
+            except BaseException as e:
+                done.set_exception(e)
+
+        self._jobs.put(job)
+        return await asyncio.wrap_future(done)
+
+    def close(self) -> None:
+        """No more jobs: `serve` returns once it has done those already queued."""
+        self._jobs.put(None)
+
+    def serve(self, loop_thread: threading.Thread, deadline: float | None = None) -> bool:
+        """Do jobs until `close()`; False if `deadline` (monotonic) passed first.
+
+        Without a deadline this waits as long as the run takes, which its own deadlines bound
+        (each model request, each attempt); a dead loop thread ends the wait at once.
+        """
+        while deadline is None or time.monotonic() < deadline:
+            try:
+                job = self._jobs.get(timeout=POLL)
+            except queue.Empty:
+                if not loop_thread.is_alive():
+                    raise RuntimeError(
+                        "autocoder's background event loop stopped unexpectedly"
+                    ) from None
+                continue
+            if job is None:
+                return True
+            job()
+        return False
+
+
+class Interrupts:
+    """SIGINT handling for one `%autocoder` call, on the main thread.
+
+    Any SIGINT raises KeyboardInterrupt, as usual in a kernel, except our own deadline signal
+    when it arrives just after the code it was meant for had ended. `arm` and `disarm`
+    bracket the generated code; `tripped` says why it was interrupted, if it was.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._main = threading.get_ident()
+        self._armed = False
+        self._last_sent = -1e9
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.tripped: str | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        # No lock here: the handler runs on the main thread between any two bytecodes,
+        # possibly while that thread holds the lock.
+        late = not self._armed and time.monotonic() - self._last_sent < LATE_SIGNAL
+        if not late:
+            raise KeyboardInterrupt
+
+    def trip(self, reason: str) -> None:
+        """Interrupt the running code now (any thread); a no-op once it has ended."""
+        with self._lock:
+            if not self._armed:
+                return
+            self.tripped = self.tripped or reason
+            self._last_sent = time.monotonic()
+        # Sent after the lock is released (the handler may run at once, on this very thread);
+        # if the code ends meanwhile, the handler drops the signal as late.
+        _interrupt_main(self._main)
+
+    def arm(self, seconds: float) -> None:
+        """The code starts: interrupt it after `seconds`, and again every so often until it ends."""
+        stop = self._stop = threading.Event()
+
+        def watch() -> None:
+            wait = seconds
+            while not stop.wait(max(0.0, wait)):
+                self.trip("timeout")
+                wait = REPEAT_INTERRUPT
+
+        self.tripped, self._armed = None, True
+        self._watchdog = threading.Thread(target=watch, name="autocoder-deadline", daemon=True)
+        self._watchdog.start()
+
+    def disarm(self) -> None:
+        """The code has ended. Idempotent: call it again if a late interrupt cut it short."""
+        self._armed = False  # first: from here on our own signals are dropped as late
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=2)
+            self._watchdog = None
+
+
+def _interrupt_main(thread_id: int) -> None:
+    if hasattr(signal, "pthread_kill"):
+        # A real signal also breaks blocking calls such as time.sleep.
+        signal.pthread_kill(thread_id, signal.SIGINT)
+    else:  # pragma: no cover - Windows
+        import _thread
+
+        _thread.interrupt_main()
+
+
+# --- Running code in the user's shell ---------------------------------------------------------
+
+
+def _message(msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an iopub message that `OutputCollector` reads."""
+    return {"header": {"msg_type": msg_type}, "msg_type": msg_type, "content": content}
+
+
+def _jsonable(bundle: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        k: base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v
+        for k, v in (bundle or {}).items()
+    }
+
+
+class _Tee:
+    """A stream that records what is written and passes it on (until the output limit)."""
+
+    def __init__(self, stream: Any, name: str, capture: Capture) -> None:
+        self._stream = stream
+        self._name = name
+        self._capture = capture
+
+    def write(self, text: str) -> int:
+        if self._capture.record("stream", {"name": self._name, "text": text}):
+            self._stream.write(text)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class Capture:
+    """A tee over what code shows: it reaches the cell as usual and is recorded (unlike %%capture).
+
+    Streams are teed at sys.stdout/sys.stderr, rich output at the shell's display publisher and
+    displayhook, as IPython's own `capture_output` does. Tracebacks are recorded and not
+    shown. Output written straight to file descriptors (subprocesses, C libraries) still
+    reaches the cell but is not recorded. Once the output limit is passed, nothing more is
+    passed on and `on_over` is called once.
+    """
+
+    def __init__(self, shell: Any, collector: OutputCollector, on_over: Callable[[], None]) -> None:
+        self.shell = shell
+        self.collector = collector
+        self.on_over = on_over
+        self._lock = threading.Lock()
+        self._patched: list[tuple[object, str, object]] = []
+        self._streams: tuple[Any, Any] = (None, None)
+
+    def record(self, msg_type: str, content: dict[str, Any]) -> bool:
+        """Keep one output (within the collector's bounds); False once past the limit, when
+        the caller stops passing output on."""
+        with self._lock:
+            was_over = self.collector.over
+            self.collector.add(_message(msg_type, content))
+            over = self.collector.over
+        if over and not was_over:
+            self.on_over()
+        return not over
+
+    def __enter__(self) -> Capture:
+        shell = self.shell
+        pub, hook = shell.display_pub, shell.displayhook
+        self._streams = (sys.stdout, sys.stderr)
+        sys.stdout = _Tee(sys.stdout, "stdout", self)  # type: ignore[assignment]
+        sys.stderr = _Tee(sys.stderr, "stderr", self)  # type: ignore[assignment]
+        publish, clear_output, write_format_data = (
+            pub.publish,
+            pub.clear_output,
+            hook.write_format_data,
+        )
+
+        def publish_tee(
+            data: dict[str, Any], metadata: dict[str, Any] | None = None, *args: Any, **kwargs: Any
+        ) -> None:
+            kind = "update_display_data" if kwargs.get("update") else "display_data"
+            content = {
+                "data": _jsonable(data),
+                "metadata": _jsonable(metadata),
+                "transient": kwargs.get("transient") or {},
+            }
+            if self.record(kind, content):
+                publish(data, metadata, *args, **kwargs)
+
+        def clear_tee(*args: Any, **kwargs: Any) -> None:
+            with self._lock:
+                self.collector.add(_message("clear_output", {"wait": False}))
+            clear_output(*args, **kwargs)
+
+        def result_tee(format_dict: dict[str, Any], md_dict: dict[str, Any] | None = None) -> None:
+            content = {
+                "data": _jsonable(format_dict),
+                "metadata": _jsonable(md_dict),
+                "execution_count": getattr(hook, "prompt_count", None),
+            }
+            if self.record("execute_result", content):
+                write_format_data(format_dict, md_dict)
+
+        def record_traceback(etype: type, evalue: BaseException, stb: list[str]) -> None:
+            self.record("error", {"ename": etype.__name__, "evalue": str(evalue), "traceback": stb})
+
+        self._patch(pub, "publish", publish_tee)
+        self._patch(pub, "clear_output", clear_tee)
+        self._patch(hook, "write_format_data", result_tee)
+        self._patch(shell, "_showtraceback", record_traceback)
+        return self
+
+    def _patch(self, obj: object, name: str, value: object) -> None:
+        self._patched.append((obj, name, vars(obj).get(name, _MISSING)))
+        setattr(obj, name, value)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self._streams
+        for obj, name, old in reversed(self._patched):
+            if old is _MISSING:
+                vars(obj).pop(name, None)
+            else:
+                setattr(obj, name, old)
+        self._patched.clear()
+        # What was written is recorded already; flushing keeps its order with what follows.
+        for stream in self._streams:
+            if stream is not None:
+                stream.flush()
+
+
+_MISSING = object()
+
+
+class ShellExecutor:
+    """Runs attempts' code in the user's shell, on the main thread (see the module docstring).
+
+    It lives only as long as one `%autocoder` call.
+    """
+
+    workdir: Path | None = None
+
+    def __init__(
+        self, shell: Any, main: MainThread, interrupts: Interrupts, settings: Settings
+    ) -> None:
+        self.shell = shell
+        self.main = main
+        self.interrupts = interrupts
+        self.settings = settings
+        self.last_value: Any = None
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        timeout: float,
+        max_output_bytes: int | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> Execution:
+        loop = asyncio.get_running_loop()
+        forward: OutputCallback | None = None
+        if on_output is not None:
+            callback = on_output
+
+            def forward(out: dict[str, Any]) -> None:
+                loop.call_soon_threadsafe(callback, out)
+
+        limit = max_output_bytes or self.settings.max_output_bytes
+        return await self.main.call(lambda: self.run_here(code, timeout, limit, forward))
+
+    async def reset(self) -> None:
+        """Nothing: the user's namespace is theirs, and earlier attempts' effects stay in it."""
+
+    def run_here(
+        self, code: str, timeout: float, limit: int, on_output: OutputCallback | None
+    ) -> Execution:
+        """Run `code` as a cell of the user's shell; called on the main thread."""
+        shell = self.shell
+        collector = OutputCollector(limit, on_output)
+        capture = Capture(shell, collector, on_over=lambda: self.interrupts.trip("output"))
+        saved_result = shell.displayhook.exec_result
+        interrupts = self.interrupts
+        error: BaseException | None = None
+        start = time.monotonic()
+        try:
+            with capture:
+                interrupts.arm(timeout)
+                try:
+                    try:
+                        outcome = shell.run_cell(code, store_history=False, silent=False)
+                    finally:
+                        interrupts.disarm()
+                    error = outcome.error_before_exec or outcome.error_in_exec
+                    self.last_value = outcome.result
+                except KeyboardInterrupt as e:
+                    # It landed in IPython's bookkeeping around the code, not in the code.
+                    interrupts.disarm()
+                    error = e
+        finally:
+            shell.displayhook.exec_result = saved_result
+        tripped = interrupts.tripped
+        if isinstance(error, KeyboardInterrupt) and tripped is None:
+            raise KeyboardInterrupt  # the user's, not ours: stop the whole run
+        kind: ErrorKind | None = None
+        if tripped == "output" or collector.over:
+            kind = ErrorKind.OUTPUT_LIMIT
+        elif tripped == "timeout":
+            kind = ErrorKind.TIMEOUT
+        elif error is not None or collector.error is not None:
+            kind = ErrorKind.EXCEPTION
+        if error is not None and collector.error is None:
+            collector.error = ErrorInfo(
+                ename=type(error).__name__,
+                evalue=str(error),
+                traceback=[f"{type(error).__name__}: {error}"],
+            )
+        if kind is not None:
+            self.last_value = None
+        outputs = collector.finish()
+        stdout, stderr, text = texts(outputs)
+        return Execution(
+            outputs=outputs,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            error=collector.error,
+            kind=kind,
+            duration=time.monotonic() - start,
+            truncated=collector.over,
+            output_bytes=collector.total,
+        )
+
+
+class OneShell:
+    """The executor provider of one `%autocoder` call: always the same shell, never shut down."""
+
+    def __init__(self, executor: ShellExecutor) -> None:
+        self.executor = executor
+
+    async def acquire(self) -> ShellExecutor:
+        return self.executor
+
+    async def release(self, executor: ShellExecutor) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+# --- What the user sees -----------------------------------------------------------------------
+
+
+class Status:
+    """One line per attempt in the cell, updated in place; runs on the main thread."""
+
+    def __init__(self, record: bool) -> None:
+        self.record = record
+        self.total = 0
+        self.lines: dict[int, DisplayHandle] = {}
+        self.finished: set[int] = set()
+
+    def show(self, event: Event) -> None:
+        d, n = event.data, event.attempt or 0
+        if event.type == "attempt_started":
+            self.lines[n] = self._line(
+                f"autocoder · attempt {n}/{d['max_attempts']}: asking the model…"
+            )
+            self.total = d["max_attempts"]
+        elif event.type == "code_generated":
+            lines = len(d["code"].splitlines())
+            what = (
+                f"running {lines} line(s) from {d['model']}…" if lines else "no code in the reply"
+            )
+            self._update(n, f"autocoder · attempt {n}/{self.total}: {what}")
+        elif event.type == "attempt_finished":
+            if d["status"] == "success":
+                text = f"autocoder · attempt {n}/{self.total} ✓ succeeded in {d['duration']:.1f} s"
+            else:
+                text = f"autocoder · attempt {n}/{self.total} ✗ {_reason(d)}"
+                if n < self.total:
+                    text += " — retrying"
+            self._update(n, text)
+            self.finished.add(n)
+        elif event.type == "run_finished":
+            for n in sorted(set(self.lines) - self.finished):
+                # The model failed, or the user interrupted, before this attempt had run.
+                self._update(n, f"autocoder · attempt {n}/{self.total} ✗ {_reason(d)}")
+            if self.record and d.get("notebook"):
+                self._line(f"autocoder · recorded in {d['notebook']}")
+
+    def _line(self, text: str) -> DisplayHandle:
+        handle = display({"text/plain": text}, raw=True, display_id=True)
+        assert handle is not None
+        return handle
+
+    def _update(self, n: int, text: str) -> None:
+        handle = self.lines.get(n)
+        if handle is None:
+            self.lines[n] = self._line(text)
+        else:
+            handle.update({"text/plain": text}, raw=True)
+
+
+def _reason(attempt: dict[str, Any]) -> str:
+    """Why an attempt failed, in one line."""
+    kind = attempt.get("error_kind")
+    if kind in {ErrorKind.TIMEOUT.value, ErrorKind.OUTPUT_LIMIT.value, ErrorKind.EMPTY.value}:
+        return str(attempt["error"])
+    lines = [ln for ln in clean_traceback(attempt.get("error") or "").splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else str(attempt.get("ename") or kind)
+    return last if len(last) <= 200 else last[:199] + "…"
+
+
+@dataclass
+class Generated:
+    """What `%autocoder` returns: the working code, shown as the cell's result.
+
+    `x = %autocoder ...` keeps it: `x.code`, `x.value` (the value of the code's last
+    expression, if any), `x.run` (the whole record: attempts, outputs, notebook).
+    """
+
+    code: str
+    value: Any
+    run: RunResult
+
+    def __str__(self) -> str:
+        return self.code
+
+    def _repr_markdown_(self) -> str:
+        return f"```python\n{self.code.rstrip()}\n```"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.code.rstrip("\n"))
+
+
+class RunFailed(AutocoderError, RuntimeError):
+    """Every attempt failed; `.run` holds them all. Shown as a few lines, not a traceback."""
+
+    def __init__(self, run: RunResult) -> None:
+        self.run = run
+        why = _reason(run.model_dump(mode="json", exclude={"attempts"}))
+        super().__init__(f"no working code after {len(run.attempts)} attempt(s): {why}")
+
+    def _render_traceback_(self) -> list[str]:
+        lines = [f"RunFailed: {self}"]
+        if self.run.code:
+            lines += [
+                "The last attempt's code:",
+                *("    " + ln for ln in self.run.code.splitlines()),
+            ]
+        return lines
+
+
+# --- The magics -------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 50:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 50, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+_TOKEN = re.compile(r"\S+")
+
+
+def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[list[str], str]:
+    """The leading options of a magic line, and the prompt after them exactly as typed.
+
+    Options come first (`%autocoder --attempts 3 plot ...`); everything from the first word
+    that is neither an option nor an option's value is the prompt, quotes and dashes included.
+    """
+    # argparse has no public way to ask whether an option takes a value.
+    actions = parser._option_string_actions
+    options: list[str] = []
+    pos = 0
+    expect_value = False
+    for match in _TOKEN.finditer(line):
+        token = match.group()
+        if expect_value:
+            options.append(token)
+            expect_value = False
+        elif token == "--":
+            pos = match.end()
+            break
+        elif token.startswith("-") and len(token) > 1 and not token[1:2].isdigit():
+            options.append(token)
+            action = actions.get(token.split("=", 1)[0])
+            expect_value = "=" not in token and action is not None and action.nargs != 0
+        else:
+            pos = match.start()
+            break
+        pos = match.end()
+    return options, line[pos:].strip()
+
+
+@magics_class
+class AutocoderMagics(Magics):
+    """`%autocoder` and `%autocoder_config`. Settings are read from the environment once per
+    session (the same variables as the CLI) and can be changed with `%autocoder_config`."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self._settings: Settings | None = None
+        self._record: bool | None = None
+
+    @property
+    def record(self) -> bool:
+        """`%autocoder_config --record`, else AUTOCODER_MAGIC_RECORD."""
+        return self.settings.magic_record if self._record is None else self._record
+
+    @property
+    def _shell(self) -> Any:
+        assert self.shell is not None, "the magics are registered with a shell"
+        return self.shell
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = _load(lambda: load_settings())
+        return self._settings
+
+    @magic_arguments()
+    @argument("-h", "--help", action="store_true", help="show this help and do nothing else")
+    @argument(
+        "--attempts", type=_positive_int, metavar="N", help="most attempts (default: the session's)"
+    )
+    @argument(
+        "--timeout", type=_positive_float, metavar="S", help="seconds each attempt's code may run"
+    )
+    @argument("--model", metavar="M", help="the model to ask (default: the session's)")
+    @argument(
+        "--record",
+        action="store_true",
+        help="also save the run as a notebook in the notebooks directory",
+    )
+    @line_cell_magic
+    def autocoder(self, line: str, cell: str | None = None) -> Generated | None:
+        """Ask the model for code that does the task, run it here, and retry with the error if
+        it fails. The code sees your variables and its results stay in your session; it runs
+        with this kernel's permissions, not in autocoder's sandbox. The working code is
+        shown, put in the next cell, and returned (x = %autocoder ...).
+
+        A timeout interrupts only the generated code; code that ignores KeyboardInterrupt
+        cannot be stopped this way. A failed attempt's side effects stay in your session.
+
+            %autocoder [options] TASK
+            %%autocoder [options]
+            TASK ...
+        """
+        options, prompt = split_options(self.autocoder.parser, line)
+        args = self.autocoder.parser.parse_args(options)
+        if args.help:
+            print(_help(self.autocoder.__doc__))
+            return None
+        if cell is not None:
+            prompt = f"{prompt}\n{cell}".strip()
+        if not prompt:
+            raise UsageError("say what the code should do: %autocoder TASK (see %autocoder --help)")
+        if threading.current_thread() is not threading.main_thread():
+            raise UsageError("%autocoder runs on the kernel's main thread only (not in a subshell)")
+        run, value = self._run(prompt, args)
+        if run.status != "success":
+            if run.error_kind is ErrorKind.LLM and not any(a.code for a in run.attempts):
+                raise UsageError(run.error)
+            raise RunFailed(run)
+        self._shell.set_next_input(run.code.rstrip("\n"), replace=False)
+        return Generated(code=run.code, value=value, run=run)
+
+    def _run(self, prompt: str, args: argparse.Namespace) -> tuple[RunResult, Any]:
+        """One run on a background loop while this (the main) thread does what it asks."""
+        settings = self.settings
+        shell = self._shell
+        names = user_names(shell.user_ns, shell.user_ns_hidden)
+        task = task_with_names(prompt, names)
+        record = args.record or self.record
+        main, interrupts = MainThread(), Interrupts()
+        executor = ShellExecutor(shell, main, interrupts, settings)
+        status = Status(record)
+
+        async def on_event(event: Event) -> None:
+            if event.type != "output":
+                await main.call(lambda: status.show(event))
+
+        async def go() -> RunResult:
+            runner = Runner(settings, kernels=OneShell(executor))
+            try:
+                return await runner.run(
+                    task,
+                    max_attempts=args.attempts,
+                    timeout=args.timeout,
+                    model=args.model,
+                    on_event=on_event,
+                    record=record,
+                    system_prompt=SYSTEM_PROMPT,
+                )
+            finally:
+                try:
+                    await runner.close()
+                finally:
+                    main.close()
+
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="autocoder-loop", daemon=True)
+        thread.start()
+        try:
+            with interrupts.installed():
+                future = asyncio.run_coroutine_threadsafe(go(), loop)
+                try:
+                    main.serve(thread)
+                except KeyboardInterrupt:
+                    future.cancel()
+                    # The run still records itself and may show a last status line.
+                    main.serve(thread, deadline=time.monotonic() + CANCEL_GRACE)
+                    raise
+            try:
+                return future.result(timeout=CANCEL_GRACE), executor.last_value
+            except AutocoderError as e:  # a setting to fix, or the model endpoint unusable
+                raise UsageError(str(e)) from None
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=CANCEL_GRACE)
+            if not thread.is_alive():
+                loop.close()
+
+    @magic_arguments()
+    @argument("--model", metavar="M", help="model name (AUTOCODER_MODEL)")
+    @argument("--endpoint", metavar="URL", help="OpenAI-compatible base URL (OPENAI_BASE_URL)")
+    @argument(
+        "--attempts", type=_positive_int, metavar="N", help="most attempts (AUTOCODER_MAX_ATTEMPTS)"
+    )
+    @argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="S",
+        help="seconds per attempt (AUTOCODER_TIMEOUT)",
+    )
+    @argument(
+        "--record",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="save every run as a notebook",
+    )
+    @argument(
+        "--reset",
+        action="store_true",
+        help="forget this session's changes; read the environment again",
+    )
+    @argument("-h", "--help", action="store_true", help="show this help")
+    @line_magic
+    def autocoder_config(self, line: str) -> None:
+        """Show or change the settings `%autocoder` uses in this session.
+
+        Anything not set here comes from the environment, as for the CLI. The API key is only
+        ever read from OPENAI_API_KEY, and never shown.
+        """
+        args = self.autocoder_config.parser.parse_argstring(line)
+        if args.help:
+            print(_help(self.autocoder_config.__doc__))
+            return
+        if args.reset:
+            self._settings, self._record = None, None
+        changes = {
+            key: value
+            for key, value in {
+                "model": args.model,
+                "openai_base_url": args.endpoint,
+                "max_attempts": args.attempts,
+                "timeout": args.timeout,
+            }.items()
+            if value is not None
+        }
+        if changes:
+            current = self.settings.model_dump()
+            self._settings = _load(lambda: Settings.model_validate({**current, **changes}))
+        if args.record is not None:
+            self._record = args.record
+        print(describe(self.settings, self.record))
+
+
+def _help(doc: str | None) -> str:
+    """A magic's help as `%magic?` shows it, less the reStructuredText marker it starts with."""
+    return (doc or "").removeprefix("::").strip("\n")
+
+
+def _load(make: Callable[[], Settings]) -> Settings:
+    try:
+        return make()
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = str(err["loc"][0]) if err["loc"] else "a setting"
+        raise UsageError(f"{where}: {err['msg']}") from None
+
+
+def describe(settings: Settings, record: bool) -> str:
+    """The session's settings as `%autocoder_config` shows them; the API key only as set or not."""
+    if settings.uses_remote_endpoint:
+        endpoint = settings.openai_base_url or DEFAULT_OPENAI_URL
+        model = settings.model or "(the endpoint's default)"
+    else:
+        endpoint = "the embedded local model (set OPENAI_BASE_URL for another)"
+        model = settings.model or settings.local_model
+    key = "set" if settings.api_key else "not set"
+    where = f"in {settings.notebooks_dir}/" if record else "off"
+    return "\n".join(
+        [
+            "autocoder settings for this session:",
+            f"  endpoint  {endpoint}",
+            f"  model     {model}",
+            f"  api key   {key} (OPENAI_API_KEY)",
+            f"  attempts  {settings.max_attempts}",
+            f"  timeout   {settings.timeout:g} s per attempt",
+            f"  record    {where}",
+        ]
+    )
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext autocoder`: register the magics, nothing else."""
+    ipython.register_magics(AutocoderMagics)
