@@ -317,6 +317,10 @@ class _Run:
             error_kind, error = ErrorKind.CANCELLED, "the run was cancelled"
             await asyncio.shield(self._finish(error_kind, error))
             raise
+        except BaseException:
+            # Our own failure (a kernel that cannot start, say): no record, but no leak either.
+            await asyncio.shield(self._release())
+            raise
         return await asyncio.shield(self._finish(error_kind, error))
 
     async def attempt(self, number: int, model: LLM, policy: RetryPolicy) -> Attempt:

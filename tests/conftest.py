@@ -46,7 +46,7 @@ os.environ["TMPDIR"] = SUITE_TMP
 
 def kernel_pids() -> list[int]:
     """Kernel processes this suite started (their connection files live under SUITE_TMP)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     pids = []
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
