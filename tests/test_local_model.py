@@ -6,6 +6,7 @@ import asyncio
 import errno
 import hashlib
 import io
+import json
 import multiprocessing
 import os
 import re
@@ -359,3 +360,30 @@ def test_the_server_dies_with_its_parent_even_on_sigkill(real_home: Path) -> Non
         parent.kill()
         parent.wait(10)
     assert wait_gone(child, 15), "the server outlived its SIGKILLed parent"
+
+
+@pytest.mark.timeout(400)
+def test_autocoder_run_answers_offline_with_the_embedded_model(
+    real_home: Path, tmp_path: Path
+) -> None:
+    """The README's first command on a machine with no key and no endpoint configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODER_"))}
+    env["AUTOCODER_HOME"] = str(real_home)
+    proc = subprocess.run(
+        [sys.executable, "-m", "autocoder", "run", "--json", "print the sum of 2 and 3"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["status"] == "success"
+    assert "5" in result["output"]
+    assert result["backend"] == "local"
+    assert "using the local model qwen2.5-coder-0.5b" in proc.stderr
+    deadline = time.monotonic() + 10
+    while servers_using(real_home) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert servers_using(real_home) == [], "the model server outlived autocoder"
