@@ -124,7 +124,8 @@ class OutputCollector:
             text = out["text"]
             if room:
                 self._append({**out, "text": text[:room]})
-                text = text[room:]
+            # Slice before joining: one flushed message can be hundreds of MB.
+            text = text[max(room, len(text) - self.tail_budget) :]
             self.tail = (self.tail + text)[-self.tail_budget :]
             self.tail_name = out["name"]
         self.dropped += size
@@ -159,6 +160,19 @@ class OutputCollector:
         return self.outputs
 
 
+def _kind(outcome: str, collector: OutputCollector) -> ErrorKind | None:
+    """What an execution's end means, most telling first."""
+    if outcome == "died":
+        return ErrorKind.KERNEL_DIED
+    if collector.over:
+        return ErrorKind.OUTPUT_LIMIT
+    if outcome == "timeout":
+        return ErrorKind.TIMEOUT
+    if collector.error is not None:
+        return ErrorKind.EXCEPTION
+    return None
+
+
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1][:300] if lines else ""
@@ -170,7 +184,9 @@ def _join_crlf(text: str) -> str:
 
 def _size(out: dict[str, Any]) -> int:
     if out["output_type"] == "stream":
-        return len(out["text"].encode("utf-8", "replace"))
+        text = out["text"]
+        # isascii() is O(1); encoding a flood just to measure it would copy it once more.
+        return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
     data = out.get("data", {})
     return sum(len(v) if isinstance(v, str) else len(str(v)) for v in data.values())
 
@@ -282,21 +298,9 @@ class KernelSession:
         start = time.monotonic()
         msg_id = self.kc.execute(code, store_history=False, allow_stdin=False)
         outcome = await self._drain(msg_id, collector, start + timeout)
-        kind: ErrorKind | None = None
-        if outcome == "died":
-            kind = ErrorKind.KERNEL_DIED
-        elif outcome == "timeout":
-            kind = ErrorKind.TIMEOUT
-        elif collector.over:
-            kind = ErrorKind.OUTPUT_LIMIT
-        elif collector.error is not None:
-            kind = ErrorKind.EXCEPTION
         if outcome in {"timeout", "cut"}:
-            if collector.over:
-                kind = ErrorKind.OUTPUT_LIMIT
-            await self.kc_interrupt()
-            settled = await self._drain(msg_id, collector, time.monotonic() + INTERRUPT_GRACE)
-            if settled != "idle":
+            await self._interrupt()
+            if await self._drain(msg_id, collector, time.monotonic() + INTERRUPT_GRACE) != "idle":
                 await self.replace()
         elif outcome == "died":
             death = self.kernel_log()
@@ -306,6 +310,7 @@ class KernelSession:
                 traceback=[death] if death else [],
             )
             await self.replace()
+        kind = _kind(outcome, collector)
         outputs = collector.finish()
         stdout, stderr, text = texts(outputs)
         return Execution(
@@ -355,7 +360,7 @@ class KernelSession:
         except OSError:
             return ""
 
-    async def kc_interrupt(self) -> None:
+    async def _interrupt(self) -> None:
         if self.km is not None:
             with contextlib.suppress(Exception):
                 await self.km.interrupt_kernel()
