@@ -173,11 +173,6 @@ def _kind(outcome: str, collector: OutputCollector) -> ErrorKind | None:
     return None
 
 
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
-
-
 def _join_crlf(text: str) -> str:
     return text.replace("\r\n", "\n")
 
@@ -306,7 +301,7 @@ class KernelSession:
             death = self.kernel_log()
             collector.error = ErrorInfo(
                 ename="KernelDied",
-                evalue=_last_line(death) or "the kernel process exited",
+                evalue=self.exit_status(),
                 traceback=[death] if death else [],
             )
             await self.replace()
@@ -359,6 +354,19 @@ class KernelSession:
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def exit_status(self) -> str:
+        """How the kernel process ended, in words (a segfault and `os._exit` differ here)."""
+        process = getattr(getattr(self.km, "provisioner", None), "process", None)
+        code = process.poll() if process is not None else None
+        if code is None:
+            return "the kernel process exited"
+        # bwrap reports a child killed by a signal as 128 + the signal's number.
+        signum = -code if code < 0 else code - 128 if code > 128 else 0
+        with contextlib.suppress(ValueError):
+            if signum:
+                return f"the kernel process was killed by {signal.Signals(signum).name}"
+        return f"the kernel process exited with code {code}"
 
     async def _interrupt(self) -> None:
         if self.km is not None:
