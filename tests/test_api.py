@@ -23,14 +23,13 @@ from typing import Any
 import httpx
 import nbformat
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from autocoder import api
 from autocoder.config import Settings, load_settings
 from autocoder.errors import ConfigError
 from autocoder.testing import Reply, ScriptedLLM, fenced
-from tests.conftest import SANDBOX, SECRET, autocoder_cmd
+from tests.conftest import SANDBOX, SECRET, LiveServer, autocoder_cmd
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,49 +47,6 @@ def make_settings(root: Path, llm: ScriptedLLM, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return load_settings(**values)
-
-
-class LiveServer:
-    """uvicorn serving `create_app(settings)` in a thread, on a port the OS picked."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            api.create_app(settings), log_level="warning", timeout_graceful_shutdown=5
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-        assert not self.thread.is_alive(), "server did not stop"
-
-    def health(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/health", timeout=5).json()  # type: ignore[no-any-return]
-
-    def wait_for(self, what: str, predicate: Any, timeout: float = 15) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -28,9 +27,8 @@ from pathlib import Path
 import httpx
 import nbformat
 import pytest
-import uvicorn
 
-from autocoder import api, sandbox
+from autocoder import sandbox
 from autocoder.config import Settings, load_settings
 from autocoder.errors import SandboxUnavailable
 from autocoder.records import ErrorKind, RunResult
@@ -51,7 +49,7 @@ from bench.hostile import (
     run_case,
     was_contacted,
 )
-from tests.conftest import SANDBOX, SECRET, SUITE_TMP
+from tests.conftest import SANDBOX, SECRET, SUITE_TMP, LiveServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -237,37 +235,6 @@ API_CASES = [
     "fork bomb",
     "print 1 GB, 1 KB a line",
 ]
-
-
-class LiveServer:
-    """uvicorn serving `create_app(settings)` in a thread, on a port the OS picked."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            api.create_app(settings), log_level="warning", timeout_graceful_shutdown=5
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-        assert not self.thread.is_alive(), "server did not stop"
 
 
 @pytest.fixture(scope="module")
