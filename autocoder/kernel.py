@@ -142,6 +142,22 @@ class OutputCollector:
         else:
             self.outputs.append(out)
 
+    def execution(self, kind: ErrorKind | None, duration: float) -> Execution:
+        """What was collected, as the record of one execution."""
+        outputs = self.finish()
+        stdout, stderr, text = texts(outputs)
+        return Execution(
+            outputs=outputs,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            error=self.error,
+            kind=kind,
+            duration=duration,
+            truncated=self.over,
+            output_bytes=self.total,
+        )
+
     def finish(self) -> list[dict[str, Any]]:
         if self.over:
             cut = self.total - sum(_size(o) for o in self.outputs) - len(self.tail.encode())
@@ -306,19 +322,7 @@ class KernelSession:
             )
             await self.replace()
         kind = _kind(outcome, collector)
-        outputs = collector.finish()
-        stdout, stderr, text = texts(outputs)
-        return Execution(
-            outputs=outputs,
-            stdout=stdout,
-            stderr=stderr,
-            text=text,
-            error=collector.error,
-            kind=kind,
-            duration=time.monotonic() - start,
-            truncated=collector.over,
-            output_bytes=collector.total,
-        )
+        return collector.execution(kind, time.monotonic() - start)
 
     async def _drain(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
         """Collect iopub messages of `msg_id` until idle ('idle'), or 'timeout', 'died', 'cut'."""

@@ -60,7 +60,7 @@ from pydantic import ValidationError
 
 from autocoder.config import DEFAULT_OPENAI_URL, Settings, load_settings
 from autocoder.errors import AutocoderError
-from autocoder.kernel import OutputCallback, OutputCollector, texts
+from autocoder.kernel import OutputCallback, OutputCollector
 from autocoder.llm import clean_traceback
 from autocoder.records import ErrorInfo, ErrorKind, Event, Execution, RunResult
 from autocoder.runner import Runner
@@ -487,19 +487,7 @@ class ShellExecutor:
             )
         if kind is not None:
             self.last_value = None
-        outputs = collector.finish()
-        stdout, stderr, text = texts(outputs)
-        return Execution(
-            outputs=outputs,
-            stdout=stdout,
-            stderr=stderr,
-            text=text,
-            error=collector.error,
-            kind=kind,
-            duration=time.monotonic() - start,
-            truncated=collector.over,
-            output_bytes=collector.total,
-        )
+        return collector.execution(kind, time.monotonic() - start)
 
 
 class OneShell:
