@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -200,3 +201,34 @@ def kernel_pids_of(parent: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def test_with_no_prompt_it_asks_for_one(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """At a terminal, `autocoder run` alone asks for the prompt, as the original tool did."""
+    import pty
+
+    llm.script(fenced("print('asked')"))
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [*autocoder_cmd(), "run", "-q"], cli_env)
+    seen = b""
+    try:
+        while b"prompt" not in seen:
+            seen += os.read(fd, 1024)
+        os.write(fd, b"say asked\n")
+        deadline = time.monotonic() + 60
+        while b"notebook:" not in seen and time.monotonic() < deadline:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, seen.decode()
+    assert b"Enter your prompt:" in seen
+    assert llm.requests[0]["messages"][1]["content"] == "say asked"
+    assert b"asked" in seen
