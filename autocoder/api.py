@@ -140,46 +140,6 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong.")
 
 
-# RunResult and Attempt live in records.py, shared with the CLI's --json; /docs describes them here.
-FIELD_DOCS: dict[str, dict[str, str]] = {
-    "RunResult": {
-        "status": "`success` when an attempt's code ran cleanly; `error` when every attempt "
-        "failed or the model endpoint did (still HTTP 200).",
-        "filename": "The last attempt's code file (on the server).",
-        "code": "The last attempt's code.",
-        "output": "What the last attempt's code printed, plus the text of its displayed results.",
-        "error": "Why the run failed (the last attempt's error); empty on success.",
-        "error_kind": "The kind of that failure: syntax, exception, timeout, kernel_died, empty "
-        "(no code in the reply), output_limit, llm (the model endpoint failed), cancelled.",
-        "run_id": "The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`.",
-        "prompt": "The prompt, as given.",
-        "model": "The model that wrote the code.",
-        "backend": "`openai` (an OpenAI-compatible endpoint) or `local` (the embedded model).",
-        "attempts": "Every attempt, in order.",
-        "notebook": "The run's notebook (on the server); download it from `/runs/{run_id}/notebook`.",
-        "workdir": "Where files the code wrote were kept (on the server), if it wrote any.",
-        "started_at": "When the run started (ISO 8601, UTC).",
-        "duration": "Seconds the whole run took.",
-    },
-    "Attempt": {
-        "number": "1 for the first attempt.",
-        "status": "`success` or `error`.",
-        "code": "The code this attempt ran.",
-        "output": "What the code printed, plus the text of its displayed results.",
-        "stderr": "What the code wrote to stderr.",
-        "error_kind": "Why this attempt failed (see RunResult.error_kind).",
-        "ename": "The exception's class name, when the code raised one.",
-        "truncated": "Whether the output was cut at AUTOCODER_MAX_OUTPUT_BYTES.",
-        "duration": "Seconds this attempt took in all.",
-        "llm_duration": "Seconds the model took to answer.",
-        "exec_duration": "Seconds the code ran.",
-        "model": "The model that wrote this attempt's code.",
-        "filename": "This attempt's code file (on the server).",
-    },
-    "ErrorBody": {"detail": "What went wrong."},
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # Admission: a bounded number of runs at once, a bounded queue, and a deadline for waiting
 
@@ -789,14 +749,6 @@ def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": f"the request body is over {limit:,} bytes"}, status_code=413)
 
 
-def _describe_fields(schema: dict[str, Any]) -> None:
-    for name, component in schema.get("components", {}).get("schemas", {}).items():
-        docs = FIELD_DOCS.get(name.split("-")[0], {})
-        for field_name, prop in component.get("properties", {}).items():
-            if field_name in docs:
-                prop.setdefault("description", docs[field_name])
-
-
 # ---------------------------------------------------------------------------------------------
 # The app
 
@@ -861,14 +813,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(AutocoderError, _our_fault)
 
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        schema = generate()
-        _describe_fields(schema)
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -50,43 +50,72 @@ class Execution(BaseModel):
 
 
 class Attempt(BaseModel):
-    number: int
-    status: Literal["success", "error"]
-    code: str = ""
+    number: int = Field(description="1 for the first attempt.")
+    status: Literal["success", "error"] = Field(description="`success` or `error`.")
+    code: str = Field(default="", description="The code this attempt ran.")
     reply: str = Field(default="", description="The model's whole reply.")
-    output: str = ""
-    stderr: str = ""
+    output: str = Field(
+        default="", description="What the code printed, plus the text of its displayed results."
+    )
+    stderr: str = Field(default="", description="What the code wrote to stderr.")
     error: str = Field(default="", description="What went wrong, as sent back to the model.")
-    error_kind: ErrorKind | None = None
-    ename: str | None = None
+    error_kind: ErrorKind | None = Field(
+        default=None, description="Why this attempt failed (see RunResult.error_kind)."
+    )
+    ename: str | None = Field(
+        default=None, description="The exception's class name, when the code raised one."
+    )
     outputs: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
-    truncated: bool = False
-    duration: float = 0.0
-    llm_duration: float = 0.0
+    truncated: bool = Field(
+        default=False, description="Whether the output was cut at AUTOCODER_MAX_OUTPUT_BYTES."
+    )
+    duration: float = Field(default=0.0, description="Seconds this attempt took in all.")
+    llm_duration: float = Field(default=0.0, description="Seconds the model took to answer.")
     tokens: int = Field(default=0, description="Tokens the model generated for this attempt.")
-    exec_duration: float = 0.0
-    model: str = ""
-    filename: str = ""
+    exec_duration: float = Field(default=0.0, description="Seconds the code ran.")
+    model: str = Field(default="", description="The model that wrote this attempt's code.")
+    filename: str = Field(default="", description="This attempt's code file (on the server).")
 
 
 class RunResult(BaseModel):
     """The original AutoCoder contract (status, filename, code, output, error) plus the record."""
 
-    status: Literal["success", "error"]
+    status: Literal["success", "error"] = Field(
+        description="`success` when an attempt's code ran cleanly; `error` when every attempt failed or the model endpoint did (still HTTP 200)."
+    )
     filename: str = Field(default="", description="The last attempt's code file.")
-    code: str = ""
-    output: str = ""
-    error: str = ""
-    error_kind: ErrorKind | None = None
-    run_id: str
-    prompt: str = ""
-    model: str = ""
-    backend: str = ""
-    attempts: list[Attempt] = Field(default_factory=list)
-    notebook: str = ""
-    workdir: str = ""
-    started_at: str = ""
-    duration: float = 0.0
+    code: str = Field(default="", description="The last attempt's code.")
+    output: str = Field(
+        default="",
+        description="What the last attempt's code printed, plus the text of its displayed results.",
+    )
+    error: str = Field(
+        default="", description="Why the run failed (the last attempt's error); empty on success."
+    )
+    error_kind: ErrorKind | None = Field(
+        default=None,
+        description="The kind of that failure: syntax, exception, timeout, kernel_died, empty (no code in the reply), output_limit, llm (the model endpoint failed), cancelled.",
+    )
+    run_id: str = Field(
+        description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."
+    )
+    prompt: str = Field(default="", description="The prompt, as given.")
+    model: str = Field(default="", description="The model that wrote the code.")
+    backend: str = Field(
+        default="",
+        description="`openai` (an OpenAI-compatible endpoint) or `local` (the embedded model).",
+    )
+    attempts: list[Attempt] = Field(default_factory=list, description="Every attempt, in order.")
+    notebook: str = Field(
+        default="",
+        description="The run's notebook (on the server); download it from `/runs/{run_id}/notebook`.",
+    )
+    workdir: str = Field(
+        default="",
+        description="Where files the code wrote were kept (on the server), if it wrote any.",
+    )
+    started_at: str = Field(default="", description="When the run started (ISO 8601, UTC).")
+    duration: float = Field(default=0.0, description="Seconds the whole run took.")
 
 
 EventType = Literal[
