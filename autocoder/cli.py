@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from autocoder import __version__
+from autocoder import __version__, sandbox
 from autocoder.config import Settings, load_settings
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.records import ErrorKind, Event, RunResult
@@ -121,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{settings.max_prompt_chars:,} (AUTOCODER_MAX_PROMPT_CHARS)"
         )
     progress = Progress(not args.quiet)
+    sandbox.check_available(settings)
 
     async def go() -> RunResult:
         runner = Runner(settings)

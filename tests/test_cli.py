@@ -232,3 +232,15 @@ def test_with_no_prompt_it_asks_for_one(
     assert b"Enter your prompt:" in seen
     assert llm.requests[0]["messages"][1]["content"] == "say asked"
     assert b"asked" in seen
+
+
+def test_no_bubblewrap_is_one_line_before_anything_runs(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(cli_env, PATH=str(tmp_path / "empty-bin"), AUTOCODER_SANDBOX="bwrap")
+    proc = run_cli(["run", "anything"], env, tmp_path)
+
+    assert proc.returncode == 2
+    assert "sandbox unavailable" in proc.stderr and "AUTOCODER_SANDBOX=none" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert llm.requests == []
