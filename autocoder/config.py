@@ -31,7 +31,7 @@ class Settings(BaseSettings):
         2, ge=0, le=10, description="Transport retries on 429/5xx/connection errors."
     )
     max_tokens: int = Field(1024, gt=0)
-    retry_policy: Literal["auto", "conversation", "regenerate"] = "auto"
+    retry_policy: Literal["auto", "conversation", "regenerate", "reconsider", "review"] = "auto"
 
     # The run loop.
     timeout: float = Field(10.0, gt=0, description="Seconds one attempt's code may run.")

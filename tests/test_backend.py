@@ -9,7 +9,7 @@ import pytest
 from autocoder.config import DEFAULT_OPENAI_URL, load_settings
 from autocoder.errors import ConfigError
 from autocoder.llm import OpenAIChat, connect
-from autocoder.runner import Conversation, Regenerate, choose_policy
+from autocoder.runner import Conversation, Reconsider, choose_policy
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +64,6 @@ async def test_a_missing_own_gguf_names_the_setting(
 
 def test_the_retry_policy_follows_the_backend_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(choose_policy(load_settings(), "openai"), Conversation)
-    assert isinstance(choose_policy(load_settings(), "local"), Regenerate)
+    assert isinstance(choose_policy(load_settings(), "local"), Reconsider)
     monkeypatch.setenv("AUTOCODER_RETRY_POLICY", "conversation")
     assert isinstance(choose_policy(load_settings(), "local"), Conversation)
