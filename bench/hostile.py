@@ -30,8 +30,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from autocoder.config import load_settings
+from autocoder.config import Settings, load_settings
 from autocoder.records import Attempt, ErrorKind, Event, RunResult
 from autocoder.runner import Runner, feedback
 from autocoder.testing import ScriptedLLM, fenced
@@ -422,6 +423,31 @@ def table(outcomes: list[Outcome], skipped: list[tuple[Case, str]]) -> str:
     return "\n".join(rows)
 
 
+def scratch_root(prefix: str) -> tuple[Path, Path]:
+    """A fresh root for a bench's records and a HOME inside it.
+
+    Our kernels keep their runtime dirs under it too, so leftovers are told apart from anyone
+    else's.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    tempfile.tempdir = str(root)
+    home = root / "home"
+    home.mkdir()
+    return root, home
+
+
+def bench_settings(root: Path, llm: ScriptedLLM, **overrides: Any) -> Settings:
+    """The hostile settings, pointed at the scripted model, with records under `root`."""
+    return load_settings(
+        **{**HOSTILE, **overrides},
+        llm_retries=0,
+        openai_base_url=llm.base_url,
+        openai_api_key="sk-bench",
+        notebooks_dir=root / "notebooks",
+        autofile_dir=root / "autofile",
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sandbox", default=os.environ.get("AUTOCODER_SANDBOX", "bwrap"))
@@ -429,21 +455,9 @@ async def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(BY_NAME), metavar="NAME")
     args = parser.parse_args()
 
-    # Our kernels keep their runtime dirs here, so leftovers are told apart from anyone else's.
-    root = tempfile.mkdtemp(prefix="autocoder-hostile-")
-    tempfile.tempdir = root
-    home = Path(root, "home")
-    home.mkdir()
+    root, home = scratch_root("autocoder-hostile-")
     llm = ScriptedLLM().start()
-    settings = load_settings(
-        **{**HOSTILE, "timeout": args.timeout},
-        sandbox=args.sandbox,
-        llm_retries=0,
-        openai_base_url=llm.base_url,
-        openai_api_key="sk-hostile-bench",
-        notebooks_dir=Path(root, "notebooks"),
-        autofile_dir=Path(root, "autofile"),
-    )
+    settings = bench_settings(root, llm, sandbox=args.sandbox, timeout=args.timeout)
     runner = Runner(settings)
     outcomes: list[Outcome] = []
     skipped: list[tuple[Case, str]] = []
@@ -454,7 +468,7 @@ async def main() -> None:
                 continue
             with listener() as srv:
                 target = Target(srv.getsockname()[1], REPO, home, f"hostile-{uuid.uuid4().hex}")
-                outcome = await run_case(runner, llm, case, target, root)
+                outcome = await run_case(runner, llm, case, target, str(root))
                 if was_contacted(srv):
                     outcome.left.append("the 127.0.0.1 listener got a connection")
             outcomes.append(outcome)

@@ -25,7 +25,6 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -48,8 +47,10 @@ from bench.hostile import (
     REPO,
     Case,
     Target,
+    bench_settings,
     listener,
     processes,
+    scratch_root,
     was_contacted,
 )
 
@@ -292,22 +293,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    # Our kernels keep their runtime dirs here, so they are told apart from anyone else's.
-    root = tempfile.mkdtemp(prefix="autocoder-soak-")
-    tempfile.tempdir = root
-    home = Path(root, "home")
-    home.mkdir()
+    root, home = scratch_root("autocoder-soak-")
     llm = ScriptedLLM().start()
     try:
-        settings = load_settings(
-            **{**HOSTILE, "timeout": args.timeout},
-            sandbox=args.sandbox,
-            pool_size=args.pool_size,
-            llm_retries=0,
-            openai_base_url=llm.base_url,
-            openai_api_key="sk-soak",
-            notebooks_dir=Path(root, "notebooks"),
-            autofile_dir=Path(root, "autofile"),
+        settings = bench_settings(
+            root, llm, sandbox=args.sandbox, timeout=args.timeout, pool_size=args.pool_size
         )
         cases = [c for c in CASES if settings.sandbox == "bwrap" or not c.confined_only]
         with listener() as srv:
@@ -320,7 +310,7 @@ def main() -> int:
                 args.seed,
             )
             llm.responder = responder({p.index: p for p in runs})
-            tally, figures = asyncio.run(soak(settings, runs, args.concurrency, root, llm))
+            tally, figures = asyncio.run(soak(settings, runs, args.concurrency, str(root), llm))
             contacted = was_contacted(srv)
         strays = [args_ for _, args_ in processes() if marker in args_]
     finally:
