@@ -17,6 +17,7 @@ class ErrorKind(str, Enum):
     KERNEL_DIED = "kernel_died"
     EMPTY = "empty"
     OUTPUT_LIMIT = "output_limit"
+    UNCHECKED = "unchecked"
     LLM = "llm"
     CANCELLED = "cancelled"
 

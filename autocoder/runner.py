@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import inspect
@@ -53,6 +54,13 @@ def feedback(attempt: Attempt, timeout: float) -> str:
     if kind is ErrorKind.OUTPUT_LIMIT:
         return (
             f"The code printed far too much output and was stopped. Print only the answer.{shown}"
+        )
+    if kind is ErrorKind.UNCHECKED:
+        return (
+            "The code ran, but it no longer checks anything: an earlier version failed one of "
+            "its own asserts, and this one simply has no asserts, so nothing shows it is right. "
+            f"The assert that failed:\n{attempt.error.split(chr(10), 1)[-1]}\n"
+            "Keep asserts of the results the task asks for, and make them pass."
         )
     return f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
 
@@ -178,8 +186,8 @@ class Reconsider(Regenerate):
             f"A previous attempt at this task failed{shown}"
             "The mistake may be in the solution or in one of its own checks (an assert whose "
             "expected value is wrong). Work out the correct result by hand, then write a "
-            "correct solution. Keep only checks whose expected values you are sure of, such "
-            "as examples given in the task."
+            "correct solution with asserts that check it. Use only expected values you are "
+            "sure of, such as examples given in the task."
         )
 
 
@@ -244,6 +252,22 @@ def choose_policy(settings: Settings, backend: str) -> RetryPolicy:
     if name == "auto":
         name = "reconsider" if backend == "local" else "conversation"
     return POLICIES[name]()
+
+
+def dropped_checks(history: list[Attempt], code: str) -> Attempt | None:
+    """The earlier attempt whose failing assert this code got past by asserting nothing at all.
+
+    Deleting the check that fails is the cheapest "fix" there is, and small models take it
+    often: such a run would report success with code nothing has checked.
+    """
+    failed = next((a for a in reversed(history) if a.ename == "AssertionError"), None)
+    if failed is None:
+        return None
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return None
+    return None if any(isinstance(n, ast.Assert) for n in ast.walk(tree)) else failed
 
 
 def check_syntax(code: str) -> ErrorInfo | None:
@@ -439,6 +463,13 @@ class _Run:
             attempt.outputs = [{"output_type": "error", **syntax.model_dump()}]
         else:
             await self.execute(attempt, number)
+            if attempt.status == "success" and (failed := dropped_checks(self.attempts, code)):
+                attempt.status = "error"
+                attempt.error_kind = ErrorKind.UNCHECKED
+                attempt.error = (
+                    f"the code has no asserts left; attempt {failed.number}'s assert failed:\n"
+                    + "\n".join(failed.error.splitlines()[-3:])
+                )
         attempt.duration = time.monotonic() - start
         return attempt
 

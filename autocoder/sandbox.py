@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
+from autocoder import asserts
 from autocoder.config import Settings, load_settings
 from autocoder.errors import SandboxUnavailable
 
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     settings = load_settings()
     connection_file = Path(args.connection_file).resolve()
-    kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)]
+    kernel = [
+        *(sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)),
+        f"--IPKernelApp.exec_lines={asserts.exec_line()}",
+    ]
     if args.sandbox == "none":
         _exec_unconfined(settings, [*kernel, *KERNEL_ARGS])
     try:

@@ -225,3 +225,70 @@ async def test_the_notebook_re_executes_with_nbclient(runner: Runner, llm: Scrip
     await client.async_execute()
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
     assert last.outputs[0]["text"] == '{"v": "0.3"}\n'
+
+
+async def test_a_failing_assert_says_what_the_values_were(runner: Runner, llm: ScriptedLLM) -> None:
+    wrong = "def double(x):\n    return x * 3\n\nfor n, want in [(1, 2), (2, 4)]:\n    assert double(n) == want"
+    right = "def double(x):\n    return x * 2\n\nassert double(2) == 4\nprint(double(21))"
+    llm.script(fenced(wrong), fenced(right))
+    result = await runner.run("write double(x) and check it")
+
+    assert result.status == "success"
+    assert result.output == "42\n"
+    first = result.attempts[0]
+    assert first.ename == "AssertionError"
+    assert "double(n) is 3, but want is 2 (where n = 1)" in first.error
+    assert "double(n) is 3, but want is 2 (where n = 1)" in json.dumps(llm.requests[1])
+    # What is saved is the code the model wrote, not the rewritten one.
+    assert Path(first.filename).read_text().strip() == wrong
+
+
+async def test_asserts_inside_functions_keep_their_own_behaviour(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    code = (
+        "def check(x):\n    assert x > 0\n    return x\n\n"
+        "try:\n    check(-1)\nexcept AssertionError as e:\n    print(repr(str(e)))"
+    )
+    llm.script(fenced(code))
+    result = await runner.run("show an empty assertion message")
+
+    assert result.status == "success"
+    assert result.output == "''\n"
+
+
+async def test_a_retry_that_drops_every_check_is_not_a_success(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    checked = "def inc(x):\n    return x + 2\n\nassert inc(1) == 2"
+    unchecked = "def inc(x):\n    return x + 2\n\nprint(inc(1))"
+    fixed = "def inc(x):\n    return x + 1\n\nassert inc(1) == 2\nprint(inc(1))"
+    llm.script(fenced(checked), fenced(unchecked), fenced(fixed))
+    result = await runner.run("write inc(x) and check it", max_attempts=3)
+
+    assert result.status == "success"
+    assert result.output == "2\n"
+    kinds = [a.error_kind for a in result.attempts]
+    assert kinds == [ErrorKind.EXCEPTION, ErrorKind.UNCHECKED, None]
+    second = result.attempts[1]
+    assert second.output == "3\n"
+    assert "attempt 1's assert failed" in second.error
+    told = llm.requests[2]["messages"][-1]["content"]
+    assert "no longer checks anything" in told
+    assert "inc(1) is 3, but the assert expects 2" in told
+    nb = nbformat.read(result.notebook, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert cells[1].metadata.autocoder.error_kind == "unchecked"
+    assert "skip-execution" in cells[1].metadata.tags
+
+
+async def test_dropping_checks_on_the_last_attempt_ends_in_an_error(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    llm.script(fenced("assert 1 + 1 == 3"), fenced("print(1 + 1)"))
+    result = await runner.run("add and check", max_attempts=2)
+
+    assert result.status == "error"
+    assert result.error_kind is ErrorKind.UNCHECKED
+    assert result.output == "2\n"
+    assert "no asserts left" in result.error
