@@ -95,7 +95,7 @@ class RunResult(BaseModel):
     )
     error_kind: ErrorKind | None = Field(
         default=None,
-        description="The kind of that failure: syntax, exception, timeout, kernel_died, empty (no code in the reply), output_limit, llm (the model endpoint failed), cancelled.",
+        description="The kind of that failure: syntax, exception, timeout, kernel_died, empty (no code in the reply), output_limit, unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled.",
     )
     run_id: str = Field(
         description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."
