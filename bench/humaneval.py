@@ -114,7 +114,7 @@ async def main() -> None:
     # One kernel starts ahead while the model writes, so no attempt waits for a kernel.
     kernels = KernelPool(settings, size=1)
     runner = Runner(settings, kernels=kernels)
-    first_pass = final_pass = 0
+    first_pass = final_pass = false_success = 0
     seconds: list[float] = []
     tokens = 0
     llm_time = 0.0
@@ -150,6 +150,7 @@ async def main() -> None:
             )
             first_pass += ok_first
             final_pass += ok_final
+            false_success += result.status == "success" and not ok_final
             tokens += sum(a.tokens for a in result.attempts)
             llm_time += sum(a.llm_duration for a in result.attempts)
             print(
@@ -165,6 +166,7 @@ async def main() -> None:
                             "task_id": problem["task_id"],
                             "first": ok_first,
                             "final": ok_final,
+                            "status": result.status,
                             "attempts": len(result.attempts),
                             "seconds": seconds[-1],
                             "kinds": [a.error_kind for a in result.attempts],
@@ -188,6 +190,7 @@ async def main() -> None:
         f"pass after {args.attempts} attempts: {final_pass}/{n} = {100 * final_pass / n:.1f}% "
         f"(+{100 * (final_pass - first_pass) / n:.1f} points)"
     )
+    print(f"runs reporting success whose code fails the hidden tests: {false_success}/{n}")
     print(f"median seconds per problem: {statistics.median(seconds):.1f}")
     print(f"model tokens/s: {tokens / llm_time:.1f}" if llm_time else "model tokens/s: n/a")
 
