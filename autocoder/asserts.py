@@ -95,6 +95,19 @@ def _names(*nodes: ast.expr) -> ast.expr:
     return ast.Tuple([ast.Constant(name) for name in found], ast.Load())
 
 
+def has_checks(tree: ast.AST) -> bool:
+    """Whether the code checks anything: an assert outside every function and class."""
+    return _find_check(tree)
+
+
+def _find_check(node: ast.AST) -> bool:
+    if isinstance(node, ast.Assert):
+        return True
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+        return False
+    return any(_find_check(child) for child in ast.iter_child_nodes(node))
+
+
 class ExplainAsserts(ast.NodeTransformer):
     """Give each message-less top-level assert a message built from the values it compared."""
 

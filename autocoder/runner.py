@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from autocoder import asserts
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, LLMError
@@ -255,7 +256,7 @@ def choose_policy(settings: Settings, backend: str) -> RetryPolicy:
 
 
 def dropped_checks(history: list[Attempt], code: str) -> Attempt | None:
-    """The earlier attempt whose failing assert this code got past by asserting nothing at all.
+    """The earlier attempt whose failing assert this code got past by checking nothing at all.
 
     Deleting the check that fails is the cheapest "fix" there is, and small models take it
     often: such a run would report success with code nothing has checked.
@@ -267,7 +268,7 @@ def dropped_checks(history: list[Attempt], code: str) -> Attempt | None:
         tree = ast.parse(code)
     except SyntaxError:
         return None
-    return None if any(isinstance(n, ast.Assert) for n in ast.walk(tree)) else failed
+    return None if asserts.has_checks(tree) else failed
 
 
 def check_syntax(code: str) -> ErrorInfo | None:

@@ -76,3 +76,17 @@ def test_the_kernel_line_installs_it() -> None:
     exec(asserts.exec_line(), {"get_ipython": get_ipython})
     exec(asserts.exec_line(), {"get_ipython": get_ipython})
     assert len(shell.ast_transformers) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "checks"),
+    [
+        ("assert f(1) == 2", True),
+        ("for x in xs:\n    if x:\n        assert g(x)", True),
+        ("def f(n):\n    assert n > 0\n    return n\nprint(f(1))", False),
+        ("class C:\n    assert True\n", False),
+        ("print(1)", False),
+    ],
+)
+def test_only_asserts_outside_functions_count_as_checks(code: str, checks: bool) -> None:
+    assert asserts.has_checks(ast.parse(code)) is checks
