@@ -47,7 +47,8 @@ class Progress:
             if d["status"] == "success":
                 self.say(f"attempt {n}: succeeded in {d['duration']:.1f} s")
             else:
-                what = d.get("ename") or d["error_kind"]
+                detail = (d.get("error") or "").splitlines()
+                what = d.get("ename") or (detail[0].rstrip(":") if detail else "")
                 self.say(f"attempt {n}: failed ({d['error_kind']}: {what})")
 
 

@@ -57,6 +57,18 @@ def test_run_prints_code_output_and_where_the_notebook_went(
     assert (tmp_path / "autofile" / notebook.stem / "generated_code_2.py").exists()
 
 
+def test_a_fix_that_deletes_the_failing_check_is_reported_as_unchecked(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    llm.script(fenced("assert sum([1, 2]) == 4"), fenced("print(sum([1, 2]))"))
+    proc = run_cli(["run", "--attempts", "2", "add 1 and 2, and check it"], cli_env, tmp_path)
+
+    assert proc.returncode == 1
+    assert "attempt 1: failed (exception: AssertionError)" in proc.stderr
+    assert "attempt 2: failed (unchecked: the code has no asserts left" in proc.stderr
+    assert "\n3\n" in proc.stdout
+
+
 def test_json_is_the_api_contract(
     llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
