@@ -150,10 +150,13 @@ class Regenerate:
     name: str = "regenerate"
     retry_temperature: float = 0.8
     hint_lines: int = 6
+    checks_temperature: float = 0.2
 
     def request(
         self, task: str, history: list[Attempt], settings: Settings, system: str
     ) -> tuple[list[Message], float]:
+        if history and history[-1].error_kind is ErrorKind.UNCHECKED:
+            return add_checks(task, history[-1], settings, system), self.checks_temperature
         content = task
         if history:
             content += "\n\n" + self.advice(last_lines(history[-1], settings, self.hint_lines))
@@ -225,6 +228,25 @@ class Review(Reconsider):
             },
         ]
         return messages, self.review_temperature
+
+
+def add_checks(task: str, unchecked: Attempt, settings: Settings, system: str) -> list[Message]:
+    """Show code that ran clean but checks nothing, and ask for the same code with checks.
+
+    Its solution may well be right: regenerating would throw it away, while a small model
+    asked to repeat it keeps it, and the checks it adds decide.
+    """
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": task},
+        {"role": "assistant", "content": unchecked.reply or "(no reply)"},
+        {
+            "role": "user",
+            "content": feedback(unchecked, settings.timeout)
+            + "\n\nReply with the complete program: this solution (unless it is wrong) with "
+            "asserts added after it.",
+        },
+    ]
 
 
 def last_lines(attempt: Attempt, settings: Settings, lines: int) -> str:

@@ -132,3 +132,33 @@ def test_review_then_regenerates_without_the_old_code(settings) -> None:  # type
 def test_auto_reconsiders_for_the_embedded_model_and_converses_for_an_endpoint() -> None:
     assert choose_policy(load_settings(retry_policy="auto"), "local").name == "reconsider"
     assert choose_policy(load_settings(retry_policy="auto"), "openai").name == "conversation"
+
+
+@pytest.mark.parametrize("name", ["regenerate", "reconsider", "review"])
+def test_code_that_dropped_its_checks_is_shown_back_to_get_them(name: str) -> None:
+    settings = load_settings()
+    failed = Attempt(
+        number=1,
+        status="error",
+        code="def f(): return 2\nassert f() == 3",
+        reply="```python\ndef f(): return 2\nassert f() == 3\n```",
+        error_kind=ErrorKind.EXCEPTION,
+        ename="AssertionError",
+        error="---> 2 assert f() == 3\n\nAssertionError: f() is 2, but the assert expects 3",
+    )
+    unchecked = Attempt(
+        number=2,
+        status="error",
+        code="def f(): return 2\nprint(f())",
+        reply="```python\ndef f(): return 2\nprint(f())\n```",
+        error_kind=ErrorKind.UNCHECKED,
+        error="the code has no asserts left; attempt 1's assert failed:\n"
+        "---> 2 assert f() == 3\n\nAssertionError: f() is 2, but the assert expects 3",
+    )
+    messages, temperature = POLICIES[name]().request("task", [failed, unchecked], settings, "sys")
+
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"] == unchecked.reply
+    assert "f() is 2, but the assert expects 3" in messages[3]["content"]
+    assert "asserts added" in messages[3]["content"]
+    assert temperature == 0.2
