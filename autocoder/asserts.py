@@ -95,17 +95,13 @@ def _names(*nodes: ast.expr) -> ast.expr:
     return ast.Tuple([ast.Constant(name) for name in found], ast.Load())
 
 
-def has_checks(tree: ast.AST) -> bool:
+def has_checks(node: ast.AST) -> bool:
     """Whether the code checks anything: an assert outside every function and class."""
-    return _find_check(tree)
-
-
-def _find_check(node: ast.AST) -> bool:
     if isinstance(node, ast.Assert):
         return True
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
         return False
-    return any(_find_check(child) for child in ast.iter_child_nodes(node))
+    return any(has_checks(child) for child in ast.iter_child_nodes(node))
 
 
 class ExplainAsserts(ast.NodeTransformer):
@@ -120,7 +116,7 @@ class ExplainAsserts(ast.NodeTransformer):
         if node.msg is not None:
             return node
         test = node.test
-        if isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in SYMBOLS:
+        if isinstance(test, ast.Compare) and len(test.ops) == 1:
             left, right = _capture("left", test.left), _capture("right", test.comparators[0])
             new_test: ast.expr = ast.Compare(left=left, ops=test.ops, comparators=[right])
             args = [

@@ -60,7 +60,7 @@ def feedback(attempt: Attempt, timeout: float) -> str:
         return (
             "The code ran, but it no longer checks anything: an earlier version failed one of "
             "its own asserts, and this one simply has no asserts, so nothing shows it is right. "
-            f"The assert that failed:\n{attempt.error.split(chr(10), 1)[-1]}\n"
+            f"The assert that failed:\n{attempt.error.partition(chr(10))[2]}\n"
             "Keep asserts of the results the task asks for, and make them pass."
         )
     return f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
