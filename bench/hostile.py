@@ -304,7 +304,7 @@ class PeakCounter:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=15)
 
 
 def left_behind(*needles: str, wait: float = 10.0) -> list[str]:

@@ -335,8 +335,8 @@ def test_beyond_the_queue_requests_get_429_and_then_503_with_retry_after(
         assert third.status_code == 429
         assert int(third.headers["retry-after"]) >= 1
         assert "AUTOCODER_MAX_QUEUED_RUNS" in third.json()["detail"]
-        second.join()
-        first.join()
+        second.join(timeout=60)
+        first.join(timeout=60)
 
     assert results["second"].status_code == 503
     assert int(results["second"].headers["retry-after"]) >= 1

@@ -280,7 +280,7 @@ class HealthProbe:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=15)
 
 
 @pytest.mark.parametrize("name", API_CASES, ids=[slug(n) for n in API_CASES])
