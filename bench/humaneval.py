@@ -202,7 +202,9 @@ async def main() -> None:
         total = n + len(kept)
         first_all = first_pass + sum(row["first"] for row in kept)
         final_all = final_pass + sum(row["final"] for row in kept)
-        wrong_all = false_success + sum(not row["final"] for row in kept)
+        wrong_all = false_success + sum(
+            row.get("status", "success") == "success" and not row["final"] for row in kept
+        )
         print(f"\njoined with the {len(kept)} problems {args.retried} did not retry: {total}")
         print(f"pass@attempt1: {first_all}/{total} = {100 * first_all / total:.1f}%")
         print(
