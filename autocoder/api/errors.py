@@ -1,0 +1,120 @@
+"""Errors → status codes: the only place that knows about them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from autocoder.api.admission import Busy
+from autocoder.errors import AutocoderError, ConfigError, KernelStartError
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads it, but the access log says what happened
+
+
+class ClientGone(Exception):
+    """The client hung up before the answer was ready; whatever it asked for was cancelled."""
+
+
+class RunCancelled(Exception):
+    """The server cancelled the run (it is shutting down); the run is recorded as cancelled."""
+
+
+def fault_message(exc: BaseException) -> str:
+    if isinstance(exc, ConfigError):
+        return f"autocoder is misconfigured: {exc}"
+    if isinstance(exc, AutocoderError):
+        return str(exc)
+    return "internal server error (see the server's log)"
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = [_explain(e) for e in exc.errors()]
+    message = "; ".join(f"{_where(d['loc'])}: {d['msg']}" for d in detail)
+    return JSONResponse({"detail": detail, "message": message}, status_code=422)
+
+
+def _explain(error: dict[str, Any]) -> dict[str, Any]:
+    """One validation error, without the echoed input, in words a curl user can act on."""
+    loc, kind, msg = list(error.get("loc", ())), error.get("type", ""), str(error.get("msg", ""))
+    if kind == "json_invalid":
+        loc, msg = (
+            ["body"],
+            f"the body is not valid JSON ({error.get('ctx', {}).get('error', msg)})",
+        )
+    elif loc == ["body"]:
+        msg += ': send a JSON object such as {"prompt": "..."} with Content-Type: application/json'
+    return {"loc": loc, "msg": msg, "type": kind}
+
+
+def _where(loc: list[Any]) -> str:
+    return ".".join(str(part) for part in loc if part != "body") or "body"
+
+
+async def _busy(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Busy)
+    return JSONResponse(
+        {"detail": str(exc)},
+        status_code=exc.status_code,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _our_fault(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AutocoderError)
+    status = 503 if isinstance(exc, KernelStartError) else 500
+    log.error("%s %s failed: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": fault_message(exc)}, status_code=status)
+
+
+class BodyLimit:
+    """Refuse a request body bigger than any valid run request, before it is read into memory."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = getattr(scope.get("app"), "state", None)
+        limit = getattr(state, "body_limit", None)
+        if scope["type"] != "http" or limit is None:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _too_large(limit)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"the request body is over {limit:,} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"detail": f"the request body is over {limit:,} bytes"}, status_code=413)
+
+
+def install(app: FastAPI) -> None:
+    """Every translation of an exception into a status code, and the body limit."""
+    app.add_middleware(BodyLimit)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Busy, _busy)
+    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(AutocoderError, _our_fault)

@@ -1,0 +1,170 @@
+"""Runs: start one (plain or streamed), the history, one run's record and notebook."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, StreamingResponse
+
+from autocoder.api.admission import Busy
+from autocoder.api.auth import require_token
+from autocoder.api.deps import CheckedRequest, RunId, ServiceDep, field_error
+from autocoder.api.errors import RunCancelled
+from autocoder.api.schemas import ErrorBody, RunPage, RunRequest
+from autocoder.api.service import Service
+from autocoder.api.streaming import (
+    KEEPALIVE_SECONDS,
+    cancel_when_gone,
+    event_stream,
+    unless_disconnected,
+)
+from autocoder.errors import ConfigError
+from autocoder.notebook import notebook_path
+from autocoder.records import Event, RunResult
+
+SSE_MEDIA_TYPE = "text/event-stream"
+IPYNB_MEDIA_TYPE = "application/x-ipynb+json"
+
+
+router = APIRouter(dependencies=[Depends(require_token)])
+
+
+_RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The run's result (also when every attempt failed: see `status`). "
+        "With `Accept: text/event-stream`, the run's events as server-sent events instead.",
+        "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}},
+    },
+    401: {"model": ErrorBody, "description": "A token is required and was missing or wrong."},
+    422: {"description": "The request is malformed or beyond the server's limits."},
+    429: {
+        "model": ErrorBody,
+        "description": "Too many runs in progress and waiting; see Retry-After.",
+    },
+    503: {"model": ErrorBody, "description": "No run slot came free in time; see Retry-After."},
+}
+_STREAM_DOC = (
+    "Events, each `event: <type>` with `data:` a JSON object `{type, run_id, attempt, data}`: "
+    "`run_started`; per attempt `attempt_started`, `code_generated` (the code), `output` "
+    "(each output as it appears; errors have `output_type: error`), `attempt_finished` (its "
+    "status, error and error_kind); and `run_finished`, whose data is the result without the "
+    "attempts. A failure of the server itself ends the stream with `server_error`. A comment "
+    f"line is sent every {KEEPALIVE_SECONDS:g} s of silence. Closing the connection cancels the run."
+)
+
+
+@router.post(
+    "/run",
+    response_model=RunResult,
+    responses=_RUN_RESPONSES,
+    summary="Generate code for a prompt, run it, retry on failure",
+    description="Answers when the run is over, HTTP 200 whether it succeeded or not; 5xx means "
+    "autocoder itself failed. With `Accept: text/event-stream` it streams like `/run/stream`. "
+    "Closing the connection cancels the run.",
+)
+async def run(req: CheckedRequest, request: Request, service: ServiceDep) -> Any:
+    if SSE_MEDIA_TYPE in request.headers.get("accept", ""):
+        return await _start_stream(req, request, service)
+    slot = await unless_disconnected(request, service.admit())
+    job = service.launch(slot, req)
+    try:
+        return await unless_disconnected(request, job.task)
+    except RunCancelled:
+        raise Busy(
+            f"the server shut down before the run finished; run {job.run_id} was cancelled",
+            status_code=503,
+            retry_after=5,
+        ) from None
+    except ConfigError as e:
+        if req.model:  # most likely the endpoint does not serve the model asked for
+            raise RequestValidationError(
+                [
+                    field_error(
+                        "model", f"the model endpoint cannot use the model {req.model!r}: {e}"
+                    )
+                ]
+            ) from e
+        raise
+
+
+@router.post(
+    "/run/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": _STREAM_DOC,
+            "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}},
+        },
+        **{k: v for k, v in _RUN_RESPONSES.items() if k != 200},
+    },
+    summary="Like POST /run, streaming the run's progress as server-sent events",
+    description=_STREAM_DOC,
+)
+async def run_stream(
+    req: CheckedRequest, request: Request, service: ServiceDep
+) -> StreamingResponse:
+    return await _start_stream(req, request, service)
+
+
+async def _start_stream(req: RunRequest, request: Request, service: Service) -> StreamingResponse:
+    slot = await unless_disconnected(request, service.admit())
+    events: asyncio.Queue[Event | None] = asyncio.Queue()
+    task = service.launch(slot, req, on_event=events.put_nowait).task
+    task.add_done_callback(lambda _: events.put_nowait(None))
+    watcher = asyncio.create_task(cancel_when_gone(request, task))
+    return StreamingResponse(
+        event_stream(task, events, watcher),
+        media_type=SSE_MEDIA_TYPE,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/runs", summary="Run history, newest first")
+async def list_runs(
+    service: ServiceDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Runs per page.")] = 20,
+    offset: Annotated[int, Query(ge=0, description="How many newer runs to skip.")] = 0,
+    status: Annotated[
+        Literal["success", "error"] | None, Query(description="Only runs that ended so.")
+    ] = None,
+) -> RunPage:
+    runs, total = await asyncio.to_thread(
+        service.store.list, limit=limit, offset=offset, status=status
+    )
+    return RunPage(runs=runs, total=total, limit=limit, offset=offset)
+
+
+@router.get(
+    "/runs/{run_id}",
+    response_model=RunResult,
+    responses={404: {"model": ErrorBody, "description": "No such run."}},
+    summary="One run's whole record, every attempt included",
+)
+async def get_run(run_id: RunId, service: ServiceDep) -> RunResult:
+    result = await asyncio.to_thread(service.store.get, run_id)
+    if result is None:
+        raise HTTPException(404, f"no run {run_id!r}")
+    return result
+
+
+@router.get(
+    "/runs/{run_id}/notebook",
+    response_class=FileResponse,
+    responses={
+        200: {"description": "The notebook (nbformat v4).", "content": {IPYNB_MEDIA_TYPE: {}}},
+        404: {"model": ErrorBody, "description": "No such run."},
+    },
+    summary="Download a run's notebook",
+)
+async def get_notebook(run_id: RunId, service: ServiceDep) -> FileResponse:
+    root = service.settings.notebooks_dir
+    path = notebook_path(root, run_id)
+    inside = await asyncio.to_thread(
+        lambda: path.is_file() and path.resolve().is_relative_to(root.resolve())
+    )
+    if not inside:
+        raise HTTPException(404, f"no run {run_id!r}")
+    return FileResponse(path, media_type=IPYNB_MEDIA_TYPE, filename=f"{run_id}.ipynb")

@@ -1,0 +1,91 @@
+"""Request and response schemas of the HTTP API (separate from the engine's records)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from autocoder.store import RunSummary
+
+
+class RunRequest(BaseModel):
+    """What `POST /run` takes. Only `prompt` is required, as in the original AutoCoder."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "Write a Python function to calculate the factorial of a number"}
+            ]
+        },
+    )
+
+    prompt: str = Field(
+        min_length=1,
+        description="The task, in plain English. At most AUTOCODER_MAX_PROMPT_CHARS characters.",
+    )
+    max_attempts: int | None = Field(
+        None,
+        ge=1,
+        description="Attempts before giving up. Default AUTOCODER_MAX_ATTEMPTS; "
+        "at most AUTOCODER_MAX_REQUEST_ATTEMPTS.",
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds each attempt's code may run. Default AUTOCODER_TIMEOUT; "
+        "at most AUTOCODER_MAX_REQUEST_TIMEOUT.",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The model to ask, by the endpoint's name for it. Default AUTOCODER_MODEL.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is blank")
+        return prompt
+
+
+class RunPage(BaseModel):
+    """A page of run history, newest first."""
+
+    runs: list[RunSummary] = Field(description="The runs on this page, newest first.")
+    total: int = Field(description="How many runs match, on all pages.")
+    limit: int = Field(description="The page size asked for.")
+    offset: int = Field(description="How many newer runs were skipped.")
+
+
+class Health(BaseModel):
+    """Whether the service can take runs; answered without touching a kernel or the model."""
+
+    status: Literal["ok", "degraded"] = Field(
+        description="`degraded` (HTTP 503) when the pool cannot start kernels."
+    )
+    version: str = Field(description="autocoder's version.")
+    kernels_ready: int = Field(description="Pre-started kernels waiting for a run.")
+    pool_size: int = Field(
+        description="How many kernels the pool keeps ready (AUTOCODER_POOL_SIZE)."
+    )
+    kernel_error: str | None = Field(description="Why the last kernel start failed, if it did.")
+    llm_backend: Literal["openai", "local"] = Field(
+        description="`openai`: an OpenAI-compatible endpoint is configured; `local`: the embedded model."
+    )
+    llm_endpoint: str | None = Field(
+        description="The configured endpoint (OPENAI_BASE_URL), if any."
+    )
+    llm_model: str | None = Field(description="The configured model (AUTOCODER_MODEL), if any.")
+    runs_running: int = Field(description="Runs in progress.")
+    runs_queued: int = Field(description="Requests waiting for a run slot.")
+    max_concurrent_runs: int = Field(description="AUTOCODER_MAX_CONCURRENT_RUNS.")
+    max_queued_runs: int = Field(description="AUTOCODER_MAX_QUEUED_RUNS.")
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What went wrong.")

@@ -1,0 +1,107 @@
+"""The service: what the lifespan builds and every request shares."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from autocoder.api.admission import Admission, Busy, Slot
+from autocoder.api.schemas import RunRequest
+from autocoder.config import Settings
+from autocoder.kernel import KernelPool
+from autocoder.records import Event, RunResult
+from autocoder.runner import Runner, new_run_id
+from autocoder.store import RunStore
+
+log = logging.getLogger(__name__)
+
+CANCEL_GRACE = 15.0
+
+
+@dataclass
+class Job:
+    """A run started on behalf of a request."""
+
+    run_id: str
+    task: asyncio.Task[RunResult]
+
+
+@dataclass
+class Service:
+    """Everything the lifespan builds and the endpoints share; one per app, on app.state."""
+
+    settings: Settings
+    runner: Runner
+    pool: KernelPool
+    store: RunStore
+    admission: Admission
+    runs: set[asyncio.Task[RunResult]] = field(default_factory=set)
+    draining: bool = False
+
+    async def admit(self) -> Slot:
+        """A run slot, after waiting in the queue if need be; Busy when there is none to have."""
+        if self.draining:
+            raise Busy("the server is shutting down", status_code=503, retry_after=5)
+        return await self.admission.acquire()
+
+    def launch(
+        self, slot: Slot, req: RunRequest, on_event: Callable[[Event], None] | None = None
+    ) -> Job:
+        """Start a run that owns `slot`, as its own task: the request that started it cancels
+        it when the client leaves, and shutdown cancels what is left."""
+        run_id = new_run_id()
+        task = asyncio.create_task(self._run(req, run_id, on_event))
+        task.add_done_callback(lambda _: slot.release())
+        self.runs.add(task)
+        task.add_done_callback(self.runs.discard)
+        return Job(run_id, task)
+
+    async def _run(
+        self, req: RunRequest, run_id: str, on_event: Callable[[Event], None] | None
+    ) -> RunResult:
+        try:
+            result = await self.runner.run(
+                req.prompt,
+                max_attempts=req.max_attempts,
+                timeout=req.timeout,
+                model=req.model,
+                on_event=on_event,
+                run_id=run_id,
+            )
+        except asyncio.CancelledError:
+            # The runner has written the cancelled run's notebook; index it from there.
+            await asyncio.shield(self._index(self.store.index_notebook, run_id))
+            raise
+        await self._index(self.store.add, result)
+        return result
+
+    async def _index(self, method: Callable[[Any], object], arg: Any) -> None:
+        """The index is a cache of the notebooks: failing to update it never fails a run."""
+        try:
+            await asyncio.to_thread(method, arg)
+        except Exception:
+            log.exception("could not update the run index %s", self.store.path)
+
+    async def drain(self, grace: float) -> None:
+        """Take no new runs; give those running `grace` seconds, then cancel them. A cancelled
+        run still ends as a result (recorded, kernel freed), so its request ends normally."""
+        self.draining = True
+        if self.runs:
+            await asyncio.wait(set(self.runs), timeout=grace)
+        await self._cancel_runs()
+
+    async def _cancel_runs(self) -> None:
+        for task in self.runs:
+            task.cancel()
+        if self.runs:
+            await asyncio.wait(set(self.runs), timeout=CANCEL_GRACE)
+
+    async def close(self) -> None:
+        """Cancel whatever still runs, then shut the pool and the index."""
+        self.draining = True
+        await self._cancel_runs()
+        await self.runner.close()
+        await asyncio.to_thread(self.store.close)
