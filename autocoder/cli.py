@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from autocoder import __version__, sandbox
+from autocoder import __version__, files, sandbox
 from autocoder.config import Settings, load_settings
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.records import ErrorKind, Event, RunResult
@@ -65,6 +65,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "notebooks_dir": getattr(args, "notebooks_dir", None),
         "autofile_dir": getattr(args, "autofile_dir", None),
         "sandbox": getattr(args, "sandbox", None),
+        "kernel_python": getattr(args, "kernel_python", None),
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
     }
@@ -107,6 +108,8 @@ def _print_result(result: RunResult) -> None:
     print(f"notebook: {result.notebook}")
     if result.workdir:
         print(f"files:    {result.workdir}")
+        for f in result.files:
+            print(f"          {f.name} ({f.size:,} bytes, {f.media_type})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -121,6 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"the prompt has {len(prompt):,} characters; the limit is "
             f"{settings.max_prompt_chars:,} (AUTOCODER_MAX_PROMPT_CHARS)"
         )
+    try:
+        inputs = files.read_local(args.file or [], settings)
+    except files.FileRefused as e:
+        _fail(str(e))
     progress = Progress(not args.quiet)
     sandbox.check_available(settings)
 
@@ -129,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             model = await runner.llm()
             progress.say(f"using the {model.backend} model {await model.resolve_model()}")
-            return await runner.run(prompt, on_event=progress)
+            return await runner.run(prompt, on_event=progress, inputs=inputs)
         finally:
             await runner.close()
 
@@ -199,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--notebooks-dir", metavar="DIR", help="where run notebooks go")
     run.add_argument("--autofile-dir", metavar="DIR", help="where attempt code files go")
     run.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
+    run.add_argument(
+        "--file",
+        action="append",
+        metavar="PATH",
+        help="give the code this file, read-only in its working directory (repeatable)",
+    )
+    run.add_argument(
+        "--kernel-python",
+        metavar="PYTHON",
+        help="run the kernels with this interpreter (AUTOCODER_KERNEL_PYTHON)",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=cmd_run)
 

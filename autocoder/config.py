@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     notebooks_dir: Path = Path("notebooks")
     autofile_dir: Path = Path("autofile")
 
+    max_upload_mb: int = Field(
+        25, ge=1, description="Megabytes one input file, and all of a run's together, may have."
+    )
+    max_files: int = Field(10, ge=0, description="Input files one run may be given.")
+    kernel_python: Path | None = Field(
+        None, description="Another interpreter (with ipykernel) to run the kernels with."
+    )
+
     magic_record: bool = Field(
         default=False,
         description="Record %autocoder runs as notebooks (the CLI and API always do).",

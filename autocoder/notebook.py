@@ -112,6 +112,7 @@ def build_notebook(result: RunResult) -> nbformat.NotebookNode:
         "duration": round(result.duration, 4),
         "filename": result.filename,
         "workdir": result.workdir,
+        "files": [f.model_dump() for f in result.files],
     }
     status = "succeeded" if result.status == "success" else "failed"
     intro = f"# autocoder run `{result.run_id}`\n\n**Prompt**\n\n" + "\n".join(
@@ -124,7 +125,19 @@ def build_notebook(result: RunResult) -> nbformat.NotebookNode:
     nb.cells.append(new_markdown_cell(intro))
     for attempt in result.attempts:
         nb.cells.extend(_attempt_cells(attempt, len(result.attempts)))
+    if result.files:
+        nb.cells.append(files_cell(result))
     return nb
+
+
+def files_cell(result: RunResult) -> Any:
+    """A markdown list of the files the code wrote, linked by their download URL."""
+    lines = ["**Files the code wrote**", ""]
+    for f in result.files:
+        lines.append(f"- [`{f.name}`]({f.url}) · {f.size:,} bytes · {f.media_type}")
+    if result.workdir:
+        lines += ["", f"Kept on the server in `{result.workdir}`."]
+    return new_markdown_cell("\n".join(lines))
 
 
 def write_notebook(result: RunResult, path: Path) -> Path:

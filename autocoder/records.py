@@ -20,6 +20,7 @@ class ErrorKind(str, Enum):
     UNCHECKED = "unchecked"
     LLM = "llm"
     CANCELLED = "cancelled"
+    MISSING_MODULE = "missing_module"
 
 
 class ErrorInfo(BaseModel):
@@ -48,6 +49,15 @@ class Execution(BaseModel):
     @property
     def ok(self) -> bool:
         return self.kind is None
+
+
+class RunFile(BaseModel):
+    """A file a run's code left in its working directory."""
+
+    name: str = Field(description="Its path inside the run's directory, `/`-separated.")
+    size: int = Field(description="Bytes.")
+    media_type: str = Field(description="Guessed from the name.")
+    url: str = Field(description="Where to download it: `GET /runs/{run_id}/files/{name}`.")
 
 
 class Attempt(BaseModel):
@@ -95,7 +105,7 @@ class RunResult(BaseModel):
     )
     error_kind: ErrorKind | None = Field(
         default=None,
-        description="The kind of that failure: syntax, exception, timeout, kernel_died, empty (no code in the reply), output_limit, unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled.",
+        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled.",
     )
     run_id: str = Field(
         description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."
@@ -114,6 +124,15 @@ class RunResult(BaseModel):
     workdir: str = Field(
         default="",
         description="Where files the code wrote were kept (on the server), if it wrote any.",
+    )
+    files: list[RunFile] = Field(
+        default_factory=list,
+        description="Files the code wrote (the inputs given are not listed unless changed).",
+    )
+    outputs: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The last attempt's outputs as nbformat v4 dicts: plots arrive as "
+        "`display_data` with `data['image/png']` (base64). Bounded by AUTOCODER_MAX_OUTPUT_BYTES.",
     )
     started_at: str = Field(default="", description="When the run started (ISO 8601, UTC).")
     duration: float = Field(default=0.0, description="Seconds the whole run took.")

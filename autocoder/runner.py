@@ -6,25 +6,28 @@ import ast
 import asyncio
 import contextlib
 import inspect
+import re
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from autocoder import asserts
+from autocoder import asserts, files
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, LLMError
+from autocoder.files import InputFile
 from autocoder.kernel import KernelProvider, OutputCallback
 from autocoder.llm import LLM, Message, clean_traceback, cut_middle, extract_code
 from autocoder.notebook import notebook_path, write_atomic, write_notebook
 from autocoder.records import Attempt, ErrorInfo, ErrorKind, Event, Execution, RunResult
 
 FEEDBACK_CHARS = 4000
+_NO_MODULE = re.compile(r"No module named '([^'.]+)")
 EventSink = Callable[[Event], Awaitable[None] | None]
 
 
@@ -38,6 +41,12 @@ def feedback(attempt: Attempt, timeout: float) -> str:
     out = cut_middle(attempt.output, FEEDBACK_CHARS // 2) if attempt.output.strip() else ""
     shown = f"\n\nIts output before that:\n{out}" if out else ""
     kind = attempt.error_kind
+    if kind is ErrorKind.MISSING_MODULE:
+        return (
+            f"The code imports `{missing_module(attempt.error)}`, which is not installed here, "
+            "and nothing can be installed. Do without it: use the standard library and only "
+            f"the packages the instructions list.\n{cut_middle(attempt.error, FEEDBACK_CHARS)}"
+        )
     if kind is ErrorKind.EMPTY:
         return "Your reply contained no Python code. Reply with one fenced ```python block."
     if kind is ErrorKind.SYNTAX:
@@ -64,6 +73,25 @@ def feedback(attempt: Attempt, timeout: float) -> str:
             "Keep asserts of the results the task asks for, and make them pass."
         )
     return f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
+
+
+def missing_module(text: str) -> str:
+    """The top-level module a ModuleNotFoundError names ('?' when it names none)."""
+    found = _NO_MODULE.search(text)
+    return found.group(1) if found else "?"
+
+
+def system_prompt_for(settings: Settings) -> str:
+    """The default instructions, naming the data packages the kernels can import."""
+    python = str(settings.kernel_python) if settings.kernel_python else None
+    have = files.importable_packages(python)
+    listed = ", ".join(have) if have else "none"
+    return (
+        f"{llm_mod.SYSTEM_PROMPT}\nBesides the standard library you can import: {listed}. "
+        "Nothing else is installed and nothing can be installed. Files you write in the "
+        "working directory are given to the user; save plots with plt.savefig and show them "
+        "with plt.show()."
+    )
 
 
 class Executor(Protocol):
@@ -352,12 +380,16 @@ class Runner:
         run_id: str | None = None,
         record: bool = True,
         system_prompt: str | None = None,
+        inputs: Sequence[InputFile] = (),
     ) -> RunResult:
         """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
 
         With `record=False` nothing is written (no notebook, no code files). `system_prompt`
         replaces the default one when the code runs somewhere else than a fresh kernel.
+        `inputs` are copied into the kernel's working directory (read-only) before the first
+        attempt and described to the model; files.FileRefused when they break a limit.
         """
+        files.check_inputs(inputs, self.settings)
         settings = self.settings.model_copy(
             update={
                 k: v
@@ -366,7 +398,12 @@ class Runner:
             }
         )
         run = _Run(self, settings, prompt, run_id or new_run_id(), on_event, model, record)
-        run.system_prompt = system_prompt or llm_mod.SYSTEM_PROMPT
+        if system_prompt is None:
+            system_prompt = await asyncio.to_thread(system_prompt_for, settings)
+        run.system_prompt = system_prompt
+        run.inputs = list(inputs)
+        if inputs:
+            run.task = f"{prompt}\n\n{files.describe(inputs)}"
         return await run.go()
 
 
@@ -391,6 +428,9 @@ class _Run:
         self.model_override = model
         self.record = record
         self.system_prompt = llm_mod.SYSTEM_PROMPT
+        self.inputs: list[InputFile] = []
+        self.task = prompt
+        self.files: list[Any] = []
         self.attempts: list[Attempt] = []
         self.kernel: Executor | None = None
         self.kernel_task: asyncio.Task[Executor] | None = None
@@ -446,7 +486,7 @@ class _Run:
         await self.emit("attempt_started", number, max_attempts=self.settings.max_attempts)
         start = time.monotonic()
         messages, temperature = policy.request(
-            self.prompt, self.attempts, self.settings, self.system_prompt
+            self.task, self.attempts, self.settings, self.system_prompt
         )
         completion = await model.complete(
             messages,
@@ -525,6 +565,8 @@ class _Run:
             return
         attempt.error_kind = result.kind
         attempt.ename = result.error.ename if result.error else None
+        if attempt.ename == "ModuleNotFoundError" and result.kind is ErrorKind.EXCEPTION:
+            attempt.error_kind = ErrorKind.MISSING_MODULE
         if result.kind is ErrorKind.TIMEOUT:
             attempt.error = f"timed out after {self.settings.timeout:g} s"
         elif result.kind is ErrorKind.OUTPUT_LIMIT:
@@ -544,6 +586,8 @@ class _Run:
         if self.kernel is None:
             assert self.kernel_task is not None
             self.kernel = await self.kernel_task
+            if self.inputs and self.kernel.workdir is not None:
+                await asyncio.to_thread(files.place, self.inputs, self.kernel.workdir)
         return self.kernel
 
     async def _release(self) -> None:
@@ -569,6 +613,7 @@ class _Run:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(workdir), str(target))
             self.workdir = str(target)
+            self.files = files.list_outputs(target, self.run_id, (f.name for f in self.inputs))
         except OSError:
             pass
 
@@ -591,6 +636,8 @@ class _Run:
             backend=self.backend,
             attempts=self.attempts,
             workdir=self.workdir,
+            files=self.files,
+            outputs=last.outputs if last else [],
             started_at=self.started_at,
             duration=time.monotonic() - self.started,
         )

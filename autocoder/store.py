@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from autocoder.kernel import texts
 from autocoder.llm import clean_traceback
 from autocoder.notebook import is_valid_run_id, notebook_path
-from autocoder.records import Attempt, ErrorKind, RunResult
+from autocoder.records import Attempt, ErrorKind, RunFile, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,8 @@ def record_from_notebook(path: Path) -> RunResult:
         attempts=attempts,
         notebook=str(path),
         workdir=meta.get("workdir") or "",
+        files=[RunFile.model_validate(f) for f in meta.get("files") or []],
+        outputs=last.outputs if last else [],
         started_at=started_at,
         duration=float(meta.get("duration") or 0),
     )

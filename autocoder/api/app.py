@@ -10,6 +10,7 @@ import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,7 +19,8 @@ from autocoder import __version__, sandbox
 from autocoder.api import errors
 from autocoder.api.admission import Admission
 from autocoder.api.auth import check_exposure
-from autocoder.api.routes import health, runs
+from autocoder.api.routes import files, health, runs
+from autocoder.api.schemas import request_components
 from autocoder.api.service import CANCEL_GRACE, Service
 from autocoder.config import Settings, load_settings
 from autocoder.errors import AutocoderError
@@ -70,6 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = service
         # Any valid request fits: a prompt at the limit, every character escaped as \uXXXX\uXXXX.
         app.state.body_limit = s.max_prompt_chars * 12 + 64 * 1024
+        # Files are checked one by one after parsing; this only stops a body that cannot pass.
+        app.state.multipart_limit = (
+            app.state.body_limit + s.max_upload_mb * 1024 * 1024 + (s.max_files + 8) * 1024
+        )
         pool.start()
         try:
             yield
@@ -84,9 +90,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(runs.router)
+    app.include_router(files.router)
     app.include_router(health.router)
     errors.install(app)
+    default_openapi = app.openapi
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                request_components()
+            )
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from autocoder.api.schemas import RunRequest
 from autocoder.api.service import Service
+from autocoder.files import FileRefused, FilesTooLarge, InputFile, check_inputs
 
 RUN_ID_PATTERN = r"^[0-9a-z][0-9a-z-]{0,63}$"
 
@@ -21,7 +26,120 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def checked_request(req: RunRequest, service: ServiceDep) -> RunRequest:
+@dataclass
+class RunInput:
+    """A checked run request and the files it brought (none for a JSON body)."""
+
+    req: RunRequest
+    files: list[InputFile] = field(default_factory=list)
+
+
+MULTIPART = "multipart/form-data"
+FORM_FIELDS = ("prompt", "max_attempts", "timeout", "model")
+
+
+async def run_input(request: Request, service: ServiceDep) -> RunInput:
+    """`POST /run`'s body: the JSON object it always took, or the same fields as
+    multipart/form-data with one or more `files` parts. Everything is checked, files
+    included, before a run exists, so a refused request leaves nothing behind."""
+    if request.headers.get("content-type", "").startswith(MULTIPART):
+        req, files = await _from_form(request, service)
+    else:
+        req, files = _validated(await _json_body(request)), []
+    return RunInput(checked_request(req, service), files)
+
+
+async def _json_body(request: Request) -> Any:
+    """As FastAPI reads a JSON body: parsed when the content type says JSON (or says nothing)."""
+    body = await request.body()
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if not body:
+        return None
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        return body
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as e:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", e.pos),
+                    "msg": "JSON decode error",
+                    "ctx": {"error": e.msg},
+                }
+            ]
+        ) from None
+    except UnicodeDecodeError:
+        raise RequestValidationError([field_error("body", "the body is not UTF-8")]) from None
+
+
+def _validated(data: Any) -> RunRequest:
+    try:
+        return RunRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(
+            [
+                {k: v for k, v in {**err, "loc": ("body", *err["loc"])}.items() if k != "input"}
+                for err in e.errors(include_url=False)
+            ]
+        ) from None
+
+
+async def _from_form(request: Request, service: Service) -> tuple[RunRequest, list[InputFile]]:
+    s = service.settings
+    try:
+        form = await request.form(max_files=s.max_files + 1, max_fields=len(FORM_FIELDS) + 4)
+    except HTTPException as e:
+        if "Too many files" in str(e.detail):
+            raise HTTPException(
+                422, f"at most {s.max_files} files per run (AUTOCODER_MAX_FILES)"
+            ) from None
+        raise HTTPException(e.status_code, f"the multipart body is malformed: {e.detail}") from None
+    try:
+        data: dict[str, Any] = {}
+        uploads: list[UploadFile] = []
+        for key, value in form.multi_items():
+            if key == "files" and isinstance(value, UploadFile):
+                uploads.append(value)
+            elif key in FORM_FIELDS and isinstance(value, str):
+                data[key] = _form_value(key, value)
+            else:
+                raise RequestValidationError(
+                    [
+                        field_error(
+                            key,
+                            "not a field of /run (prompt, max_attempts, timeout, "
+                            "model, and `files` parts)",
+                        )
+                    ]
+                )
+        req = _validated(data)
+        files = [InputFile(u.filename or "", await u.read()) for u in uploads]
+    finally:
+        await form.close()
+    try:
+        check_inputs(files, s)
+    except FilesTooLarge as e:
+        raise HTTPException(413, str(e)) from None
+    except FileRefused as e:
+        raise RequestValidationError([field_error("files", str(e))]) from None
+    return req, files
+
+
+def _form_value(key: str, value: str) -> Any:
+    """Form fields are text; the numbers /run takes are parsed here, strictly."""
+    if key == "max_attempts":
+        return int(value) if value.strip().lstrip("-").isdigit() else value
+    if key == "timeout":
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def checked_request(req: RunRequest, service: Service) -> RunRequest:
     """The limits that depend on the server's settings, reported like any validation error."""
     s = service.settings
     errors = []
@@ -55,7 +173,7 @@ def field_error(name: str, msg: str) -> dict[str, Any]:
     return {"loc": ["body", name], "msg": msg, "type": "value_error"}
 
 
-CheckedRequest = Annotated[RunRequest, Depends(checked_request)]
+RunInputDep = Annotated[RunInput, Depends(run_input)]
 RunId = Annotated[
     str,
     PathParam(pattern=RUN_ID_PATTERN, description="A run id, as returned by `POST /run`."),

@@ -90,7 +90,10 @@ class BodyLimit:
         if scope["type"] != "http" or limit is None:
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"").startswith(b"multipart/form-data"):
+            limit = getattr(state, "multipart_limit", limit)
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await _too_large(limit)(scope, receive, send)
             return

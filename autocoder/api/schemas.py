@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -51,6 +51,44 @@ class RunRequest(BaseModel):
         if not prompt.strip():
             raise ValueError("the prompt is blank")
         return prompt
+
+
+def run_request_body() -> dict[str, Any]:
+    """The OpenAPI request body of /run: the JSON object, or the same fields as a form.
+
+    The body is read by deps.run_input rather than by FastAPI (which takes one content type
+    per route), so its schemas are declared here and added to the components by app.py.
+    """
+    ref = "#/components/schemas/"
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": ref + "RunRequest"}},
+                "multipart/form-data": {"schema": {"$ref": ref + "RunUpload"}},
+            },
+        }
+    }
+
+
+def request_components() -> dict[str, Any]:
+    """The schemas run_request_body refers to."""
+    schema = RunRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    upload = {
+        "title": "RunUpload",
+        "type": "object",
+        "required": ["prompt"],
+        "properties": {
+            **schema["properties"],
+            "files": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "description": "Files for the code, by their base names (at most "
+                "AUTOCODER_MAX_FILES; each and all together at most AUTOCODER_MAX_UPLOAD_MB).",
+            },
+        },
+    }
+    return {"RunRequest": schema, "RunUpload": upload}
 
 
 class RunPage(BaseModel):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from autocoder.api.admission import Admission, Busy, Slot
 from autocoder.api.schemas import RunRequest
 from autocoder.config import Settings
+from autocoder.files import InputFile
 from autocoder.kernel import KernelPool
 from autocoder.records import Event, RunResult
 from autocoder.runner import Runner, new_run_id
@@ -48,19 +49,27 @@ class Service:
         return await self.admission.acquire()
 
     def launch(
-        self, slot: Slot, req: RunRequest, on_event: Callable[[Event], None] | None = None
+        self,
+        slot: Slot,
+        req: RunRequest,
+        on_event: Callable[[Event], None] | None = None,
+        files: Sequence[InputFile] = (),
     ) -> Job:
         """Start a run that owns `slot`, as its own task: the request that started it cancels
         it when the client leaves, and shutdown cancels what is left."""
         run_id = new_run_id()
-        task = asyncio.create_task(self._run(req, run_id, on_event))
+        task = asyncio.create_task(self._run(req, run_id, on_event, files))
         task.add_done_callback(lambda _: slot.release())
         self.runs.add(task)
         task.add_done_callback(self.runs.discard)
         return Job(run_id, task)
 
     async def _run(
-        self, req: RunRequest, run_id: str, on_event: Callable[[Event], None] | None
+        self,
+        req: RunRequest,
+        run_id: str,
+        on_event: Callable[[Event], None] | None,
+        files: Sequence[InputFile] = (),
     ) -> RunResult:
         try:
             result = await self.runner.run(
@@ -70,6 +79,7 @@ class Service:
                 model=req.model,
                 on_event=on_event,
                 run_id=run_id,
+                inputs=files,
             )
         except asyncio.CancelledError:
             # The runner has written the cancelled run's notebook; index it from there.

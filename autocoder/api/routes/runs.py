@@ -11,9 +11,9 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from autocoder.api.admission import Busy
 from autocoder.api.auth import require_token
-from autocoder.api.deps import CheckedRequest, RunId, ServiceDep, field_error
+from autocoder.api.deps import RunId, RunInput, RunInputDep, ServiceDep, field_error
 from autocoder.api.errors import RunCancelled
-from autocoder.api.schemas import ErrorBody, RunPage, RunRequest
+from autocoder.api.schemas import ErrorBody, RunPage, run_request_body
 from autocoder.api.service import Service
 from autocoder.api.streaming import (
     KEEPALIVE_SECONDS,
@@ -63,13 +63,16 @@ _STREAM_DOC = (
     summary="Generate code for a prompt, run it, retry on failure",
     description="Answers when the run is over, HTTP 200 whether it succeeded or not; 5xx means "
     "autocoder itself failed. With `Accept: text/event-stream` it streams like `/run/stream`. "
-    "Closing the connection cancels the run.",
+    "Closing the connection cancels the run. Files go as multipart/form-data: the same fields "
+    "plus `files` parts; they are in the code's working directory, read-only.",
+    openapi_extra=run_request_body(),
 )
-async def run(req: CheckedRequest, request: Request, service: ServiceDep) -> Any:
+async def run(given: RunInputDep, request: Request, service: ServiceDep) -> Any:
     if SSE_MEDIA_TYPE in request.headers.get("accept", ""):
-        return await _start_stream(req, request, service)
+        return await _start_stream(given, request, service)
+    req = given.req
     slot = await unless_disconnected(request, service.admit())
-    job = service.launch(slot, req)
+    job = service.launch(slot, req, files=given.files)
     try:
         return await unless_disconnected(request, job.task)
     except RunCancelled:
@@ -102,17 +105,18 @@ async def run(req: CheckedRequest, request: Request, service: ServiceDep) -> Any
     },
     summary="Like POST /run, streaming the run's progress as server-sent events",
     description=_STREAM_DOC,
+    openapi_extra=run_request_body(),
 )
 async def run_stream(
-    req: CheckedRequest, request: Request, service: ServiceDep
+    given: RunInputDep, request: Request, service: ServiceDep
 ) -> StreamingResponse:
-    return await _start_stream(req, request, service)
+    return await _start_stream(given, request, service)
 
 
-async def _start_stream(req: RunRequest, request: Request, service: Service) -> StreamingResponse:
+async def _start_stream(given: RunInput, request: Request, service: Service) -> StreamingResponse:
     slot = await unless_disconnected(request, service.admit())
     events: asyncio.Queue[Event | None] = asyncio.Queue()
-    task = service.launch(slot, req, on_event=events.put_nowait).task
+    task = service.launch(slot, given.req, on_event=events.put_nowait, files=given.files).task
     task.add_done_callback(lambda _: events.put_nowait(None))
     watcher = asyncio.create_task(cancel_when_gone(request, task))
     return StreamingResponse(

@@ -1,0 +1,40 @@
+"""The files a run's code wrote: `GET /runs/{run_id}/files/{name}`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+
+from autocoder.api.auth import require_token
+from autocoder.api.deps import RunId, ServiceDep
+from autocoder.api.schemas import ErrorBody
+from autocoder.files import media_type, resolve_output
+
+router = APIRouter(dependencies=[Depends(require_token)])
+
+FileName = Annotated[
+    str, PathParam(description="The file's `name` as the run's `files` list gives it.")
+]
+
+
+@router.get(
+    "/runs/{run_id}/files/{name:path}",
+    response_class=FileResponse,
+    responses={
+        200: {"description": "The file, as the code wrote it."},
+        404: {"model": ErrorBody, "description": "No such run, or no such file in it."},
+    },
+    summary="Download a file a run's code wrote",
+)
+async def get_file(run_id: RunId, name: FileName, service: ServiceDep) -> FileResponse:
+    """Served only from the run's own directory: `..`, absolute names and any symlink on the
+    way are refused, so nothing a run leaves can point a download elsewhere."""
+    files_dir = service.settings.autofile_dir / run_id / "files"
+    path = await asyncio.to_thread(resolve_output, files_dir, name)
+    if path is None:
+        raise HTTPException(404, f"run {run_id!r} has no file {name!r}")
+    return FileResponse(path, media_type=media_type(name), filename=path.name)
