@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autocoder.config import Settings
-from autocoder.errors import ConfigError
 from autocoder.records import RunFile
 
 PREVIEW_LINES = 5
@@ -242,18 +241,3 @@ def importable_packages(python: str | None = None) -> tuple[str, ...]:
         return tuple(json.loads(out.stdout)) if out.returncode == 0 else ()
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return ()
-
-
-def check_kernel_python(python: str) -> None:
-    """ConfigError in one line unless `python` runs and can import ipykernel."""
-    try:
-        out = subprocess.run(
-            [python, "-I", "-c", "import ipykernel"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ConfigError(f"AUTOCODER_KERNEL_PYTHON={python} cannot be run: {e}") from e
-    if out.returncode != 0:
-        raise ConfigError(
-            f"AUTOCODER_KERNEL_PYTHON={python} has no ipykernel "
-            f"(install it there: {python} -m pip install ipykernel)"
-        )

@@ -36,7 +36,7 @@ from typing import NoReturn
 
 from autocoder import asserts
 from autocoder.config import Settings, load_settings
-from autocoder.errors import SandboxUnavailable
+from autocoder.errors import ConfigError, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str
     env["AUTOCODER_ALLOW_NETWORK"] = "1" if settings.allow_network else "0"
     for field in _LIMIT_FIELDS:
         env[f"AUTOCODER_{field.upper()}"] = str(getattr(settings, field))
+    if settings.kernel_python is not None:
+        env["AUTOCODER_KERNEL_PYTHON"] = str(settings.kernel_python)
     env[WORKDIR_VAR] = str(workdir)
     env[RUNTIME_DIR_VAR] = str(runtime_dir)
     return env
@@ -117,6 +119,8 @@ def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str
 
 def check_available(settings: Settings) -> None:
     """Fail fast, in one line, when the configured sandbox cannot run here. Probes once per process."""
+    if settings.kernel_python is not None:
+        _check_kernel_python(str(settings.kernel_python))
     if settings.sandbox == "none":
         _warn_unconfined()
         return
@@ -179,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     settings = load_settings()
     connection_file = Path(args.connection_file).resolve()
+    python = str(settings.kernel_python or sys.executable)
     kernel = [
-        *(sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)),
+        *(python, "-m", "ipykernel_launcher", "-f", str(connection_file)),
         f"--IPKernelApp.exec_lines={asserts.exec_line()}",
     ]
     if args.sandbox == "none":
@@ -333,7 +338,9 @@ def _bwrap_argv(
     a += _parents(Path(SANDBOX_HOME))
     for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777"), (SANDBOX_HOME, "0700")):
         a += ["--perms", mode, "--size", tmpfs_bytes, "--tmpfs", path]
-    a += _ro_binds(_python_dirs())  # after the tmpfs mounts, so a venv under /tmp stays visible
+    a += _ro_binds(
+        _python_dirs(settings.kernel_python)
+    )  # after the tmpfs mounts, so a venv under /tmp stays visible
     a += _parents(workdir, runtime_dir)
     a += ["--bind", str(workdir), str(workdir), "--bind", str(runtime_dir), str(runtime_dir)]
     if connection_file is not None:
@@ -365,8 +372,9 @@ def _system_mounts(allow_network: bool) -> list[str]:
     return a
 
 
-def _python_dirs() -> list[Path]:
-    """The interpreter and its packages, wherever they live (a venv, pyenv under /root, /opt).
+def _python_dirs(kernel_python: Path | None = None) -> list[Path]:
+    """The interpreter and its packages, wherever they live (a venv, pyenv under /root, /opt),
+    and those of AUTOCODER_KERNEL_PYTHON when the kernels run with another one.
 
     The user site is on sys.path only when kernel_env passed PYTHONUSERBASE; only it is bound,
     never the rest of that home.
@@ -379,9 +387,45 @@ def _python_dirs() -> list[Path]:
         *site.getsitepackages(),
     }
     found |= {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
+    if kernel_python is not None:
+        found |= set(_prefixes_of(str(kernel_python)))
+        found.add(str(Path(kernel_python).resolve().parent.parent))
     dirs = sorted({Path(p).resolve() for p in found if Path(p).is_dir()})
     outside_usr = [d for d in dirs if not d.is_relative_to("/usr")]
     return [d for d in outside_usr if not any(d != o and d.is_relative_to(o) for o in outside_usr)]
+
+
+_PREFIXES = (
+    "import site, sys; print('\\n'.join([sys.prefix, sys.base_prefix, sys.exec_prefix, "
+    "sys.base_exec_prefix, *site.getsitepackages(), *[p for p in sys.path if p]]))"
+)
+
+
+def _prefixes_of(python: str) -> list[str]:
+    """Where another interpreter keeps itself and its packages (asked once per launcher)."""
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", _PREFIXES], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line for line in out.stdout.splitlines() if line.startswith("/")]
+
+
+@functools.cache
+def _check_kernel_python(python: str) -> None:
+    """One line unless AUTOCODER_KERNEL_PYTHON runs and has ipykernel (asked once per process)."""
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", "import ipykernel"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"AUTOCODER_KERNEL_PYTHON={python} cannot be run: {e}") from None
+    if out.returncode != 0:
+        raise ConfigError(
+            f"AUTOCODER_KERNEL_PYTHON={python} cannot import ipykernel "
+            f"(install it there: {python} -m pip install ipykernel)"
+        )
 
 
 def _ro_binds(dirs: list[Path]) -> list[str]:

@@ -11,6 +11,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from autocoder.api.schemas import RunRequest
 from autocoder.api.service import Service
@@ -90,7 +91,7 @@ async def _from_form(request: Request, service: Service) -> tuple[RunRequest, li
     s = service.settings
     try:
         form = await request.form(max_files=s.max_files + 1, max_fields=len(FORM_FIELDS) + 4)
-    except HTTPException as e:
+    except StarletteHTTPException as e:
         if "Too many files" in str(e.detail):
             raise HTTPException(
                 422, f"at most {s.max_files} files per run (AUTOCODER_MAX_FILES)"
