@@ -355,4 +355,4 @@ async def test_the_embedded_model_plots_a_sine_wave(tmp_path: Path) -> None:
     shown = [o for a in result.attempts for o in a.outputs if "image/png" in o.get("data", {})] + [
         f for f in result.files if f.media_type == "image/png"
     ]
-    assert shown, [a.error for a in result.attempts]
+    assert shown, (result.error, [a.error for a in result.attempts])
