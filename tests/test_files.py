@@ -9,6 +9,7 @@ import base64
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -356,3 +357,23 @@ async def test_the_embedded_model_plots_a_sine_wave(tmp_path: Path) -> None:
         f for f in result.files if f.media_type == "image/png"
     ]
     assert shown, (result.error, [a.error for a in result.attempts])
+
+
+@pytest.mark.asyncio
+async def test_kernels_can_run_with_another_interpreter_under_the_sandbox(
+    settings: Settings, llm: ScriptedLLM, tmp_path: Path
+) -> None:
+    env = tmp_path / "env"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)],
+        check=True,
+        timeout=60,
+    )
+    llm.script(fenced("import sys\nprint(sys.prefix)"))
+    runner = Runner(settings.model_copy(update={"kernel_python": env / "bin" / "python"}))
+    try:
+        result = await runner.run("which python runs me?")
+    finally:
+        await runner.close()
+    assert result.status == "success", result.error
+    assert result.output.strip() == str(env)
