@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(5005, ge=0, le=65535)
     api_token: SecretStr | None = None
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated names clients may reach the server by (Host header) "
+        "besides loopback and AUTOCODER_HOST; '*' for any.",
+    )
     pool_size: int = Field(2, ge=0, le=64)
     max_concurrent_runs: int = Field(4, ge=1, le=256)
     max_queued_runs: int = Field(16, ge=0)

@@ -5,23 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from autocoder import __version__, sandbox
 from autocoder.api import errors
 from autocoder.api.admission import Admission
-from autocoder.api.auth import check_exposure
+from autocoder.api.auth import PUBLIC_PATHS, check_exposure
 from autocoder.api.routes import health, runs
 from autocoder.api.service import CANCEL_GRACE, Service
 from autocoder.config import Settings, load_settings
-from autocoder.errors import AutocoderError
+from autocoder.errors import AutocoderError, ConfigError
 from autocoder.kernel import KernelPool
 from autocoder.runner import Runner
 from autocoder.store import RunStore
@@ -86,8 +89,59 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(health.router)
     errors.install(app)
+    app.openapi = lambda: openapi_schema(app, settings or load_settings())  # type: ignore[method-assign]
 
     return app
+
+
+def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document of this server as configured: its limits, and a bearer scheme
+    only when it has a token (auth.Guard enforces both; the document just says so)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    request = schema["components"]["schemas"]["RunRequest"]["properties"]
+    request["prompt"]["maxLength"] = settings.max_prompt_chars
+    _bound(request["max_attempts"], "maximum", settings.max_request_attempts)
+    _bound(request["timeout"], "maximum", settings.max_request_timeout)
+    token = bool(settings.api_token)
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if token and path not in PUBLIC_PATHS:
+                operation["security"] = [{"bearer": []}]
+                responses["401"] = {
+                    "description": "The token was missing or wrong.",
+                    "content": {"application/json": {"schema": _ERROR_REF}},
+                }
+            responses["403"] = {
+                "description": "The Host or Origin is not this server's (DNS rebinding), or "
+                "a request without a token arrived on a non-loopback address.",
+                "content": {"application/json": {"schema": _ERROR_REF}},
+            }
+            if "requestBody" in operation:
+                responses["413"] = {
+                    "description": "The body is larger than any valid request.",
+                    "content": {"application/json": {"schema": _ERROR_REF}},
+                }
+    if token:
+        schema["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "AUTOCODER_API_TOKEN."}
+        }
+    app.openapi_schema = schema
+    return schema
+
+
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+
+
+def _bound(prop: dict[str, Any], key: str, value: float) -> None:
+    """Put a bound on a nullable property, whichever way pydantic wrote it."""
+    for choice in prop.get("anyOf", [prop]):
+        if choice.get("type") in {"integer", "number"}:
+            choice[key] = value
 
 
 class _Server(uvicorn.Server):
@@ -107,6 +161,32 @@ class _Server(uvicorn.Server):
             await draining
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a busy port is one clear line (uvicorn would
+    log it and exit before we could say anything)."""
+    try:
+        family, *_, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as e:
+        sock.close()
+        hint = (
+            " (is another server running there? choose --port)"
+            if e.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    return sock
+
+
 def serve(settings: Settings) -> None:
     """`autocoder serve`: uvicorn on AUTOCODER_HOST:AUTOCODER_PORT until SIGTERM or Ctrl-C.
 
@@ -115,6 +195,7 @@ def serve(settings: Settings) -> None:
     """
     check_exposure(settings)
     sandbox.check_available(settings)
+    sock = _listen(settings.host, settings.port)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -126,11 +207,13 @@ def serve(settings: Settings) -> None:
     )
     server = _Server(config, app, settings.shutdown_grace)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         # uvicorn re-raises the SIGINT/SIGTERM it handled once it has shut down cleanly.
         if not server.started:
             raise
+    finally:
+        sock.close()
     if not server.started:
         raise AutocoderError(
             f"the server did not start on {settings.host}:{settings.port} (see the log above)"
