@@ -39,7 +39,6 @@ _RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
         "With `Accept: text/event-stream`, the run's events as server-sent events instead.",
         "content": {SSE_MEDIA_TYPE: {"schema": {"type": "string"}}},
     },
-    401: {"model": ErrorBody, "description": "A token is required and was missing or wrong."},
     422: {"description": "The request is malformed or beyond the server's limits."},
     429: {
         "model": ErrorBody,
