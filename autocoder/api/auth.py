@@ -84,10 +84,13 @@ def _host_name(authority: str) -> str:
 
 def _arrived_over_ip(scope: Scope) -> bool:
     server = scope.get("server")
+    if not server:
+        return False
     try:
-        return bool(server) and bool(ipaddress.ip_address(str(server[0])))
+        ipaddress.ip_address(str(server[0]))
     except ValueError:
         return False
+    return True
 
 
 def _arrived_on_loopback(scope: Scope) -> bool:
