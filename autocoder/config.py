@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(
         60.0, gt=0, description="Seconds a request may wait for a run slot before it gets 503."
     )
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds a client may take to send a request's headers."
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, le=3600, description="Seconds a client may take to send a request's body."
+    )
     shutdown_grace: float = Field(
         10.0, ge=0, description="Seconds running requests get to finish at shutdown."
     )

@@ -238,3 +238,43 @@ def test_shutdown_turns_queued_requests_away_at_once(
     assert "shutting down" in queued[0].json()["detail"]
     assert took < 10, (took, log)  # grace 1 s + cancel; a run given the slot would take 60 s
     assert proc.returncode == 0, log
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow clients
+
+
+def _closed_by_server(sock: socket.socket, deadline: float) -> bool:
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        sock.recv(1024)  # EOF (or an answer) means the server let go
+        return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_slow_clients_are_cut_off_in_bounded_time(tmp_path: Path, llm: ScriptedLLM) -> None:
+    settings = make_settings(tmp_path, llm, header_timeout=1.0, body_timeout=1.0)
+    with LiveServer(settings) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(300)]
+        try:
+            for i, s in enumerate(socks):
+                if i % 3 == 1:  # headers, never finished
+                    s.sendall(b"GET /runs HTTP/1.1\r\nHost: localhost\r\n")
+                elif i % 3 == 2:  # a body that never comes
+                    s.sendall(
+                        b"POST /run HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                        b'\r\nContent-Length: 100\r\n\r\n{"prompt"'
+                    )
+            deadline = time.monotonic() + 15
+            held = [s for s in socks if not _closed_by_server(s, deadline)]
+            assert held == [], f"{len(held)} of 300 slow connections still held"
+            # The server still answers a client that is not slow.
+            assert live.health()["status"] == "ok"
+        finally:
+            for s in socks:
+                s.close()
+    assert llm.requests == []

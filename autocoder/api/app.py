@@ -23,6 +23,7 @@ from autocoder.api.admission import Admission
 from autocoder.api.auth import PUBLIC_PATHS, check_exposure
 from autocoder.api.routes import health, runs
 from autocoder.api.service import CANCEL_GRACE, Service
+from autocoder.api.timeouts import protocol_for
 from autocoder.config import Settings, load_settings
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.kernel import KernelPool
@@ -187,6 +188,11 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn options every server of this app uses: read deadlines for slow clients."""
+    return {"http": protocol_for(settings.header_timeout, settings.body_timeout)}
+
+
 def serve(settings: Settings) -> None:
     """`autocoder serve`: uvicorn on AUTOCODER_HOST:AUTOCODER_PORT until SIGTERM or Ctrl-C.
 
@@ -202,6 +208,7 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         lifespan="on",
+        **server_options(settings),
         # A backstop only: drain() has cancelled every run by then.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + CANCEL_GRACE),
     )
