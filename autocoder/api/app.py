@@ -105,6 +105,7 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     )
     request = schema["components"]["schemas"]["RunRequest"]["properties"]
     request["prompt"]["maxLength"] = settings.max_prompt_chars
+    request["prompt"]["pattern"] = r"\S"  # not blank (the model's validator says so in words)
     _bound(request["max_attempts"], "maximum", settings.max_request_attempts)
     _bound(request["timeout"], "maximum", settings.max_request_timeout)
     token = bool(settings.api_token)
@@ -123,10 +124,17 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
                 "content": {"application/json": {"schema": _ERROR_REF}},
             }
             if "requestBody" in operation:
+                responses["400"] = {
+                    "description": "The body could not be decoded (not UTF-8 JSON).",
+                    "content": {"application/json": {"schema": _ERROR_REF}},
+                }
                 responses["413"] = {
                     "description": "The body is larger than any valid request.",
                     "content": {"application/json": {"schema": _ERROR_REF}},
                 }
+            sse = responses.get("200", {}).get("content", {}).get("text/event-stream")
+            if sse is not None:
+                sse["schema"] = _SSE_EVENT
     if token:
         schema["components"]["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer", "description": "AUTOCODER_API_TOKEN."}
@@ -136,6 +144,20 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
 
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+# One server-sent event (OpenAPI before 3.2 has `schema` describe each event of a stream).
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "description": "The event's type (see the description)."},
+        "id": {"type": "string", "description": "Its sequence number in this stream."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "A JSON object `{type, run_id, attempt, data}`; for `server_error`, "
+            "`{detail}`.",
+        },
+    },
+}
 
 
 def _bound(prop: dict[str, Any], key: str, value: float) -> None:
