@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(5005, ge=0, le=65535)
     api_token: SecretStr | None = None
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated names clients may reach the server by (Host header) "
+        "besides loopback and AUTOCODER_HOST; '*' for any.",
+    )
     pool_size: int = Field(2, ge=0, le=64)
     max_concurrent_runs: int = Field(4, ge=1, le=256)
     max_queued_runs: int = Field(16, ge=0)
@@ -74,6 +79,12 @@ class Settings(BaseSettings):
     max_request_timeout: float = Field(120.0, gt=0)
     queue_timeout: float = Field(
         60.0, gt=0, description="Seconds a request may wait for a run slot before it gets 503."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds a client may take to send a request's headers."
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, le=3600, description="Seconds a client may take to send a request's body."
     )
     shutdown_grace: float = Field(
         10.0, ge=0, description="Seconds running requests get to finish at shutdown."

@@ -432,11 +432,12 @@ class _Run:
         self.task = prompt
         self.files: list[Any] = []
         self.attempts: list[Attempt] = []
+        self.current: Attempt | None = None
         self.kernel: Executor | None = None
         self.kernel_task: asyncio.Task[Executor] | None = None
         self.workdir = ""
         self.code_dir = settings.autofile_dir / run_id
-        self.started = time.monotonic()
+        self.started = self.current_started = time.monotonic()
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.model = ""
         self.backend = ""
@@ -462,6 +463,7 @@ class _Run:
             for number in range(1, self.settings.max_attempts + 1):
                 attempt = await self.attempt(number, model, policy)
                 self.attempts.append(attempt)
+                self.current = None
                 await self.emit(
                     "attempt_finished", number, **attempt.model_dump(mode="json", exclude={"reply"})
                 )
@@ -474,6 +476,7 @@ class _Run:
                 raise
         except asyncio.CancelledError:
             error_kind, error = ErrorKind.CANCELLED, "the run was cancelled"
+            self._keep_cancelled_attempt(error)
             await asyncio.shield(self._finish(error_kind, error))
             raise
         except BaseException:
@@ -482,9 +485,21 @@ class _Run:
             raise
         return await asyncio.shield(self._finish(error_kind, error))
 
+    def _keep_cancelled_attempt(self, error: str) -> None:
+        """The attempt a cancel interrupted is part of the record: its code ran (its file is
+        on disk) and its output may have been streamed already."""
+        attempt, self.current = self.current, None
+        if attempt is None:
+            return
+        attempt.status = "error"
+        attempt.error_kind = ErrorKind.CANCELLED
+        attempt.error = error
+        attempt.duration = time.monotonic() - self.current_started
+        self.attempts.append(attempt)
+
     async def attempt(self, number: int, model: LLM, policy: RetryPolicy) -> Attempt:
         await self.emit("attempt_started", number, max_attempts=self.settings.max_attempts)
-        start = time.monotonic()
+        start = self.current_started = time.monotonic()
         messages, temperature = policy.request(
             self.task, self.attempts, self.settings, self.system_prompt
         )
@@ -505,6 +520,7 @@ class _Run:
             tokens=completion.completion_tokens,
             model=self.model,
         )
+        self.current = attempt
         if code and self.record:
             attempt.filename = str(self.code_dir / f"generated_code_{number}.py")
             write_atomic(Path(attempt.filename), code)
@@ -544,7 +560,18 @@ class _Run:
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Future[Any]] = set()
 
+        kept = 0
+
         def on_output(out: dict[str, Any]) -> None:
+            # What ran so far stays with the attempt should the run be cancelled mid-way,
+            # up to the output limit (the result replaces it when the code ends).
+            nonlocal kept
+            text = str(out.get("text", ""))
+            if kept + len(text) <= self.settings.max_output_bytes:
+                kept += len(text)
+                attempt.outputs.append(out)
+                if out.get("output_type") == "stream" and out.get("name") == "stdout":
+                    attempt.output += text
             if self.on_event is not None:
                 fut = asyncio.ensure_future(self.emit("output", number, **out), loop=loop)
                 pending.add(fut)

@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 
 from autocoder import api
+from autocoder.api.app import server_options
 from autocoder.config import Settings, load_settings
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM
@@ -137,7 +138,10 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(
-            api.create_app(settings), log_level="warning", timeout_graceful_shutdown=5
+            api.create_app(settings),
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            **server_options(settings),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(

@@ -449,7 +449,8 @@ def test_a_token_guards_everything_but_health(tmp_path: Path, llm: ScriptedLLM) 
 
     # Without a token, the API refuses to be reached from anywhere but loopback...
     open_settings = make_settings(tmp_path, llm)
-    with TestClient(api.create_app(open_settings), base_url="http://192.0.2.10") as c:
+    public = open_settings.model_copy(update={"allowed_hosts": "192.0.2.10"})
+    with TestClient(api.create_app(public), base_url="http://192.0.2.10") as c:
         assert c.get("/runs").status_code == 403
         assert c.get("/health").status_code == 200
     # ...and refuses to start on a public address at all.

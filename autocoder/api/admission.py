@@ -41,12 +41,19 @@ class Admission:
         self.queued = 0
         self._sem = asyncio.Semaphore(limit)
         self._mean_run = 2.0
+        self._closed = asyncio.Event()
+
+    def close(self) -> None:
+        """The server is shutting down: waiters and newcomers get 503 at once."""
+        self._closed.set()
 
     def retry_after(self) -> int:
         """A guess at when a slot frees up: mean run time × (queue length + 1) / slots."""
         return max(1, min(300, math.ceil(self._mean_run * (self.queued + 1) / self.limit)))
 
     async def acquire(self) -> Slot:
+        if self._closed.is_set():
+            raise _shutting_down()
         if self._sem.locked() and self.queued >= self.max_queued:
             raise Busy(
                 f"the server is full: {self.running} running and {self.queued} waiting "
@@ -56,14 +63,22 @@ class Admission:
             )
         self.queued += 1
         waiter = asyncio.ensure_future(self._sem.acquire())
+        closed = asyncio.ensure_future(self._closed.wait())
         try:
-            await asyncio.wait({waiter}, timeout=self.wait)
+            await asyncio.wait(
+                {waiter, closed}, timeout=self.wait, return_when=asyncio.FIRST_COMPLETED
+            )
         except asyncio.CancelledError:
             if not waiter.cancel():  # it already holds the semaphore
                 self._sem.release()
             raise
         finally:
+            closed.cancel()
             self.queued -= 1
+        if self._closed.is_set():
+            if not waiter.cancel():
+                self._sem.release()
+            raise _shutting_down()
         if not waiter.done():
             waiter.cancel()
             raise Busy(
@@ -78,3 +93,7 @@ class Admission:
         self.running -= 1
         self._mean_run = 0.8 * self._mean_run + 0.2 * seconds
         self._sem.release()
+
+
+def _shutting_down() -> Busy:
+    return Busy("the server is shutting down; retry later", status_code=503, retry_after=5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import math
 import socket
@@ -14,16 +15,18 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from autocoder import __version__, sandbox
 from autocoder.api import errors
 from autocoder.api.admission import Admission
-from autocoder.api.auth import check_exposure
+from autocoder.api.auth import PUBLIC_PATHS, check_exposure
 from autocoder.api.routes import files, health, runs
 from autocoder.api.schemas import request_components
 from autocoder.api.service import CANCEL_GRACE, Service
+from autocoder.api.timeouts import protocol_for
 from autocoder.config import Settings, load_settings
-from autocoder.errors import AutocoderError
+from autocoder.errors import AutocoderError, ConfigError
 from autocoder.kernel import KernelPool
 from autocoder.runner import Runner
 from autocoder.store import RunStore
@@ -93,18 +96,82 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(health.router)
     errors.install(app)
-    default_openapi = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = default_openapi()
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(
-                request_components()
-            )
-        return app.openapi_schema or {}
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_schema(app, settings or load_settings())  # type: ignore[method-assign]
     return app
+
+
+def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document of this server as configured: its limits, and a bearer scheme
+    only when it has a token (auth.Guard enforces both; the document just says so)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    # /run reads its body itself (JSON or multipart), so its schemas are added here.
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(request_components())
+    request = schema["components"]["schemas"]["RunRequest"]["properties"]
+    request["prompt"]["maxLength"] = settings.max_prompt_chars
+    request["prompt"]["pattern"] = r"\S"  # not blank (the model's validator says so in words)
+    _bound(request["max_attempts"], "maximum", settings.max_request_attempts)
+    _bound(request["timeout"], "maximum", settings.max_request_timeout)
+    token = bool(settings.api_token)
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if token and path not in PUBLIC_PATHS:
+                operation["security"] = [{"bearer": []}]
+                responses["401"] = {
+                    "description": "The token was missing or wrong.",
+                    "content": {"application/json": {"schema": _ERROR_REF}},
+                }
+            responses["403"] = {
+                "description": "The Host or Origin is not this server's (DNS rebinding), or "
+                "a request without a token arrived on a non-loopback address.",
+                "content": {"application/json": {"schema": _ERROR_REF}},
+            }
+            if "requestBody" in operation:
+                responses["400"] = {
+                    "description": "The body could not be decoded (not UTF-8 JSON).",
+                    "content": {"application/json": {"schema": _ERROR_REF}},
+                }
+                responses["413"] = {
+                    "description": "The body is larger than any valid request.",
+                    "content": {"application/json": {"schema": _ERROR_REF}},
+                }
+            sse = responses.get("200", {}).get("content", {}).get("text/event-stream")
+            if sse is not None:
+                sse["schema"] = _SSE_EVENT
+    if token:
+        schema["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "AUTOCODER_API_TOKEN."}
+        }
+    app.openapi_schema = schema
+    return schema
+
+
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+# One server-sent event (OpenAPI before 3.2 has `schema` describe each event of a stream).
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "description": "The event's type (see the description)."},
+        "id": {"type": "string", "description": "Its sequence number in this stream."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "A JSON object `{type, run_id, attempt, data}`; for `server_error`, "
+            "`{detail}`.",
+        },
+    },
+}
+
+
+def _bound(prop: dict[str, Any], key: str, value: float) -> None:
+    """Put a bound on a nullable property, whichever way pydantic wrote it."""
+    for choice in prop.get("anyOf", [prop]):
+        if choice.get("type") in {"integer", "number"}:
+            choice[key] = value
 
 
 class _Server(uvicorn.Server):
@@ -124,6 +191,37 @@ class _Server(uvicorn.Server):
             await draining
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a busy port is one clear line (uvicorn would
+    log it and exit before we could say anything)."""
+    try:
+        family, *_, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as e:
+        sock.close()
+        hint = (
+            " (is another server running there? choose --port)"
+            if e.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    return sock
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn options every server of this app uses: read deadlines for slow clients."""
+    return {"http": protocol_for(settings.header_timeout, settings.body_timeout)}
+
+
 def serve(settings: Settings) -> None:
     """`autocoder serve`: uvicorn on AUTOCODER_HOST:AUTOCODER_PORT until SIGTERM or Ctrl-C.
 
@@ -132,22 +230,26 @@ def serve(settings: Settings) -> None:
     """
     check_exposure(settings)
     sandbox.check_available(settings)
+    sock = _listen(settings.host, settings.port)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         lifespan="on",
+        **server_options(settings),
         # A backstop only: drain() has cancelled every run by then.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + CANCEL_GRACE),
     )
     server = _Server(config, app, settings.shutdown_grace)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         # uvicorn re-raises the SIGINT/SIGTERM it handled once it has shut down cleanly.
         if not server.started:
             raise
+    finally:
+        sock.close()
     if not server.started:
         raise AutocoderError(
             f"the server did not start on {settings.host}:{settings.port} (see the log above)"

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autocoder.api.admission import Busy
+from autocoder.api.auth import Guard
 from autocoder.errors import AutocoderError, ConfigError, KernelStartError
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def _too_large(limit: int) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Every translation of an exception into a status code, and the body limit."""
     app.add_middleware(BodyLimit)
+    app.add_middleware(Guard)  # outermost: nothing is read for a request that is refused
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Busy, _busy)
     app.add_exception_handler(ClientGone, _client_gone)

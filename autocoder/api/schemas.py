@@ -45,6 +45,12 @@ class RunRequest(BaseModel):
         description="The model to ask, by the endpoint's name for it. Default AUTOCODER_MODEL.",
     )
 
+    @field_validator("max_attempts", mode="before")
+    @classmethod
+    def _integral(cls, value: object) -> object:
+        """JSON Schema counts 2.0 as an integer, and so do we."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, prompt: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from autocoder.api.admission import Admission, Busy, Slot
 from autocoder.api.schemas import RunRequest
+from autocoder.api.streaming import cancel_once
 from autocoder.config import Settings
 from autocoder.files import InputFile
 from autocoder.kernel import KernelPool
@@ -99,19 +100,22 @@ class Service:
         """Take no new runs; give those running `grace` seconds, then cancel them. A cancelled
         run still ends as a result (recorded, kernel freed), so its request ends normally."""
         self.draining = True
+        # Waiters fail now: none may take the slot a cancelled run frees.
+        self.admission.close()
         if self.runs:
             await asyncio.wait(set(self.runs), timeout=grace)
         await self._cancel_runs()
 
     async def _cancel_runs(self) -> None:
         for task in self.runs:
-            task.cancel()
+            cancel_once(task)
         if self.runs:
             await asyncio.wait(set(self.runs), timeout=CANCEL_GRACE)
 
     async def close(self) -> None:
         """Cancel whatever still runs, then shut the pool and the index."""
         self.draining = True
+        self.admission.close()
         await self._cancel_runs()
         await self.runner.close()
         await asyncio.to_thread(self.store.close)

@@ -40,16 +40,23 @@ async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
     finally:
         gone.cancel()
     if not work.done():
-        work.cancel()
+        cancel_once(work)  # type: ignore[arg-type]
         raise ClientGone
     if work.cancelled():
         raise RunCancelled
     return work.result()
 
 
+def cancel_once(task: asyncio.Task[Any]) -> None:
+    """Cancel a run once. A second cancel would land in the run's own cleanup (recording it,
+    releasing its kernel), so it would end unrecorded, free its slot early and escape drain()."""
+    if not task.done() and not task.cancelling():
+        task.cancel()
+
+
 async def cancel_when_gone(request: Request, task: asyncio.Task[Any]) -> None:
     await _disconnected(request)
-    task.cancel()
+    cancel_once(task)
 
 
 def _sse(name: str, data: str, seq: int) -> str:
@@ -77,4 +84,4 @@ async def event_stream(
             yield _sse("server_error", json.dumps({"detail": fault_message(exc)}), seq + 1)
     finally:
         watcher.cancel()
-        task.cancel()  # the client stopped reading; a finished task ignores this
+        cancel_once(task)  # the client stopped reading; a finished task ignores this

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
-from autocoder.api.auth import require_token
 from autocoder.api.deps import RunId, ServiceDep
 from autocoder.api.schemas import ErrorBody
 from autocoder.files import media_type, resolve_output
 
-router = APIRouter(dependencies=[Depends(require_token)])
+router = APIRouter()  # auth.Guard checks the token
 
 FileName = Annotated[
     str, PathParam(description="The file's `name` as the run's `files` list gives it.")

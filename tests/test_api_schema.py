@@ -1,0 +1,79 @@
+"""The OpenAPI document tells the truth: schemathesis, against the real server, with and
+without a token, with every check. Runs it starts end at once: the scripted model answers
+immediately with code that prints, and the server's limits keep attempts and timeouts short."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from autocoder.testing import ScriptedLLM, fenced
+from tests.conftest import LiveServer
+from tests.test_api import make_settings
+
+pytestmark = pytest.mark.timeout(120)
+TOKEN = "schema-test-token"
+
+
+class AnyModel(list[str]):
+    """The scripted endpoint serves whatever model a generated request names."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module", params=["open", "token"])
+def served(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    llm_server: ScriptedLLM,
+) -> Iterator[tuple[LiveServer, dict[str, str]]]:
+    llm_server.script()
+    llm_server.responder = lambda body: fenced("print('ok')")
+    served_models = llm_server.models
+    llm_server.models = AnyModel(served_models)
+    token = request.param == "token"
+    config = make_settings(
+        tmp_path_factory.mktemp("schema"),
+        llm_server,
+        pool_size=1,
+        max_concurrent_runs=4,
+        max_queued_runs=32,
+        max_prompt_chars=200,
+        max_request_attempts=2,
+        max_request_timeout=2.0,
+        timeout=2.0,
+        api_token=TOKEN if token else None,
+    )
+    try:
+        with LiveServer(config) as live:
+            yield live, ({"Authorization": f"Bearer {TOKEN}"} if token else {})
+    finally:
+        llm_server.responder = None
+        llm_server.models = served_models
+
+
+@pytest.fixture(scope="module")
+def api_schema(served: tuple[LiveServer, dict[str, str]]) -> Any:
+    live, headers = served
+    return schemathesis.openapi.from_url(f"{live.url}/openapi.json", headers=headers)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=5,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
+def test_every_operation_keeps_its_documented_promises(
+    case: Any, served: tuple[LiveServer, dict[str, str]]
+) -> None:
+    case.call_and_validate(headers=served[1])
