@@ -37,6 +37,8 @@ class RunInput:
 
 MULTIPART = "multipart/form-data"
 FORM_FIELDS = ("prompt", "max_attempts", "timeout", "model")
+# A form has no null: an optional field sent as JSON's `null` is one not given.
+FORM_NULLS = ("null",)
 
 
 async def run_input(request: Request, service: ServiceDep) -> RunInput:
@@ -104,7 +106,8 @@ async def _from_form(request: Request, service: Service) -> tuple[RunRequest, li
             if key == "files" and isinstance(value, UploadFile):
                 uploads.append(value)
             elif key in FORM_FIELDS and isinstance(value, str):
-                data[key] = _form_value(key, value)
+                if key == "prompt" or value not in FORM_NULLS:
+                    data[key] = _form_value(key, value)
             else:
                 raise RequestValidationError(
                     [
