@@ -23,7 +23,7 @@ from autocoder.errors import ConfigError, LLMError
 from autocoder.files import InputFile
 from autocoder.kernel import KernelProvider, OutputCallback
 from autocoder.llm import LLM, Message, clean_traceback, cut_middle, extract_code
-from autocoder.notebook import notebook_path, write_atomic, write_notebook
+from autocoder.notebook import notebook_path, write_atomic, write_notebook, write_record
 from autocoder.records import Attempt, ErrorInfo, ErrorKind, Event, Execution, RunResult
 
 FEEDBACK_CHARS = 4000
@@ -670,7 +670,8 @@ class _Run:
         )
         if self.record:
             path = notebook_path(self.settings.notebooks_dir, self.run_id)
-            write_notebook(result, path)
             result.notebook = str(path)
+            write_notebook(result, path, timeout=self.settings.timeout)
+            write_record(result, self.settings.notebooks_dir)
         await self.emit("run_finished", **result.model_dump(mode="json", exclude={"attempts"}))
         return result

@@ -1,8 +1,9 @@
-"""An index of runs in SQLite, next to the notebooks, so the service can list history fast.
+"""The canonical run records and an index of them in SQLite, so the service can list history fast.
 
-The notebooks are the source of truth: the index only caches what they say. A notebook that
-is gone takes its run out of the index; one the index has not seen (written by the CLI, or by
-a run cancelled mid-way) is read and added; a deleted or corrupt `runs.sqlite` is rebuilt.
+The records (`.autocoder/records/<run-id>.json`, written by the runner) are the source of
+truth; the notebooks are only a readable view and are never read back. A record that is gone
+takes its run out of the index; one the index has not seen (written by the CLI, or by a run
+cancelled mid-way) is read and added; a deleted or corrupt `runs.sqlite` is rebuilt.
 Every method here blocks (SQLite, file reads); async callers use `asyncio.to_thread`.
 """
 
@@ -10,20 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sqlite3
+import stat as stat_mod
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import nbformat
 from pydantic import BaseModel, Field
 
-from autocoder.kernel import texts
-from autocoder.llm import clean_traceback
-from autocoder.notebook import is_valid_run_id, notebook_path
-from autocoder.records import Attempt, ErrorKind, RunFile, RunResult
+from autocoder.notebook import is_valid_run_id, record_path
+from autocoder.records import ErrorKind, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +45,6 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_newest ON runs (started_at DESC, nb_mtime DESC, run_id DESC);
 """
 
-# The attempt headings notebook.py writes, e.g. "**Attempt 2/5** — failed: `timeout` · 2.01 s".
-_HEADING = re.compile(
-    r"^\*\*Attempt (?P<n>\d+)/\d+\*\* — (?:succeeded|failed: `(?P<kind>[a-z_]+)`)"
-    r"(?: \((?P<ename>[^)]*)\))?(?: · (?P<duration>[0-9.]+) s)?"
-)
-
 
 class RunSummary(BaseModel):
     """One line of run history."""
@@ -71,31 +62,45 @@ class RunSummary(BaseModel):
 
 
 class RunStore:
-    """The index. Open it with `open()`, which also brings it up to date with the notebooks."""
+    """The index. Open it with `open()`, which also brings it up to date with the records.
+
+    Each run's canonical record is `<notebooks>/.autocoder/records/<run-id>.json`, written once
+    by the runner and left read-only; the index (`.autocoder/runs.sqlite`) only caches it. Both
+    sit in a hidden folder, so the notebooks a user browses and edits never feed the API.
+    """
 
     def __init__(self, notebooks_dir: Path) -> None:
         self.notebooks_dir = notebooks_dir
-        self.path = notebooks_dir / INDEX_NAME
+        self.records_dir = notebooks_dir / ".autocoder" / "records"
+        self.path = notebooks_dir / ".autocoder" / INDEX_NAME
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._seen_dir_mtime: int | None = None
 
     def open(self) -> None:
-        self.notebooks_dir.mkdir(parents=True, exist_ok=True)
+        self.records_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as e:
-            log.warning(
-                "run index %s is unreadable (%s); rebuilding it from the notebooks", self.path, e
-            )
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-            self._db = self._connect()
+            self._db = self._rebuild(e)
         self.sync()
+
+    def _rebuild(self, error: sqlite3.DatabaseError) -> sqlite3.Connection:
+        log.warning(
+            "run index %s is unreadable (%s); rebuilding it from the records", self.path, error
+        )
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        self._seen_dir_mtime = None
+        return self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
         try:
+            # A corrupt page behind an intact header passes connect(); quick_check finds it here,
+            # inside the guard, rather than later in the middle of a request.
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity check failed")
             db.execute("PRAGMA journal_mode=WAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version != SCHEMA_VERSION:
@@ -121,10 +126,26 @@ class RunStore:
             raise RuntimeError("the run index is not open")
         return self._db
 
+    def _query(self, sql: str, args: Any = ()) -> list[Any]:
+        """Run one statement; a database found corrupt at run time is rebuilt and asked again."""
+        for retry in (True, False):
+            try:
+                with self._lock:
+                    rows = self.db.execute(sql, args).fetchall()
+                    self.db.commit()
+                return rows
+            except sqlite3.DatabaseError as e:
+                if not retry or isinstance(e, sqlite3.ProgrammingError):
+                    raise
+                with self._lock:
+                    self.db.close()
+                    self._db = self._rebuild(e)
+                self._sync_records()
+        raise AssertionError("unreachable")
+
     def add(self, result: RunResult) -> None:
-        """Index a run that has just written its notebook."""
-        path = notebook_path(self.notebooks_dir, result.run_id)
-        self._put(result, path.stat())
+        """Index a run that has just written its record."""
+        self._put(result, record_path(self.notebooks_dir, result.run_id).stat())
 
     def _put(self, result: RunResult, stat: os.stat_result) -> None:
         row = (
@@ -140,49 +161,59 @@ class RunStore:
             stat.st_size,
             result.model_dump_json(),
         )
-        with self._lock:
-            self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-            self.db.commit()
+        self._query("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
 
     def _forget(self, run_id: str) -> None:
-        with self._lock:
-            self.db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
-            self.db.commit()
+        self._query("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
     def index_notebook(self, run_id: str) -> RunResult | None:
-        """(Re)read one run from its notebook; None (and out of the index) when it has none."""
-        path = notebook_path(self.notebooks_dir, run_id)
+        """(Re)read one run from its record; None (and out of the index) when it has none.
+
+        The id is the file's name, never what the file says: a record whose content names
+        another run is refused, and the log names the file only, never quotes its content.
+        """
+        path = record_path(self.notebooks_dir, run_id)
         try:
-            stat = path.stat()
-            result = record_from_notebook(path)
-        except (OSError, ValueError, KeyError, nbformat.ValidationError) as e:
-            if path.exists():
-                log.warning("cannot read %s: %s", path, e)
+            stat = path.lstat()
+            if not stat_is_regular(stat):
+                raise ValueError("not a regular file")
+            result = RunResult.model_validate_json(path.read_bytes())
+            if result.run_id != run_id:
+                raise ValueError("its run id does not match its file name")
+        except (OSError, ValueError) as e:
+            if path.exists() or path.is_symlink():
+                reason = "unreadable" if isinstance(e, OSError) else "not a valid run record"
+                log.warning("skipping run record %s: %s", path.name, reason)
             self._forget(run_id)
             return None
         self._put(result, stat)
         return result
 
     def sync(self, *, force: bool = True) -> None:
-        """Make the index agree with the notebooks on disk. Cheap when nothing changed."""
+        """Make the index agree with the records on disk. Cheap when nothing changed."""
         try:
-            dir_mtime = self.notebooks_dir.stat().st_mtime_ns
+            dir_mtime = self.records_dir.stat().st_mtime_ns
         except OSError:
             return
         if not force and dir_mtime == self._seen_dir_mtime:
             return
         self._seen_dir_mtime = dir_mtime
-        with self._lock:
-            known = {
-                r[0]: (r[1], r[2])
-                for r in self.db.execute("SELECT run_id, nb_mtime, nb_size FROM runs")
-            }
+        self._sync_records()
+
+    def _sync_records(self) -> None:
+        known = {
+            r[0]: (r[1], r[2]) for r in self._query("SELECT run_id, nb_mtime, nb_size FROM runs")
+        }
         on_disk: dict[str, tuple[int, int]] = {}
-        with os.scandir(self.notebooks_dir) as entries:
+        with os.scandir(self.records_dir) as entries:
             for entry in entries:
-                run_id = entry.name.removesuffix(".ipynb")
-                if entry.name.endswith(".ipynb") and is_valid_run_id(run_id) and entry.is_file():
-                    st = entry.stat()
+                run_id = entry.name.removesuffix(".json")
+                if (
+                    entry.name.endswith(".json")
+                    and is_valid_run_id(run_id)
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    st = entry.stat(follow_symlinks=False)
                     on_disk[run_id] = (st.st_mtime_ns, st.st_size)
         for run_id in known.keys() - on_disk.keys():
             self._forget(run_id)
@@ -191,12 +222,9 @@ class RunStore:
                 self.index_notebook(run_id)
 
     def _stamp(self, run_id: str) -> tuple[int, int] | None:
-        """What the index last saw of a notebook (a run may have been added meanwhile)."""
-        with self._lock:
-            row = self.db.execute(
-                "SELECT nb_mtime, nb_size FROM runs WHERE run_id = ?", (run_id,)
-            ).fetchone()
-        return (row[0], row[1]) if row else None
+        """What the index last saw of a record (a run may have been added meanwhile)."""
+        rows = self._query("SELECT nb_mtime, nb_size FROM runs WHERE run_id = ?", (run_id,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def list(
         self, *, limit: int, offset: int = 0, status: str | None = None
@@ -204,13 +232,12 @@ class RunStore:
         """A page of runs, newest first, and how many there are in all."""
         self.sync(force=False)
         where, args = ("WHERE status = ?", [status]) if status else ("", [])
-        with self._lock:
-            total = self.db.execute(f"SELECT count(*) FROM runs {where}", args).fetchone()[0]
-            rows = self.db.execute(
-                "SELECT run_id, started_at, status, error_kind, prompt, model, attempts, duration "
-                f"FROM runs {where} ORDER BY started_at DESC, nb_mtime DESC, run_id DESC LIMIT ? OFFSET ?",
-                [*args, limit, offset],
-            ).fetchall()
+        total = self._query(f"SELECT count(*) FROM runs {where}", args)[0][0]
+        rows = self._query(
+            "SELECT run_id, started_at, status, error_kind, prompt, model, attempts, duration "
+            f"FROM runs {where} ORDER BY started_at DESC, nb_mtime DESC, run_id DESC LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
         keys = (
             "run_id",
             "started_at",
@@ -224,118 +251,20 @@ class RunStore:
         return [RunSummary.model_validate(dict(zip(keys, row, strict=True))) for row in rows], total
 
     def get(self, run_id: str) -> RunResult | None:
-        """The whole record, as long as its notebook is still there and unchanged."""
+        """The whole record, as the runner wrote it; editing the notebook changes nothing here."""
         if not is_valid_run_id(run_id):
             return None
-        path = notebook_path(self.notebooks_dir, run_id)
+        path = record_path(self.notebooks_dir, run_id)
         try:
-            stat = path.stat()
+            stat = path.lstat()
         except OSError:
             self._forget(run_id)
             return None
-        with self._lock:
-            row = self.db.execute(
-                "SELECT nb_mtime, nb_size, record FROM runs WHERE run_id = ?", (run_id,)
-            ).fetchone()
-        if row is not None and (row[0], row[1]) == (stat.st_mtime_ns, stat.st_size):
-            return RunResult.model_validate_json(row[2])
+        rows = self._query("SELECT nb_mtime, nb_size, record FROM runs WHERE run_id = ?", (run_id,))
+        if rows and (rows[0][0], rows[0][1]) == (stat.st_mtime_ns, stat.st_size):
+            return RunResult.model_validate_json(rows[0][2])
         return self.index_notebook(run_id)
 
 
-def record_from_notebook(path: Path) -> RunResult:
-    """Rebuild a run record from its notebook.
-
-    The run-level fields come from the notebook's metadata as written. Per attempt, code,
-    output and timings come from the cells; the error text is the recorded traceback, which
-    may word things differently from the message the run returned at the time.
-    """
-    nb = nbformat.read(path, as_version=4)
-    meta: dict[str, Any] = dict(nb.metadata.get("autocoder") or {})
-    if "run_id" not in meta or "status" not in meta:
-        raise ValueError(f"{path.name} is not an autocoder run record")
-    attempts: list[Attempt] = []
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            match = _HEADING.match(cell.source)
-            if match:
-                kind = match["kind"]
-                attempts.append(
-                    Attempt(
-                        number=int(match["n"]),
-                        status="error" if kind else "success",
-                        error_kind=_kind(kind),
-                        ename=match["ename"],
-                        duration=float(match["duration"] or 0),
-                    )
-                )
-            elif attempts and not attempts[-1].code and cell.source.startswith(">"):
-                quoted = "\n".join(
-                    line.removeprefix(">").removeprefix(" ") for line in cell.source.splitlines()
-                )
-                attempts[-1].error = attempts[-1].reply = quoted
-            continue
-        info = cell.get("metadata", {}).get("autocoder")
-        if cell.cell_type != "code" or not info:
-            continue
-        if not attempts or attempts[-1].number != info.get("attempt"):
-            attempts.append(
-                Attempt(
-                    number=int(info.get("attempt", len(attempts) + 1)),
-                    status=info.get("status", "error"),
-                )
-            )
-        _fill_attempt(attempts[-1], cell, info)
-    last = attempts[-1] if attempts else None
-    started_at = meta.get("started_at") or datetime.fromtimestamp(
-        path.stat().st_mtime, timezone.utc
-    ).isoformat(timespec="seconds")
-    return RunResult(
-        status=meta["status"],
-        filename=meta.get("filename") or "",
-        code=last.code if last else "",
-        output=last.output if last else "",
-        error=meta.get("error") or "",
-        error_kind=_kind(meta.get("error_kind")),
-        run_id=meta["run_id"],
-        prompt=meta.get("prompt") or "",
-        model=meta.get("model") or "",
-        backend=meta.get("backend") or "",
-        attempts=attempts,
-        notebook=str(path),
-        workdir=meta.get("workdir") or "",
-        files=[RunFile.model_validate(f) for f in meta.get("files") or []],
-        outputs=last.outputs if last else [],
-        started_at=started_at,
-        duration=float(meta.get("duration") or 0),
-    )
-
-
-def _fill_attempt(attempt: Attempt, cell: Any, info: dict[str, Any]) -> None:
-    outputs = [dict(o) for o in cell.get("outputs", [])]
-    stdout, stderr, text = texts(outputs)
-    attempt.status = info.get("status", attempt.status)
-    attempt.error_kind = _kind(info.get("error_kind")) or attempt.error_kind
-    attempt.code = cell.source + ("\n" if cell.source and not cell.source.endswith("\n") else "")
-    attempt.output, attempt.stderr = text, stderr
-    attempt.outputs = outputs
-    attempt.duration = float(info.get("duration") or attempt.duration)
-    attempt.llm_duration = float(info.get("llm_duration") or 0)
-    attempt.exec_duration = float(info.get("exec_duration") or 0)
-    attempt.model = info.get("model") or ""
-    attempt.filename = info.get("filename") or ""
-    attempt.truncated = bool(info.get("truncated"))
-    errors = [o for o in outputs if o.get("output_type") == "error"]
-    if errors and attempt.status == "error":
-        attempt.ename = attempt.ename or errors[-1].get("ename")
-        attempt.error = clean_traceback(errors[-1].get("traceback") or []) or (
-            f"{errors[-1].get('ename')}: {errors[-1].get('evalue')}"
-        )
-    elif attempt.status == "error" and attempt.error_kind is not None:
-        attempt.error = attempt.error_kind.value.replace("_", " ")
-
-
-def _kind(value: Any) -> ErrorKind | None:
-    try:
-        return ErrorKind(value) if value else None
-    except ValueError:
-        return None
+def stat_is_regular(st: os.stat_result) -> bool:
+    return stat_mod.S_ISREG(st.st_mode)

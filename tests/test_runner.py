@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from autocoder.records import ErrorKind, Event
 from autocoder.runner import Runner
@@ -277,9 +278,10 @@ async def test_a_retry_that_drops_every_check_is_not_a_success(
     assert "no longer checks anything" in told
     assert "inc(1) is 3, but the assert expects 2" in told
     nb = nbformat.read(result.notebook, as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == "code"]
-    assert cells[1].metadata.autocoder.error_kind == "unchecked"
-    assert "skip-execution" in cells[1].metadata.tags
+    history = [c for c in nb.cells if c.metadata.get("autocoder", {}).get("status") == "error"]
+    assert [c.cell_type for c in history] == ["markdown", "markdown"]
+    assert history[1].metadata.autocoder.error_kind == "unchecked"
+    assert [c.source for c in nb.cells if c.cell_type == "code"] == [fixed]
 
 
 async def test_dropping_checks_on_the_last_attempt_ends_in_an_error(
@@ -292,3 +294,39 @@ async def test_dropping_checks_on_the_last_attempt_ends_in_an_error(
     assert result.error_kind is ErrorKind.UNCHECKED
     assert result.output == "2\n"
     assert "no asserts left" in result.error
+
+
+@pytest.mark.parametrize(
+    "story",
+    ["success", "retried", "timeout", "failed"],
+)
+async def test_run_all_runs_only_the_answer(runner: Runner, llm: ScriptedLLM, story: str) -> None:
+    """nbclient executes every cell, honouring no skip tags, as JupyterLab's Run All does."""
+    scripts = {
+        "success": [fenced("print('answer')")],
+        "retried": [fenced("1/0"), fenced("print('answer')")],
+        "timeout": [fenced("while True: pass"), fenced("while True: pass")],
+        "failed": [fenced("1/0"), fenced("raise ValueError('nope')")],
+    }[story]
+    llm.script(*scripts)
+    result = await runner.run(f"tell a {story} story", max_attempts=2, timeout=1.0)
+
+    nb = nbformat.read(result.notebook, as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("tags", None)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    client = NotebookClient(nb, timeout=20, kernel_name="python3", allow_errors=False)
+    if result.status == "success":
+        assert [c.source for c in code] == [result.code.rstrip("\n")]
+        assert code[0].execution_count == 1
+        await client.async_execute()
+        assert code[0].outputs[0]["text"] == result.output == "answer\n"
+    else:
+        assert len(code) == 1 and code[0].source.startswith("raise RuntimeError(")
+        with pytest.raises(CellExecutionError, match="failed"):
+            await client.async_execute()
+    summary = nb.cells[0].source
+    assert summary.startswith(f"# tell a {story} story")
+    if story == "timeout":
+        assert "stopped after 1 s (timeout)" in summary
+        assert "KeyboardInterrupt" not in nbformat.writes(nb).split("<details>")[0]
