@@ -20,6 +20,15 @@ if ! command -v bwrap >/dev/null 2>&1; then
   fi
 fi
 
+# llama.cpp builds for the CPU it is built on (-march=native) by default. On x86_64 CPUs that
+# advertise AMX, that build executes AMX tile instructions the kernel may not have enabled for
+# the process, and the embedded model's server dies with a general protection fault at its
+# first completion. A portable AVX2 build runs everywhere x86_64 has AVX2 and loses little for
+# a 0.5B model. Set CMAKE_ARGS yourself to choose another build.
+if [[ "$(uname -m)" == "x86_64" && -z "${CMAKE_ARGS:-}" ]]; then
+  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+fi
+
 python="${PYTHON:-python3}"
 command -v "$python" >/dev/null 2>&1 || python=python
 "$python" -m pip install --disable-pip-version-check -q -e ".${extras}"
