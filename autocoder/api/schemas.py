@@ -84,6 +84,7 @@ def request_components() -> dict[str, Any]:
         "title": "RunUpload",
         "type": "object",
         "required": ["prompt"],
+        "additionalProperties": False,
         "properties": {
             **schema["properties"],
             "files": {
