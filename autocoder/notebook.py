@@ -1,15 +1,20 @@
-"""The run record: an nbformat v4 notebook that opens in Jupyter, and the attempt code files.
+"""A run's canonical JSON record and its notebook: the readable, runnable view of the run.
 
 Everything here is written atomically (temp file in the same directory, fsync, rename), so a
-crash or a full disk never leaves a half-written record behind.
+crash or a full disk never leaves a half-written record behind. The pieces that build a
+notebook (`summary_cell`, `attempt_cells`, `cap_text`, `cap_traceback`) are kept separate so
+other views of runs (a session's notebook) can reuse them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import sys
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -68,33 +73,182 @@ def is_valid_run_id(run_id: str) -> bool:
     return 0 < len(run_id) <= 64 and set(run_id) <= RUN_ID_CHARS and not run_id.startswith("-")
 
 
-def notebook_path(notebooks_dir: Path, run_id: str) -> Path:
+SLUG_CHARS = 48
+_STAMPED_ID = re.compile(r"^(\d{8}-\d{6})-([0-9a-z]+)$")
+_NOTEBOOK_NAME = re.compile(r"^[0-9a-z][0-9a-z-]{0,150}\.ipynb$")
+
+
+def slugify(text: str, limit: int = SLUG_CHARS) -> str:
+    """`Plot a sine wave!` -> `plot-a-sine-wave`: ASCII letters, digits and single dashes only.
+
+    Cut at a word boundary within `limit` characters; empty when nothing ASCII is left.
+    """
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    words = re.findall(r"[a-z0-9]+", ascii_text.lower())
+    slug = ""
+    for word in words:
+        longer = f"{slug}-{word}" if slug else word
+        if len(longer) > limit:
+            if not slug:
+                slug = word[:limit]
+            break
+        slug = longer
+    return slug
+
+
+def notebook_name(run_id: str, prompt: str = "") -> str:
+    """`<date>-<time>-<slug-of-prompt>-<short-id>.ipynb`, as unique as the run id.
+
+    The name keeps every part of the run id (date, time, short id), so two runs never share a
+    notebook. An id of another shape is followed by the slug; a prompt with nothing ASCII to
+    make a slug of gives `<run-id>.ipynb`, the name every run had before.
+    """
     if not is_valid_run_id(run_id):
         raise ValueError(f"not a run id: {run_id!r}")
-    return notebooks_dir / f"{run_id}.ipynb"
+    slug = slugify(prompt)
+    if not slug:
+        return f"{run_id}.ipynb"
+    stamped = _STAMPED_ID.match(run_id)
+    if stamped:
+        return f"{stamped.group(1)}-{slug}-{stamped.group(2)}.ipynb"
+    return f"{run_id}-{slug}.ipynb"
 
 
-NOTEBOOK_OUTPUT_CHARS = 20_000
+def notebook_path(notebooks_dir: Path, run_id: str, prompt: str = "") -> Path:
+    """Where a run's notebook is written (see `notebook_name`)."""
+    return notebooks_dir / notebook_name(run_id, prompt)
 
 
-def _cap(text: str, limit: int = NOTEBOOK_OUTPUT_CHARS) -> str:
-    """Head and tail of a long text, with a line saying how much was cut from the middle."""
-    if len(text) <= limit:
+def find_notebook(notebooks_dir: Path, run_id: str, recorded: str = "") -> Path | None:
+    """A run's notebook, as a regular file directly inside `notebooks_dir`, or None.
+
+    `recorded` is the path the run's record names; only its file name is used, looked up in
+    `notebooks_dir`, so a notebooks folder that was moved or copied still serves its notebooks
+    and no record can point a reader anywhere else. Symlinks are refused. Runs saved before
+    notebooks were named after their prompt are found as `<run-id>.ipynb`.
+    """
+    if not is_valid_run_id(run_id):
+        return None
+    names = [Path(recorded).name] if recorded else []
+    names.append(f"{run_id}.ipynb")
+    for name in names:
+        if not _NOTEBOOK_NAME.match(name) or not names_run(name, run_id):
+            continue
+        path = notebooks_dir / name
+        try:
+            if stat.S_ISREG(path.lstat().st_mode):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def names_run(name: str, run_id: str) -> bool:
+    """Whether a notebook file name is one `notebook_name` gives this run."""
+    stem = name.removesuffix(".ipynb")
+    if stem == run_id:
+        return True
+    stamped = _STAMPED_ID.match(run_id)
+    if stamped:
+        date_time, short_id = stamped.groups()
+        return stem.startswith(f"{date_time}-") and stem.endswith(f"-{short_id}")
+    return stem.startswith(f"{run_id}-")
+
+
+NOTEBOOK_OUTPUT_CHARS = 10_000
+NOTEBOOK_OUTPUT_LINES = 120
+"""How much of one output a notebook shows (head and tail); the record keeps all of it."""
+SHOWN_ERROR_CHARS = 160
+_FRAME_LINE = re.compile(r"^\s*(?:File |Cell In\[)")
+_MAX_PERIOD = 8
+
+
+def cap_text(
+    text: str, chars: int = NOTEBOOK_OUTPUT_CHARS, lines: int = NOTEBOOK_OUTPUT_LINES
+) -> str:
+    """Head and tail of a long text, with a line saying how much was cut from the middle.
+
+    Bounded in lines as well as characters, so a notebook stays a page a person can scroll.
+    """
+    split = text.splitlines(keepends=True)
+    if len(split) > lines:
+        half = lines // 2
+        cut = len(split) - 2 * half
+        text = (
+            "".join(split[:half])
+            + f"… {cut:,} lines cut (the run record keeps them) …\n"
+            + "".join(split[-half:])
+        )
+    if len(text) <= chars:
         return text
-    half = limit // 2
+    half = chars // 2
     cut = len(text) - 2 * half
     return f"{text[:half]}\n… {cut:,} characters cut (the run record keeps them) …\n{text[-half:]}"
 
 
-def _said(attempt: Attempt, timeout: float | None) -> str:
+def fold_recursion(text: str) -> str:
+    """Fold the frames of a traceback that repeat (a recursion, direct or mutual) into one line.
+
+    `... N more frames of the same recursion ...` replaces all but the first round, so a
+    977-frame RecursionError reads as the few frames that matter and the error.
+    """
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if _FRAME_LINE.match(line)]
+    if len(starts) < 3:
+        return text
+    frames = ["\n".join(lines[a:b]) for a, b in zip(starts, [*starts[1:], len(lines)], strict=True)]
+    out = lines[: starts[0]]
+    i = 0
+    while i < len(frames):
+        best_rounds, best_period = 1, 1
+        for period in range(1, _MAX_PERIOD + 1):
+            cycle = frames[i : i + period]
+            rounds = 1
+            while frames[i + rounds * period : i + (rounds + 1) * period] == cycle:
+                rounds += 1
+            if rounds >= 3 and rounds * period > best_rounds * best_period:
+                best_rounds, best_period = rounds, period
+        if best_rounds >= 3:
+            out.extend(frames[i : i + best_period])
+            folded = (best_rounds - 1) * best_period
+            out.append(f"... {folded:,} more frames of the same recursion ...")
+            i += best_rounds * best_period
+        else:
+            out.append(frames[i])
+            i += 1
+    return "\n".join(out)
+
+
+def cap_traceback(text: str) -> str:
+    """A traceback as a notebook shows it: recursion folded, then head and tail."""
+    return cap_text(fold_recursion(text))
+
+
+def said(attempt: Attempt, timeout: float | None) -> str:
     """What an attempt hit, in words: a timeout is a limit, never a bare KeyboardInterrupt."""
-    kind = attempt.error_kind.value if attempt.error_kind else None
+    kind = attempt.error_kind
     if attempt.status == "success":
         return "succeeded"
-    if attempt.error_kind is ErrorKind.TIMEOUT:
+    if kind is ErrorKind.TIMEOUT:
         limit = f"{timeout:g} s" if timeout else "its time limit"
         return f"stopped after {limit} (timeout)"
-    return f"failed: `{kind}`" + (f" ({attempt.ename})" if attempt.ename else "")
+    if kind is ErrorKind.EMPTY:
+        return "no code in the model's reply (empty)"
+    name = kind.value if kind else "error"
+    last = error_line(attempt.error) or attempt.ename or ""
+    return f"failed ({name})" + (f": `{last}`" if last else "")
+
+
+def error_line(error: str) -> str:
+    """The line of an error that says what went wrong (its last), bounded, for one line of text."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    last = lines[-1].replace("`", "'") if lines else ""
+    return last if len(last) <= SHOWN_ERROR_CHARS else last[: SHOWN_ERROR_CHARS - 1] + "…"
+
+
+def md_escape(text: str) -> str:
+    """Text shown as itself in markdown: no emphasis, links, headings or HTML of its own."""
+    return re.sub(r"([\\`*_\[\]<>#|~!])", r"\\\1", text)
 
 
 def _fence(text: str, lang: str = "") -> str:
@@ -104,14 +258,15 @@ def _fence(text: str, lang: str = "") -> str:
     return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
 
 
-def _attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[Any]:
+def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[Any]:
     """A failed attempt is history (markdown, never executed); the success is a code cell.
 
     JupyterLab honours no skip tags, so only cells that are meant to run may be code cells:
-    Run All then runs the answer and nothing else, in every front end.
+    Run All then runs the answer and nothing else, in every front end. The success is the
+    notebook's first execution, `[1]`, and so are its results.
     """
     kind = attempt.error_kind.value if attempt.error_kind else None
-    heading = f"**Attempt {attempt.number}/{total}** — {_said(attempt, timeout)}"
+    heading = f"**Attempt {attempt.number}/{total}** — {said(attempt, timeout)}"
     heading += f" · {attempt.duration:.2f} s"
     meta: dict[str, Any] = {
         "autocoder": {
@@ -131,24 +286,85 @@ def _attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[
         if attempt.code:
             body.append(_fence(attempt.code, "python"))
         if attempt.output:
-            body.append("Output:\n\n" + _fence(_cap(attempt.output)))
+            body.append("Output:\n\n" + _fence(cap_text(attempt.output)))
         error = attempt.error or (attempt.reply.strip() if not attempt.code else "")
         if error:
-            body.append("Error:\n\n" + _fence(_cap(error)))
+            body.append("Error:\n\n" + _fence(cap_traceback(error)))
         body.append("</details>")
         return [new_markdown_cell("\n\n".join(body), metadata=meta)]
     cell = new_code_cell(source=attempt.code.rstrip("\n"), metadata=meta)
     cell.execution_count = 1
-    outputs = []
-    for o in attempt.outputs:
-        out = nbformat.from_dict(dict(o))
-        if out.get("output_type") == "execute_result":
-            out["execution_count"] = 1
-        if out.get("output_type") == "stream" and isinstance(out.get("text"), str):
-            out["text"] = _cap(out["text"])
-        outputs.append(out)
-    cell.outputs = outputs
+    cell.outputs = [notebook_output(o, execution_count=1) for o in attempt.outputs]
     return [new_markdown_cell(heading), cell]
+
+
+# The earlier private names, for callers written against them.
+_attempt_cells, _cap, _said = attempt_cells, cap_text, said
+
+
+def notebook_output(output: dict[str, Any], *, execution_count: int | None) -> Any:
+    """One recorded output as a notebook shows it: text capped, results numbered as their cell."""
+    out = nbformat.from_dict(dict(output))
+    kind = out.get("output_type")
+    if kind == "execute_result":
+        out["execution_count"] = execution_count
+    if kind == "stream" and isinstance(out.get("text"), str):
+        out["text"] = cap_text(out["text"])
+    elif kind == "error":
+        tb = cap_traceback("\n".join(out.get("traceback") or []))
+        out["traceback"] = tb.splitlines()
+    elif kind in {"execute_result", "display_data"}:
+        data = dict(out.get("data") or {})
+        if isinstance(data.get("text/plain"), str):
+            data["text/plain"] = cap_text(data["text/plain"])
+        out["data"] = data
+    return out
+
+
+def title_of(result: RunResult) -> str:
+    """The first line of the prompt, short enough for a heading (the run id without one)."""
+    first = (result.prompt.strip().splitlines() or [result.run_id])[0].strip()
+    return first if len(first) <= 80 else first[:79] + "…"
+
+
+def summary_cell(result: RunResult, *, timeout: float | None = None) -> Any:
+    """The title, the prompt, and how the run went: status, attempts, model, time, each attempt."""
+    status = "succeeded" if result.status == "success" else "failed"
+    intro = f"# {md_escape(title_of(result))}\n\n**Prompt**\n\n" + "\n".join(
+        "> " + md_escape(line) for line in result.prompt.splitlines() or [""]
+    )
+    intro += (
+        f"\n\n**{status.capitalize()}** after {len(result.attempts)} attempt(s) · model "
+        f"`{result.model or '?'}` ({result.backend or '?'}) · {result.duration:.2f} s · "
+        f"started {result.started_at} · run `{result.run_id}`"
+    )
+    if result.attempts:
+        intro += "\n\n" + "\n".join(
+            f"{a.number}. {said(a, timeout)} · {a.duration:.2f} s" for a in result.attempts
+        )
+    elif result.error:
+        intro += f"\n\nNo attempt ran: `{error_line(result.error)}`"
+    return new_markdown_cell(intro)
+
+
+def failed_cells(result: RunResult, *, timeout: float | None = None) -> list[Any]:
+    """A failed run's last cells: why it failed, and a cell that fails when executed.
+
+    Executing a failed run must fail too, so a notebook check in CI is never a false green.
+    """
+    last = result.attempts[-1] if result.attempts else None
+    kind = result.error_kind.value if result.error_kind else "error"
+    if last is not None and last.error_kind is result.error_kind and result.error_kind:
+        why = said(last, timeout)
+    else:
+        why = error_line(result.error or "no attempt succeeded")
+    plain = why.replace("`", "")
+    return [
+        new_markdown_cell(
+            f"**This run failed** ({kind}) after {len(result.attempts)} attempt(s): {why}"
+        ),
+        new_code_cell(f"raise RuntimeError({f'autocoder run {result.run_id} failed: {plain}'!r})"),
+    ]
 
 
 def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbformat.NotebookNode:
@@ -160,6 +376,7 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "mimetype": "text/x-python",
         "file_extension": ".py",
     }
+    nb.metadata["title"] = title_of(result)
     nb.metadata["autocoder"] = {
         "version": __version__,
         "run_id": result.run_id,
@@ -176,38 +393,13 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "workdir": result.workdir,
         "files": [f.model_dump() for f in result.files],
     }
-    status = "succeeded" if result.status == "success" else "failed"
-    first_line = (result.prompt.strip().splitlines() or [result.run_id])[0]
-    title = first_line if len(first_line) <= 80 else first_line[:79] + "…"
-    intro = f"# {title}\n\n**Prompt**\n\n" + "\n".join(
-        "> " + line for line in result.prompt.splitlines() or [""]
-    )
-    intro += (
-        f"\n\n**{status.capitalize()}** after {len(result.attempts)} attempt(s) · model "
-        f"`{result.model or '?'}` ({result.backend or '?'}) · {result.duration:.2f} s · "
-        f"started {result.started_at} · run `{result.run_id}`"
-    )
-    if result.attempts:
-        intro += "\n\n" + "\n".join(f"{a.number}. {_said(a, timeout)}" for a in result.attempts)
-    nb.cells.append(new_markdown_cell(intro))
+    nb.cells.append(summary_cell(result, timeout=timeout))
     for attempt in result.attempts:
-        nb.cells.extend(_attempt_cells(attempt, len(result.attempts), timeout))
+        nb.cells.extend(attempt_cells(attempt, len(result.attempts), timeout))
     if result.files:
         nb.cells.append(files_cell(result))
     if result.status != "success":
-        why = (result.error or "no attempt succeeded").strip().splitlines()[-1][:300]
-        kind = result.error_kind.value if result.error_kind else "error"
-        nb.cells.append(
-            new_markdown_cell(
-                f"**This run failed** ({kind}) after {len(result.attempts)} attempt(s): {why}"
-            )
-        )
-        # Executing a failed run must fail too, so a notebook check in CI is never a false green.
-        nb.cells.append(
-            new_code_cell(
-                f"raise RuntimeError({f'autocoder run {result.run_id} failed ({kind}): {why}'!r})"
-            )
-        )
+        nb.cells.extend(failed_cells(result, timeout=timeout))
     return nb
 
 

@@ -381,11 +381,14 @@ class Runner:
         record: bool = True,
         system_prompt: str | None = None,
         inputs: Sequence[InputFile] = (),
+        task: str | None = None,
     ) -> RunResult:
         """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
 
         With `record=False` nothing is written (no notebook, no code files). `system_prompt`
         replaces the default one when the code runs somewhere else than a fresh kernel.
+        `task` is what the model is asked when it says more than the prompt the record and the
+        notebook's title keep (the magic adds the names in the user's session).
         `inputs` are copied into the kernel's working directory (read-only) before the first
         attempt and described to the model; files.FileRefused when they break a limit.
         """
@@ -402,8 +405,9 @@ class Runner:
             system_prompt = await asyncio.to_thread(system_prompt_for, settings)
         run.system_prompt = system_prompt
         run.inputs = list(inputs)
+        run.task = task or prompt
         if inputs:
-            run.task = f"{prompt}\n\n{files.describe(inputs)}"
+            run.task = f"{run.task}\n\n{files.describe(inputs)}"
         return await run.go()
 
 
@@ -436,7 +440,7 @@ class _Run:
         self.kernel: Executor | None = None
         self.kernel_task: asyncio.Task[Executor] | None = None
         self.workdir = ""
-        self.code_dir = settings.autofile_dir / run_id
+        self.code_dir = settings.autofile_dir.resolve() / run_id
         self.started = self.current_started = time.monotonic()
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.model = ""
@@ -669,7 +673,8 @@ class _Run:
             duration=time.monotonic() - self.started,
         )
         if self.record:
-            path = notebook_path(self.settings.notebooks_dir, self.run_id)
+            # Absolute, so a reader finds it whatever directory they are in.
+            path = notebook_path(self.settings.notebooks_dir.resolve(), self.run_id, self.prompt)
             result.notebook = str(path)
             write_notebook(result, path, timeout=self.settings.timeout)
             write_record(result, self.settings.notebooks_dir)

@@ -166,7 +166,7 @@ class RunStore:
     def _forget(self, run_id: str) -> None:
         self._query("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
-    def index_notebook(self, run_id: str) -> RunResult | None:
+    def index_record(self, run_id: str) -> RunResult | None:
         """(Re)read one run from its record; None (and out of the index) when it has none.
 
         The id is the file's name, never what the file says: a record whose content names
@@ -219,7 +219,7 @@ class RunStore:
             self._forget(run_id)
         for run_id, stamp in on_disk.items():
             if known.get(run_id) != stamp and self._stamp(run_id) != stamp:
-                self.index_notebook(run_id)
+                self.index_record(run_id)
 
     def _stamp(self, run_id: str) -> tuple[int, int] | None:
         """What the index last saw of a record (a run may have been added meanwhile)."""
@@ -263,7 +263,7 @@ class RunStore:
         rows = self._query("SELECT nb_mtime, nb_size, record FROM runs WHERE run_id = ?", (run_id,))
         if rows and (rows[0][0], rows[0][1]) == (stat.st_mtime_ns, stat.st_size):
             return RunResult.model_validate_json(rows[0][2])
-        return self.index_notebook(run_id)
+        return self.index_record(run_id)
 
 
 def stat_is_regular(st: os.stat_result) -> bool:

@@ -156,7 +156,10 @@ def test_history_and_notebook_download_survive_a_restart(
     download = client.get(f"/runs/{first['run_id']}/notebook")
     assert download.status_code == 200
     assert download.headers["content-type"] == "application/x-ipynb+json"
-    assert f'filename="{first["run_id"]}.ipynb"' in download.headers["content-disposition"]
+    # Named after its prompt, found where the record says.
+    notebook_name = Path(first["notebook"]).name
+    assert notebook_name.endswith(f"-history-one-{first['run_id'][16:]}.ipynb")
+    assert f'filename="{notebook_name}"' in download.headers["content-disposition"]
     nb = nbformat.reads(download.text, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.autocoder.run_id == first["run_id"]
@@ -173,6 +176,9 @@ def test_history_and_notebook_download_survive_a_restart(
             assert [r["run_id"] for r in page["runs"][:2]] == [second["run_id"], first["run_id"]]
             # Every field comes back: reply, tokens, model, errors worded as they were.
             assert c.get(f"/runs/{second['run_id']}").json() == second
+            # The record names the old folder; the notebook is found by its name in this one.
+            moved = c.get(f"/runs/{first['run_id']}/notebook")
+            assert moved.status_code == 200 and moved.text == download.text
 
     # Saving over the notebook (cells deleted, outputs cleared) changes nothing the API serves.
     path = Path(second["notebook"])
@@ -628,5 +634,7 @@ def test_sigterm_cancels_runs_and_leaves_no_kernel(
     while any(_alive(p) for p in kernels) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in kernels), "processes outlived the server"
-    record = nbformat.read(tmp_path / "nb" / f"{run_id}.ipynb", as_version=4).metadata.autocoder
+    notebook = Path(events[-1]["data"]["data"]["notebook"])
+    assert notebook.parent == (tmp_path / "nb").resolve() and run_id[16:] in notebook.name
+    record = nbformat.read(notebook, as_version=4).metadata.autocoder
     assert record.status == "error" and record.error_kind == "cancelled"

@@ -50,11 +50,15 @@ def test_run_prints_code_output_and_where_the_notebook_went(
     assert "def fib(n):" in proc.stdout
     assert "\n55\n" in proc.stdout
     notebook = next((tmp_path / "notebooks").glob("*.ipynb"))
-    assert f"notebook: notebooks/{notebook.name}" in proc.stdout
+    assert f"notebook: {notebook.resolve()}" in proc.stdout
     nbformat.validate(nbformat.read(notebook, as_version=4))
     assert "attempt 1: failed (exception: ZeroDivisionError)" in proc.stderr
     assert "attempt 2: succeeded" in proc.stderr
-    assert (tmp_path / "autofile" / notebook.stem / "generated_code_2.py").exists()
+    run_id = next((tmp_path / "notebooks" / ".autocoder" / "records").glob("*.json")).stem
+    assert notebook.name.endswith(
+        f"-write-a-function-that-returns-the-n-th-fibonacci-{run_id[16:]}.ipynb"
+    )
+    assert (tmp_path / "autofile" / run_id / "generated_code_2.py").resolve().exists()
 
 
 def test_a_fix_that_deletes_the_failing_check_is_reported_as_unchecked(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -33,6 +34,13 @@ async def test_success_on_the_first_attempt(runner: Runner, llm: ScriptedLLM) ->
     assert Path(result.filename).read_text() == result.code
     assert Path(result.filename).name == "generated_code_1.py"
     assert Path(result.filename).parent.name == result.run_id
+    # Named after the prompt, and a path a reader finds from anywhere.
+    notebook = Path(result.notebook)
+    assert notebook.is_absolute() and Path(result.filename).is_absolute()
+    stamp, short_id = result.run_id[:15], result.run_id[16:]
+    assert notebook.name == (
+        f"{stamp}-write-a-function-that-returns-the-n-th-fibonacci-{short_id}.ipynb"
+    )
     nb = nbformat.read(result.notebook, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.kernelspec.name == "python3"
@@ -321,6 +329,7 @@ async def test_run_all_runs_only_the_answer(runner: Runner, llm: ScriptedLLM, st
         assert code[0].execution_count == 1
         await client.async_execute()
         assert code[0].outputs[0]["text"] == result.output == "answer\n"
+        assert_prompt_numbers_agree(nb)
     else:
         assert len(code) == 1 and code[0].source.startswith("raise RuntimeError(")
         with pytest.raises(CellExecutionError, match="failed"):
@@ -330,3 +339,45 @@ async def test_run_all_runs_only_the_answer(runner: Runner, llm: ScriptedLLM, st
     if story == "timeout":
         assert "stopped after 1 s (timeout)" in summary
         assert "KeyboardInterrupt" not in nbformat.writes(nb).split("<details>")[0]
+
+
+def assert_prompt_numbers_agree(nb: nbformat.NotebookNode) -> None:
+    """No `[ ]:` with outputs, and no `Out[n]` under another `In[m]`."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        if cell.outputs:
+            assert cell.execution_count is not None, cell.source
+        for out in cell.outputs:
+            if out.output_type == "execute_result":
+                assert out.execution_count == cell.execution_count, cell.source
+
+
+async def test_prompt_numbers_agree_after_a_retry(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(fenced("1/0"), fenced("print('shown')\n6 * 7"))
+    result = await runner.run("retry then answer")
+
+    nb = nbformat.read(result.notebook, as_version=4)
+    assert_prompt_numbers_agree(nb)
+    (answer,) = [c for c in nb.cells if c.cell_type == "code"]
+    assert answer.execution_count == 1
+    assert [o.get("execution_count") for o in answer.outputs] == [None, 1]
+
+
+async def test_a_deep_recursion_stays_a_short_notebook(runner: Runner, llm: ScriptedLLM) -> None:
+    deep = (
+        "def down(n):\n    if n == 0:\n        raise ValueError('bottom')\n"
+        "    return down(n - 1)\n\ndown(970)"
+    )
+    llm.script(fenced(deep), fenced("print('flat')"))
+    result = await runner.run("recurse", timeout=60)
+
+    assert result.attempts[0].ename == "ValueError", result.attempts[0].error
+    nb = nbformat.read(result.notebook, as_version=4)
+    (history,) = [c for c in nb.cells if "<details>" in c.source]
+    # Folded by the kernel's own traceback, or by the notebook: a few frames, not 970.
+    assert re.search(r"skipping similar frames|more frames of the same recursion", history.source)
+    assert history.source.count("in down(n)") < 10
+    assert len(history.source.splitlines()) < 150
+    assert "ValueError: bottom" in history.source
+    assert_prompt_numbers_agree(nb)

@@ -83,14 +83,14 @@ class Service:
                 inputs=files,
             )
         except asyncio.CancelledError:
-            # The runner has written the cancelled run's notebook; index it from there.
-            await asyncio.shield(self._index(self.store.index_notebook, run_id))
+            # The runner has written the cancelled run's record; index it from there.
+            await asyncio.shield(self._index(self.store.index_record, run_id))
             raise
         await self._index(self.store.add, result)
         return result
 
     async def _index(self, method: Callable[[Any], object], arg: Any) -> None:
-        """The index is a cache of the notebooks: failing to update it never fails a run."""
+        """The index is a cache of the records: failing to update it never fails a run."""
         try:
             await asyncio.to_thread(method, arg)
         except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -21,7 +22,7 @@ from autocoder.api.streaming import (
     unless_disconnected,
 )
 from autocoder.errors import ConfigError
-from autocoder.notebook import notebook_path
+from autocoder.notebook import find_notebook
 from autocoder.records import Event, RunResult
 
 SSE_MEDIA_TYPE = "text/event-stream"
@@ -173,10 +174,14 @@ async def get_run(run_id: RunId, service: ServiceDep) -> RunResult:
 )
 async def get_notebook(run_id: RunId, service: ServiceDep) -> FileResponse:
     root = service.settings.notebooks_dir
-    path = notebook_path(root, run_id)
-    inside = await asyncio.to_thread(
-        lambda: path.is_file() and path.resolve().is_relative_to(root.resolve())
-    )
-    if not inside:
+
+    def find() -> Path | None:
+        # The record names the notebook; only a regular file right in the notebooks folder
+        # is served (older runs' notebooks are `<run-id>.ipynb`).
+        result = service.store.get(run_id)
+        return find_notebook(root, run_id, result.notebook if result else "")
+
+    path = await asyncio.to_thread(find)
+    if path is None:
         raise HTTPException(404, f"no run {run_id!r}")
-    return FileResponse(path, media_type=IPYNB_MEDIA_TYPE, filename=f"{run_id}.ipynb")
+    return FileResponse(path, media_type=IPYNB_MEDIA_TYPE, filename=path.name)
