@@ -76,6 +76,8 @@ LATE_SIGNAL = 0.5
 CANCEL_GRACE = 10.0
 """Seconds an interrupted run may take to finish its record before the magic gives up on it."""
 MAX_NAMES = 60
+MAX_REMEMBERED = 64
+"""How many prompts' working code a session keeps, so re-running their cells asks no model."""
 
 SYSTEM_PROMPT = """\
 You are autocoder. You write Python 3 code that solves the user's task.
@@ -341,11 +343,7 @@ class Capture:
         self._streams = (sys.stdout, sys.stderr)
         sys.stdout = _Tee(sys.stdout, "stdout", self)  # type: ignore[assignment]
         sys.stderr = _Tee(sys.stderr, "stderr", self)  # type: ignore[assignment]
-        publish, clear_output, write_format_data = (
-            pub.publish,
-            pub.clear_output,
-            hook.write_format_data,
-        )
+        publish, clear_output = pub.publish, pub.clear_output
 
         def publish_tee(
             data: dict[str, Any], metadata: dict[str, Any] | None = None, *args: Any, **kwargs: Any
@@ -371,7 +369,9 @@ class Capture:
                 "execution_count": getattr(hook, "prompt_count", None),
             }
             if self.record("execute_result", content):
-                write_format_data(format_dict, md_dict)
+                # Shown as a display, not as the cell's result: the `%autocoder` cell's one
+                # `Out[n]` is the magic's own value, never two results under one number.
+                publish(format_dict, md_dict)
 
         def record_traceback(etype: type, evalue: BaseException, stb: list[str]) -> None:
             self.record("error", {"ename": etype.__name__, "evalue": str(evalue), "traceback": stb})
@@ -675,6 +675,7 @@ class AutocoderMagics(Magics):
         super().__init__(shell)
         self._settings: Settings | None = None
         self._record: bool | None = None
+        self._made: dict[tuple[str, str], Generated] = {}
 
     @property
     def record(self) -> bool:
@@ -706,12 +707,21 @@ class AutocoderMagics(Magics):
         action="store_true",
         help="also save the run as a notebook in the notebooks directory",
     )
+    @argument(
+        "--again",
+        action="store_true",
+        help="ask the model anew even if this prompt already has working code in this session",
+    )
     @line_cell_magic
     def autocoder(self, line: str, cell: str | None = None) -> Generated | None:
         """Ask the model for code that does the task, run it here, and retry with the error if
         it fails. The code sees your variables and its results stay in your session; it runs
         with this kernel's permissions, not in autocoder's sandbox. The working code is
         shown, put in the next cell, and returned (x = %autocoder ...).
+
+        Running the same prompt again (Run All, say) asks no model and runs nothing: the
+        code was put in the next cell the first time, and that cell runs it. --again asks the
+        model anew; so does a changed prompt, or a new kernel session.
 
         A timeout interrupts only the generated code; code that ignores KeyboardInterrupt
         cannot be stopped this way. A failed attempt's side effects stay in your session.
@@ -731,13 +741,29 @@ class AutocoderMagics(Magics):
             raise UsageError("say what the code should do: %autocoder TASK (see %autocoder --help)")
         if threading.current_thread() is not threading.main_thread():
             raise UsageError("%autocoder runs on the kernel's main thread only (not in a subshell)")
+        key = (prompt, args.model or self.settings.model or "")
+        made = None if args.again else self._made.get(key)
+        if made is not None:
+            display(
+                {
+                    "text/plain": "autocoder · this prompt's code is the one generated earlier "
+                    "in this session, not run again (--again asks the model anew)"
+                },
+                raw=True,
+            )
+            return made
         run, value = self._run(prompt, args)
         if run.status != "success":
             if run.error_kind is ErrorKind.LLM and not any(a.code for a in run.attempts):
                 raise UsageError(run.error)
             raise RunFailed(run)
         self._shell.set_next_input(run.code.rstrip("\n"), replace=False)
-        return Generated(code=run.code, value=value, run=run)
+        made = Generated(code=run.code, value=value, run=run)
+        self._made.pop(key, None)
+        self._made[key] = made
+        while len(self._made) > MAX_REMEMBERED:
+            del self._made[next(iter(self._made))]
+        return made
 
     def _run(self, prompt: str, args: argparse.Namespace) -> tuple[RunResult, Any]:
         """One run on a background loop while this (the main) thread does what it asks."""
@@ -758,7 +784,8 @@ class AutocoderMagics(Magics):
             runner = Runner(settings, kernels=OneShell(executor))
             try:
                 return await runner.run(
-                    task,
+                    prompt,
+                    task=task,
                     max_attempts=args.attempts,
                     timeout=args.timeout,
                     model=args.model,

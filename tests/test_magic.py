@@ -210,8 +210,13 @@ def test_cell_magic_with_options_shows_rich_output(kernel: Kernel, llm: Scripted
     html = [o for o in cell.outputs if "text/html" in o.get("data", {})]
     assert html and "<td>4</td>" in html[0]["data"]["text/html"]
     assert "shown\n" in cell.text
+    # The code's own last value is shown; the cell's one result (one Out[n]) is the code.
     values = [o["data"]["text/plain"] for o in cell.outputs if o["output_type"] == "execute_result"]
-    assert values == ["42", code]  # the code's own last value, then the magic's result
+    assert values == [code]
+    shown = [
+        o["data"].get("text/plain") for o in cell.outputs if o["output_type"] == "display_data"
+    ]
+    assert "42" in shown
     assert cell.statuses[0].startswith("autocoder · attempt 1/2 ✓")
     request = llm.requests[0]
     assert request["model"] == "scripted-model"
@@ -224,6 +229,65 @@ def test_the_result_can_be_kept(kernel: Kernel, llm: ScriptedLLM) -> None:
     assert cell.ok, cell.text
     check = kernel.run("kept.value, kept.run.status, str(kept).strip(), answer")
     assert check.result["text/plain"] == "(42, 'success', 'answer = 6 * 7\\nanswer', 42)"
+
+
+COUNTING = "ran = globals().get('ran', 0) + 1\nprint('ran', ran)"
+
+
+def test_running_the_cell_again_asks_the_model_once(kernel: Kernel, llm: ScriptedLLM) -> None:
+    """Run All in JupyterLab runs the magic cell again, and then the code it put below."""
+    llm.script(fenced(COUNTING), fenced("print('a second reply')"))
+    first = kernel.run("%autocoder count the runs, once")
+    again = kernel.run("%autocoder count the runs, once")
+
+    assert first.ok and again.ok, again.text
+    assert len(llm.requests) == 1
+    assert "ran 1\n" in first.text
+    # Not run again, not inserted again: the cell below holds the code and runs it.
+    assert "ran 1" not in again.text and "ran 2" not in again.text
+    assert again.statuses == [
+        "autocoder · this prompt's code is the one generated earlier in this session, "
+        "not run again (--again asks the model anew)"
+    ]
+    assert first.reply["payload"] == [
+        {"source": "set_next_input", "text": COUNTING, "replace": False}
+    ]
+    assert again.reply["payload"] == []
+    # The same one result: the code, once.
+    assert again.result == first.result
+    assert [o["output_type"] for o in again.outputs].count("execute_result") == 1
+    assert kernel.run("print(ran)").text == "1\n"
+
+
+def test_again_asks_the_model_anew(kernel: Kernel, llm: ScriptedLLM) -> None:
+    llm.script(fenced(COUNTING.replace("ran", "ran_again")), fenced("print('second', ran_again)"))
+    first = kernel.run("%autocoder count these runs")
+    again = kernel.run("%autocoder --again count these runs")
+
+    assert first.ok and again.ok, again.text
+    assert len(llm.requests) == 2
+    assert "second 1\n" in again.text
+    assert again.reply["payload"][0]["text"] == "print('second', ran_again)"
+
+
+def test_a_changed_prompt_asks_the_model_anew(kernel: Kernel, llm: ScriptedLLM) -> None:
+    llm.script(fenced("print('tens')"), fenced("print('hundreds')"))
+    first = kernel.run("%%autocoder\ncount in tens")
+    changed = kernel.run("%%autocoder\ncount in hundreds")
+
+    assert first.ok and changed.ok, changed.text
+    assert len(llm.requests) == 2
+    assert "tens\n" in first.text and "hundreds\n" in changed.text
+
+
+def test_a_failed_run_is_not_remembered(kernel: Kernel, llm: ScriptedLLM) -> None:
+    llm.script(fenced("print(never_defined)"), fenced("print('fixed later')"))
+    failed = kernel.run("%autocoder --attempts 1 fail the first time")
+    retried = kernel.run("%autocoder --attempts 1 fail the first time")
+
+    assert failed.reply["ename"] == "RunFailed"
+    assert retried.ok and "fixed later\n" in retried.text
+    assert len(llm.requests) == 2
 
 
 def test_a_name_error_is_fixed_with_an_existing_variable(kernel: Kernel, llm: ScriptedLLM) -> None:
@@ -365,10 +429,15 @@ def test_record_saves_the_run_as_a_notebook(
     cell = kernel.run("%autocoder --record record this")
 
     assert cell.ok, cell.text
-    saved = cell.statuses[-1].removeprefix("autocoder · recorded in ")
-    nb = nbformat.read(workdir / saved, as_version=4)
+    saved = Path(cell.statuses[-1].removeprefix("autocoder · recorded in "))
+    assert saved.is_absolute() and saved.parent == (workdir / "notebooks").resolve()
+    assert saved.name.endswith(".ipynb") and "-record-this-" in saved.name
+    nb = nbformat.read(saved, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.autocoder.status == "success"
+    # Titled after what the user typed, not the session's names the model was also told.
+    assert nb.metadata.autocoder.prompt == "record this"
+    assert nb.cells[0].source.startswith("# record this\n")
     code_cell = [c for c in nb.cells if c.cell_type == "code"][-1]
     assert code_cell.outputs[0]["text"] == "yes\n"
 
