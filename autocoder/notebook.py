@@ -9,6 +9,7 @@ other views of runs (a session's notebook) can reuse them.
 from __future__ import annotations
 
 import contextlib
+import html
 import os
 import re
 import stat
@@ -282,7 +283,10 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[A
         }
     }
     if attempt.status == "error":
-        body = [f"<details><summary>{heading}</summary>\n"]
+        # Markdown is not rendered inside <summary>: its line is HTML, escaped.
+        plain = f"{said(attempt, timeout).replace('`', '')} · {attempt.duration:.2f} s"
+        summary = f"<b>Attempt {attempt.number}/{total}</b> — {html.escape(plain)}"
+        body = [f"<details><summary>{summary}</summary>\n"]
         if attempt.code:
             body.append(_fence(attempt.code, "python"))
         if attempt.output:
@@ -370,11 +374,15 @@ def failed_cells(result: RunResult, *, timeout: float | None = None) -> list[Any
 def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbformat.NotebookNode:
     nb = new_notebook()
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    # All of what ipykernel reports, so a front end that starts the kernel changes nothing.
     nb.metadata["language_info"] = {
-        "name": "python",
-        "version": ".".join(map(str, sys.version_info[:3])),
-        "mimetype": "text/x-python",
+        "codemirror_mode": {"name": "ipython", "version": 3},
         "file_extension": ".py",
+        "mimetype": "text/x-python",
+        "name": "python",
+        "nbconvert_exporter": "python",
+        "pygments_lexer": "ipython3",
+        "version": ".".join(map(str, sys.version_info[:3])),
     }
     nb.metadata["title"] = title_of(result)
     nb.metadata["autocoder"] = {

@@ -133,6 +133,13 @@ def test_the_top_of_the_notebook_says_what_happened() -> None:
     assert "**Succeeded** after 2 attempt(s) · model `scripted` (openai)" in summary
     assert "1. failed (exception): `ZeroDivisionError: division by zero` · 0.40 s" in summary
     assert "2. succeeded · 0.30 s" in summary
+    # A failed attempt is collapsed history whose one line is HTML (markdown is not rendered
+    # inside <summary>).
+    history = nb.cells[1].source
+    assert history.startswith(
+        "<details><summary><b>Attempt 1/2</b> — failed (exception): "
+        "ZeroDivisionError: division by zero · 0.40 s</summary>"
+    )
     # One code cell, the answer, numbered [1] like its result.
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == [1]

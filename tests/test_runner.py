@@ -327,8 +327,12 @@ async def test_run_all_runs_only_the_answer(runner: Runner, llm: ScriptedLLM, st
     if result.status == "success":
         assert [c.source for c in code] == [result.code.rstrip("\n")]
         assert code[0].execution_count == 1
+        language_info = dict(nb.metadata.language_info)
         await client.async_execute()
         assert code[0].outputs[0]["text"] == result.output == "answer\n"
+        # What the kernel reports about itself was there already: opening and running the
+        # notebook leaves it unmodified (JupyterLab shows no unsaved changes).
+        assert nb.metadata.language_info == language_info
         assert_prompt_numbers_agree(nb)
     else:
         assert len(code) == 1 and code[0].source.startswith("raise RuntimeError(")
