@@ -302,10 +302,6 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[A
     return [new_markdown_cell(heading), cell]
 
 
-# The earlier private names, for callers written against them.
-_attempt_cells, _cap, _said = attempt_cells, cap_text, said
-
-
 def notebook_output(output: dict[str, Any], *, execution_count: int | None) -> Any:
     """One recorded output as a notebook shows it: text capped, results numbered as their cell."""
     out = nbformat.from_dict(dict(output))
