@@ -14,8 +14,9 @@ DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 class Settings(BaseSettings):
     """Everything autocoder can be told. Env vars are `AUTOCODER_<NAME>` except the OpenAI ones."""
 
+    # No deadline or limit may be inf (none at all) or nan (which slips past every bound).
     model_config = SettingsConfigDict(
-        env_prefix="AUTOCODER_", extra="ignore", populate_by_name=True
+        env_prefix="AUTOCODER_", extra="ignore", populate_by_name=True, allow_inf_nan=False
     )
 
     # The model endpoint.

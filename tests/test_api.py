@@ -406,6 +406,25 @@ def test_bad_input_gets_a_4xx_that_says_why_and_writes_nothing(
     assert r.status_code == 422 and "no-such-model" in r.json()["message"]
 
 
+def test_a_timeout_of_inf_or_nan_is_refused_as_json_and_as_a_form_field(
+    tmp_path: Path, llm: ScriptedLLM
+) -> None:
+    """JSON has no inf, but Python's parser reads `Infinity`, and a form field is text."""
+    json_type = {"content-type": "application/json"}
+    bodies: list[dict[str, Any]] = [
+        {"content": b'{"prompt": "hi", "timeout": Infinity}', "headers": json_type},
+        {"content": b'{"prompt": "hi", "timeout": NaN}', "headers": json_type},
+        {"files": {"prompt": (None, "hi"), "timeout": (None, "inf")}},
+        {"files": {"prompt": (None, "hi"), "timeout": (None, "nan")}},
+    ]
+    with TestClient(api.create_app(make_settings(tmp_path, llm))) as c:
+        for body in bodies:
+            r = c.post("/run", **body)
+            assert r.status_code == 422, body
+            assert r.json()["message"] == "timeout: Input should be a finite number", body
+    assert llm.requests == []
+
+
 def test_a_run_id_never_reaches_outside_the_notebooks(
     client: httpx.Client, live: LiveServer
 ) -> None:

@@ -15,6 +15,8 @@ class RunRequest(BaseModel):
     model_config = ConfigDict(
         strict=True,
         extra="forbid",
+        # A form field (or a JSON `Infinity`) could otherwise ask for no deadline at all.
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {"prompt": "Write a Python function to calculate the factorial of a number"}
