@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from autocoder import __version__, files, sandbox
-from autocoder.config import Settings, load_settings
+from autocoder.config import Settings, load_settings, prepare_dirs, writable_dir
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.records import ErrorKind, Event, RunResult
 
@@ -57,36 +57,73 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise SystemExit(code)
 
 
+# Settings a flag can give, by the flag's dest: an error in one names the flag the user typed.
+FLAG_SETTINGS = {
+    "timeout": "timeout",
+    "attempts": "max_attempts",
+    "model": "model",
+    "notebooks_dir": "notebooks_dir",
+    "autofile_dir": "autofile_dir",
+    "sandbox": "sandbox",
+    "kernel_python": "kernel_python",
+    "host": "host",
+    "port": "port",
+}
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {
-        "timeout": getattr(args, "timeout", None),
-        "max_attempts": getattr(args, "attempts", None),
-        "model": getattr(args, "model", None),
-        "notebooks_dir": getattr(args, "notebooks_dir", None),
-        "autofile_dir": getattr(args, "autofile_dir", None),
-        "sandbox": getattr(args, "sandbox", None),
-        "kernel_python": getattr(args, "kernel_python", None),
-        "host": getattr(args, "host", None),
-        "port": getattr(args, "port", None),
-    }
+    overrides = {field: getattr(args, dest, None) for dest, field in FLAG_SETTINGS.items()}
     try:
         return load_settings(**overrides)
     except ValidationError as e:
         err = e.errors()[0]
-        name = "AUTOCODER_" + str(err["loc"][0]).upper() if err["loc"] else "a setting"
+        field = str(err["loc"][0]) if err["loc"] else ""
+        flag = next((d for d, f in FLAG_SETTINGS.items() if f == field), None)
+        if flag and overrides[field] is not None:
+            name = "--" + flag.replace("_", "-")
+        elif field:
+            name = field if field.isupper() else "AUTOCODER_" + field.upper()
+        else:
+            name = "a setting"
         _fail(f"{name}: {err['msg']}")
 
 
+def ready_settings(args: argparse.Namespace) -> Settings:
+    """Settings for a command that saves runs: its directories exist and can be written to
+    (ConfigError otherwise), checked before any code runs rather than when it is saved."""
+    settings = _settings(args)
+    prepare_dirs(settings)
+    return settings
+
+
+NOT_UTF8 = "the prompt is not valid UTF-8"
+
+
 def _read_prompt(words: Sequence[str]) -> str:
+    """The prompt from argv, stdin or the terminal; bytes that are not UTF-8 are refused here,
+    where the user can be told, rather than failing inside the request to the model."""
     if words:
-        return " ".join(words)
-    if sys.stdin is None or not sys.stdin.isatty():
-        text = sys.stdin.read() if sys.stdin is not None else ""
+        text = " ".join(words)
+    elif sys.stdin is None:
+        text = ""
+    elif not sys.stdin.isatty():
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            _fail(NOT_UTF8)
     else:
         try:
             text = input("Enter your prompt: ")
         except EOFError:
             text = ""
+        except UnicodeDecodeError:
+            _fail(NOT_UTF8)
+    try:
+        # Python hands argv (and a terminal in the C locale) over with undecodable bytes as
+        # lone surrogates; they would not survive the trip to the model.
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail(NOT_UTF8)
     return text.strip()
 
 
@@ -128,6 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         inputs = files.read_local(args.file or [], settings)
     except files.FileRefused as e:
         _fail(str(e))
+    prepare_dirs(settings)
     progress = Progress(not args.quiet)
     sandbox.check_available(settings)
 
@@ -153,15 +191,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from autocoder.api import serve
 
-    settings = _settings(args)
-    serve(settings)
+    serve(ready_settings(args))
     return EXIT_OK
 
 
 def cmd_kernels_install(args: argparse.Namespace) -> int:
     from autocoder.kernel import install_kernelspecs
 
-    for path in install_kernelspecs(user=args.user, prefix=args.prefix):
+    try:
+        installed = install_kernelspecs(user=args.user, prefix=args.prefix)
+    except OSError as e:
+        where = f" under {args.prefix!r}" if args.prefix else ""
+        _fail(f"cannot install the kernelspecs{where}: {e.strerror or e}")
+    for path in installed:
         print(path)
     return EXIT_OK
 
@@ -181,12 +223,21 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_model_serve(args: argparse.Namespace) -> int:
     from autocoder import local_model
 
-    local_model.serve_forever(_settings(args), args.port)
+    settings = _settings(args)
+    writable_dir(settings.home, "embedded model", "AUTOCODER_HOME")
+    local_model.serve_forever(settings, args.port)
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autocoder",
         description="Turn a plain-English prompt into working Python code, run in a Jupyter kernel.",
     )

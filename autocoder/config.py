@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from autocoder.errors import ConfigError
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 
@@ -121,3 +125,35 @@ def load_settings(**overrides: object) -> Settings:
     """Read the environment once; flags given as overrides win (None means 'not given')."""
     given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**given)
+
+
+def prepare_dirs(settings: Settings) -> None:
+    """Create the directories runs are saved in and check that each can be written to, so a
+    bad one is one clear ConfigError before anything runs, not a failure after the code ran."""
+    writable_dir(settings.notebooks_dir, "notebooks", "AUTOCODER_NOTEBOOKS_DIR")
+    writable_dir(settings.autofile_dir, "code files", "AUTOCODER_AUTOFILE_DIR")
+    if not settings.uses_remote_endpoint:
+        writable_dir(settings.home, "embedded model", "AUTOCODER_HOME")
+
+
+def writable_dir(path: Path, what: str, name: str) -> None:
+    """Make `path` a directory we can write to, or ConfigError naming it and the setting."""
+    where = f"cannot keep the {what} in {str(path)!r} ({name})"
+    try:
+        # Run records are JSON, which cannot carry a path Python only decoded with escapes.
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{where}: the path is not valid UTF-8") from None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # Permission bits say nothing to root or about a read-only mount: try a real write.
+        fd, probe = tempfile.mkstemp(prefix=".autocoder-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise ConfigError(f"{where}: it exists and is not a directory") from None
+    except NotADirectoryError:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path)
+        raise ConfigError(f"{where}: {str(blocker)!r} is a file, not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: {e.strerror or e}") from None

@@ -66,7 +66,11 @@ def check_name(name: str) -> str:
         raise FileRefused(f"the file name {name!r} contains a path separator; give a plain name")
     if name.startswith("."):
         raise FileRefused(f"the file name {name!r} starts with a dot")
-    if len(name.encode()) > 255:
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise FileRefused(f"the file name {name!r} is not valid UTF-8") from None
+    if size > 255:
         raise FileRefused(f"the file name {name[:40]!r}... is longer than 255 bytes")
     return name
 

@@ -835,7 +835,12 @@ def model_info(settings: Settings) -> dict[str, object]:
     exists = path.is_file()
     sha: str | None
     if settings.model_path is not None:
-        sha, verified = (_hash_file(path) if exists else None), False
+        try:
+            sha, verified = (_hash_file(path) if exists else None), False
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read the model file {str(path)!r} (AUTOCODER_MODEL_PATH): {e.strerror or e}"
+            ) from None
     else:
         shipped = shipped_model(settings)
         sha, verified = shipped.sha256, exists and is_verified(path, shipped)

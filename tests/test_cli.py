@@ -260,3 +260,201 @@ def test_no_bubblewrap_is_one_line_before_anything_runs(
     assert "sandbox unavailable" in proc.stderr and "AUTOCODER_SANDBOX=none" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert llm.requests == []
+
+
+def run_cli_bytes(
+    args: list[str | bytes], env: dict[str, str], cwd: Path, stdin: bytes = b""
+) -> subprocess.CompletedProcess[str]:
+    """The CLI given bytes as a user's shell can: argv and stdin that need not be UTF-8."""
+    proc = subprocess.run(
+        autocoder_cmd() + args, env=env, cwd=cwd, input=stdin, capture_output=True, timeout=90
+    )
+    return subprocess.CompletedProcess(
+        proc.args,
+        proc.returncode,
+        proc.stdout.decode(errors="replace"),
+        proc.stderr.decode(errors="replace"),
+    )
+
+
+def assert_one_line(proc: subprocess.CompletedProcess[str], *says: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for text in says:
+        assert text in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, where",
+    [
+        ("--notebooks-dir", "a-file"),
+        ("--notebooks-dir", "a-file/notebooks"),
+        ("--autofile-dir", "a-file"),
+        ("--autofile-dir", "a-file/deeper/autofile"),
+    ],
+)
+def test_a_directory_that_cannot_be_written_is_one_line_before_anything_runs(
+    flag: str, where: str, llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A path that is a file, or under one, fails for root too: found before the code runs."""
+    (tmp_path / "a-file").write_text("not a directory")
+    llm.script(fenced("print('ran')"))
+    proc = run_cli(["run", flag, str(tmp_path / where), "say ran"], cli_env, tmp_path)
+
+    assert_one_line(proc, repr(str(tmp_path / where)), "not a directory")
+    assert llm.requests == []
+    assert (tmp_path / "a-file").read_text() == "not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_a_read_only_notebooks_dir_is_one_line_before_anything_runs(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    llm.script(fenced("print('ran')"))
+    try:
+        proc = run_cli(["run", "--notebooks-dir", str(locked), "say ran"], cli_env, tmp_path)
+    finally:
+        locked.chmod(0o700)
+
+    assert_one_line(proc, repr(str(locked)), "Permission denied")
+    assert llm.requests == []
+
+
+def test_serve_with_a_notebooks_dir_under_a_file_exits_2_at_start(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    for name in ("AUTOCODER_NOTEBOOKS_DIR", "AUTOCODER_AUTOFILE_DIR"):
+        env = dict(cli_env, AUTOCODER_PORT="0", AUTOCODER_POOL_SIZE="0")
+        env[name] = str(tmp_path / "a-file" / "runs")
+        proc = subprocess.run(
+            autocoder_cmd() + ["serve"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert_one_line(proc, name, "is a file")
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Latin-1 bytes from an old file or terminal, in argv and on stdin."""
+    llm.script(fenced("print('ran')"))
+    in_argv = run_cli_bytes(["run", b"caf\xe9 au lait"], cli_env, tmp_path)
+    on_stdin = run_cli_bytes(["run"], cli_env, tmp_path, stdin=b"caf\xe9 au lait\n")
+
+    for proc in (in_argv, on_stdin):
+        assert_one_line(proc, "not valid UTF-8")
+    assert llm.requests == []
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        (["--timeout", "inf"], {}),
+        (["--timeout", "nan"], {}),
+        (["--timeout", "0"], {}),
+        ([], {"AUTOCODER_TIMEOUT": "inf"}),
+        ([], {"AUTOCODER_TIMEOUT": "-inf"}),
+        ([], {"AUTOCODER_LLM_TIMEOUT": "inf"}),
+        ([], {"AUTOCODER_QUEUE_TIMEOUT": "Infinity"}),
+        ([], {"AUTOCODER_SHUTDOWN_GRACE": "inf"}),
+        ([], {"AUTOCODER_MAX_REQUEST_TIMEOUT": "inf"}),
+    ],
+)
+def test_no_deadline_can_be_infinite(
+    args: list[str], env: dict[str, str], llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """inf would mean no deadline at all, and nan passes every comparison with a limit."""
+    llm.script(fenced("print('ran')"))
+    proc = run_cli(["run", *args, "say ran"], dict(cli_env, **env), tmp_path)
+
+    named = args[0] if args else next(iter(env))
+    assert_one_line(proc, named)
+    assert llm.requests == []
+
+
+def test_serve_refuses_an_infinite_timeout_at_start(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(cli_env, AUTOCODER_PORT="0", AUTOCODER_POOL_SIZE="0", AUTOCODER_QUEUE_TIMEOUT="inf")
+    proc = subprocess.run(
+        autocoder_cmd() + ["serve"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert_one_line(proc, "AUTOCODER_QUEUE_TIMEOUT", "finite")
+
+
+def test_a_mistyped_flag_is_one_line_that_points_to_help(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    for args in (
+        ["run", "--attempts", "many", "x"],
+        ["run", "--sandbox", "docker", "x"],
+        ["model"],
+    ):
+        proc = run_cli(args, cli_env, tmp_path)
+        assert_one_line(proc, "--help")
+
+
+def test_model_info_on_a_file_it_cannot_read_is_one_line(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    # A regular file that no one, root included, can read from the start.
+    env = dict(cli_env, AUTOCODER_MODEL_PATH="/proc/self/mem", AUTOCODER_HOME=str(tmp_path))
+    proc = run_cli(["model", "info"], env, tmp_path)
+
+    assert_one_line(proc, "AUTOCODER_MODEL_PATH", "/proc/self/mem")
+
+
+def test_a_notebooks_dir_named_in_latin1_is_one_line_before_anything_runs(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The run record is JSON, which cannot name that directory."""
+    llm.script(fenced("print('ran')"))
+    notebooks = os.fsencode(tmp_path) + b"/caf\xe9"
+    proc = run_cli_bytes(["run", "--notebooks-dir", notebooks, "say ran"], cli_env, tmp_path)
+
+    assert_one_line(proc, "AUTOCODER_NOTEBOOKS_DIR", "not valid UTF-8")
+    assert llm.requests == []
+
+
+def test_a_file_named_in_latin1_is_one_line_before_anything_runs(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / os.fsdecode(b"caf\xe9.csv")).write_text("a,b\n1,2\n")
+    llm.script(fenced("print('ran')"))
+    proc = run_cli_bytes(["run", "--file", b"caf\xe9.csv", "sum it"], cli_env, tmp_path)
+
+    assert_one_line(proc, "not valid UTF-8")
+    assert llm.requests == []
+
+
+def test_an_embedded_model_home_under_a_file_is_one_line(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in cli_env.items() if not k.startswith("OPENAI_")}
+    env["AUTOCODER_HOME"] = str(tmp_path / "a-file" / "home")
+    for args in (["run", "say hi"], ["model", "serve", "--port", "9"]):
+        proc = run_cli(args, env, tmp_path)
+        assert_one_line(proc, "AUTOCODER_HOME", "is a file")
+
+
+def test_installing_the_kernelspecs_into_a_file_is_one_line(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    proc = run_cli(["kernels", "install", "--prefix", str(tmp_path / "a-file")], cli_env, tmp_path)
+
+    assert_one_line(proc, "cannot install the kernelspecs", "a-file")
