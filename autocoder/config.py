@@ -60,11 +60,14 @@ class Settings(BaseSettings):
 
     # The sandbox.
     sandbox: Literal["bwrap", "none"] = "bwrap"
-    memory_mb: int = Field(1024, ge=64)
-    cpu_seconds: int = Field(300, ge=1, description="CPU time a kernel may use over its life.")
-    max_processes: int = Field(64, ge=4)
-    max_open_files: int = Field(256, ge=32)
-    max_file_mb: int = Field(256, ge=1)
+    # The upper bounds keep every limit within what setrlimit and bwrap can take (64 bits).
+    memory_mb: int = Field(1024, ge=64, le=1 << 30)
+    cpu_seconds: int = Field(
+        300, ge=1, le=1 << 40, description="CPU time a kernel may use over its life."
+    )
+    max_processes: int = Field(64, ge=4, le=1 << 30)
+    max_open_files: int = Field(256, ge=32, le=1 << 30)
+    max_file_mb: int = Field(256, ge=1, le=1 << 30)
     allow_network: bool = False
 
     # The service.

@@ -366,9 +366,12 @@ def test_a_prompt_that_is_not_utf8_is_one_line(
         ([], {"AUTOCODER_QUEUE_TIMEOUT": "Infinity"}),
         ([], {"AUTOCODER_SHUTDOWN_GRACE": "inf"}),
         ([], {"AUTOCODER_MAX_REQUEST_TIMEOUT": "inf"}),
+        # Limits too large for setrlimit and bwrap were a misleading "sandbox unavailable".
+        ([], {"AUTOCODER_MEMORY_MB": "99999999999999"}),
+        ([], {"AUTOCODER_CPU_SECONDS": "99999999999999999999"}),
     ],
 )
-def test_no_deadline_can_be_infinite(
+def test_no_deadline_or_limit_can_be_infinite(
     args: list[str], env: dict[str, str], llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     """inf would mean no deadline at all, and nan passes every comparison with a limit."""
