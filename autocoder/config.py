@@ -114,6 +114,19 @@ class Settings(BaseSettings):
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utf8(cls, v: Any) -> Any:
+        """Python hands over argv and the environment with bytes that are not UTF-8 kept as
+        lone surrogates, which no request, header or record can carry."""
+        text = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("not valid UTF-8") from None
+        return v
+
     @property
     def api_key(self) -> str | None:
         return self.openai_api_key.get_secret_value() if self.openai_api_key else None

@@ -461,3 +461,49 @@ def test_installing_the_kernelspecs_into_a_file_is_one_line(
     proc = run_cli(["kernels", "install", "--prefix", str(tmp_path / "a-file")], cli_env, tmp_path)
 
     assert_one_line(proc, "cannot install the kernelspecs", "a-file")
+
+
+def test_a_flag_or_variable_that_is_not_utf8_is_one_line_naming_it(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    llm.script(fenced("print('ran')"))
+    as_flag = run_cli_bytes(["run", "--model", b"caf\xe9", "say ran"], cli_env, tmp_path)
+    env = dict(cli_env)
+    env_bytes = {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+    env_bytes[b"AUTOCODER_MODEL"] = b"caf\xe9"
+    in_env = subprocess.run(
+        autocoder_cmd() + ["run", "say ran"], env=env_bytes, cwd=tmp_path, capture_output=True
+    )
+
+    assert_one_line(as_flag, "--model", "not valid UTF-8")
+    assert in_env.returncode == 2
+    assert (
+        in_env.stderr.decode().strip()
+        == "autocoder: error: AUTOCODER_MODEL: Value error, not valid UTF-8"
+    )
+    assert llm.requests == []
+
+
+def test_a_reader_that_goes_away_ends_the_cli_quietly(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`autocoder run --json ... | head -c 10`: no traceback once head has what it wants."""
+    llm.script(fenced("print('ran')"))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            autocoder_cmd() + ["run", "--json", "-q", "say ran"],
+            env=cli_env,
+            cwd=tmp_path,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        os.close(write)
+
+    assert proc.stderr == ""
+    assert proc.returncode == 128 + signal.SIGPIPE
+    assert len(list((tmp_path / "notebooks").glob("*.ipynb"))) == 1
