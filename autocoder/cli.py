@@ -113,6 +113,7 @@ def _print_result(result: RunResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from autocoder.kernel import sweep_leftovers, workdirs_root
     from autocoder.runner import Runner
 
     settings = _settings(args)
@@ -130,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _fail(str(e))
     progress = Progress(not args.quiet)
     sandbox.check_available(settings)
+    sweep_leftovers(workdirs_root(settings))
 
     async def go() -> RunResult:
         runner = Runner(settings)
