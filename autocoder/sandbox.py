@@ -31,9 +31,8 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from autocoder import asserts
 from autocoder.errors import ConfigError, SandboxUnavailable
@@ -100,9 +99,9 @@ os.execv(sys.argv[4], sys.argv[4:])
 """
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What the launcher needs of the settings, as plain data.
+class Limits(NamedTuple):
+    """What the launcher needs of the settings, as plain data (a NamedTuple: dataclasses
+    would cost the launcher the import of inspect).
 
     kernel_env writes these as the same AUTOCODER_* variables Settings reads, so Settings stays
     the one place that names and defaults them; the launcher only parses them back.
