@@ -151,6 +151,7 @@ def _print_result(result: RunResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from autocoder.kernel import sweep_leftovers, workdirs_root
     from autocoder.runner import Runner
 
     settings = _settings(args)
@@ -169,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_dirs(settings)
     progress = Progress(not args.quiet)
     sandbox.check_available(settings)
+    sweep_leftovers(workdirs_root(settings))
 
     async def go() -> RunResult:
         runner = Runner(settings)

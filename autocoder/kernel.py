@@ -14,14 +14,17 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,31 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 INTERRUPT_GRACE = 2.0
 POLL_INTERVAL = 0.25
-RESET_CODE = "get_ipython().reset(new_session=False)"
+# What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
+# of it. IPython's own reset() does that too, but also a full gc.collect() and a rebuild of its
+# aliases: ~35 ms, several trivial executes. user_ns_hidden holds the namespace the kernel
+# started with (IPython's hide_initial_ns) plus the result and input caches (`_`, `_1`, `_i1`)
+# IPython hides there as it goes; those are dropped and the rest put back. The code runs in a
+# namespace of its own so that it binds nothing in the one it clears.
+_RESET = """\
+hook = ip.displayhook
+hook._ = hook.__ = hook.___ = ""
+ip.history_manager.output_hist.clear()
+ip.last_execution_result = None
+hidden = ip.user_ns_hidden
+for name in [n for n in hidden if re.fullmatch(r"_i?[0-9]+", n)]:
+    del hidden[name]
+for name in ("_", "__", "___", "_i", "_ii", "_iii"):
+    if name in hidden:
+        hidden[name] = ""
+ip.user_ns.clear()
+ip.user_ns.update(hidden)
+"""
+RESET_CODE = (
+    f"exec({_RESET!r}, {{'ip': __import__('IPython').get_ipython(), 're': __import__('re')}})"
+)
+RUNTIME_PREFIX = "ac-"
+LEFTOVER_GRACE = 5.0
 
 OutputCallback = Callable[[dict[str, Any]], None]
 
@@ -64,6 +91,11 @@ def install_kernelspecs(*, user: bool = False, prefix: str | None = None) -> lis
         for spec in sorted(root.iterdir())
         if (spec / "kernel.json").is_file()
     ]
+
+
+def workdirs_root(settings: Settings) -> Path:
+    """Where kernels' working directories are made, one per session."""
+    return settings.autofile_dir / ".work"
 
 
 def kernel_name(settings: Settings) -> str:
@@ -238,8 +270,8 @@ class KernelSession:
 
     def __init__(self, settings: Settings, *, work_root: Path | None = None) -> None:
         self.settings = settings
-        self.id = uuid.uuid4().hex[:12]
-        self.work_root = work_root or settings.autofile_dir / ".work"
+        self.id = f"{owner_tag()}-{uuid.uuid4().hex[:12]}"
+        self.work_root = work_root or workdirs_root(settings)
         self.workdir: Path | None = (self.work_root / self.id).resolve()
         self.runtime_dir: Path | None = None
         self.km: AsyncKernelManager | None = None
@@ -258,7 +290,7 @@ class KernelSession:
         sandbox.check_available(self.settings)
         assert self.workdir is not None
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="ac-"))
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
         km = AsyncKernelManager(
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir())]),
             kernel_name=kernel_name(self.settings),
@@ -282,6 +314,7 @@ class KernelSession:
             await self.kc.wait_for_ready(timeout=STARTUP_TIMEOUT)
         except BaseException as e:
             await asyncio.shield(self._stop_kernel())
+            self._drop_empty_workdir()
             if isinstance(e, Exception):
                 raise KernelStartError(f"the kernel did not start: {e}") from e
             raise
@@ -382,8 +415,9 @@ class KernelSession:
         if self.kc is None:
             return
         msg_id = self.kc.execute(RESET_CODE, silent=True, store_history=False)
-        outcome = await self._drain(msg_id, OutputCollector(4096), time.monotonic() + 5)
-        if outcome != "idle":
+        collector = OutputCollector(4096)
+        outcome = await self._drain(msg_id, collector, time.monotonic() + 5)
+        if outcome != "idle" or collector.error is not None:
             await self.replace()
 
     async def replace(self) -> None:
@@ -393,7 +427,14 @@ class KernelSession:
         await self.start()
 
     async def shutdown(self) -> None:
+        """Stop the kernel; its workdir goes too when nothing was written there."""
         await self._stop_kernel()
+        self._drop_empty_workdir()
+
+    def _drop_empty_workdir(self) -> None:
+        if self.workdir is not None:
+            with contextlib.suppress(OSError):
+                self.workdir.rmdir()
 
     async def _stop_kernel(self) -> None:
         kc, km, runtime = self.kc, self.km, self.runtime_dir
@@ -436,6 +477,138 @@ def kill_all_kernels() -> None:
     """No kernel outlives the program, whatever way it ends."""
     for session in list(_live):
         session.kill_now()
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """`<pid>.<start time>` of a process (this one by default): a pid alone gets reused.
+
+    It begins the names of the runtime dirs and workdirs a process makes, so that a later
+    process can tell which ones a dead server left behind.
+    """
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}.{_start_time(pid) or 0}"
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[19])
+
+
+def _owner_gone(name: str, prefix: str = "") -> bool:
+    """Whether `name` (`<prefix><pid>.<start>-...`) was made by a process that has ended."""
+    m = re.fullmatch(re.escape(prefix) + r"(\d+)\.(\d+)-[\w-]+", name)
+    if m is None:
+        return False
+    return _start_time(int(m[1])) != int(m[2])
+
+
+@dataclass
+class Swept:
+    """What `sweep_leftovers` removed."""
+
+    processes: int = 0
+    dirs: int = 0
+
+
+def sweep_leftovers(work_root: Path | None = None) -> Swept:
+    """Remove what an earlier autocoder, killed before it could clean up, left behind.
+
+    Only its own things, where this process would make them: processes naming a connection
+    file in a runtime dir (in the temp dir) whose maker is gone, or whose launcher environment
+    names a parent that is no longer theirs (a bwrap that lost its server); then their runtime
+    dirs (connection files hold HMAC keys) and the workdirs under `work_root` that a dead
+    process made.
+    """
+    swept = Swept()
+    if not Path("/proc/self/stat").exists():
+        return swept
+    tmp = Path(tempfile.gettempdir())
+    stale = {d for d in _runtime_dirs(tmp) if _owner_gone(d.name, RUNTIME_PREFIX)}
+    orphans = {
+        pid: d for pid, d in _autocoder_processes() if d.parent == tmp and _is_orphan(pid, d, stale)
+    }
+    for pid in orphans:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + LEFTOVER_GRACE
+    while any(_running(pid) for pid in orphans) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    swept.processes = len(orphans)
+    dirs = stale | {d for d in orphans.values() if _ours(d)}
+    if work_root is not None and work_root.is_dir():
+        dirs |= {d for d in work_root.iterdir() if _owner_gone(d.name) and _ours(d)}
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+        swept.dirs += not d.exists()
+    if swept.processes or swept.dirs:
+        log.warning(
+            "removed what an earlier autocoder left: %d process(es), %d dir(s)",
+            swept.processes,
+            swept.dirs,
+        )
+    return swept
+
+
+def _runtime_dirs(tmp: Path) -> Iterator[Path]:
+    with contextlib.suppress(OSError):
+        for d in tmp.iterdir():
+            if d.name.startswith(RUNTIME_PREFIX) and _ours(d):
+                yield d
+
+
+def _ours(d: Path) -> bool:
+    """A real directory of this user (or, for root, of a kernel's throwaway uid)."""
+    try:
+        st = d.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    uid = os.geteuid()
+    return st.st_uid == uid or (uid == 0 and st.st_uid >= sandbox.UID_BASE)
+
+
+def _autocoder_processes() -> Iterator[tuple[int, Path]]:
+    """(pid, runtime dir) of every other process that names an autocoder connection file."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue
+        for arg in argv:
+            if _CONNECTION_FILE.search(arg) and int(proc.name) != os.getpid():
+                yield int(proc.name), Path(arg).parent
+                break
+
+
+_CONNECTION_FILE = re.compile("/" + re.escape(RUNTIME_PREFIX) + r"[^/]+/kernel\.json$")
+
+
+def _is_orphan(pid: int, runtime_dir: Path, stale: set[Path]) -> bool:
+    if runtime_dir in stale:
+        return True
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return False
+    env = dict(v.decode("utf-8", "replace").partition("=")[::2] for v in environ if b"=" in v)
+    if sandbox.RUNTIME_DIR_VAR not in env:
+        return False  # not a launcher (or bwrap) started with kernel_env
+    parent = env.get(sandbox.PARENT_PID_VAR)
+    if parent is None:
+        return ppid == 1  # started by an autocoder from before the parent was named
+    return parent != str(ppid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class KernelProvider:

@@ -30,13 +30,15 @@ import site
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from autocoder import asserts
-from autocoder.config import Settings, load_settings
 from autocoder.errors import ConfigError, SandboxUnavailable
+
+if TYPE_CHECKING:  # pydantic-settings costs the launcher ~300 ms; it reads its env instead.
+    from autocoder.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ PROBE_TIMEOUT = 15.0
 
 WORKDIR_VAR = "AUTOCODER_SANDBOX_WORKDIR"
 RUNTIME_DIR_VAR = "AUTOCODER_SANDBOX_RUNTIME_DIR"
+PARENT_PID_VAR = "AUTOCODER_PARENT_PID"
 _LIMIT_FIELDS = ("memory_mb", "cpu_seconds", "max_processes", "max_open_files", "max_file_mb")
 _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 
@@ -96,6 +99,65 @@ os.execv(sys.argv[4], sys.argv[4:])
 """
 
 
+class Limits(NamedTuple):
+    """What the launcher needs of the settings, as plain data (a NamedTuple: dataclasses
+    would cost the launcher the import of inspect).
+
+    kernel_env writes these as the same AUTOCODER_* variables Settings reads, so Settings stays
+    the one place that names and defaults them; the launcher only parses them back.
+    """
+
+    memory_mb: int
+    cpu_seconds: int
+    max_processes: int
+    max_open_files: int
+    max_file_mb: int
+    allow_network: bool = False
+    kernel_python: Path | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(
+            settings.memory_mb,
+            settings.cpu_seconds,
+            settings.max_processes,
+            settings.max_open_files,
+            settings.max_file_mb,
+            settings.allow_network,
+            settings.kernel_python,
+        )
+
+    def env(self) -> dict[str, str]:
+        env = {f"AUTOCODER_{field.upper()}": str(getattr(self, field)) for field in _LIMIT_FIELDS}
+        env["AUTOCODER_ALLOW_NETWORK"] = "1" if self.allow_network else "0"
+        if self.kernel_python is not None:
+            env["AUTOCODER_KERNEL_PYTHON"] = str(self.kernel_python)
+        return env
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Limits:
+        """The limits kernel_env passed; from Settings when a launcher was started without it
+        (the installed kernelspecs, from Jupyter)."""
+        try:
+            memory, cpu, processes, files, file_mb = (
+                int(env[f"AUTOCODER_{field.upper()}"]) for field in _LIMIT_FIELDS
+            )
+        except (KeyError, ValueError):
+            from autocoder.config import load_settings
+
+            return cls.of(load_settings())
+        python = env.get("AUTOCODER_KERNEL_PYTHON")
+        return cls(
+            memory,
+            cpu,
+            processes,
+            files,
+            file_mb,
+            allow_network=env.get("AUTOCODER_ALLOW_NETWORK") == "1",
+            kernel_python=Path(python) if python else None,
+        )
+
+
 def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str, str]:
     """The launcher's whole environment: a whitelist, the limits, and where the run's dirs are."""
     env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
@@ -107,13 +169,11 @@ def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str
     env["PYTHONUNBUFFERED"] = "1"
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     env["AUTOCODER_SANDBOX"] = settings.sandbox
-    env["AUTOCODER_ALLOW_NETWORK"] = "1" if settings.allow_network else "0"
-    for field in _LIMIT_FIELDS:
-        env[f"AUTOCODER_{field.upper()}"] = str(getattr(settings, field))
-    if settings.kernel_python is not None:
-        env["AUTOCODER_KERNEL_PYTHON"] = str(settings.kernel_python)
+    env.update(Limits.of(settings).env())
     env[WORKDIR_VAR] = str(workdir)
     env[RUNTIME_DIR_VAR] = str(runtime_dir)
+    # The launcher checks it is still this process's child once it has its parent-death signal.
+    env[PARENT_PID_VAR] = str(os.getpid())
     return env
 
 
@@ -144,7 +204,9 @@ def _probe_bwrap(allow_network: bool) -> str | None:
     """Run the real sandbox setup around `python -c pass`; None when it works, else why not."""
     if shutil.which("bwrap") is None:
         return "bwrap (package bubblewrap) is not on PATH"
-    settings = load_settings(sandbox="bwrap", allow_network=allow_network)
+    from autocoder.config import load_settings
+
+    limits = Limits.of(load_settings(sandbox="bwrap", allow_network=allow_network))
     uid = _dedicated_uid()
     with tempfile.TemporaryDirectory(prefix="autocoder-probe-") as tmp:
         workdir, runtime_dir = Path(tmp, "work"), Path(tmp, "run")
@@ -153,7 +215,7 @@ def _probe_bwrap(allow_network: bool) -> str | None:
         if uid is not None:
             _hand_over([workdir, runtime_dir], uid)
         argv, fds = _bwrap_argv(
-            settings, workdir, runtime_dir, None, [sys.executable, "-c", "pass"], uid
+            limits, workdir, runtime_dir, None, [sys.executable, "-c", "pass"], uid
         )
         try:
             done = subprocess.run(
@@ -177,11 +239,12 @@ def _probe_bwrap(allow_network: bool) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Apply the limits and exec the kernel; never returns."""
+    _bind_to_parent()
     p = argparse.ArgumentParser(prog="python -m autocoder.sandbox")
     p.add_argument("--sandbox", choices=["bwrap", "none"], default="bwrap")
     p.add_argument("-f", dest="connection_file", required=True)
     args = p.parse_args(argv)
-    settings = load_settings()
+    settings = Limits.from_env(os.environ)
     connection_file = Path(args.connection_file).resolve()
     python = str(settings.kernel_python or sys.executable)
     kernel = [
@@ -228,18 +291,25 @@ def _dedicated_uid() -> int | None:
     return None
 
 
-def _exec_unconfined(settings: Settings, cmd: list[str]) -> NoReturn:
+def _exec_unconfined(limits: Limits, cmd: list[str]) -> NoReturn:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCODER_")}
     Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
-    _die_with_parent()
-    _apply_limits(settings, dedicated_uid=False)
+    _apply_limits(limits, dedicated_uid=False)
     os.execve(cmd[0], cmd, env)
 
 
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG survives exec; it fires when the thread that started us exits."""
+def _bind_to_parent() -> None:
+    """Die with the server, whenever it dies, from the launcher's first instruction on.
+
+    PR_SET_PDEATHSIG survives exec (into bwrap or the kernel) and fires when the thread that
+    started us exits. A server killed before we set it has already handed us to init, so we
+    then check that our parent is still the process that started us, and go if it is not.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    expected = os.environ.get(PARENT_PID_VAR)
+    if expected is not None and os.getppid() != int(expected):
+        os._exit(1)
 
 
 def _check_connection(connection_file: Path, runtime_dir: Path, allow_network: bool) -> None:
@@ -256,24 +326,24 @@ def _check_connection(connection_file: Path, runtime_dir: Path, allow_network: b
         )
 
 
-def _limits(settings: Settings, nproc: int) -> dict[int, int]:
+def _limits(limits: Limits, nproc: int) -> dict[int, int]:
     mib = 2**20
     return {
-        resource.RLIMIT_AS: settings.memory_mb * mib,
-        resource.RLIMIT_CPU: settings.cpu_seconds,
+        resource.RLIMIT_AS: limits.memory_mb * mib,
+        resource.RLIMIT_CPU: limits.cpu_seconds,
         resource.RLIMIT_NPROC: nproc,
-        resource.RLIMIT_NOFILE: settings.max_open_files,
-        resource.RLIMIT_FSIZE: settings.max_file_mb * mib,
+        resource.RLIMIT_NOFILE: limits.max_open_files,
+        resource.RLIMIT_FSIZE: limits.max_file_mb * mib,
         resource.RLIMIT_CORE: 0,
     }
 
 
-def _apply_limits(settings: Settings, dedicated_uid: bool) -> None:
+def _apply_limits(limits: Limits, dedicated_uid: bool) -> None:
     """Soft = hard, so the kernel cannot raise them back."""
-    nproc = settings.max_processes
+    nproc = limits.max_processes
     if not dedicated_uid:
         nproc += _tasks_of(os.getuid())
-    for kind, value in _limits(settings, nproc).items():
+    for kind, value in _limits(limits, nproc).items():
         _, hard = resource.getrlimit(kind)
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
@@ -308,7 +378,7 @@ def _hand_over(dirs: Iterable[Path], uid: int) -> None:
 
 
 def _bwrap_argv(
-    settings: Settings,
+    limits: Limits,
     workdir: Path,
     runtime_dir: Path,
     connection_file: Path | None,
@@ -324,7 +394,7 @@ def _bwrap_argv(
     a = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session"]
     a += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox"]
     a += ["--unshare-cgroup-try"]
-    if not settings.allow_network:
+    if not limits.allow_network:
         a += ["--unshare-net"]
     if uid is None:
         a += ["--unshare-user", "--disable-userns"]
@@ -333,13 +403,13 @@ def _bwrap_argv(
         a += [
             arg for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN") for arg in ("--cap-add", cap)
         ]
-    a += _system_mounts(settings.allow_network)
-    tmpfs_bytes = str(settings.memory_mb * 2**20)
+    a += _system_mounts(limits.allow_network)
+    tmpfs_bytes = str(limits.memory_mb * 2**20)
     a += _parents(Path(SANDBOX_HOME))
     for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777"), (SANDBOX_HOME, "0700")):
         a += ["--perms", mode, "--size", tmpfs_bytes, "--tmpfs", path]
     a += _ro_binds(
-        _python_dirs(settings.kernel_python)
+        _python_dirs(limits.kernel_python)
     )  # after the tmpfs mounts, so a venv under /tmp stays visible
     a += _parents(workdir, runtime_dir)
     a += ["--bind", str(workdir), str(workdir), "--bind", str(runtime_dir), str(runtime_dir)]
@@ -489,7 +559,7 @@ def _data_fd(text: str) -> int:
     return read
 
 
-def _join_cgroups(settings: Settings) -> None:
+def _join_cgroups(limits: Limits) -> None:
     """Best effort: bound the whole tree's memory and tasks with cgroup v1, where writable.
 
     Each kernel gets `<own cgroup>/autocoder/k<pid>`; exec keeps the pid, so that is bwrap's pid.
@@ -500,10 +570,10 @@ def _join_cgroups(settings: Settings) -> None:
     mib = 2**20
     wanted = {
         "memory": {
-            "memory.limit_in_bytes": settings.memory_mb * mib,
-            "memory.memsw.limit_in_bytes": settings.memory_mb * mib,
+            "memory.limit_in_bytes": limits.memory_mb * mib,
+            "memory.memsw.limit_in_bytes": limits.memory_mb * mib,
         },
-        "pids": {"pids.max": settings.max_processes + 2},
+        "pids": {"pids.max": limits.max_processes + 2},
     }
     made: list[Path] = []
     for controller, files in wanted.items():

@@ -172,6 +172,22 @@ async def test_each_attempt_starts_from_a_clean_namespace(runner: Runner, llm: S
     assert result.output == "clean\n"
 
 
+async def test_nothing_an_attempt_leaves_reaches_the_next(runner: Runner, llm: ScriptedLLM) -> None:
+    """Not its results as IPython caches them, nor a name it rebound; asserts still explain."""
+    llm.script(
+        fenced("import json, sys\nsys.displayhook('attempt 1')\nget_ipython = None\nraise OSError"),
+        fenced(
+            "print('attempt 1' in globals().values(), len(Out), 'json' in dir(), get_ipython is None)\nassert 1 + 1 == 3"
+        ),
+    )
+    result = await runner.run("x", max_attempts=2)
+
+    first, second = result.attempts
+    assert first.output == "'attempt 1'\n" and first.ename == "OSError"
+    assert second.output == "False 0 False False\n"
+    assert "1 + 1 is 2, but the assert expects 3" in second.error
+
+
 async def test_files_the_code_writes_stay_with_the_run(runner: Runner, llm: ScriptedLLM) -> None:
     llm.script(fenced("open('answer.txt', 'w').write('42')\nprint('written')"))
     result = await runner.run("write a file")

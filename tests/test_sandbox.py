@@ -235,6 +235,32 @@ def test_kernel_env_is_a_whitelist(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.timeout(60)
+def test_the_launcher_reads_its_limits_without_pydantic(tmp_path: Path) -> None:
+    """pydantic-settings cost every kernel start ~300 ms; the launcher parses what kernel_env
+    wrote instead, with Settings still the one place that names and defaults each limit."""
+    settings = load_settings(
+        memory_mb=700,
+        cpu_seconds=30,
+        max_processes=9,
+        max_open_files=99,
+        max_file_mb=3,
+        allow_network=True,
+        kernel_python=Path(sys.executable),
+    )
+    env = sandbox.kernel_env(settings, tmp_path / "w", tmp_path / "r")
+    assert sandbox.Limits.from_env(env) == sandbox.Limits.of(settings)
+    assert sandbox.Limits.from_env({}) == sandbox.Limits.of(load_settings())
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, autocoder.sandbox; print(sorted(sys.modules))"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "pydantic" not in loaded and "pydantic_settings" not in loaded
+
+
+@pytest.mark.timeout(60)
 def test_missing_bwrap_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     sandbox._probe_bwrap.cache_clear()

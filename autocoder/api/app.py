@@ -27,7 +27,7 @@ from autocoder.api.service import CANCEL_GRACE, Service
 from autocoder.api.timeouts import protocol_for
 from autocoder.config import Settings, load_settings
 from autocoder.errors import AutocoderError, ConfigError
-from autocoder.kernel import KernelPool
+from autocoder.kernel import KernelPool, sweep_leftovers, workdirs_root
 from autocoder.runner import Runner
 from autocoder.store import RunStore
 
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         check_exposure(s)
         limit_malloc_arenas()
         await asyncio.to_thread(sandbox.check_available, s)
+        await asyncio.to_thread(sweep_leftovers, workdirs_root(s))
         store = RunStore(s.notebooks_dir)
         await asyncio.to_thread(store.open)
         pool = KernelPool(s)

@@ -1,0 +1,237 @@
+"""Nothing autocoder starts or writes outlives it: not after a graceful stop, not after SIGKILL.
+
+A server killed with SIGKILL cannot clean up, so its kernels must die with it on their own,
+and the next autocoder to start removes what is left (runtime dirs holding connection keys,
+empty workdirs) — but only what a dead autocoder made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from autocoder.config import Settings
+from autocoder.kernel import KernelPool, owner_tag, sweep_leftovers, workdirs_root
+from autocoder.records import Event
+from autocoder.runner import Runner
+from autocoder.sandbox import PARENT_PID_VAR, RUNTIME_DIR_VAR
+from autocoder.testing import ScriptedLLM, fenced
+
+from .conftest import autocoder_cmd
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live (non-zombie) processes with `text` in their command line."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode("utf-8", "replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in argv and state != "Z" and int(proc.name) != os.getpid():
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_for(what: str, predicate: object, timeout: float = 30) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()  # type: ignore[operator]
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def gone_within(text: str, timeout: float = 15) -> list[int]:
+    """Wait (bounded) for every process naming `text` to end; return those that did not."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_naming(text)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def serve_env(cli_env: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`autocoder serve` with a pool of two, its runtime dirs in a temp dir of its own (short:
+    IPC socket paths have a length limit)."""
+    tmp = tempfile.mkdtemp(dir=tempfile.gettempdir())
+    yield {
+        **cli_env,
+        "TMPDIR": tmp,
+        "AUTOCODER_POOL_SIZE": "2",
+        "AUTOCODER_NOTEBOOKS_DIR": str(tmp_path / "notebooks"),
+        "AUTOCODER_AUTOFILE_DIR": str(tmp_path / "autofile"),
+    }
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_serve(env: dict[str, str], port: int = 0) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*autocoder_cmd(), "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def servers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for server in started:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.1, 0.3, 0.8])
+def test_a_killed_server_leaves_no_kernel(
+    serve_env: dict[str, str], servers: list[subprocess.Popen[bytes]], delay: float
+) -> None:
+    tmp = serve_env["TMPDIR"]
+    server = start_serve(serve_env)
+    servers.append(server)
+    # The pool's first kernel launcher is on its way: kill the server `delay` seconds later.
+    wait_for("a kernel launcher", lambda: processes_naming(tmp))
+    time.sleep(delay)
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    assert gone_within(tmp) == []
+
+
+@pytest.mark.timeout(120)
+def test_the_next_server_sweeps_what_a_dead_one_left(
+    serve_env: dict[str, str], servers: list[subprocess.Popen[bytes]]
+) -> None:
+    tmp = Path(serve_env["TMPDIR"])
+    first = start_serve(serve_env)
+    servers.append(first)
+    wait_for("the pool's kernels", lambda: len(list(tmp.glob("ac-*/kernel.json"))) >= 2)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    left = sorted(tmp.glob("ac-*"))
+    assert left, "a SIGKILLed server cannot remove its runtime dirs itself"
+    # Stray processes, each naming a connection file: of a dead autocoder (its runtime dir's
+    # maker is gone: same pid, another start time), of a launcher whose server is gone, and
+    # the same two of live ones, which must be left alone.
+    strays = {
+        "dead": stray(tmp / f"ac-{os.getpid()}.1-dead", {}),
+        "lost": stray(tmp / "ac-lost", {PARENT_PID_VAR: str(first.pid)}),
+        "alive": stray(tmp / f"ac-{owner_tag()}-alive", {}),
+        "kept": stray(tmp / "ac-kept", {PARENT_PID_VAR: str(os.getpid())}),
+    }
+    try:
+        port = free_port()
+        second = start_serve(serve_env, port)
+        servers.append(second)
+        wait_for("the second server", lambda: answers(port))
+        assert not any(d.exists() for d in left)
+        for name in ("dead", "lost"):
+            assert strays[name].wait(10) == -signal.SIGKILL, name
+        for name in ("alive", "kept"):
+            assert strays[name].poll() is None, name
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        for process in strays.values():
+            process.kill()
+            process.wait(10)
+    assert gone_within(str(tmp)) == []
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(["ac-kept", f"ac-{owner_tag()}-alive"])
+    work = Path(serve_env["AUTOCODER_AUTOFILE_DIR"]) / ".work"
+    assert not work.exists() or list(work.iterdir()) == []
+
+
+def stray(runtime_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A process that looks like a kernel launcher of `runtime_dir` (and holds its key)."""
+    runtime_dir.mkdir(mode=0o700)
+    (runtime_dir / "kernel.json").write_text('{"key": "a secret"}')
+    env = {**os.environ, RUNTIME_DIR_VAR: str(runtime_dir), **env}
+    argv = ["-c", "import time; time.sleep(120)", "-f", f"{runtime_dir}/kernel.json"]
+    return subprocess.Popen([sys.executable, *argv], env=env)
+
+
+def answers(port: int) -> bool:
+    """The server answers HTTP: its lifespan, and so its sweep, is done."""
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+async def test_a_graceful_stop_leaves_no_directory(settings: Settings) -> None:
+    pool = KernelPool(settings, size=2)
+    pool.start()
+    try:
+        deadline = time.monotonic() + 60
+        while pool.ready < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert pool.ready == 2
+    finally:
+        await pool.close()
+    assert list(workdirs_root(settings).iterdir()) == []
+    assert list(Path(os.environ["TMPDIR"]).glob(f"ac-{owner_tag()}-*")) == []
+
+
+@pytest.mark.timeout(120)
+async def test_a_run_cancelled_while_its_kernel_starts_leaves_no_directory(
+    settings: Settings, llm: ScriptedLLM
+) -> None:
+    llm.script(fenced("print('never runs')"))
+    runner = Runner(settings)
+    waiting_for_kernel = asyncio.Event()
+
+    def on_event(event: Event) -> None:
+        # The model answers at once; a kernel takes far longer to start.
+        if event.type == "code_generated":
+            waiting_for_kernel.set()
+
+    try:
+        run = asyncio.create_task(runner.run("print something", on_event=on_event))
+        await asyncio.wait_for(waiting_for_kernel.wait(), 30)
+        root = workdirs_root(settings)
+        assert any(root.iterdir()), "the run's kernel is not starting"
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+    finally:
+        await runner.close()
+    assert list(root.iterdir()) == []
+
+
+def test_a_sweep_spares_live_autocoders(tmp_path: Path) -> None:
+    """A runtime dir or workdir whose maker still runs is never touched."""
+    work = tmp_path / ".work"
+    mine = work / f"{owner_tag()}-0123456789ab"
+    mine.mkdir(parents=True)
+    stale = work / f"{os.getpid()}.1-0123456789ab"
+    stale.mkdir()
+    (stale / "out.txt").write_text("left by a killed run")
+    other = work / "not-autocoders"
+    other.mkdir()
+    sweep_leftovers(work)
+    assert sorted(p.name for p in work.iterdir()) == sorted([mine.name, other.name])
