@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
-from autocoder import asserts
+from autocoder import asserts, output_cap
 from autocoder.config import Settings, load_settings
 from autocoder.errors import ConfigError, SandboxUnavailable
 
@@ -110,6 +110,7 @@ def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str
     env["AUTOCODER_ALLOW_NETWORK"] = "1" if settings.allow_network else "0"
     for field in _LIMIT_FIELDS:
         env[f"AUTOCODER_{field.upper()}"] = str(getattr(settings, field))
+    env[output_cap.LIMIT_VAR] = str(settings.max_output_bytes)
     if settings.kernel_python is not None:
         env["AUTOCODER_KERNEL_PYTHON"] = str(settings.kernel_python)
     env[WORKDIR_VAR] = str(workdir)
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     kernel = [
         *(python, "-m", "ipykernel_launcher", "-f", str(connection_file)),
         f"--IPKernelApp.exec_lines={asserts.exec_line()}",
+        f"--IPKernelApp.exec_lines={output_cap.exec_line()}",
     ]
     if args.sandbox == "none":
         _exec_unconfined(settings, [*kernel, *KERNEL_ARGS])
