@@ -136,7 +136,10 @@ def check_available(settings: Settings) -> None:
 @functools.cache
 def _warn_unconfined() -> None:
     log.warning(
-        "AUTOCODER_SANDBOX=none: generated code runs unconfined, as this user, with only rlimits"
+        "AUTOCODER_SANDBOX=none: generated code runs unconfined, as this user, with only "
+        "rlimits; it can read this server's own /proc/%d/environ (OPENAI_API_KEY and every "
+        "other secret in it) and anything else this user can",
+        os.getpid(),
     )
 
 
@@ -232,6 +235,7 @@ def _dedicated_uid() -> int | None:
 
 def _exec_unconfined(settings: Settings, cmd: list[str]) -> NoReturn:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCODER_")}
+    env.update(_resource_env())
     Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
     _die_with_parent()
     _apply_limits(settings, dedicated_uid=False)
@@ -447,8 +451,20 @@ def _parents(*paths: Path) -> list[str]:
     return a
 
 
-def _inner_env() -> dict[str, str]:
+def _resource_env() -> dict[str, str]:
+    """What keeps an idle kernel small in address space and threads, confined or not."""
     threads = str(min(os.cpu_count() or 1, 4))
+    return {
+        # glibc reserves 64 MiB of address space per thread arena, which RLIMIT_AS counts.
+        "MALLOC_ARENA_MAX": "2",
+        # Every thread counts against the process limit; BLAS pools default to one per core.
+        "OMP_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
+
+
+def _inner_env() -> dict[str, str]:
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
         "HOME": SANDBOX_HOME,
@@ -458,12 +474,7 @@ def _inner_env() -> dict[str, str]:
         "TMPDIR": "/tmp",
         "PYTHONUNBUFFERED": "1",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-        # glibc reserves 64 MiB of address space per thread arena, which RLIMIT_AS counts.
-        "MALLOC_ARENA_MAX": "2",
-        # Every thread counts against the process limit; BLAS pools default to one per core.
-        "OMP_NUM_THREADS": threads,
-        "OPENBLAS_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
+        **_resource_env(),
     }
     for key in ("LC_ALL", "TZ", "PYTHONUSERBASE"):
         if key in os.environ:

@@ -139,6 +139,21 @@ async def test_output_the_kernel_could_not_send_is_never_a_success(
     assert result.status == "success" and result.output == "sent\n"
 
 
+async def test_unconfined_kernels_get_the_same_memory_hygiene_and_cap(
+    settings: Settings, runner: Runner, llm: ScriptedLLM
+) -> None:
+    unconfined = settings.model_copy(update={"sandbox": "none"})
+    async with KernelSession(unconfined) as k:
+        env = await k.execute(
+            "import os\nprint(os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('OMP_NUM_THREADS'))",
+            timeout=10,
+        )
+        assert env.stdout.split()[0] == "2" and env.stdout.split()[1].isdigit()
+        flood = await k.execute(FLOOD, timeout=10)
+        assert flood.kind is ErrorKind.OUTPUT_LIMIT
+        assert flood.stdout.startswith("x") and "bytes of output cut" in flood.stdout
+
+
 # The server's side: what the kernel's notes mean to the collector.
 
 
