@@ -32,7 +32,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbformat.v4 import output_from_msg
 
-from autocoder import sandbox
+from autocoder import output_cap, sandbox
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
 from autocoder.records import ErrorInfo, ErrorKind, Execution
@@ -105,8 +105,10 @@ def kernel_name(settings: Settings) -> str:
 class OutputCollector:
     """Turns iopub messages into nbformat outputs, keeping at most `limit` bytes (head and tail).
 
-    Past the limit nothing more is stored except a bounded tail of the stream text, so a
-    flood costs the server no memory beyond the limit.
+    Past the limit nothing more is stored except a bounded tail of the stream text. Our
+    kernels cut their output to the limit before sending it (output_cap): a message carrying
+    output_cap.CUT_KEY stands for that many bytes the server never received, and one carrying
+    LOST_KEY says output was lost in the kernel. This cap is the backstop for what bypasses it.
     """
 
     def __init__(self, limit: int, on_output: OutputCallback | None = None) -> None:
@@ -118,12 +120,16 @@ class OutputCollector:
         self.tail_name = "stdout"
         self.total = 0
         self.dropped = 0
+        self.cut_at_source = False
+        self.lost = 0
+        # None until the output first goes over the limit; then what the head may still take.
+        self.head_room: int | None = None
         self.error: ErrorInfo | None = None
         self.on_output = on_output
 
     @property
     def over(self) -> bool:
-        return self.total > self.limit
+        return self.cut_at_source or self.total > self.limit
 
     def add(self, msg: dict[str, Any]) -> None:
         kind = msg["msg_type"]
@@ -136,31 +142,69 @@ class OutputCollector:
             return
         if kind == "update_display_data":
             return
+        cut = content.get(output_cap.CUT_KEY)
+        if isinstance(cut, int) and cut > 0:
+            self.total += cut
+            self.dropped += cut
+            self.cut_at_source = True
+            self._close_head()
+            self.head_room = 0  # what follows comes after the gap
+            if kind == "stream":
+                return  # the kernel's own line about the cut; finish() says how much in all
+        lost = content.get(output_cap.LOST_KEY)
+        if isinstance(lost, int):
+            self.lost += max(lost, 1)
         if kind == "error":
             self.error = ErrorInfo(
                 ename=content.get("ename", ""),
                 evalue=content.get("evalue", ""),
                 traceback=list(content.get("traceback", [])),
             )
-        out = output_from_msg(msg)
+        if kind == "stream":
+            # nbformat would validate the whole text, however large, before it is cut.
+            out = {"output_type": "stream", "name": content["name"], "text": content["text"]}
+        else:
+            out = output_from_msg(msg)
         size = _size(out)
-        before = self.total
         self.total += size
         if self.on_output is not None:
             self.on_output(_preview(out))
-        if kind == "error" or before + size <= self.head_budget:
+        # Up to the limit everything is kept; past it, the head and a tail of the stream text.
+        if kind == "error" or not self.over or isinstance(cut, int):
             self._append(out)
             return
+        self._close_head()
         if kind == "stream":
-            room = max(0, self.head_budget - before)
-            text = out["text"]
-            if room:
-                self._append({**out, "text": text[:room]})
-            # Slice before joining: one flushed message can be hundreds of MB.
-            text = text[max(room, len(text) - self.tail_budget) :]
+            self._cut_stream(out)
+        self.dropped += size
+
+    def _close_head(self) -> None:
+        """Over the limit: keep what fits in the head budget, stream text past it as the tail."""
+        if self.head_room is not None:
+            return
+        kept, self.outputs, self.head_room = self.outputs, [], self.head_budget
+        for out in kept:
+            if out["output_type"] == "error":
+                self.outputs.append(out)
+            elif out["output_type"] == "stream":
+                self._cut_stream(out)
+            elif self.head_room >= (size := _size(out)) and not self.tail:
+                self.outputs.append(out)
+                self.head_room -= size
+
+    def _cut_stream(self, out: dict[str, Any]) -> None:
+        assert self.head_room is not None
+        text = out["text"]
+        room = min(self.head_room, len(text)) if not self.tail else 0
+        if room:
+            self._append({**out, "text": text[:room]})
+            self.head_room -= room
+        # Slice before joining: one flushed message can be hundreds of MB.
+        text = text[max(room, len(text) - self.tail_budget) :]
+        if text:
             self.tail = (self.tail + text)[-self.tail_budget :]
             self.tail_name = out["name"]
-        self.dropped += size
+            self.head_room = 0
 
     def _append(self, out: dict[str, Any]) -> None:
         last = self.outputs[-1] if self.outputs else None
@@ -212,6 +256,8 @@ def _kind(outcome: str, collector: OutputCollector) -> ErrorKind | None:
     """What an execution's end means, most telling first."""
     if outcome == "died":
         return ErrorKind.KERNEL_DIED
+    if collector.lost:
+        return ErrorKind.OUTPUT_LOST
     if collector.over:
         return ErrorKind.OUTPUT_LIMIT
     if outcome == "timeout":

@@ -17,6 +17,7 @@ class ErrorKind(str, Enum):
     KERNEL_DIED = "kernel_died"
     EMPTY = "empty"
     OUTPUT_LIMIT = "output_limit"
+    OUTPUT_LOST = "output_lost"
     UNCHECKED = "unchecked"
     LLM = "llm"
     CANCELLED = "cancelled"
@@ -105,7 +106,7 @@ class RunResult(BaseModel):
     )
     error_kind: ErrorKind | None = Field(
         default=None,
-        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled.",
+        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, output_lost (the kernel could not send some of the output, so the attempt cannot count as a success), unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled.",
     )
     run_id: str = Field(
         description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."

@@ -65,6 +65,12 @@ def feedback(attempt: Attempt, timeout: float) -> str:
         return (
             f"The code printed far too much output and was stopped. Print only the answer.{shown}"
         )
+    if kind is ErrorKind.OUTPUT_LOST:
+        return (
+            "Some of the code's output could not be sent from the kernel (it ran short of "
+            "memory), so its result cannot be seen. Print less, and free large objects before "
+            f"printing.{shown}"
+        )
     if kind is ErrorKind.UNCHECKED:
         return (
             "The code ran, but it no longer checks anything: an earlier version failed one of "
@@ -605,6 +611,8 @@ class _Run:
                 f"output exceeded {self.settings.max_output_bytes:,} bytes "
                 "(AUTOCODER_MAX_OUTPUT_BYTES) and was cut"
             )
+        elif result.kind is ErrorKind.OUTPUT_LOST:
+            attempt.error = "part of the output was lost in the kernel: it could not be sent"
         elif result.kind is ErrorKind.KERNEL_DIED:
             detail = result.error.evalue if result.error else ""
             attempt.error = "kernel died" + (f": {detail}" if detail else "")

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
-from autocoder import asserts
+from autocoder import asserts, output_cap
 from autocoder.errors import ConfigError, SandboxUnavailable
 
 if TYPE_CHECKING:  # pydantic-settings costs the launcher ~300 ms; it reads its env instead.
@@ -170,6 +170,7 @@ def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     env["AUTOCODER_SANDBOX"] = settings.sandbox
     env.update(Limits.of(settings).env())
+    env[output_cap.LIMIT_VAR] = str(settings.max_output_bytes)
     env[WORKDIR_VAR] = str(workdir)
     env[RUNTIME_DIR_VAR] = str(runtime_dir)
     # The launcher checks it is still this process's child once it has its parent-death signal.
@@ -195,7 +196,10 @@ def check_available(settings: Settings) -> None:
 @functools.cache
 def _warn_unconfined() -> None:
     log.warning(
-        "AUTOCODER_SANDBOX=none: generated code runs unconfined, as this user, with only rlimits"
+        "AUTOCODER_SANDBOX=none: generated code runs unconfined, as this user, with only "
+        "rlimits; it can read this server's own /proc/%d/environ (OPENAI_API_KEY and every "
+        "other secret in it) and anything else this user can",
+        os.getpid(),
     )
 
 
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     kernel = [
         *(python, "-m", "ipykernel_launcher", "-f", str(connection_file)),
         f"--IPKernelApp.exec_lines={asserts.exec_line()}",
+        f"--IPKernelApp.exec_lines={output_cap.exec_line()}",
     ]
     if args.sandbox == "none":
         _exec_unconfined(settings, [*kernel, *KERNEL_ARGS])
@@ -293,6 +298,7 @@ def _dedicated_uid() -> int | None:
 
 def _exec_unconfined(limits: Limits, cmd: list[str]) -> NoReturn:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOCODER_")}
+    env.update(_resource_env())
     Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
     _apply_limits(limits, dedicated_uid=False)
     os.execve(cmd[0], cmd, env)
@@ -515,8 +521,20 @@ def _parents(*paths: Path) -> list[str]:
     return a
 
 
-def _inner_env() -> dict[str, str]:
+def _resource_env() -> dict[str, str]:
+    """What keeps an idle kernel small in address space and threads, confined or not."""
     threads = str(min(os.cpu_count() or 1, 4))
+    return {
+        # glibc reserves 64 MiB of address space per thread arena, which RLIMIT_AS counts.
+        "MALLOC_ARENA_MAX": "2",
+        # Every thread counts against the process limit; BLAS pools default to one per core.
+        "OMP_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
+
+
+def _inner_env() -> dict[str, str]:
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
         "HOME": SANDBOX_HOME,
@@ -526,12 +544,7 @@ def _inner_env() -> dict[str, str]:
         "TMPDIR": "/tmp",
         "PYTHONUNBUFFERED": "1",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-        # glibc reserves 64 MiB of address space per thread arena, which RLIMIT_AS counts.
-        "MALLOC_ARENA_MAX": "2",
-        # Every thread counts against the process limit; BLAS pools default to one per core.
-        "OMP_NUM_THREADS": threads,
-        "OPENBLAS_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
+        **_resource_env(),
     }
     for key in ("LC_ALL", "TZ", "PYTHONUSERBASE"):
         if key in os.environ:
