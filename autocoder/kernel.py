@@ -351,7 +351,11 @@ class KernelSession:
             with open(self.runtime_dir / "kernel.log", "wb") as log_file:
                 await asyncio.wait_for(
                     km.start_kernel(
-                        env=env, cwd=str(self.workdir), stdout=subprocess.DEVNULL, stderr=log_file
+                        env=env,
+                        cwd=str(self.workdir),
+                        stdout=subprocess.DEVNULL,
+                        stderr=log_file,
+                        pass_fds=(sandbox.lifeline(),),
                     ),
                     STARTUP_TIMEOUT,
                 )

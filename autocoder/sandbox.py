@@ -53,6 +53,7 @@ PROBE_TIMEOUT = 15.0
 WORKDIR_VAR = "AUTOCODER_SANDBOX_WORKDIR"
 RUNTIME_DIR_VAR = "AUTOCODER_SANDBOX_RUNTIME_DIR"
 PARENT_PID_VAR = "AUTOCODER_PARENT_PID"
+LIFELINE_VAR = "AUTOCODER_LIFELINE_FD"
 _LIMIT_FIELDS = ("memory_mb", "cpu_seconds", "max_processes", "max_open_files", "max_file_mb")
 _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 
@@ -175,7 +176,40 @@ def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str
     env[RUNTIME_DIR_VAR] = str(runtime_dir)
     # The launcher checks it is still this process's child once it has its parent-death signal.
     env[PARENT_PID_VAR] = str(os.getpid())
+    env[LIFELINE_VAR] = str(lifeline())
     return env
+
+
+@functools.cache
+def lifeline() -> int:
+    """The read end of a pipe whose write end only this process holds, for every kernel to inherit.
+
+    It reads as end-of-file once this process is gone, however it died. That covers the one
+    window parent-death signals leave: bwrap's sandboxed child sets its own only after clone,
+    so a server killed in between leaves it running. The kernel looks before any user code runs.
+    """
+    read_end, _write_end = os.pipe()  # both close-on-exec; the write end is never closed
+    os.set_inheritable(read_end, True)
+    return read_end
+
+
+def _lifeline_line(fd: int) -> str:
+    """An `exec_lines` entry: a kernel whose server is already gone exits before it serves.
+
+    It runs in a namespace of its own, and leaves alone an fd that is not a pipe (a kernel
+    started with the variable but not the pipe)."""
+    code = (
+        "import os, select, stat\n"
+        "try:\n"
+        f"    pipe = stat.S_ISFIFO(os.fstat({fd}).st_mode)\n"
+        "except OSError:\n"
+        "    pipe = False\n"
+        "if pipe:\n"
+        f"    if select.select([{fd}], [], [], 0)[0]:\n"
+        "        os._exit(1)\n"
+        f"    os.close({fd})\n"
+    )
+    return f"exec({code!r}, {{}})"
 
 
 def check_available(settings: Settings) -> None:
@@ -251,10 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = Limits.from_env(os.environ)
     connection_file = Path(args.connection_file).resolve()
     python = str(settings.kernel_python or sys.executable)
+    lifeline = os.environ.get(LIFELINE_VAR, "")
+    exec_lines = [_lifeline_line(int(lifeline))] if lifeline.isdigit() else []
+    exec_lines += [asserts.exec_line(), output_cap.exec_line()]
     kernel = [
         *(python, "-m", "ipykernel_launcher", "-f", str(connection_file)),
-        f"--IPKernelApp.exec_lines={asserts.exec_line()}",
-        f"--IPKernelApp.exec_lines={output_cap.exec_line()}",
+        *(f"--IPKernelApp.exec_lines={line}" for line in exec_lines),
     ]
     if args.sandbox == "none":
         _exec_unconfined(settings, [*kernel, *KERNEL_ARGS])

@@ -235,3 +235,38 @@ def test_a_sweep_spares_live_autocoders(tmp_path: Path) -> None:
     other.mkdir()
     sweep_leftovers(work)
     assert sorted(p.name for p in work.iterdir()) == sorted([mine.name, other.name])
+
+
+@pytest.mark.timeout(120)
+def test_a_kernel_whose_server_is_already_gone_exits_before_it_serves(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The window parent-death signals leave (bwrap's sandboxed child sets its own only after
+    clone) is closed by the lifeline: a kernel that finds its server's pipe broken exits."""
+    from jupyter_client.connect import write_connection_file
+
+    from autocoder.sandbox import LIFELINE_VAR, kernel_env
+
+    workdir, runtime_dir = tmp_path / "work", tmp_path / "run"
+    for d in (workdir, runtime_dir):
+        d.mkdir(mode=0o700)
+    connection_file, _ = write_connection_file(
+        str(runtime_dir / "kernel.json"), transport="ipc", ip=str(runtime_dir / "k")
+    )
+    read_end, write_end = os.pipe()
+    os.close(write_end)  # the server that held it is gone
+    env = {**kernel_env(settings, workdir, runtime_dir), LIFELINE_VAR: str(read_end)}
+    launcher = [sys.executable, "-m", "autocoder.sandbox", "--sandbox", settings.sandbox]
+    try:
+        kernel = subprocess.Popen(
+            [*launcher, "-f", connection_file],
+            env=env,
+            pass_fds=(read_end,),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _, err = kernel.communicate(timeout=60)
+    finally:
+        os.close(read_end)
+    assert kernel.returncode != 0, err.decode()
+    assert gone_within(str(runtime_dir)) == []
