@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from autocoder.api.admission import Busy
 from autocoder.api.auth import Guard
 from autocoder.errors import AutocoderError, ConfigError, KernelStartError
+from autocoder.sessions import SessionBusy, SessionGone, SessionsFull
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,17 @@ async def _busy(request: Request, exc: Exception) -> JSONResponse:
         {"detail": str(exc)},
         status_code=exc.status_code,
         headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
+async def _session_refused(request: Request, exc: Exception) -> JSONResponse:
+    """Unknown or closed: 404 (the message says which); busy: 409; too many open: 429."""
+    if isinstance(exc, SessionsFull):
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)}
+        )
+    return JSONResponse(
+        {"detail": str(exc)}, status_code=409 if isinstance(exc, SessionBusy) else 404
     )
 
 
@@ -122,4 +134,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Busy, _busy)
     app.add_exception_handler(ClientGone, _client_gone)
+    for refusal in (SessionGone, SessionBusy, SessionsFull):
+        app.add_exception_handler(refusal, _session_refused)
     app.add_exception_handler(AutocoderError, _our_fault)
