@@ -6,7 +6,14 @@ prompt works on what the first one loaded, and the session's notebook replays th
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import select
+import subprocess
+import termios
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,7 @@ from nbclient import NotebookClient
 
 from autocoder.config import Settings
 from autocoder.testing import Reply, ScriptedLLM, fenced
-from tests.conftest import LiveServer, kernel_pids
+from tests.conftest import LiveServer, autocoder_cmd, kernel_pids
 from tests.test_api import events_of, make_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -278,3 +285,115 @@ def test_sessions_need_the_token_like_every_endpoint(tmp_path: Path, llm: Script
             f"{server.url}/sessions", headers={"Authorization": "Bearer t0ken"}, timeout=10
         )
         assert ok.status_code == 200
+
+
+class Terminal:
+    """`autocoder chat` on a pseudo-terminal, read as a user would watch it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.master, slave = pty.openpty()
+        # Its own session with the terminal as controlling tty, so Ctrl-C is a SIGINT to it.
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
+        os.close(slave)
+        self.seen = ""
+        self.mark = 0
+
+    def expect(self, text: str, timeout: float = 60) -> str:
+        """Wait until `text` appears after what the last expect matched."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen[self.mark :]:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} did not appear; the terminal shows:\n{self.seen}"
+            ready, _, _ = select.select([self.master], [], [], min(left, 0.5))
+            if ready:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:  # the child closed the terminal
+                    chunk = b""
+                if not chunk and self.proc.poll() is not None:
+                    raise AssertionError(f"{text!r} never appeared:\n{self.seen}")
+                self.seen += chunk.decode("utf-8", "replace")
+        self.mark = self.seen.index(text, self.mark) + len(text)
+        return self.seen
+
+    def send(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def close(self, timeout: float = 30) -> int:
+        """Its exit code; a chat still running after `timeout` is ended (SIGTERM, then kill)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                return self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(timeout=5)
+        finally:
+            os.close(self.master)
+
+
+def test_chat_keeps_the_data_between_prompts_and_prints_the_notebook(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "sales.csv").write_bytes(SALES)
+    llm.script(fenced(LOAD), Reply(fenced("import time\ntime.sleep(60)")), fenced(TOTAL))
+    env = dict(cli_env, AUTOCODER_HOME=str(tmp_path / "home"))
+    term = Terminal([*autocoder_cmd(), "chat", "--file", "sales.csv"], env, tmp_path)
+    code = None
+    try:
+        term.expect("autocoder> ")
+        term.send("load sales.csv into df\r")
+        term.expect("3 rows")
+        term.expect("autocoder> ")
+        term.send("wait for a minute\r")
+        term.expect("running…")
+        term.send("\x03")  # Ctrl-C stops this prompt, not the chat
+        term.expect("interrupted; the session is still there")
+        term.send("print the total amount\r")
+        term.expect("total 42")
+        term.expect("autocoder> ")
+        term.send("\x04")  # Ctrl-D leaves
+        shown = term.expect("session notebook: ")
+        code = term.close()
+    finally:
+        if code is None:
+            term.close(timeout=0)
+    assert code == 0, shown
+    path = Path(tmp_path, shown.split("session notebook: ")[1].split()[0])
+    nb = nbformat.read(path, as_version=4)
+    assert [c.source for c in nb.cells if c.cell_type == "code"] == [LOAD, TOTAL]
+    assert (tmp_path / "home" / "chat_history").read_text().splitlines()[-3:] == [
+        "load sales.csv into df",
+        "wait for a minute",
+        "print the total amount",
+    ]
+
+
+def test_ctrl_c_at_the_prompt_leaves_the_chat(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(cli_env, AUTOCODER_HOME=str(tmp_path / "home"))
+    before = set(kernel_pids())
+    term = Terminal([*autocoder_cmd(), "chat"], env, tmp_path)
+    code = None
+    try:
+        term.expect("autocoder> ")
+        term.send("\x03")
+        shown = term.expect("session notebook: ")
+        code = term.close()
+    finally:
+        if code is None:
+            term.close(timeout=0)
+    assert code == 0, shown
+    assert not set(kernel_pids()) - before
