@@ -612,6 +612,9 @@ class Sessions:
     ) -> RunResult:
         """Run one prompt in a claimed session (see `claim`); the claim ends with the run."""
         assert session.claimed, "claim() the session first"
+        if not session.is_open:  # closed while this run waited for a slot
+            self.release(session)
+            raise SessionGone(_closed_message(session.info), known=True)
         run_id = run_id or new_run_id()
         session.info.running = run_id
         session.task = asyncio.current_task()

@@ -47,6 +47,7 @@ def served(
         max_request_attempts=2,
         max_request_timeout=2.0,
         timeout=2.0,
+        max_sessions=2,  # each session keeps a kernel started
         api_token=TOKEN if token else None,
     )
     try:

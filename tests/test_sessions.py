@@ -274,6 +274,13 @@ def test_after_a_restart_sessions_are_listed_closed_with_no_kernel_left(
         listed = httpx.get(f"{server.url}/sessions", timeout=10).json()["sessions"]
         assert [(s["session_id"], s["status"]) for s in listed] == [(sid, "closed")]
         assert listed[0]["closed_reason"] == "shutdown"
+    # A server that died without closing it left the record open: the next one closes it.
+    record = settings.notebooks_dir / ".autocoder" / "sessions" / f"{sid}.json"
+    record.write_text(record.read_text().replace('"status": "closed"', '"status": "open"'))
+    with LiveServer(settings) as server:
+        info = httpx.get(f"{server.url}/sessions/{sid}", timeout=10).json()
+        assert (info["status"], info["closed_reason"]) == ("closed", "server_restart")
+        assert httpx.get(f"{server.url}/sessions/{sid}/notebook", timeout=10).status_code == 200
 
 
 def test_sessions_need_the_token_like_every_endpoint(tmp_path: Path, llm: ScriptedLLM) -> None:
