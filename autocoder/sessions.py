@@ -394,7 +394,7 @@ class Session:
         budget = self.settings.session_context_chars
         tail = task_with_names(prompt, names)
         if inputs:
-            tail += "\n\nNew files for this task:\n" + files_mod.describe(inputs)
+            tail += "\n\n" + files_mod.describe(inputs)
         parts: list[str] = []
         stamps = self.file_stamps()
         fresh = {f.name for f in inputs}
@@ -625,9 +625,10 @@ class Sessions:
                 self._system_prompt = f"{base}\n{SESSION_PROMPT}"
             if session.kernel is None or not await session.kernel.is_alive():
                 await self._revive(session)
-            session._before = await asyncio.to_thread(session.file_stamps)
             if inputs:
                 await asyncio.to_thread(session.place, inputs)
+            # What the run's code makes or changes from here on is the run's own files.
+            session._before = await asyncio.to_thread(session.file_stamps)
             names = await session.names()
             history = await asyncio.to_thread(self._history, session)
             lost = session._lost[-1] if len(session._lost) > lost_before else None

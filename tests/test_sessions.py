@@ -98,6 +98,37 @@ def test_the_second_prompt_works_on_what_the_first_one_loaded(
     assert got.status_code == 200 and got.content == SALES
 
 
+def test_files_sent_with_a_prompt_join_the_session_and_each_run_keeps_what_it_wrote(
+    client: httpx.Client, llm: ScriptedLLM, session: dict[str, Any]
+) -> None:
+    sid = session["session_id"]
+    llm.script(
+        fenced(
+            "import pandas as pd\nmore = pd.read_csv('more.csv')\n"
+            "open('summary.txt', 'w').write(str(len(more)))\nprint('ok')"
+        )
+    )
+    r = client.post(
+        f"/sessions/{sid}/run",
+        data={"prompt": "load more.csv and write its length to summary.txt"},
+        files=[("files", ("more.csv", b"a\n1\n2\n", "text/csv"))],
+    )
+    assert r.status_code == 200 and r.json()["status"] == "success", r.text
+    result = r.json()
+    assert "more.csv" in user_message(llm.requests[0])
+    assert [f["name"] for f in result["files"]] == ["summary.txt"]
+    assert client.get(result["files"][0]["url"]).content == b"2"
+    info = client.get(f"/sessions/{sid}").json()
+    assert [f["name"] for f in info["files"]] == ["more.csv", "sales.csv", "summary.txt"]
+
+    again = client.post(
+        f"/sessions/{sid}/run",
+        data={"prompt": "again"},
+        files=[("files", ("more.csv", b"a\n3\n", "text/csv"))],
+    )
+    assert again.status_code == 422 and "already has a file named 'more.csv'" in again.text
+
+
 def test_the_session_notebook_replays_to_the_same_outputs(
     client: httpx.Client, llm: ScriptedLLM, session: dict[str, Any]
 ) -> None:
@@ -234,6 +265,9 @@ def test_delete_stops_the_kernel_and_later_requests_say_it_is_closed(
     assert gone.status_code == 404 and "is closed (it was deleted" in gone.json()["detail"]
     unknown = client.post("/sessions/session-20000101-000000-abcdef/run", json={"prompt": "x"})
     assert unknown.status_code == 404 and unknown.json()["detail"].startswith("no session")
+    # Answered before the body is read: an unknown session is a 404 whatever is uploaded.
+    refused = client.post(f"/sessions/{sid}/run", json={"not": "a run"})
+    assert refused.status_code == 404
     assert client.get(f"/sessions/{sid}").json()["status"] == "closed"
     assert client.get(f"/sessions/{sid}/notebook").status_code == 200
     listed = client.get("/sessions").json()
@@ -256,7 +290,7 @@ def test_idle_sessions_expire_and_the_limit_answers_429(tmp_path: Path, llm: Scr
             lambda: (info := c.get(f"/sessions/{sid}").json())["status"] == "closed" and info,
         )
         assert closed["closed_reason"] == "idle"
-        assert not mine & set(kernel_pids())
+        server.wait_for("the kernel to stop", lambda: not mine & set(kernel_pids()))
         late = c.post(f"/sessions/{sid}/run", json={"prompt": "anything"})
         assert late.status_code == 404 and "expired" in late.json()["detail"]
         assert c.post("/sessions").status_code == 201
@@ -404,3 +438,10 @@ def test_ctrl_c_at_the_prompt_leaves_the_chat(
             term.close(timeout=0)
     assert code == 0, shown
     assert not set(kernel_pids()) - before
+
+
+def test_a_wrong_method_lists_every_method_of_the_path(client: httpx.Client) -> None:
+    r = client.request("PUT", "/sessions")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = client.request("PATCH", "/sessions/session-20000101-000000-abcdef")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 
@@ -39,6 +39,15 @@ from autocoder.records import Event, RunResult, SessionInfo
 from autocoder.sessions import Session
 
 router = APIRouter()  # auth.Guard checks the token before a body is read
+
+
+def open_session(session_id: SessionId, service: ServiceDep) -> Session:
+    """The open session the path names; resolved before the body is read, so a request for
+    an unknown or closed session gets its 404 without uploading anything."""
+    return service.sessions.open_session(session_id)
+
+
+OpenSessionDep = Annotated[Session, Depends(open_session)]
 
 _GONE: dict[int | str, dict[str, Any]] = {
     404: {
@@ -133,11 +142,15 @@ async def delete_session(session_id: SessionId, service: ServiceDep) -> SessionI
     openapi_extra=run_request_body(),
 )
 async def run_in_session(
-    session_id: SessionId, given: RunInputDep, request: Request, service: ServiceDep
+    session_id: SessionId,
+    known: OpenSessionDep,
+    given: RunInputDep,
+    request: Request,
+    service: ServiceDep,
 ) -> Any:
     sessions = service.sessions
     try:
-        session = sessions.claim(session_id, given.files)
+        session = sessions.claim(known.info.session_id, given.files)
     except FilesTooLarge as e:
         raise HTTPException(413, str(e)) from None
     except FileRefused as e:
