@@ -50,7 +50,14 @@ from autocoder.errors import AutocoderError
 from autocoder.files import FileRefused, InputFile
 from autocoder.kernel import INTERRUPT_GRACE, KernelSession, OutputCallback
 from autocoder.namespace import parse_probe, probe_code, task_with_names
-from autocoder.notebook import KERNELSPEC, record_path, write_atomic
+from autocoder.notebook import (
+    KERNELSPEC,
+    language_info,
+    md_escape,
+    notebook_output,
+    record_path,
+    write_atomic,
+)
 from autocoder.records import (
     ErrorKind,
     Execution,
@@ -533,7 +540,7 @@ class Sessions:
                 expires_at=_iso(now),
                 model=model,
                 timeout=timeout,
-                notebook=str(session_notebook_path(self.settings.notebooks_dir, sid)),
+                notebook=str(session_notebook_path(self.settings.notebooks_dir.resolve(), sid)),
                 workdir=str((self.files_root / sid / "files").resolve()),
             )
             session = Session(self.settings, info, self.files_root / sid)
@@ -778,7 +785,7 @@ def build_session_notebook(
     """
     nb = new_notebook()
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    nb.metadata["language_info"] = {"name": "python", "mimetype": "text/x-python"}
+    nb.metadata["language_info"] = language_info()
     nb.metadata["autocoder"] = {
         "session_id": info.session_id,
         "created_at": info.created_at,
@@ -796,7 +803,7 @@ def build_session_notebook(
     )
     count = 0
     for number, (run, result) in enumerate(zip(info.runs, results, strict=False), 1):
-        quoted = "\n".join("> " + line for line in run.prompt.splitlines() or [""])
+        quoted = "\n".join("> " + md_escape(line) for line in run.prompt.splitlines() or [""])
         state = "succeeded" if run.status == "success" else "failed"
         nb.cells.append(
             new_markdown_cell(
@@ -826,12 +833,6 @@ def build_session_notebook(
             result.code.rstrip("\n"), metadata={"autocoder": {"run_id": run.run_id}}
         )
         cell.execution_count = count
-        outputs = []
-        for out in result.outputs:
-            node = nbformat.from_dict(dict(out))
-            if node.get("output_type") == "execute_result":
-                node["execution_count"] = count
-            outputs.append(node)
-        cell.outputs = outputs
+        cell.outputs = [notebook_output(out, execution_count=count) for out in result.outputs]
         nb.cells.append(cell)
     return nb
