@@ -725,7 +725,8 @@ class Sessions:
         session.info.closed_reason = reason
         task = session.task
         if task is not None and task is not asyncio.current_task() and not task.done():
-            task.cancel()
+            if not task.cancelling():  # a second cancel would cut its own cleanup short
+                task.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(task), 30)
         await session.close()
