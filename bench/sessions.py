@@ -147,17 +147,23 @@ def main() -> None:
 
             time.sleep(2)  # the pool has refilled
             base = kernels_pss()
-            for _ in range(args.sessions):
-                sid = c.post("/sessions", files=upload).json()["session_id"]
+            opened = [
+                c.post("/sessions", files=upload).json()["session_id"] for _ in range(args.sessions)
+            ]
+            time.sleep(1)
+            empty = kernels_pss()
+            for sid in opened:
                 c.post(f"/sessions/{sid}/run", json={"prompt": "load"})
             time.sleep(1)
             held = kernels_pss()
-            per = (held - base) / args.sessions / 1024
-            print(f"kernels' PSS before the sessions:                 {base / 1024:7.0f} MiB")
+            n = args.sessions
+            print(f"kernels' PSS before the sessions (the pool):       {base / 1024:7.0f} MiB")
             print(
-                f"with {args.sessions} idle sessions, each holding df:        {held / 1024:7.0f} MiB"
+                f"per idle session, nothing loaded:                 {(empty - base) / n / 1024:7.0f} MiB"
             )
-            print(f"memory per idle session (PSS, {args.mb} MB CSV in df):    {per:7.0f} MiB")
+            print(
+                f"per idle session, {args.mb} MB CSV loaded as df:        {(held - base) / n / 1024:7.0f} MiB"
+            )
             print(
                 f"each session's kernel is capped at AUTOCODER_MEMORY_MB = {settings.memory_mb} MiB"
             )
