@@ -520,6 +520,11 @@ class Sessions:
         files_mod.check_inputs(inputs, self.settings)
         if self._closing:
             raise SessionsFull("the server is shutting down", retry_after=5)
+        if self.settings.max_sessions == 0:
+            raise SessionsFull(
+                "this server keeps no sessions (AUTOCODER_MAX_SESSIONS=0); use POST /run",
+                retry_after=3600,
+            )
         if self.open_count >= self.settings.max_sessions:
             raise SessionsFull(
                 f"{self.settings.max_sessions} sessions are open, the most this server keeps "

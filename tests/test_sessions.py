@@ -445,3 +445,18 @@ def test_a_wrong_method_lists_every_method_of_the_path(client: httpx.Client) -> 
     assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
     r = client.request("PATCH", "/sessions/session-20000101-000000-abcdef")
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+
+
+def test_chat_with_a_missing_file_is_one_line_and_exit_2(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [*autocoder_cmd(), "chat", "--file", "nope.csv"],
+        env=cli_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["autocoder: error: 'nope.csv' is not a file"]
