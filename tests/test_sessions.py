@@ -24,6 +24,8 @@ import pytest
 from nbclient import NotebookClient
 
 from autocoder.config import Settings
+from autocoder.records import SessionInfo, SessionRun
+from autocoder.sessions import Session
 from autocoder.testing import Reply, ScriptedLLM, fenced
 from tests.conftest import LiveServer, autocoder_cmd, kernel_pids
 from tests.test_api import events_of, make_settings
@@ -460,3 +462,47 @@ def test_chat_with_a_missing_file_is_one_line_and_exit_2(
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["autocoder: error: 'nope.csv' is not a file"]
+
+
+def test_what_the_model_is_told_stays_within_the_context_budget(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Forty earlier prompts with long code: the newest are told, the oldest are counted."""
+    info = SessionInfo(
+        session_id="session-x",
+        status="open",
+        created_at="",
+        last_used_at="",
+        expires_at="",
+        notebook=str(tmp_path / "s.ipynb"),
+        workdir=str(tmp_path),
+    )
+    session = Session(settings, info, tmp_path)
+    history = [
+        (SessionRun(run_id=f"r{n}", prompt=f"step {n}", status="success"), "x = 1\n" * 300)
+        for n in range(1, 41)
+    ]
+    names = [(f"v{n}", "int") for n in range(60)]
+
+    told = session.context("the next step", names, history, [])
+
+    assert len(told) <= settings.session_context_chars + 200
+    assert told.endswith("Task:\nthe next step") and "- v59: int" in told
+    assert "Task 40: step 40" in told and "Task 1: step 1\n" not in told
+    assert "earlier task(s) not shown" in told
+
+
+def test_a_session_closes_at_its_max_age_even_when_used(tmp_path: Path, llm: ScriptedLLM) -> None:
+    settings = make_settings(tmp_path, llm, session_max_age=2.0)
+    llm.responder = lambda body: fenced("print('busy')")
+    with LiveServer(settings) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        sid = c.post("/sessions").json()["session_id"]
+
+        def closed() -> Any:
+            c.post(f"/sessions/{sid}/run", json={"prompt": "keep it busy"})
+            info = c.get(f"/sessions/{sid}").json()
+            return info["status"] == "closed" and info
+
+        assert server.wait_for("the session to reach its max age", closed)["closed_reason"] == (
+            "max_age"
+        )
