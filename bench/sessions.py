@@ -62,6 +62,13 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def mem_total_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
 def kernels_pss() -> int:
     return sum(pss_kib(p) for p in descendants(os.getpid()))
 
@@ -94,6 +101,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--mb", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument(
+        "--hold", type=int, default=8, help="AUTOCODER_MAX_SESSIONS for the capacity part"
+    )
     parser.add_argument("--sandbox", default=os.environ.get("AUTOCODER_SANDBOX", "bwrap"))
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="autocoder-bench-sessions-"))
@@ -114,7 +124,7 @@ def main() -> None:
         sandbox=args.sandbox,
         pool_size=2,
         max_upload_mb=args.mb + 1,
-        max_sessions=args.sessions + 1,
+        max_sessions=max(args.hold, args.sessions + 1),
         llm_retries=0,
         timeout=60,
     )
@@ -166,6 +176,33 @@ def main() -> None:
             )
             print(
                 f"each session's kernel is capped at AUTOCODER_MEMORY_MB = {settings.memory_mb} MiB"
+            )
+
+            # Capacity: fill AUTOCODER_MAX_SESSIONS with sessions holding df, then one more.
+            while True:
+                r = c.post("/sessions", files=upload)
+                if r.status_code != 201:
+                    break
+                opened.append(r.json()["session_id"])
+                c.post(f"/sessions/{opened[-1]}/run", json={"prompt": "load"})
+            times = []
+            for sid in opened:
+                t = time.perf_counter()
+                ok = c.post(f"/sessions/{sid}/run", json={"prompt": "print the total"})
+                times.append(time.perf_counter() - t)
+                assert ok.json()["status"] == "success", ok.text
+            total = kernels_pss()
+            print(
+                f"sessions held (AUTOCODER_MAX_SESSIONS={settings.max_sessions}), each with df: "
+                f"{len(opened)}; the next one: HTTP {r.status_code}, "
+                f"Retry-After {r.headers.get('retry-after')} s"
+            )
+            print(
+                f"follow-up p50 with all of them held:              {statistics.median(times) * 1000:7.0f} ms"
+            )
+            print(
+                f"kernels' PSS with all held:                       {total / 1024:7.0f} MiB "
+                f"of {mem_total_mib()} MiB on this machine ({os.cpu_count()} CPUs)"
             )
     finally:
         llm.stop()
