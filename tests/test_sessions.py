@@ -258,11 +258,13 @@ def test_delete_stops_the_kernel_and_later_requests_say_it_is_closed(
     sid = client.post("/sessions", json={}).json()["session_id"]
     mine = set(kernel_pids()) - before
     assert mine
+    open_before = live.health()["sessions_open"]
 
     r = client.delete(f"/sessions/{sid}")
 
     assert r.status_code == 200 and r.json()["closed_reason"] == "deleted"
     live.wait_for("the kernel to stop", lambda: not mine & set(kernel_pids()))
+    assert live.health()["sessions_open"] == open_before - 1
     gone = client.post(f"/sessions/{sid}/run", json={"prompt": "anything"})
     assert gone.status_code == 404 and "is closed (it was deleted" in gone.json()["detail"]
     unknown = client.post("/sessions/session-20000101-000000-abcdef/run", json={"prompt": "x"})

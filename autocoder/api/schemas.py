@@ -133,6 +133,8 @@ class Health(BaseModel):
     runs_queued: int = Field(description="Requests waiting for a run slot.")
     max_concurrent_runs: int = Field(description="AUTOCODER_MAX_CONCURRENT_RUNS.")
     max_queued_runs: int = Field(description="AUTOCODER_MAX_QUEUED_RUNS.")
+    sessions_open: int = Field(0, description="Sessions open, each keeping a kernel.")
+    max_sessions: int = Field(0, description="AUTOCODER_MAX_SESSIONS.")
 
 
 class ErrorBody(BaseModel):
