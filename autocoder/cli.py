@@ -1,4 +1,4 @@
-"""The command-line door: `autocoder run|serve|kernels|model`. Translates errors to exit codes.
+"""The command-line door: `autocoder run|chat|serve|kernels|model`. Translates errors to exit codes.
 
 Exit codes: 0 success, 1 every attempt failed, 2 bad usage or configuration.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -191,6 +192,141 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if result.status == "success" else EXIT_FAILED
 
 
+CHAT_PROMPT = "autocoder> "
+HISTORY_LINES = 1000
+
+
+def _print_turn(result: RunResult) -> None:
+    """One prompt's answer in a chat: the code that ran and what it printed, or why it failed."""
+    if result.code:
+        print(result.code.rstrip("\n"))
+        print("─" * 60)
+    if result.status == "success":
+        if result.output.strip():
+            print(result.output.rstrip("\n"))
+    else:
+        last = (result.error or "it failed").strip().splitlines()
+        print(f"failed ({result.error_kind.value if result.error_kind else 'error'}): {last[-1]}")
+    for attempt in result.attempts:
+        if attempt.notice:
+            print(f"note: {attempt.notice}")
+    for f in result.files:
+        print(f"file: {f.name} ({f.size:,} bytes)")
+
+
+def _readline_history(settings: Settings) -> Any:
+    """Up-arrow history across chats (in AUTOCODER_HOME); None when readline is missing."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    path = settings.home / "chat_history"
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(HISTORY_LINES)
+
+    def save() -> None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+    return save
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A prompt loop in one session: each prompt sees what the earlier ones left.
+
+    Ctrl-C stops the prompt that is running (the session stays); at the prompt, Ctrl-C or
+    Ctrl-D leaves. The session's notebook path is printed at the end.
+    """
+    from autocoder.runner import Runner
+    from autocoder.sessions import Session, SessionError, Sessions
+
+    settings = _settings(args)
+    # A chat lasts as long as its user keeps it (up to AUTOCODER_SESSION_MAX_AGE), not the
+    # server's idle timeout, and it is one session whatever AUTOCODER_MAX_SESSIONS says.
+    settings = settings.model_copy(
+        update={"session_idle_timeout": settings.session_max_age, "max_sessions": 1}
+    )
+    try:
+        inputs = files.read_local(args.file or [], settings)
+    except files.FileRefused as e:
+        _fail(str(e))
+    progress = Progress(not args.quiet)
+    sandbox.check_available(settings)
+    save_history = _readline_history(settings) if sys.stdin.isatty() else None
+    runner = Runner(settings)
+    sessions = Sessions(settings, runner)
+    session: Session | None = None
+    failed = False
+
+    async def start() -> Session:
+        model = await runner.llm()
+        progress.say(f"using the {model.backend} model {await model.resolve_model()}")
+        await sessions.open()
+        return await sessions.create(inputs=inputs, timeout=args.timeout, model=args.model)
+
+    async def turn(prompt: str) -> RunResult | None:
+        assert session is not None
+        sessions.claim(session.info.session_id)
+        try:
+            return await sessions.run(
+                session, prompt, max_attempts=args.attempts, on_event=progress
+            )
+        except asyncio.CancelledError:
+            return None  # Ctrl-C: the run is recorded as cancelled; the session goes on
+
+    async def stop() -> None:
+        try:
+            await sessions.close()
+        finally:
+            await runner.close()
+
+    with asyncio.Runner() as loop:
+        try:
+            session = loop.run(start())
+            progress.say(
+                f"session {session.info.session_id}: each prompt sees what the earlier ones "
+                "left; Ctrl-C stops a prompt, Ctrl-D leaves"
+            )
+            while True:
+                try:
+                    prompt = input(CHAT_PROMPT).strip()
+                except (EOFError, KeyboardInterrupt):
+                    print()
+                    break
+                if not prompt:
+                    continue
+                if len(prompt) > settings.max_prompt_chars:
+                    progress.say(
+                        f"the prompt has {len(prompt):,} characters; the limit is "
+                        f"{settings.max_prompt_chars:,} (AUTOCODER_MAX_PROMPT_CHARS)"
+                    )
+                    continue
+                result = loop.run(turn(prompt))
+                if result is None:
+                    progress.say("interrupted; the session is still there")
+                    continue
+                if result.error_kind is ErrorKind.LLM and not any(a.code for a in result.attempts):
+                    progress.say(result.error)
+                    failed = True
+                    continue
+                failed = result.status != "success"
+                _print_turn(result)
+        except SessionError as e:
+            progress.say(str(e))
+            failed = True
+        except KeyboardInterrupt:
+            print()
+        finally:
+            if save_history is not None:
+                save_history()
+            loop.run(stop())
+    if session is not None:
+        print(f"session notebook: {session.info.notebook}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from autocoder.api import serve
 
@@ -273,6 +409,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser(
+        "chat", help="a prompt loop in one session: each prompt sees what the earlier ones left"
+    )
+    chat.add_argument(
+        "--attempts", type=int, metavar="N", help="max attempts per prompt (AUTOCODER_MAX_ATTEMPTS)"
+    )
+    chat.add_argument(
+        "--timeout", type=float, metavar="S", help="seconds per attempt (AUTOCODER_TIMEOUT)"
+    )
+    chat.add_argument("--model", help="model name (AUTOCODER_MODEL)")
+    chat.add_argument("--notebooks-dir", metavar="DIR", help="where notebooks go")
+    chat.add_argument("--autofile-dir", metavar="DIR", help="where code and files go")
+    chat.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
+    chat.add_argument(
+        "--file",
+        action="append",
+        metavar="PATH",
+        help="give the session this file, read-only in its working directory (repeatable)",
+    )
+    chat.add_argument(
+        "--kernel-python",
+        metavar="PYTHON",
+        help="run the kernel with this interpreter (AUTOCODER_KERNEL_PYTHON)",
+    )
+    chat.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="run the HTTP API (POST /run)")
     serve.add_argument("--host", help="bind address (AUTOCODER_HOST, default 127.0.0.1)")

@@ -97,6 +97,21 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         10.0, ge=0, description="Seconds running requests get to finish at shutdown."
     )
+    max_sessions: int = Field(
+        8, ge=0, le=1024, description="Sessions (each one kernel kept started) open at once."
+    )
+    session_idle_timeout: float = Field(
+        900.0, gt=0, description="Seconds a session may sit unused before it is closed."
+    )
+    session_max_age: float = Field(
+        4 * 3600.0, gt=0, description="Seconds a session may live, used or not."
+    )
+    session_context_chars: int = Field(
+        6000,
+        ge=500,
+        description="Characters of what a session holds (earlier prompts and code, names, "
+        "files) told to the model with each prompt.",
+    )
 
     # The embedded model.
     home: Path = Path("~/.cache/autocoder")

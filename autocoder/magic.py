@@ -45,7 +45,6 @@ import signal
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from autocoder.config import DEFAULT_OPENAI_URL, Settings, load_settings
 from autocoder.errors import AutocoderError
 from autocoder.kernel import OutputCallback, OutputCollector
 from autocoder.llm import clean_traceback
+from autocoder.namespace import task_with_names, user_names
 from autocoder.records import ErrorInfo, ErrorKind, Event, Execution, RunResult
 from autocoder.runner import Runner
 
@@ -75,7 +75,6 @@ LATE_SIGNAL = 0.5
 """A SIGINT this soon after our own deadline interrupt is ours arriving late: it is dropped."""
 CANCEL_GRACE = 10.0
 """Seconds an interrupted run may take to finish its record before the magic gives up on it."""
-MAX_NAMES = 60
 MAX_REMEMBERED = 64
 """How many prompts' working code a session keeps, so re-running their cells asks no model."""
 
@@ -89,57 +88,6 @@ What it prints, the value of its last expression, plots and rich displays are sh
 Reply with exactly one fenced ```python code block holding the complete code. \
 Do not ask questions, do not read from stdin, and do not use the network unless the task \
 asks for it."""
-
-_HIDDEN_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython"})
-
-
-# --- What the model is told -------------------------------------------------------------------
-
-
-def short_type(value: object) -> str:
-    """A type a model can read (`pandas.DataFrame`, `list`), with a size where that is cheap."""
-    if isinstance(value, type):
-        return "class"
-    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
-        return "function"
-    cls = type(value)
-    package = (getattr(cls, "__module__", None) or "").split(".")[0]
-    name = cls.__qualname__ if package == "builtins" else f"{package}.{cls.__qualname__}"
-    if isinstance(value, (list, tuple, dict, set, frozenset)):
-        return f"{name}, {len(value)} items"
-    if package in {"numpy", "pandas", "polars", "xarray", "torch"}:
-        try:
-            shape = value.shape  # type: ignore[attr-defined]
-        except Exception:
-            shape = None
-        if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape):
-            return f"{name}, shape {shape}"
-    return name
-
-
-def user_names(user_ns: dict[str, Any], hidden: dict[str, Any]) -> list[tuple[str, str]]:
-    """The user's own names and short types, as `%who` sees them, modules left out."""
-    missing = object()
-    names = [
-        (name, short_type(value))
-        for name, value in list(user_ns.items())
-        if not name.startswith("_")
-        and name not in _HIDDEN_NAMES
-        and value is not hidden.get(name, missing)
-        and not isinstance(value, types.ModuleType)
-    ]
-    return names[-MAX_NAMES:]
-
-
-def task_with_names(prompt: str, names: list[tuple[str, str]]) -> str:
-    """The task as the model gets it: the names that exist (never their values), then the prompt."""
-    if not names:
-        return prompt
-    listing = "\n".join(f"- {name}: {kind}" for name, kind in names)
-    return (
-        "These names already exist in the user's session (name: type):\n"
-        f"{listing}\n\nTask:\n{prompt}"
-    )
 
 
 # --- The main thread and the background loop -------------------------------------------------

@@ -367,11 +367,9 @@ def failed_cells(result: RunResult, *, timeout: float | None = None) -> list[Any
     ]
 
 
-def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    # All of what ipykernel reports, so a front end that starts the kernel changes nothing.
-    nb.metadata["language_info"] = {
+def language_info() -> dict[str, Any]:
+    """All of what ipykernel reports, so a front end that starts the kernel changes nothing."""
+    return {
         "codemirror_mode": {"name": "ipython", "version": 3},
         "file_extension": ".py",
         "mimetype": "text/x-python",
@@ -380,6 +378,12 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "pygments_lexer": "ipython3",
         "version": ".".join(map(str, sys.version_info[:3])),
     }
+
+
+def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    nb.metadata["language_info"] = language_info()
     nb.metadata["title"] = title_of(result)
     nb.metadata["autocoder"] = {
         "version": __version__,

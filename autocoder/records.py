@@ -46,6 +46,9 @@ class Execution(BaseModel):
     duration: float = 0.0
     truncated: bool = False
     output_bytes: int = 0
+    notice: str = Field(
+        default="", description="What the executor has to say beyond the code's own outcome."
+    )
 
     @property
     def ok(self) -> bool:
@@ -87,6 +90,11 @@ class Attempt(BaseModel):
     exec_duration: float = Field(default=0.0, description="Seconds the code ran.")
     model: str = Field(default="", description="The model that wrote this attempt's code.")
     filename: str = Field(default="", description="This attempt's code file (on the server).")
+    notice: str = Field(
+        default="",
+        description="In a session: that the session's state was lost during this attempt "
+        "(its kernel died, or was restarted after a timeout), and what that means.",
+    )
 
 
 class RunResult(BaseModel):
@@ -137,6 +145,9 @@ class RunResult(BaseModel):
     )
     started_at: str = Field(default="", description="When the run started (ISO 8601, UTC).")
     duration: float = Field(default=0.0, description="Seconds the whole run took.")
+    session_id: str = Field(
+        default="", description="The session this run was part of (`POST /sessions/{id}/run`)."
+    )
 
 
 EventType = Literal[
@@ -156,3 +167,57 @@ class Event(BaseModel):
     run_id: str
     attempt: int | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionRun(BaseModel):
+    """One prompt of a session, as the session's record lists it."""
+
+    run_id: str = Field(description="The run: `GET /runs/{run_id}` has its whole record.")
+    prompt: str = Field(description="The prompt, as given.")
+    status: Literal["success", "error"] = Field(description="How the run ended.")
+    error_kind: ErrorKind | None = Field(default=None, description="Why it failed, if it did.")
+    state_lost: bool = Field(
+        default=False,
+        description="The session's state (variables, imports) was lost during this run: its "
+        "kernel died or was restarted after a timeout. Files in the working directory remain.",
+    )
+    started_at: str = Field(default="", description="When the run started (ISO 8601, UTC).")
+    duration: float = Field(default=0.0, description="Seconds the run took.")
+
+
+class SessionInfo(BaseModel):
+    """A session: one sandboxed kernel and one working directory kept between prompts."""
+
+    session_id: str = Field(description="The session's id, for `/sessions/{session_id}/...`.")
+    status: Literal["open", "closed"] = Field(
+        description="`open` while its kernel is kept; `closed` once it expired, was deleted, "
+        "or the server stopped (its record, notebook and files stay)."
+    )
+    created_at: str = Field(description="When it was opened (ISO 8601, UTC).")
+    last_used_at: str = Field(description="When its last run ended, or it was opened.")
+    expires_at: str = Field(
+        description="When it will be closed unless used again (AUTOCODER_SESSION_IDLE_TIMEOUT, "
+        "never later than AUTOCODER_SESSION_MAX_AGE after it was opened)."
+    )
+    closed_at: str | None = Field(default=None, description="When it was closed.")
+    closed_reason: str | None = Field(
+        default=None,
+        description="Why it was closed: `deleted`, `idle`, `max_age`, `shutdown` (the server "
+        "stopped), `server_restart` (found open when the server started).",
+    )
+    model: str | None = Field(default=None, description="The model its runs ask by default.")
+    timeout: float | None = Field(
+        default=None, description="Seconds each attempt's code may run, by default."
+    )
+    notebook: str = Field(
+        description="The session's notebook (on the server): each prompt, then the code that "
+        "worked; `GET /sessions/{session_id}/notebook`."
+    )
+    workdir: str = Field(description="Its working directory (on the server).")
+    running: str | None = Field(default=None, description="The run in progress, if any.")
+    runs: list[SessionRun] = Field(default_factory=list, description="Its runs, in order.")
+    files: list[RunFile] = Field(
+        default_factory=list,
+        description="Files in its working directory, with `GET /sessions/{session_id}/files/"
+        "{name}` URLs (not kept in the record on disk: listed when asked).",
+    )

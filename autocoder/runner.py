@@ -37,7 +37,13 @@ def new_run_id() -> str:
 
 
 def feedback(attempt: Attempt, timeout: float) -> str:
-    """What went wrong, in the words the model gets back (bounded in size)."""
+    """What went wrong, in the words the model gets back (bounded in size), and what the
+    executor said about it (a session whose state was lost)."""
+    said = _what_went_wrong(attempt, timeout)
+    return f"{said}\n\n{attempt.notice}" if attempt.notice else said
+
+
+def _what_went_wrong(attempt: Attempt, timeout: float) -> str:
     out = cut_middle(attempt.output, FEEDBACK_CHARS // 2) if attempt.output.strip() else ""
     shown = f"\n\nIts output before that:\n{out}" if out else ""
     kind = attempt.error_kind
@@ -388,6 +394,8 @@ class Runner:
         system_prompt: str | None = None,
         inputs: Sequence[InputFile] = (),
         task: str | None = None,
+        kernels: ExecutorProvider[Any] | None = None,
+        session_id: str = "",
     ) -> RunResult:
         """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
 
@@ -397,6 +405,8 @@ class Runner:
         notebook's title keep (the magic adds the names in the user's session).
         `inputs` are copied into the kernel's working directory (read-only) before the first
         attempt and described to the model; files.FileRefused when they break a limit.
+        A session passes its own `kernels` (the same kernel for each of its runs) and its
+        `session_id`, which the record carries.
         """
         files.check_inputs(inputs, self.settings)
         settings = self.settings.model_copy(
@@ -407,6 +417,8 @@ class Runner:
             }
         )
         run = _Run(self, settings, prompt, run_id or new_run_id(), on_event, model, record)
+        run.kernels = kernels or self.kernels
+        run.session_id = session_id
         if system_prompt is None:
             system_prompt = await asyncio.to_thread(system_prompt_for, settings)
         run.system_prompt = system_prompt
@@ -431,6 +443,8 @@ class _Run:
         record: bool,
     ) -> None:
         self.runner = runner
+        self.kernels: ExecutorProvider[Any] = runner.kernels
+        self.session_id = ""
         self.settings = settings
         self.prompt = prompt
         self.run_id = run_id
@@ -468,7 +482,7 @@ class _Run:
             self.model = self.model_override or model.model
             self.backend = model.backend
             # The kernel starts while the model thinks.
-            self.kernel_task = asyncio.create_task(self.runner.kernels.acquire())
+            self.kernel_task = asyncio.create_task(self.kernels.acquire())
             policy = self.runner.policy or choose_policy(self.settings, model.backend)
             for number in range(1, self.settings.max_attempts + 1):
                 attempt = await self.attempt(number, model, policy)
@@ -597,6 +611,7 @@ class _Run:
         attempt.stderr = result.stderr
         attempt.truncated = result.truncated
         attempt.exec_duration = result.duration
+        attempt.notice = result.notice
         if result.ok:
             attempt.status = "success"
             return
@@ -638,7 +653,7 @@ class _Run:
                 self.kernel = await task
         kernel, self.kernel = self.kernel, None
         if kernel is not None:
-            await self.runner.kernels.release(kernel)
+            await self.kernels.release(kernel)
             if kernel.workdir is not None:
                 self._keep_workdir(kernel.workdir)
 
@@ -679,6 +694,7 @@ class _Run:
             outputs=last.outputs if last else [],
             started_at=self.started_at,
             duration=time.monotonic() - self.started,
+            session_id=self.session_id,
         )
         if self.record:
             # Absolute, so a reader finds it whatever directory they are in.

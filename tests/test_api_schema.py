@@ -47,6 +47,7 @@ def served(
         max_request_attempts=2,
         max_request_timeout=2.0,
         timeout=2.0,
+        max_sessions=2,  # each session keeps a kernel started
         api_token=TOKEN if token else None,
     )
     try:
@@ -77,4 +78,15 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 def test_every_operation_keeps_its_documented_promises(
     case: Any, served: tuple[LiveServer, dict[str, str]]
 ) -> None:
-    case.call_and_validate(headers=served[1])
+    case.call_and_validate(headers=served[1], excluded_checks=same_name_files(case))
+
+
+def same_name_files(case: Any) -> list[Any]:
+    """A form cannot say that its files' names differ, and schemathesis names every part of
+    `files` alike: the server rightly refuses two files of one name (422), so a form with
+    several files is not held to "valid data is accepted"."""
+    body = case.body if isinstance(case.body, dict) else {}
+    files = body.get("files")
+    if case.media_type == "multipart/form-data" and isinstance(files, list) and len(files) > 1:
+        return [schemathesis.checks.positive_data_acceptance]
+    return []

@@ -22,13 +22,15 @@ from autocoder.api import errors
 from autocoder.api.admission import Admission
 from autocoder.api.auth import PUBLIC_PATHS, check_exposure
 from autocoder.api.routes import files, health, runs
-from autocoder.api.schemas import request_components
+from autocoder.api.routes import sessions as session_routes
+from autocoder.api.schemas import request_components, session_components
 from autocoder.api.service import CANCEL_GRACE, Service
 from autocoder.api.timeouts import protocol_for
 from autocoder.config import Settings, load_settings
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.kernel import KernelPool, sweep_leftovers, workdirs_root
 from autocoder.runner import Runner
+from autocoder.sessions import Sessions
 from autocoder.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,10 @@ Turn a plain-English prompt into working Python code: a model writes it, a fresh
 Jupyter kernel runs it, failures go back to the model, and every run is saved as a notebook.
 
 `POST /run` answers with the original AutoCoder contract (`status`, `filename`, `code`,
-`output`, `error`) plus the run's record. When AUTOCODER_API_TOKEN is set, every endpoint but
-`/health` (and these docs) needs `Authorization: Bearer <token>`.
+`output`, `error`) plus the run's record. `POST /sessions` opens a session whose kernel and
+working directory are kept between prompts (`POST /sessions/{session_id}/run`).
+When AUTOCODER_API_TOKEN is set, every endpoint but `/health` (and these docs) needs
+`Authorization: Bearer <token>`.
 """
 
 
@@ -66,12 +70,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = RunStore(s.notebooks_dir)
         await asyncio.to_thread(store.open)
         pool = KernelPool(s)
+        runner = Runner(s, kernels=pool)
+        sessions = Sessions(s, runner)
+        await sessions.open()
         service = Service(
             settings=s,
-            runner=Runner(s, kernels=pool),
+            runner=runner,
             pool=pool,
             store=store,
             admission=Admission(s.max_concurrent_runs, s.max_queued_runs, s.queue_timeout),
+            sessions=sessions,
         )
         app.state.service = service
         # Any valid request fits: a prompt at the limit, every character escaped as \uXXXX\uXXXX.
@@ -95,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(runs.router)
     app.include_router(files.router)
+    app.include_router(session_routes.router)
     app.include_router(health.router)
     errors.install(app)
     app.openapi = lambda: openapi_schema(app, settings or load_settings())  # type: ignore[method-assign]
@@ -111,6 +120,9 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     )
     # /run reads its body itself (JSON or multipart), so its schemas are added here.
     schema.setdefault("components", {}).setdefault("schemas", {}).update(request_components())
+    schema["components"]["schemas"].update(session_components())
+    session = schema["components"]["schemas"]["SessionRequest"]["properties"]
+    _bound(session["timeout"], "maximum", settings.max_request_timeout)
     request = schema["components"]["schemas"]["RunRequest"]["properties"]
     request["prompt"]["maxLength"] = settings.max_prompt_chars
     request["prompt"]["pattern"] = r"\S"  # not blank (the model's validator says so in words)

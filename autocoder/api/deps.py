@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from autocoder.api.schemas import RunRequest
+from autocoder.api.schemas import RunRequest, SessionRequest
 from autocoder.api.service import Service
 from autocoder.files import FileRefused, FilesTooLarge, InputFile, check_inputs
 
 RUN_ID_PATTERN = r"^[0-9a-z][0-9a-z-]{0,63}$"
+SESSION_ID_PATTERN = r"^session-[0-9a-z-]{1,56}$"
+M = TypeVar("M", bound=BaseModel)
 
 
 def get_service(request: Request) -> Service:
@@ -46,9 +48,10 @@ async def run_input(request: Request, service: ServiceDep) -> RunInput:
     multipart/form-data with one or more `files` parts. Everything is checked, files
     included, before a run exists, so a refused request leaves nothing behind."""
     if request.headers.get("content-type", "").startswith(MULTIPART):
-        req, files = await _from_form(request, service)
+        data, files = await _from_form(request, service)
+        req = _validated(data, RunRequest)
     else:
-        req, files = _validated(await _json_body(request)), []
+        req, files = _validated(await _json_body(request), RunRequest), []
     return RunInput(checked_request(req, service), files)
 
 
@@ -77,9 +80,9 @@ async def _json_body(request: Request) -> Any:
         raise RequestValidationError([field_error("body", "the body is not UTF-8")]) from None
 
 
-def _validated(data: Any) -> RunRequest:
+def _validated(data: Any, model: type[M]) -> M:
     try:
-        return RunRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(
             [
@@ -89,10 +92,17 @@ def _validated(data: Any) -> RunRequest:
         ) from None
 
 
-async def _from_form(request: Request, service: Service) -> tuple[RunRequest, list[InputFile]]:
+async def _from_form(
+    request: Request,
+    service: Service,
+    fields: tuple[str, ...] = FORM_FIELDS,
+    where: str = "/run (prompt, max_attempts, timeout, model, and `files` parts)",
+    model: type[BaseModel] = RunRequest,
+) -> tuple[dict[str, Any], list[InputFile]]:
+    """The form's fields (not yet validated) and its files (checked)."""
     s = service.settings
     try:
-        form = await request.form(max_files=s.max_files + 1, max_fields=len(FORM_FIELDS) + 4)
+        form = await request.form(max_files=s.max_files + 1, max_fields=len(fields) + 4)
     except StarletteHTTPException as e:
         if "Too many files" in str(e.detail):
             raise HTTPException(
@@ -105,20 +115,12 @@ async def _from_form(request: Request, service: Service) -> tuple[RunRequest, li
         for key, value in form.multi_items():
             if key == "files" and isinstance(value, UploadFile):
                 uploads.append(value)
-            elif key in FORM_FIELDS and isinstance(value, str):
+            elif key in fields and isinstance(value, str):
                 if key == "prompt" or value not in FORM_NULLS:
                     data[key] = _form_value(key, value)
             else:
-                raise RequestValidationError(
-                    [
-                        field_error(
-                            key,
-                            "not a field of /run (prompt, max_attempts, timeout, "
-                            "model, and `files` parts)",
-                        )
-                    ]
-                )
-        req = _validated(data)
+                raise RequestValidationError([field_error(key, f"not a field of {where}")])
+        _validated(data, model)  # a bad field is reported before any file is read
         files = [InputFile(u.filename or "", await u.read()) for u in uploads]
     finally:
         await form.close()
@@ -128,7 +130,7 @@ async def _from_form(request: Request, service: Service) -> tuple[RunRequest, li
         raise HTTPException(413, str(e)) from None
     except FileRefused as e:
         raise RequestValidationError([field_error("files", str(e))]) from None
-    return req, files
+    return data, files
 
 
 def _form_value(key: str, value: str) -> Any:
@@ -181,4 +183,51 @@ RunInputDep = Annotated[RunInput, Depends(run_input)]
 RunId = Annotated[
     str,
     PathParam(pattern=RUN_ID_PATTERN, description="A run id, as returned by `POST /run`."),
+]
+
+
+@dataclass
+class SessionInput:
+    """A checked `POST /sessions` request and the files it brought."""
+
+    req: SessionRequest
+    files: list[InputFile] = field(default_factory=list)
+
+
+SESSION_FORM_FIELDS = ("timeout", "model")
+
+
+async def session_input(request: Request, service: ServiceDep) -> SessionInput:
+    """`POST /sessions`'s body: nothing, a JSON object, or the same fields as a form with
+    `files` parts (all checked before the session exists)."""
+    if request.headers.get("content-type", "").startswith(MULTIPART):
+        data, files = await _from_form(
+            request,
+            service,
+            SESSION_FORM_FIELDS,
+            "/sessions (timeout, model, and `files` parts)",
+            SessionRequest,
+        )
+    else:
+        data, files = await _json_body(request), []
+    req = _validated({} if data is None else data, SessionRequest)
+    s = service.settings
+    if req.timeout is not None and req.timeout > s.max_request_timeout:
+        raise RequestValidationError(
+            [
+                field_error(
+                    "timeout",
+                    f"at most {s.max_request_timeout:g} s (AUTOCODER_MAX_REQUEST_TIMEOUT)",
+                )
+            ]
+        )
+    return SessionInput(req, files)
+
+
+SessionInputDep = Annotated[SessionInput, Depends(session_input)]
+SessionId = Annotated[
+    str,
+    PathParam(
+        pattern=SESSION_ID_PATTERN, description="A session id, as returned by `POST /sessions`."
+    ),
 ]

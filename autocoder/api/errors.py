@@ -6,13 +6,17 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autocoder.api.admission import Busy
 from autocoder.api.auth import Guard
 from autocoder.errors import AutocoderError, ConfigError, KernelStartError
+from autocoder.sessions import SessionBusy, SessionGone, SessionsFull
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,42 @@ async def _busy(request: Request, exc: Exception) -> JSONResponse:
         status_code=exc.status_code,
         headers={"Retry-After": str(exc.retry_after)},
     )
+
+
+async def _session_refused(request: Request, exc: Exception) -> JSONResponse:
+    """Unknown or closed: 404 (the message says which); busy: 409; too many open: 429."""
+    if isinstance(exc, SessionsFull):
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)}
+        )
+    return JSONResponse(
+        {"detail": str(exc)}, status_code=409 if isinstance(exc, SessionBusy) else 404
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """As FastAPI answers, except that a 405's `Allow` lists every method of the path: Starlette
+    lists only those of one route, and `/sessions` (GET, POST) is two."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code != 405:
+        return await http_exception_handler(request, exc)
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))} if methods else None
+    return JSONResponse({"detail": exc.detail}, status_code=405, headers=headers)
+
+
+def _leaf_routes(routes: Any) -> Any:
+    """The app's routes, with those of included routers (none has a prefix) in place."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        else:
+            yield route
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -122,4 +162,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Busy, _busy)
     app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for refusal in (SessionGone, SessionBusy, SessionsFull):
+        app.add_exception_handler(refusal, _session_refused)
     app.add_exception_handler(AutocoderError, _our_fault)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from autocoder.records import RunResult, SessionInfo
 from autocoder.store import RunSummary
 
 
@@ -132,7 +133,85 @@ class Health(BaseModel):
     runs_queued: int = Field(description="Requests waiting for a run slot.")
     max_concurrent_runs: int = Field(description="AUTOCODER_MAX_CONCURRENT_RUNS.")
     max_queued_runs: int = Field(description="AUTOCODER_MAX_QUEUED_RUNS.")
+    sessions_open: int = Field(0, description="Sessions open, each keeping a kernel.")
+    max_sessions: int = Field(0, description="AUTOCODER_MAX_SESSIONS.")
 
 
 class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong.")
+
+
+class SessionRequest(BaseModel):
+    """What `POST /sessions` takes; everything is optional (an empty body opens a session)."""
+
+    model_config = ConfigDict(
+        strict=True, extra="forbid", json_schema_extra={"examples": [{"timeout": 30}]}
+    )
+
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds each attempt's code may run, for every run of the session unless "
+        "a run says otherwise. Default AUTOCODER_TIMEOUT; at most AUTOCODER_MAX_REQUEST_TIMEOUT.",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The model the session's runs ask, unless a run names another.",
+    )
+
+
+def session_request_body() -> dict[str, Any]:
+    """The OpenAPI request body of POST /sessions (read by deps.session_input)."""
+    ref = "#/components/schemas/"
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {
+                "application/json": {"schema": {"$ref": ref + "SessionRequest"}},
+                "multipart/form-data": {"schema": {"$ref": ref + "SessionUpload"}},
+            },
+        }
+    }
+
+
+def session_components() -> dict[str, Any]:
+    """The schemas session_request_body refers to."""
+    schema = SessionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    upload = {
+        "title": "SessionUpload",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            **schema["properties"],
+            "files": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "description": "Files for the session's working directory, read-only, by their "
+                "base names (at most AUTOCODER_MAX_FILES; each and all together at most "
+                "AUTOCODER_MAX_UPLOAD_MB).",
+            },
+        },
+    }
+    return {"SessionRequest": schema, "SessionUpload": upload}
+
+
+class SessionRunResult(RunResult):
+    """A session's run: the result of `POST /run`, plus where it ran."""
+
+    session_id: str = Field(description="The session the run belongs to.")
+    state_lost: bool = Field(
+        default=False,
+        description="The session's variables and imports were lost during this run (its kernel "
+        "died, or was restarted after a timeout); it goes on in a fresh kernel, files kept.",
+    )
+
+
+class SessionPage(BaseModel):
+    """A page of sessions, newest first (closed ones included)."""
+
+    sessions: list[SessionInfo] = Field(description="The sessions on this page, newest first.")
+    total: int = Field(description="How many sessions there are, on all pages.")
+    limit: int = Field(description="The page size asked for.")
+    offset: int = Field(description="How many newer sessions were skipped.")

@@ -16,6 +16,7 @@ from autocoder.files import InputFile
 from autocoder.kernel import KernelPool
 from autocoder.records import Event, RunResult
 from autocoder.runner import Runner, new_run_id
+from autocoder.sessions import Session, Sessions
 from autocoder.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Service:
     pool: KernelPool
     store: RunStore
     admission: Admission
+    sessions: Sessions
     runs: set[asyncio.Task[RunResult]] = field(default_factory=set)
     draining: bool = False
 
@@ -55,11 +57,13 @@ class Service:
         req: RunRequest,
         on_event: Callable[[Event], None] | None = None,
         files: Sequence[InputFile] = (),
+        session: Session | None = None,
     ) -> Job:
         """Start a run that owns `slot`, as its own task: the request that started it cancels
-        it when the client leaves, and shutdown cancels what is left."""
+        it when the client leaves, and shutdown cancels what is left. With `session` (claimed
+        by the caller) the run happens in the session's kernel, and ends the claim."""
         run_id = new_run_id()
-        task = asyncio.create_task(self._run(req, run_id, on_event, files))
+        task = asyncio.create_task(self._run(req, run_id, on_event, files, session))
         task.add_done_callback(lambda _: slot.release())
         self.runs.add(task)
         task.add_done_callback(self.runs.discard)
@@ -71,17 +75,30 @@ class Service:
         run_id: str,
         on_event: Callable[[Event], None] | None,
         files: Sequence[InputFile] = (),
+        session: Session | None = None,
     ) -> RunResult:
         try:
-            result = await self.runner.run(
-                req.prompt,
-                max_attempts=req.max_attempts,
-                timeout=req.timeout,
-                model=req.model,
-                on_event=on_event,
-                run_id=run_id,
-                inputs=files,
-            )
+            if session is not None:
+                result = await self.sessions.run(
+                    session,
+                    req.prompt,
+                    max_attempts=req.max_attempts,
+                    timeout=req.timeout,
+                    model=req.model,
+                    on_event=on_event,
+                    run_id=run_id,
+                    inputs=files,
+                )
+            else:
+                result = await self.runner.run(
+                    req.prompt,
+                    max_attempts=req.max_attempts,
+                    timeout=req.timeout,
+                    model=req.model,
+                    on_event=on_event,
+                    run_id=run_id,
+                    inputs=files,
+                )
         except asyncio.CancelledError:
             # The runner has written the cancelled run's record; index it from there.
             await asyncio.shield(self._index(self.store.index_record, run_id))
@@ -113,9 +130,10 @@ class Service:
             await asyncio.wait(set(self.runs), timeout=CANCEL_GRACE)
 
     async def close(self) -> None:
-        """Cancel whatever still runs, then shut the pool and the index."""
+        """Cancel whatever still runs, close the sessions, then shut the pool and the index."""
         self.draining = True
         self.admission.close()
         await self._cancel_runs()
+        await self.sessions.close()
         await self.runner.close()
         await asyncio.to_thread(self.store.close)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from autocoder.api.errors import ClientGone, RunCancelled, fault_message
 from autocoder.errors import AutocoderError
@@ -85,3 +86,25 @@ async def event_stream(
     finally:
         watcher.cancel()
         cancel_once(task)  # the client stopped reading; a finished task ignores this
+
+
+SSE_MEDIA_TYPE = "text/event-stream"
+
+
+def sse_response(
+    request: Request, task: asyncio.Task[RunResult], events: asyncio.Queue[Event | None]
+) -> StreamingResponse:
+    """A run's events as server-sent events; the client leaving cancels the run."""
+    task.add_done_callback(lambda _: events.put_nowait(None))
+    watcher = asyncio.create_task(cancel_when_gone(request, task))
+    watcher.add_done_callback(_retrieve)
+    return StreamingResponse(
+        event_stream(task, events, watcher),
+        media_type=SSE_MEDIA_TYPE,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

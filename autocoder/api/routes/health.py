@@ -39,6 +39,8 @@ async def health(service: ServiceDep, response: Response) -> Health:
         runs_queued=service.admission.queued,
         max_concurrent_runs=s.max_concurrent_runs,
         max_queued_runs=s.max_queued_runs,
+        sessions_open=service.sessions.open_count,
+        max_sessions=s.max_sessions,
     )
 
 

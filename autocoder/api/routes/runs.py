@@ -17,15 +17,14 @@ from autocoder.api.schemas import ErrorBody, RunPage, run_request_body
 from autocoder.api.service import Service
 from autocoder.api.streaming import (
     KEEPALIVE_SECONDS,
-    cancel_when_gone,
-    event_stream,
+    SSE_MEDIA_TYPE,
+    sse_response,
     unless_disconnected,
 )
 from autocoder.errors import ConfigError
 from autocoder.notebook import find_notebook
 from autocoder.records import Event, RunResult
 
-SSE_MEDIA_TYPE = "text/event-stream"
 # Far beyond any history, well inside SQLite's 64-bit integers (2**63 overflowed into a 500).
 MAX_OFFSET = 1_000_000_000
 IPYNB_MEDIA_TYPE = "application/x-ipynb+json"
@@ -118,19 +117,7 @@ async def _start_stream(given: RunInput, request: Request, service: Service) -> 
     slot = await unless_disconnected(request, service.admit())
     events: asyncio.Queue[Event | None] = asyncio.Queue()
     task = service.launch(slot, given.req, on_event=events.put_nowait, files=given.files).task
-    task.add_done_callback(lambda _: events.put_nowait(None))
-    watcher = asyncio.create_task(cancel_when_gone(request, task))
-    watcher.add_done_callback(_retrieve)
-    return StreamingResponse(
-        event_stream(task, events, watcher),
-        media_type=SSE_MEDIA_TYPE,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
+    return sse_response(request, task, events)
 
 
 @router.get("/runs", summary="Run history, newest first")
