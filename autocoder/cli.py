@@ -375,6 +375,32 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message} (see `{self.prog} --help`)")
 
 
+def _add_run_options(p: argparse.ArgumentParser, *, what: str) -> None:
+    """The options `run` and `chat` share: each prompt of a chat is a run."""
+    p.add_argument(
+        "--attempts", type=int, metavar="N", help="max attempts per prompt (AUTOCODER_MAX_ATTEMPTS)"
+    )
+    p.add_argument(
+        "--timeout", type=float, metavar="S", help="seconds per attempt (AUTOCODER_TIMEOUT)"
+    )
+    p.add_argument("--model", help="model name (AUTOCODER_MODEL)")
+    p.add_argument("--notebooks-dir", metavar="DIR", help="where run notebooks go")
+    p.add_argument("--autofile-dir", metavar="DIR", help="where attempt code files go")
+    p.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
+    p.add_argument(
+        "--file",
+        action="append",
+        metavar="PATH",
+        help=f"give {what} this file, read-only in its working directory (repeatable)",
+    )
+    p.add_argument(
+        "--kernel-python",
+        metavar="PYTHON",
+        help="run the kernels with this interpreter (AUTOCODER_KERNEL_PYTHON)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="autocoder",
@@ -386,55 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate and run code for a prompt")
     run.add_argument("prompt", nargs="*", help="the task; asked for interactively when omitted")
     run.add_argument("--json", action="store_true", help="print the result as the API's JSON")
-    run.add_argument(
-        "--attempts", type=int, metavar="N", help="max attempts (AUTOCODER_MAX_ATTEMPTS)"
-    )
-    run.add_argument(
-        "--timeout", type=float, metavar="S", help="seconds per attempt (AUTOCODER_TIMEOUT)"
-    )
-    run.add_argument("--model", help="model name (AUTOCODER_MODEL)")
-    run.add_argument("--notebooks-dir", metavar="DIR", help="where run notebooks go")
-    run.add_argument("--autofile-dir", metavar="DIR", help="where attempt code files go")
-    run.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
-    run.add_argument(
-        "--file",
-        action="append",
-        metavar="PATH",
-        help="give the code this file, read-only in its working directory (repeatable)",
-    )
-    run.add_argument(
-        "--kernel-python",
-        metavar="PYTHON",
-        help="run the kernels with this interpreter (AUTOCODER_KERNEL_PYTHON)",
-    )
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _add_run_options(run, what="the code")
     run.set_defaults(func=cmd_run)
 
     chat = sub.add_parser(
         "chat", help="a prompt loop in one session: each prompt sees what the earlier ones left"
     )
-    chat.add_argument(
-        "--attempts", type=int, metavar="N", help="max attempts per prompt (AUTOCODER_MAX_ATTEMPTS)"
-    )
-    chat.add_argument(
-        "--timeout", type=float, metavar="S", help="seconds per attempt (AUTOCODER_TIMEOUT)"
-    )
-    chat.add_argument("--model", help="model name (AUTOCODER_MODEL)")
-    chat.add_argument("--notebooks-dir", metavar="DIR", help="where notebooks go")
-    chat.add_argument("--autofile-dir", metavar="DIR", help="where code and files go")
-    chat.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
-    chat.add_argument(
-        "--file",
-        action="append",
-        metavar="PATH",
-        help="give the session this file, read-only in its working directory (repeatable)",
-    )
-    chat.add_argument(
-        "--kernel-python",
-        metavar="PYTHON",
-        help="run the kernel with this interpreter (AUTOCODER_KERNEL_PYTHON)",
-    )
-    chat.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _add_run_options(chat, what="the session")
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="run the HTTP API (POST /run)")

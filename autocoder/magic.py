@@ -39,6 +39,9 @@ import argparse
 import asyncio
 import base64
 import concurrent.futures
+import hashlib
+import json
+import logging
 import queue
 import re
 import signal
@@ -62,6 +65,7 @@ from autocoder.errors import AutocoderError
 from autocoder.kernel import OutputCallback, OutputCollector
 from autocoder.llm import clean_traceback
 from autocoder.namespace import task_with_names, user_names
+from autocoder.notebook import write_atomic
 from autocoder.records import ErrorInfo, ErrorKind, Event, Execution, RunResult
 from autocoder.runner import Runner
 
@@ -77,6 +81,10 @@ CANCEL_GRACE = 10.0
 """Seconds an interrupted run may take to finish its record before the magic gives up on it."""
 MAX_REMEMBERED = 64
 """How many prompts' working code a session keeps, so re-running their cells asks no model."""
+MAX_CELLS = 2000
+"""How many notebook cells' generated code `CellMemory` remembers across kernel restarts."""
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = """\
 You are autocoder. You write Python 3 code that solves the user's task.
@@ -614,6 +622,51 @@ def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[list[str]
     return options, line[pos:].strip()
 
 
+def cell_id(shell: Any) -> str | None:
+    """The id JupyterLab, VS Code and nbclient send with each cell's execute_request."""
+    kernel = getattr(shell, "kernel", None)
+    try:
+        parent = kernel.get_parent("shell") if kernel is not None else {}
+    except Exception:  # an ipykernel without get_parent, or no request in flight
+        return None
+    value = (parent.get("metadata") or {}).get("cellId")
+    return value if isinstance(value, str) and value else None
+
+
+class CellMemory:
+    """Which cells already put their code in the cell below, kept on disk (AUTOCODER_HOME) so
+    that Restart & Run All asks no model and inserts no second copy either. A cell is known by
+    its id and a hash of its prompt and model: editing the prompt makes it new."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def _digest(key: tuple[str, str]) -> str:
+        return hashlib.sha256("\0".join(key).encode("utf-8", "surrogatepass")).hexdigest()
+
+    def _load(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def knows(self, cell: str, key: tuple[str, str]) -> bool:
+        return self._load().get(cell) == self._digest(key)
+
+    def remember(self, cell: str, key: tuple[str, str]) -> None:
+        cells = self._load()
+        cells.pop(cell, None)
+        cells[cell] = self._digest(key)
+        while len(cells) > MAX_CELLS:
+            del cells[next(iter(cells))]
+        try:
+            write_atomic(self.path, json.dumps(cells))
+        except OSError as e:  # remembering is a convenience: never fail the cell for it
+            log.warning("autocoder: could not remember this cell in %s: %s", self.path, e)
+
+
 @magics_class
 class AutocoderMagics(Magics):
     """`%autocoder` and `%autocoder_config`. Settings are read from the environment once per
@@ -668,8 +721,10 @@ class AutocoderMagics(Magics):
         shown, put in the next cell, and returned (x = %autocoder ...).
 
         Running the same prompt again (Run All, say) asks no model and runs nothing: the
-        code was put in the next cell the first time, and that cell runs it. --again asks the
-        model anew; so does a changed prompt, or a new kernel session.
+        code was put in the next cell the first time, and that cell runs it. That holds after
+        a kernel restart too, in front ends that send cell ids (JupyterLab, VS Code, nbclient):
+        those cells are remembered in AUTOCODER_HOME. --again asks the model anew; so does a
+        changed prompt.
 
         A timeout interrupts only the generated code; code that ignores KeyboardInterrupt
         cannot be stopped this way. A failed attempt's side effects stay in your session.
@@ -691,6 +746,17 @@ class AutocoderMagics(Magics):
             raise UsageError("%autocoder runs on the kernel's main thread only (not in a subshell)")
         key = (prompt, args.model or self.settings.model or "")
         made = None if args.again else self._made.get(key)
+        cell = cell_id(self._shell)
+        memory = CellMemory(self.settings.home / "magic-cells.json")
+        if made is None and not args.again and cell is not None and memory.knows(cell, key):
+            display(
+                {
+                    "text/plain": "autocoder · this cell's code was put in the cell below when "
+                    "it first ran; that cell runs it (--again asks the model anew)"
+                },
+                raw=True,
+            )
+            return None
         if made is not None:
             display(
                 {
@@ -706,6 +772,8 @@ class AutocoderMagics(Magics):
                 raise UsageError(run.error)
             raise RunFailed(run)
         self._shell.set_next_input(run.code.rstrip("\n"), replace=False)
+        if cell is not None:
+            memory.remember(cell, key)
         made = Generated(code=run.code, value=value, run=run)
         self._made.pop(key, None)
         self._made[key] = made

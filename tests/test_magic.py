@@ -35,14 +35,16 @@ EXAMPLE = ROOT / "notebooks" / "example_magic.ipynb"
 KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:"]
 
 
-def kernel_env(base_url: str) -> dict[str, str]:
-    """What a user's kernel would have: the endpoint in the environment, nothing else of ours."""
+def kernel_env(base_url: str, home: Path) -> dict[str, str]:
+    """What a user's kernel would have: the endpoint in the environment, nothing else of ours
+    (and a home of the test's own, where the magic remembers cells)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOCODER_", "OPENAI_"))}
     env.update(
         OPENAI_BASE_URL=base_url,
         OPENAI_API_KEY=SECRET,
         AUTOCODER_LLM_RETRIES="0",
         AUTOCODER_TIMEOUT="5",
+        AUTOCODER_HOME=str(home),
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     return env
@@ -105,10 +107,18 @@ class Kernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=30)
 
-    def run(self, code: str, timeout: float = 30) -> Cell:
+    def run(self, code: str, timeout: float = 30, cell_id: str | None = None) -> Cell:
+        """Execute `code` as a front end would; with `cell_id`, as JupyterLab sends a cell."""
         start = time.monotonic()
         deadline = start + timeout
-        msg_id = self.kc.execute(code)
+        if cell_id is None:
+            msg_id = self.kc.execute(code)
+        else:
+            content = {"code": code, "silent": False, "store_history": True}
+            content.update(user_expressions={}, allow_stdin=False, stop_on_error=True)
+            msg = self.kc.session.msg("execute_request", content, metadata={"cellId": cell_id})
+            self.kc.shell_channel.send(msg)
+            msg_id = msg["header"]["msg_id"]
         outputs: list[dict[str, Any]] = []
         while True:
             msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
@@ -151,7 +161,9 @@ def kernel(llm_server: ScriptedLLM, workdir: Path) -> Iterator[Kernel]:
     k: Kernel | None = None
     try:
         km.start_kernel(
-            extra_arguments=KERNEL_ARGS, env=kernel_env(llm_server.base_url), cwd=str(workdir)
+            extra_arguments=KERNEL_ARGS,
+            env=kernel_env(llm_server.base_url, runtime / "home"),
+            cwd=str(workdir),
         )
         k = Kernel(km)
         assert k.run("%load_ext autocoder").ok
@@ -268,6 +280,33 @@ def test_again_asks_the_model_anew(kernel: Kernel, llm: ScriptedLLM) -> None:
     assert len(llm.requests) == 2
     assert "second 1\n" in again.text
     assert again.reply["payload"][0]["text"] == "print('second', ran_again)"
+
+
+def test_restart_and_run_all_asks_the_model_once(kernel: Kernel, llm: ScriptedLLM) -> None:
+    """JupyterLab sends each cell's id; the cell is remembered across a kernel restart, so the
+    code is not asked for, nor put below, a second time."""
+    prompt = "%autocoder say hello from a remembered cell"
+    llm.script(fenced("print('hello')"), fenced("print('a second reply')"))
+    first = kernel.run(prompt, cell_id="cell-7")
+    assert first.ok, first.text
+    assert first.reply["payload"][0]["text"] == "print('hello')"
+
+    kernel.km.restart_kernel(now=True)
+    kernel.kc.wait_for_ready(timeout=30)
+    assert kernel.run("%load_ext autocoder").ok
+    again = kernel.run(prompt, cell_id="cell-7")
+
+    assert again.ok, again.text
+    assert len(llm.requests) == 1
+    assert again.reply["payload"] == []
+    assert "hello" not in again.text
+    assert again.statuses == [
+        "autocoder · this cell's code was put in the cell below when it first ran; "
+        "that cell runs it (--again asks the model anew)"
+    ]
+    # Another cell with the same prompt is a new cell: it asks.
+    other = kernel.run(prompt, cell_id="cell-8")
+    assert other.ok and len(llm.requests) == 2, other.text
 
 
 def test_a_changed_prompt_asks_the_model_anew(kernel: Kernel, llm: ScriptedLLM) -> None:
@@ -490,7 +529,7 @@ def execute_example(llm_server: ScriptedLLM, workdir: Path) -> nbformat.Notebook
         resources={"metadata": {"path": str(workdir)}},
     )
     try:
-        client.execute(env=kernel_env(llm_server.base_url), cwd=str(workdir))
+        client.execute(env=kernel_env(llm_server.base_url, runtime / "home"), cwd=str(workdir))
     finally:
         # nbclient leaves a kernel manager it was handed to its owner.
         if client.kc is not None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from autocoder.api.admission import Admission, Busy, Slot
@@ -77,28 +78,17 @@ class Service:
         files: Sequence[InputFile] = (),
         session: Session | None = None,
     ) -> RunResult:
+        run = self.runner.run if session is None else partial(self.sessions.run, session)
         try:
-            if session is not None:
-                result = await self.sessions.run(
-                    session,
-                    req.prompt,
-                    max_attempts=req.max_attempts,
-                    timeout=req.timeout,
-                    model=req.model,
-                    on_event=on_event,
-                    run_id=run_id,
-                    inputs=files,
-                )
-            else:
-                result = await self.runner.run(
-                    req.prompt,
-                    max_attempts=req.max_attempts,
-                    timeout=req.timeout,
-                    model=req.model,
-                    on_event=on_event,
-                    run_id=run_id,
-                    inputs=files,
-                )
+            result = await run(
+                req.prompt,
+                max_attempts=req.max_attempts,
+                timeout=req.timeout,
+                model=req.model,
+                on_event=on_event,
+                run_id=run_id,
+                inputs=files,
+            )
         except asyncio.CancelledError:
             # The runner has written the cancelled run's record; index it from there.
             await asyncio.shield(self._index(self.store.index_record, run_id))
