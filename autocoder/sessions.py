@@ -559,6 +559,7 @@ class Sessions:
             except BaseException:
                 await asyncio.shield(session.close())
                 raise
+            session.touch()  # idle from when it can be used, not from before its kernel started
             self.sessions[sid] = session
         finally:
             self._opening -= 1
