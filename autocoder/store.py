@@ -19,12 +19,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from autocoder.notebook import is_valid_run_id, record_path
+from autocoder.notebook import is_valid_run_id, record_path, write_record
 from autocoder.records import ErrorKind, RunResult
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "runs.sqlite"
+LEGACY_DIR = "legacy"
 SCHEMA_VERSION = 2
 PROMPT_PREVIEW = 300
 
@@ -79,11 +80,53 @@ class RunStore:
 
     def open(self) -> None:
         self.records_dir.mkdir(parents=True, exist_ok=True)
+        self._import_legacy_index()
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as e:
             self._db = self._rebuild(e)
         self.sync()
+
+    def _import_legacy_index(self) -> None:
+        """Runs made before records existed were kept only in `<notebooks>/runs.sqlite`, whole
+        records included: write each as a record once, then move that index out of the folder
+        the user browses (to `.autocoder/legacy/`). What cannot be read is said and skipped."""
+        legacy = self.notebooks_dir / INDEX_NAME
+        if not legacy.is_file() or legacy.is_symlink():
+            return
+        imported = 0
+        try:
+            db = sqlite3.connect(legacy, timeout=10)
+            try:
+                rows = db.execute("SELECT run_id, record FROM runs").fetchall()
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            log.warning(
+                "cannot read the earlier run index %s (%s); its runs are not imported", legacy, e
+            )
+            rows = []
+        for run_id, record in rows:
+            if not (isinstance(run_id, str) and is_valid_run_id(run_id)):
+                continue
+            if record_path(self.notebooks_dir, run_id).exists():
+                continue
+            try:
+                result = RunResult.model_validate_json(record)
+            except ValueError as e:
+                log.warning("skipping run %s of the earlier index: %s", run_id, e)
+                continue
+            if result.run_id != run_id:
+                continue
+            write_record(result, self.notebooks_dir)
+            imported += 1
+        moved = self.notebooks_dir / ".autocoder" / LEGACY_DIR
+        moved.mkdir(exist_ok=True)
+        for suffix in ("", "-wal", "-shm"):
+            old = Path(f"{legacy}{suffix}")
+            if old.is_file() and not old.is_symlink():
+                old.replace(moved / old.name)
+        log.info("imported %d run(s) from the earlier index %s into %s", imported, legacy, moved)
 
     def _rebuild(self, error: sqlite3.DatabaseError) -> sqlite3.Connection:
         log.warning(

@@ -123,3 +123,51 @@ def test_records_respect_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_runs_from_before_records_existed_are_imported_once_from_the_old_index(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An earlier autocoder kept whole records only in `<notebooks>/runs.sqlite`."""
+    import sqlite3
+
+    runs = [a_run(f"20261201-09000{i}-old", f"2026-12-01T09:00:0{i}+00:00") for i in range(2)]
+    legacy = tmp_path / "runs.sqlite"
+    db = sqlite3.connect(legacy)
+    db.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, record TEXT NOT NULL)")
+    rows = [(r.run_id, r.model_dump_json()) for r in runs]
+    rows += [("../../etc/passwd", runs[0].model_dump_json()), ("20261201-090009-bad", "{")]
+    db.executemany("INSERT INTO runs VALUES (?, ?)", rows)
+    db.commit()
+    db.close()
+
+    store = RunStore(tmp_path)
+    with caplog.at_level(logging.INFO, logger="autocoder.store"):
+        store.open()
+    try:
+        page, total = store.list(limit=10)
+        assert total == 2 and {r.run_id for r in page} == {r.run_id for r in runs}
+        for run in runs:
+            assert store.get(run.run_id) == run
+    finally:
+        store.close()
+    # The old index left the folder the user browses; the records are canonical from now on.
+    assert not legacy.exists()
+    assert (tmp_path / ".autocoder" / "legacy" / "runs.sqlite").is_file()
+    assert "20261201-090009-bad" in caplog.text
+    store.open()
+    try:
+        assert store.list(limit=10)[1] == 2
+    finally:
+        store.close()
+
+
+def test_an_unreadable_old_index_is_moved_aside_and_the_store_opens(tmp_path: Path) -> None:
+    (tmp_path / "runs.sqlite").write_bytes(b"not a database at all" * 100)
+    store = RunStore(tmp_path)
+    store.open()
+    try:
+        assert store.list(limit=10) == ([], 0)
+    finally:
+        store.close()
+    assert not (tmp_path / "runs.sqlite").exists()
