@@ -270,11 +270,20 @@ class RunStore:
         return (rows[0][0], rows[0][1]) if rows else None
 
     def list(
-        self, *, limit: int, offset: int = 0, status: str | None = None
+        self, *, limit: int, offset: int = 0, status: str | None = None, q: str = ""
     ) -> tuple[list[RunSummary], int]:
-        """A page of runs, newest first, and how many there are in all."""
+        """A page of runs, newest first, and how many there are in all; `q` keeps those whose
+        prompt (its first PROMPT_PREVIEW characters) contains it, ignoring ASCII case."""
         self.sync(force=False)
-        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+        terms: list[str] = []
+        args: list[Any] = []
+        if status:
+            terms.append("status = ?")
+            args.append(status)
+        if q:
+            terms.append("prompt LIKE ? ESCAPE '\\'")
+            args.append("%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        where = ("WHERE " + " AND ".join(terms)) if terms else ""
         total = self._query(f"SELECT count(*) FROM runs {where}", args)[0][0]
         rows = self._query(
             "SELECT run_id, started_at, status, error_kind, prompt, model, attempts, duration "

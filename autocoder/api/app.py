@@ -21,7 +21,7 @@ from autocoder import __version__, sandbox
 from autocoder.api import errors
 from autocoder.api.admission import Admission
 from autocoder.api.auth import PUBLIC_PATHS, check_exposure
-from autocoder.api.routes import files, health, runs
+from autocoder.api.routes import files, health, pages, runs
 from autocoder.api.routes import sessions as session_routes
 from autocoder.api.schemas import request_components, session_components
 from autocoder.api.service import CANCEL_GRACE, Service
@@ -100,11 +100,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by routes.pages from local assets, never a CDN
+        redoc_url=None,
     )
     app.include_router(runs.router)
     app.include_router(files.router)
     app.include_router(session_routes.router)
     app.include_router(health.router)
+    pages.mount(app)
     errors.install(app)
     app.openapi = lambda: openapi_schema(app, settings or load_settings())  # type: ignore[method-assign]
     return app

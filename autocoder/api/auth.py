@@ -11,7 +11,8 @@ Two checks, in order:
   (Jupyter checks the same). A server bound to every address (0.0.0.0, ::) has a token by
   then and cannot know its public names, so there any Host passes unless
   AUTOCODER_ALLOWED_HOSTS lists them.
-- A bearer token, when AUTOCODER_API_TOKEN is set, on every path but /health and the docs;
+- A bearer token, when AUTOCODER_API_TOKEN is set, on every path but /health, the docs and
+  the web page's shells and assets (which hold no data);
   without one, only requests that arrived on loopback are served.
 """
 
@@ -28,6 +29,9 @@ from autocoder.config import Settings
 from autocoder.errors import ConfigError
 
 PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The web page's shells and assets hold no run data (their scripts ask the API with the token).
+PAGE_PATHS = frozenset({"/", "/history"})
+PAGE_PREFIXES = ("/static/", "/history/")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
 
@@ -127,7 +131,8 @@ def _refusal(scope: Scope, settings: Settings) -> JSONResponse | None:
                     {"detail": "cross-origin requests are refused (Origin is not this server)"},
                     status_code=403,
                 )
-    if scope["path"] in PUBLIC_PATHS:
+    path = scope["path"]
+    if path in PUBLIC_PATHS or path in PAGE_PATHS or path.startswith(PAGE_PREFIXES):
         return None
     token = _token(settings)
     if not token:

@@ -130,9 +130,13 @@ async def list_runs(
     status: Annotated[
         Literal["success", "error"] | None, Query(description="Only runs that ended so.")
     ] = None,
+    q: Annotated[
+        str,
+        Query(max_length=200, description="Only runs whose prompt contains this (any case)."),
+    ] = "",
 ) -> RunPage:
     runs, total = await asyncio.to_thread(
-        service.store.list, limit=limit, offset=offset, status=status
+        service.store.list, limit=limit, offset=offset, status=status, q=q
     )
     return RunPage(runs=runs, total=total, limit=limit, offset=offset)
 

@@ -1,0 +1,82 @@
+// The history: runs and sessions, newest first, read from the JSON API with the token.
+"use strict";
+
+(() => {
+  const { api, el, when } = AC;
+  const PAGE = 20;
+  const state = { runs: 0, sessions: 0 };
+
+  function params() {
+    const p = new URLSearchParams({ limit: String(PAGE), offset: String(state.runs) });
+    const q = document.getElementById("q").value.trim();
+    const status = document.getElementById("status").value;
+    if (q) p.set("q", q);
+    if (status) p.set("status", status);
+    return p;
+  }
+
+  function pager(kind, total) {
+    document.getElementById(kind + "-prev").disabled = state[kind] === 0;
+    document.getElementById(kind + "-next").disabled = state[kind] + PAGE >= total;
+    document.getElementById(kind + "-total").textContent = "(" + total + ")";
+  }
+
+  async function loadRuns() {
+    const resp = await api("/runs?" + params(), {}, load);
+    const page = await resp.json();
+    const body = document.querySelector("#runs tbody");
+    body.replaceChildren(...page.runs.map((r) => el("tr", { class: "run-row", "data-run-id": r.run_id },
+      el("td", { text: when(r.started_at) }),
+      el("td", { class: r.status === "success" ? "ok" : "bad", text: r.status + (r.error_kind ? " (" + r.error_kind + ")" : "") }),
+      el("td", {}, el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "prompt-link", text: r.prompt })),
+      el("td", { text: r.model || "" }),
+      el("td", { text: String(r.attempts) }),
+      el("td", { text: (Number(r.duration) || 0).toFixed(1) }),
+    )));
+    if (!page.runs.length) body.append(el("tr", {}, el("td", { colspan: "6", class: "muted", text: "No runs match." })));
+    pager("runs", page.total);
+  }
+
+  async function loadSessions() {
+    const p = new URLSearchParams({ limit: String(PAGE), offset: String(state.sessions) });
+    const resp = await api("/sessions?" + p, {}, load);
+    const page = await resp.json();
+    const body = document.querySelector("#sessions tbody");
+    body.replaceChildren(...page.sessions.map((s) => {
+      const prompts = el("td", {});
+      for (const r of s.runs) {
+        prompts.append(el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "session-prompt", text: r.prompt }), " ");
+      }
+      return el("tr", { class: "session-row" },
+        el("td", { text: when(s.created_at) }),
+        el("td", { text: s.status + (s.closed_reason ? " (" + s.closed_reason + ")" : "") }),
+        prompts,
+        el("td", {}, AC.download("notebook", "/sessions/" + encodeURIComponent(s.session_id) + "/notebook", s.session_id + ".ipynb")),
+      );
+    }));
+    pager("sessions", page.total);
+  }
+
+  async function load() {
+    try {
+      await loadRuns();
+      await loadSessions();
+    } catch (e) {
+      if (!(e instanceof AC.Refused)) AC.notice(String(e));
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    document.getElementById("search-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      state.runs = 0;
+      load();
+    });
+    document.getElementById("status").addEventListener("change", () => { state.runs = 0; load(); });
+    for (const kind of ["runs", "sessions"]) {
+      document.getElementById(kind + "-prev").addEventListener("click", () => { state[kind] = Math.max(0, state[kind] - PAGE); load(); });
+      document.getElementById(kind + "-next").addEventListener("click", () => { state[kind] += PAGE; load(); });
+    }
+    load();
+  });
+})();

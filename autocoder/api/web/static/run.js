@@ -1,0 +1,62 @@
+// One run's page: its prompt, every attempt as the notebook shows it, its downloads.
+"use strict";
+
+(() => {
+  const { api, el, seconds, when } = AC;
+
+  function attempt(a, last, outputs) {
+    const box = el("section", { class: "attempt", "data-attempt": String(a.number) });
+    const ok = a.status === "success";
+    box.append(el("h3", { text: "Attempt " + a.number }));
+    box.append(el("p", { class: "attempt-status " + (ok ? "ok" : "bad"),
+      text: (ok ? "ran cleanly" : "failed (" + (a.error_kind || "error") + ")") +
+        " · model " + seconds(a.llm_duration) + " · code " + seconds(a.exec_duration) +
+        " · in all " + seconds(a.duration) + (a.model ? " · " + a.model : "") }));
+    box.append(AC.code(a.code || "(the model wrote no code)"));
+    const outs = el("div", { class: "outputs" });
+    if (last && outputs.length) {
+      for (const o of outputs) outs.append(AC.output(o));
+    } else {
+      if (a.output) outs.append(el("pre", { class: "out stdout", text: AC.stripAnsi(a.output) }));
+      if (a.stderr) outs.append(el("pre", { class: "out stderr", text: AC.stripAnsi(a.stderr) }));
+    }
+    box.append(outs);
+    if (!ok && a.error && !(last && outputs.some((o) => o.output_type === "error"))) {
+      box.append(el("pre", { class: "error traceback", text: AC.stripAnsi(a.error) }));
+    }
+    if (a.notice) box.append(el("p", { class: "notice", text: a.notice }));
+    if (a.code) box.append(AC.textDownload("code of attempt " + a.number, a.code, "generated_code_" + a.number + ".py"));
+    return box;
+  }
+
+  async function load() {
+    const article = document.getElementById("run");
+    const id = article.dataset.runId;
+    let r;
+    try {
+      r = await (await api("/runs/" + encodeURIComponent(id), {}, load)).json();
+    } catch (e) {
+      if (!(e instanceof AC.Refused)) AC.notice(String(e));
+      return;
+    }
+    const ok = r.status === "success";
+    const head = [
+      el("h2", {}, "Run ", el("code", { text: r.run_id })),
+      el("p", { class: "prompt-text", text: r.prompt }),
+      el("p", { class: "status " + (ok ? "ok" : "bad"), text: r.status + (r.error_kind ? " (" + r.error_kind + ")" : "") }),
+      el("p", { class: "muted", text: "started " + when(r.started_at) + " · " + seconds(r.duration) +
+        " · " + r.attempts.length + " attempt(s)" + (r.model ? " · model " + r.model : "") +
+        (r.session_id ? " · session " + r.session_id : "") }),
+    ];
+    const downloads = el("p", { class: "downloads" },
+      AC.download("notebook", "/runs/" + encodeURIComponent(r.run_id) + "/notebook", ""));
+    for (const f of r.files || []) {
+      downloads.append(" ", AC.download(f.name + " (" + f.size + " bytes)", f.url, f.name.split("/").pop()));
+    }
+    article.replaceChildren(...head, downloads);
+    r.attempts.forEach((a, i) => article.append(attempt(a, i === r.attempts.length - 1, r.outputs || [])));
+    if (!ok && r.error && !r.attempts.length) article.append(el("pre", { class: "error", text: r.error }));
+  }
+
+  document.addEventListener("DOMContentLoaded", load);
+})();
