@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs autocoder and what it needs on a Debian/Ubuntu machine:
-# bubblewrap (the sandbox) from apt, then the package (and, with --test, its test tools) with pip
+# bubblewrap (the sandbox) and, with --test, Chromium (the web page's browser tests) from apt,
+# then the package (and, with --test, its test tools) with pip
 # into the Python that runs this script (your virtual environment, if one is active).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -8,15 +9,34 @@ cd "$(dirname "$0")"
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 
+sudo=""
+[[ $(id -u) -ne 0 ]] && sudo="sudo"
+apt_updated=""
+# Quiet, and bounded: a mirror that hangs fails the install instead of stalling it.
+apt_install() {
+  if [[ -z "$apt_updated" ]]; then
+    timeout 300 $sudo apt-get update -qq
+    apt_updated=1
+  fi
+  timeout 900 $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 if ! command -v bwrap >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
-    sudo=""
-    [[ $(id -u) -ne 0 ]] && sudo="sudo"
     echo "install.sh: installing bubblewrap (the sandbox) with apt-get" >&2
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq bubblewrap >/dev/null
+    apt_install bubblewrap
   else
     echo "install.sh: bubblewrap (bwrap) is missing and apt-get is not here; install it, or set AUTOCODER_SANDBOX=none to run code unconfined" >&2
+  fi
+fi
+
+# The web page's tests drive the system's Chromium (Playwright never downloads a browser).
+if [[ -n "$extras" ]] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "install.sh: installing chromium (the web page's browser tests) with apt-get" >&2
+    apt_install chromium
+  else
+    echo "install.sh: chromium is missing and apt-get is not here; the browser tests (tests/test_web.py -m browser) will be skipped" >&2
   fi
 fi
 

@@ -18,7 +18,7 @@
       body: JSON.stringify(body),
     }, send);
     sessionId = (await resp.json()).session_id;
-    document.getElementById("session-label").textContent = "session " + sessionId;
+    document.getElementById("session-label").textContent = sessionId;
   }
 
   function runForm(prompt) {
