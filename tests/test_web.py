@@ -152,6 +152,7 @@ def test_docs_use_local_assets_only(live: LiveServer) -> None:
         assert r.status_code == 200
         assert "cdn." not in r.text and "https://" not in r.text.replace("https://github.com", "")
         assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert httpx.get(f"{live.url}/docs/oauth2-redirect").status_code == 200
     swagger = httpx.get(f"{live.url}/static/swagger/swagger-ui-bundle.js")
     redoc = httpx.get(f"{live.url}/static/vendor/redoc/redoc.standalone.js")
     assert swagger.status_code == redoc.status_code == 200

@@ -16,7 +16,11 @@ import re
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -105,8 +109,8 @@ async def swagger_docs() -> HTMLResponse:
 
 
 @router.get("/docs/oauth2-redirect", response_class=HTMLResponse)
-def swagger_redirect() -> HTMLResponse:
-    return HTMLResponse((Path(swagger_ui_path) / "oauth2-redirect.html").read_text())
+async def swagger_redirect() -> HTMLResponse:
+    return get_swagger_ui_oauth2_redirect_html()
 
 
 @router.get("/redoc", response_class=HTMLResponse)
