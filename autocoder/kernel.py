@@ -393,7 +393,7 @@ class KernelSession:
         msg_id = self.kc.execute(code, store_history=False, allow_stdin=False)
         outcome = await self._drain(msg_id, collector, start + timeout)
         if outcome in {"timeout", "cut"}:
-            await self._interrupt()
+            await self.interrupt()
             if await self._drain(msg_id, collector, time.monotonic() + INTERRUPT_GRACE) != "idle":
                 await self.replace()
         elif outcome == "died":
@@ -455,7 +455,8 @@ class KernelSession:
                 return f"the kernel process was killed by {signal.Signals(signum).name}"
         return f"the kernel process exited with code {code}"
 
-    async def _interrupt(self) -> None:
+    async def interrupt(self) -> None:
+        """SIGINT to the kernel, as Jupyter's interrupt button sends it; never raises."""
         if self.km is not None:
             with contextlib.suppress(Exception):
                 await self.km.interrupt_kernel()

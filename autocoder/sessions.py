@@ -300,8 +300,7 @@ class Session:
         kernel = self.kernel
         if kernel is None or kernel.km is None:
             return
-        with contextlib.suppress(Exception):
-            await kernel.km.interrupt_kernel()
+        await kernel.interrupt()
         with contextlib.suppress(Exception):
             await kernel.execute("pass", timeout=INTERRUPT_GRACE)
         if kernel.restarts != restarts_before:

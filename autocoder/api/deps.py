@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
@@ -231,3 +231,8 @@ SessionId = Annotated[
         pattern=SESSION_ID_PATTERN, description="A session id, as returned by `POST /sessions`."
     ),
 ]
+
+# Far beyond any history, well inside SQLite's 64-bit integers (2**63 overflowed into a 500).
+MAX_OFFSET = 1_000_000_000
+PageLimit = Annotated[int, Query(ge=1, le=100, description="How many to list, at most.")]
+PageOffset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="How many newer ones to skip.")]

@@ -11,7 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 
 from autocoder.api.admission import Busy
-from autocoder.api.deps import RunId, RunInput, RunInputDep, ServiceDep, field_error
+from autocoder.api.deps import (
+    PageLimit,
+    PageOffset,
+    RunId,
+    RunInput,
+    RunInputDep,
+    ServiceDep,
+    field_error,
+)
 from autocoder.api.errors import RunCancelled
 from autocoder.api.schemas import ErrorBody, RunPage, run_request_body
 from autocoder.api.service import Service
@@ -25,8 +33,6 @@ from autocoder.errors import ConfigError
 from autocoder.notebook import find_notebook
 from autocoder.records import Event, RunResult
 
-# Far beyond any history, well inside SQLite's 64-bit integers (2**63 overflowed into a 500).
-MAX_OFFSET = 1_000_000_000
 IPYNB_MEDIA_TYPE = "application/x-ipynb+json"
 
 
@@ -123,10 +129,8 @@ async def _start_stream(given: RunInput, request: Request, service: Service) -> 
 @router.get("/runs", summary="Run history, newest first")
 async def list_runs(
     service: ServiceDep,
-    limit: Annotated[int, Query(ge=1, le=100, description="Runs per page.")] = 20,
-    offset: Annotated[
-        int, Query(ge=0, le=MAX_OFFSET, description="How many newer runs to skip.")
-    ] = 0,
+    limit: PageLimit = 20,
+    offset: PageOffset = 0,
     status: Annotated[
         Literal["success", "error"] | None, Query(description="Only runs that ended so.")
     ] = None,

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 
 from autocoder.api.admission import Busy
 from autocoder.api.deps import (
+    PageLimit,
+    PageOffset,
     RunInputDep,
     ServiceDep,
     SessionId,
@@ -24,7 +26,7 @@ from autocoder.api.deps import (
 )
 from autocoder.api.errors import RunCancelled
 from autocoder.api.routes.files import FileName
-from autocoder.api.routes.runs import _STREAM_DOC, IPYNB_MEDIA_TYPE, MAX_OFFSET
+from autocoder.api.routes.runs import _STREAM_DOC, IPYNB_MEDIA_TYPE
 from autocoder.api.schemas import (
     ErrorBody,
     SessionPage,
@@ -85,10 +87,8 @@ async def create_session(given: SessionInputDep, service: ServiceDep) -> Session
 @router.get("/sessions", summary="Sessions, newest first (closed ones included)")
 async def list_sessions(
     service: ServiceDep,
-    limit: Annotated[int, Query(ge=1, le=100, description="Sessions per page.")] = 20,
-    offset: Annotated[
-        int, Query(ge=0, le=MAX_OFFSET, description="How many newer sessions to skip.")
-    ] = 0,
+    limit: PageLimit = 20,
+    offset: PageOffset = 0,
 ) -> SessionPage:
     sessions, total = service.sessions.listing(limit, offset)
     return SessionPage(sessions=sessions, total=total, limit=limit, offset=offset)
