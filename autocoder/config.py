@@ -106,6 +106,25 @@ class Settings(BaseSettings):
     session_max_age: float = Field(
         4 * 3600.0, gt=0, description="Seconds a session may live, used or not."
     )
+    # The run store: SQLite next to the notebooks unless a PostgreSQL URL is given, which
+    # every replica of the service shares (see docs/scale.md).
+    database_url: SecretStr | None = Field(
+        None, description="postgresql://... to keep the run store in PostgreSQL."
+    )
+    replica_lease: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="Seconds a replica's heartbeat stays valid; after that its running runs "
+        "are marked interrupted by whichever replica notices (PostgreSQL store only).",
+    )
+    database_file_mb: int = Field(
+        25,
+        ge=0,
+        le=1024,
+        description="Megabytes a produced file may have to be copied into PostgreSQL; larger "
+        "ones are served only by the replica that ran the code.",
+    )
     session_context_chars: int = Field(
         6000,
         ge=500,

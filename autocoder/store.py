@@ -5,6 +5,9 @@ truth; the notebooks are only a readable view and are never read back. A record 
 takes its run out of the index; one the index has not seen (written by the CLI, or by a run
 cancelled mid-way) is read and added; a deleted or corrupt `runs.sqlite` is rebuilt.
 Every method here blocks (SQLite, file reads); async callers use `asyncio.to_thread`.
+
+`Store` is what the service asks of any run store; `open_store` picks the backend: this
+SQLite index by default, `autocoder.pgstore.PostgresStore` when AUTOCODER_DATABASE_URL is set.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ import os
 import sqlite3
 import stat as stat_mod
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from autocoder.notebook import is_valid_run_id, record_path, write_record
+from autocoder.files import resolve_output
+from autocoder.notebook import find_notebook, is_valid_run_id, record_path, write_record
 from autocoder.records import ErrorKind, RunResult
+
+if TYPE_CHECKING:
+    from autocoder.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,16 @@ CREATE TABLE IF NOT EXISTS runs (
     record     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_newest ON runs (started_at DESC, nb_mtime DESC, run_id DESC);
+-- A list page reads only these (covering) indexes, never the rows with their whole records:
+-- a filter that scans (a prompt's words) scans the index, a status is a range of it.
+CREATE INDEX IF NOT EXISTS runs_list ON runs (
+    started_at DESC, nb_mtime DESC, run_id DESC,
+    status, error_kind, prompt, model, attempts, duration
+);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (
+    status, started_at DESC, nb_mtime DESC, run_id DESC,
+    error_kind, prompt, model, attempts, duration
+);
 """
 
 
@@ -62,6 +80,61 @@ class RunSummary(BaseModel):
     duration: float = Field(description="Seconds the whole run took.")
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """A run's notebook or produced file, as a store keeps it: a file on this machine, or its
+    bytes (a shared store)."""
+
+    name: str
+    path: Path | None = None
+    data: bytes | None = None
+
+
+class Store(Protocol):
+    """What the service needs of a run store, whichever backend keeps it.
+
+    Every method blocks; async callers use `asyncio.to_thread`. `lease` is how often the
+    service must call `heartbeat` (None: never, one process owns the store).
+    """
+
+    lease: float | None
+
+    @property
+    def where(self) -> str: ...
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def begin(self, run_id: str, prompt: str, model: str) -> None: ...
+
+    def heartbeat(self) -> list[str]: ...
+
+    def add(self, result: RunResult) -> None: ...
+
+    def index_record(self, run_id: str) -> RunResult | None: ...
+
+    def list(
+        self, *, limit: int, offset: int = 0, status: str | None = None, q: str = ""
+    ) -> tuple[list[RunSummary], int]: ...
+
+    def get(self, run_id: str) -> RunResult | None: ...
+
+    def notebook(self, run_id: str) -> StoredFile | None: ...
+
+    def output_file(self, run_id: str, name: str) -> StoredFile | None: ...
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings name, not yet opened: PostgreSQL when AUTOCODER_DATABASE_URL is
+    set (ConfigError if psycopg is missing), else SQLite next to the notebooks."""
+    if settings.database_url is not None:
+        from autocoder.pgstore import PostgresStore
+
+        return PostgresStore(settings)
+    return RunStore(settings.notebooks_dir, settings.autofile_dir)
+
+
 class RunStore:
     """The index. Open it with `open()`, which also brings it up to date with the records.
 
@@ -70,13 +143,20 @@ class RunStore:
     sit in a hidden folder, so the notebooks a user browses and edits never feed the API.
     """
 
-    def __init__(self, notebooks_dir: Path) -> None:
+    lease: float | None = None
+
+    def __init__(self, notebooks_dir: Path, autofile_dir: Path | None = None) -> None:
         self.notebooks_dir = notebooks_dir
+        self.autofile_dir = autofile_dir
         self.records_dir = notebooks_dir / ".autocoder" / "records"
         self.path = notebooks_dir / ".autocoder" / INDEX_NAME
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._seen_dir_mtime: int | None = None
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     def open(self) -> None:
         self.records_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +265,12 @@ class RunStore:
                     self._db = self._rebuild(e)
                 self._sync_records()
         raise AssertionError("unreachable")
+
+    def begin(self, run_id: str, prompt: str, model: str) -> None:
+        """One process owns this store: a run it did not finish has no record, nothing to mark."""
+
+    def heartbeat(self) -> list[str]:
+        return []
 
     def add(self, result: RunResult) -> None:
         """Index a run that has just written its record."""
@@ -316,6 +402,19 @@ class RunStore:
         if rows and (rows[0][0], rows[0][1]) == (stat.st_mtime_ns, stat.st_size):
             return RunResult.model_validate_json(rows[0][2])
         return self.index_record(run_id)
+
+    def notebook(self, run_id: str) -> StoredFile | None:
+        """The notebook the record names, only ever a regular file in the notebooks folder."""
+        result = self.get(run_id)
+        path = find_notebook(self.notebooks_dir, run_id, result.notebook if result else "")
+        return StoredFile(path.name, path=path) if path else None
+
+    def output_file(self, run_id: str, name: str) -> StoredFile | None:
+        """A file the run's code wrote, from the run's own directory (see `resolve_output`)."""
+        if self.autofile_dir is None or not is_valid_run_id(run_id):
+            return None
+        path = resolve_output(self.autofile_dir / run_id / "files", name)
+        return StoredFile(path.name, path=path) if path else None
 
 
 def stat_is_regular(st: os.stat_result) -> bool:

@@ -31,7 +31,7 @@ from autocoder.errors import AutocoderError, ConfigError
 from autocoder.kernel import KernelPool, sweep_leftovers, workdirs_root
 from autocoder.runner import Runner
 from autocoder.sessions import Sessions
-from autocoder.store import RunStore
+from autocoder.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limit_malloc_arenas()
         await asyncio.to_thread(sandbox.check_available, s)
         await asyncio.to_thread(sweep_leftovers, workdirs_root(s))
-        store = RunStore(s.notebooks_dir)
+        store = open_store(s)
         await asyncio.to_thread(store.open)
         pool = KernelPool(s)
         runner = Runner(s, kernels=pool)
@@ -89,9 +89,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.body_limit + s.max_upload_mb * 1024 * 1024 + (s.max_files + 8) * 1024
         )
         pool.start()
+        lease = asyncio.create_task(service.keep_lease())
         try:
             yield
         finally:
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
             await service.close()
             del app.state.service
 
@@ -246,6 +250,10 @@ def serve(settings: Settings) -> None:
     """
     check_exposure(settings)
     sandbox.check_available(settings)
+    if settings.database_url is not None:
+        from autocoder.pgstore import PostgresStore
+
+        PostgresStore(settings).check()
     sock = _listen(settings.host, settings.port)
     app = create_app(settings)
     config = uvicorn.Config(

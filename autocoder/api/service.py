@@ -18,7 +18,7 @@ from autocoder.kernel import KernelPool
 from autocoder.records import Event, RunResult
 from autocoder.runner import Runner, new_run_id
 from autocoder.sessions import Session, Sessions
-from autocoder.store import RunStore
+from autocoder.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Service:
     settings: Settings
     runner: Runner
     pool: KernelPool
-    store: RunStore
+    store: Store
     admission: Admission
     sessions: Sessions
     runs: set[asyncio.Task[RunResult]] = field(default_factory=set)
@@ -79,6 +79,7 @@ class Service:
         session: Session | None = None,
     ) -> RunResult:
         run = self.runner.run if session is None else partial(self.sessions.run, session)
+        await self._index(self.store.begin, run_id, req.prompt, req.model or "")
         try:
             result = await run(
                 req.prompt,
@@ -96,12 +97,28 @@ class Service:
         await self._index(self.store.add, result)
         return result
 
-    async def _index(self, method: Callable[[Any], object], arg: Any) -> None:
+    async def _index(self, method: Callable[..., object], *args: Any) -> None:
         """The index is a cache of the records: failing to update it never fails a run."""
         try:
-            await asyncio.to_thread(method, arg)
+            await asyncio.to_thread(method, *args)
         except Exception:
-            log.exception("could not update the run index %s", self.store.path)
+            log.exception("could not update the run index %s", self.store.where)
+
+    async def keep_lease(self) -> None:
+        """Heartbeat a shared store every third of its lease until cancelled; a failed beat is
+        logged and tried again (the database may be back by the next one)."""
+        lease = self.store.lease
+        if lease is None:
+            return
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                kernels = await asyncio.to_thread(self.store.heartbeat)
+            except Exception as e:
+                log.warning("run store %s: heartbeat failed: %s", self.store.where, e)
+                continue
+            if kernels:
+                log.warning("kernels of interrupted runs left to reclaim: %s", ", ".join(kernels))
 
     async def drain(self, grace: float) -> None:
         """Take no new runs; give those running `grace` seconds, then cancel them. A cancelled

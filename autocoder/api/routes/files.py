@@ -7,11 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from autocoder.api.deps import RunId, ServiceDep
+from autocoder.api.routes.runs import stored_response
 from autocoder.api.schemas import ErrorBody
-from autocoder.files import media_type, resolve_output
+from autocoder.files import media_type
 
 router = APIRouter()  # auth.Guard checks the token
 
@@ -29,11 +30,10 @@ FileName = Annotated[
     },
     summary="Download a file a run's code wrote",
 )
-async def get_file(run_id: RunId, name: FileName, service: ServiceDep) -> FileResponse:
+async def get_file(run_id: RunId, name: FileName, service: ServiceDep) -> Response:
     """Served only from the run's own directory: `..`, absolute names and any symlink on the
     way are refused, so nothing a run leaves can point a download elsewhere."""
-    files_dir = service.settings.autofile_dir / run_id / "files"
-    path = await asyncio.to_thread(resolve_output, files_dir, name)
-    if path is None:
+    stored = await asyncio.to_thread(service.store.output_file, run_id, name)
+    if stored is None:
         raise HTTPException(404, f"run {run_id!r} has no file {name!r}")
-    return FileResponse(path, media_type=media_type(name), filename=path.name)
+    return stored_response(stored, media_type(name))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from autocoder.api.admission import Busy
 from autocoder.api.deps import (
@@ -30,8 +30,8 @@ from autocoder.api.streaming import (
     unless_disconnected,
 )
 from autocoder.errors import ConfigError
-from autocoder.notebook import find_notebook
 from autocoder.records import Event, RunResult
+from autocoder.store import StoredFile
 
 IPYNB_MEDIA_TYPE = "application/x-ipynb+json"
 
@@ -167,16 +167,24 @@ async def get_run(run_id: RunId, service: ServiceDep) -> RunResult:
     },
     summary="Download a run's notebook",
 )
-async def get_notebook(run_id: RunId, service: ServiceDep) -> FileResponse:
-    root = service.settings.notebooks_dir
-
-    def find() -> Path | None:
-        # The record names the notebook; only a regular file right in the notebooks folder
-        # is served (older runs' notebooks are `<run-id>.ipynb`).
-        result = service.store.get(run_id)
-        return find_notebook(root, run_id, result.notebook if result else "")
-
-    path = await asyncio.to_thread(find)
-    if path is None:
+async def get_notebook(run_id: RunId, service: ServiceDep) -> Response:
+    stored = await asyncio.to_thread(service.store.notebook, run_id)
+    if stored is None:
         raise HTTPException(404, f"no run {run_id!r}")
-    return FileResponse(path, media_type=IPYNB_MEDIA_TYPE, filename=path.name)
+    return stored_response(stored, IPYNB_MEDIA_TYPE)
+
+
+def stored_response(stored: StoredFile, media_type: str) -> Response:
+    """A stored file as a download: streamed from disk, or the bytes a shared store holds,
+    with the same Content-Disposition either way."""
+    if stored.path is not None:
+        return FileResponse(stored.path, media_type=media_type, filename=stored.name)
+    quoted = quote(stored.name)
+    disposition = (
+        f'attachment; filename="{stored.name}"'
+        if quoted == stored.name
+        else f"attachment; filename*=utf-8''{quoted}"
+    )
+    return Response(
+        stored.data or b"", media_type=media_type, headers={"content-disposition": disposition}
+    )

@@ -1,0 +1,507 @@
+"""The run store in PostgreSQL, shared by every replica of the service (AUTOCODER_DATABASE_URL).
+
+What any replica needs to answer `GET /runs`, `GET /runs/{id}`, the notebook and the produced
+files lives in the database: the index, each run's whole record, the notebook's bytes and the
+files' bytes (those up to AUTOCODER_DATABASE_FILE_MB). Each replica still writes its records,
+notebooks and files on its own disk as the runner always did; those are what `open()` and
+`sync()` import when the database lacks them (a CLI run, a database restored from an older
+backup or started empty): the index is rebuilt from the records, as with SQLite.
+
+Replicas hold a lease: each heartbeats its row in `autocoder_replicas` every third of
+AUTOCODER_REPLICA_LEASE, and every run in progress is a row naming its replica. Whichever
+replica heartbeats next after a lease lapsed marks that replica's running runs interrupted
+(rows locked with SKIP LOCKED, so two that notice at once do not both write) and drops its row.
+Times are the database's `now()`, so the replicas' clocks need not agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import stat as stat_mod
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autocoder.errors import ConfigError
+from autocoder.files import media_type, resolve_output
+from autocoder.notebook import find_notebook, is_valid_run_id, record_path
+from autocoder.records import ErrorKind, RunResult
+from autocoder.store import PROMPT_PREVIEW, RunSummary, StoredFile
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg_pool import ConnectionPool
+
+    from autocoder.config import Settings
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key: 'autocodr' as a big-endian 64-bit integer.
+MIGRATION_LOCK = int.from_bytes(b"autocodr", "big") & 0x7FFF_FFFF_FFFF_FFFF
+CONNECT_TIMEOUT = 10
+STATEMENT_TIMEOUT_MS = 30_000
+
+# Each step takes the schema from version i to i + 1; a step, once released, never changes.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE autocoder_runs (
+        run_id      text PRIMARY KEY,
+        started_at  text NOT NULL,
+        status      text NOT NULL CHECK (status IN ('running', 'success', 'error')),
+        error_kind  text,
+        prompt      text NOT NULL,
+        model       text NOT NULL,
+        attempts    integer NOT NULL,
+        duration    double precision NOT NULL,
+        replica_id  text,
+        kernel_id   text,
+        updated_at  timestamptz NOT NULL DEFAULT now(),
+        record      text NOT NULL
+    );
+    -- What list pages sort and filter on; records are TOASTed out of line and never read.
+    CREATE INDEX autocoder_runs_newest ON autocoder_runs (started_at DESC, run_id DESC)
+        WHERE status <> 'running';
+    CREATE INDEX autocoder_runs_by_status ON autocoder_runs (status, started_at DESC, run_id DESC);
+    CREATE INDEX autocoder_runs_running ON autocoder_runs (replica_id) WHERE status = 'running';
+    CREATE TABLE autocoder_files (
+        run_id      text NOT NULL REFERENCES autocoder_runs ON DELETE CASCADE,
+        kind        text NOT NULL CHECK (kind IN ('notebook', 'file')),
+        name        text NOT NULL,
+        media_type  text NOT NULL,
+        body        bytea NOT NULL,
+        PRIMARY KEY (run_id, kind, name)
+    );
+    CREATE TABLE autocoder_replicas (
+        replica_id   text PRIMARY KEY,
+        host         text NOT NULL,
+        pid          integer NOT NULL,
+        lease        double precision NOT NULL,
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+# A prompt search (`q`) is a substring match: a trigram index serves it when pg_trgm can be had.
+TRIGRAM_INDEX = (
+    "CREATE INDEX IF NOT EXISTS autocoder_runs_prompt_trgm "
+    "ON autocoder_runs USING gin (prompt gin_trgm_ops)"
+)
+
+_SUMMARY = "run_id, started_at, status, error_kind, prompt, model, attempts, duration"
+_SUMMARY_KEYS = tuple(_SUMMARY.split(", "))
+
+
+def where_is(conninfo: str) -> str:
+    """host:port/dbname of a connection string, never its password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        d = conninfo_to_dict(conninfo)
+    except Exception:
+        return "the database AUTOCODER_DATABASE_URL names"
+    host = str(d.get("host") or "localhost")
+    return f"{host}:{d.get('port') or 5432}/{d.get('dbname') or ''}"
+
+
+class PostgresStore:
+    """The run store every replica shares. Open it with `open()`: it connects, migrates the
+    schema (under an advisory lock, so replicas starting together take turns), registers this
+    replica's lease and imports the local records the database lacks."""
+
+    def __init__(self, settings: Settings) -> None:
+        try:
+            import psycopg  # noqa: F401
+            import psycopg_pool  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "AUTOCODER_DATABASE_URL needs psycopg 3: pip install 'autocoder[postgres]'"
+            ) from None
+        assert settings.database_url is not None
+        self.conninfo = settings.database_url.get_secret_value()
+        self.notebooks_dir = settings.notebooks_dir
+        self.autofile_dir = settings.autofile_dir
+        self.records_dir = settings.notebooks_dir / ".autocoder" / "records"
+        self.lease: float | None = settings.replica_lease
+        self.file_limit = settings.database_file_mb * 1024 * 1024
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._pool: ConnectionPool[Any] | None = None
+        self._seen_dir_mtime: int | None = None
+
+    @property
+    def where(self) -> str:
+        return f"postgresql://{where_is(self.conninfo)}"
+
+    # Opening and closing.
+
+    _kwargs: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT,
+        "application_name": "autocoder",
+        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        "autocommit": True,
+    }
+
+    def check(self) -> None:
+        """Connect and bring the schema up to date, or ConfigError with the reason in one line
+        (`autocoder serve` asks this before it listens)."""
+        import psycopg
+
+        try:
+            # A plain connection: its error says why, where a pool would only time out.
+            with psycopg.connect(self.conninfo, **self._kwargs) as conn:
+                self._migrate(conn)
+        except psycopg.Error as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"cannot use the run store at {self.where} (AUTOCODER_DATABASE_URL): {detail}"
+            ) from None
+
+    def open(self) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.check()
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        self._pool = ConnectionPool(
+            self.conninfo,
+            min_size=1,
+            max_size=4,
+            kwargs=self._kwargs,
+            timeout=CONNECT_TIMEOUT,
+            open=False,
+        )
+        self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        self.heartbeat()
+        self.sync()
+
+    def _migrate(self, conn: Connection[Any]) -> None:
+        """Bring the schema to SCHEMA_VERSION. Idempotent; replicas starting together wait on
+        one transaction-scoped advisory lock, so exactly one of them creates each table."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS autocoder_schema (version integer NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM autocoder_schema").fetchone()
+            version = row[0] if row and row[0] is not None else 0
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the run store at {self.where} has schema version {version}, newer than "
+                    f"this autocoder's ({SCHEMA_VERSION}): upgrade autocoder"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                conn.execute(MIGRATIONS[step])
+                log.info("run store %s: schema migrated to version %d", self.where, step + 1)
+            conn.execute("DELETE FROM autocoder_schema")
+            conn.execute("INSERT INTO autocoder_schema VALUES (%s)", (SCHEMA_VERSION,))
+            try:
+                with conn.transaction():
+                    conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+                    conn.execute(TRIGRAM_INDEX)
+            except Exception as e:
+                log.info("run store %s: no trigram index for prompt searches (%s)", self.where, e)
+
+    def close(self) -> None:
+        """Leave the lease: runs of ours still marked running cannot finish now."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            with pool.connection() as conn, conn.transaction():
+                self._interrupt(conn, "AND replica_id = %s", (self.replica_id,), "stopped")
+                conn.execute(
+                    "DELETE FROM autocoder_replicas WHERE replica_id = %s", (self.replica_id,)
+                )
+        except Exception as e:
+            log.warning("could not leave the run store %s cleanly: %s", self.where, e)
+        finally:
+            pool.close(timeout=CONNECT_TIMEOUT)
+
+    @property
+    def pool(self) -> ConnectionPool[Any]:
+        if self._pool is None:
+            raise RuntimeError("the run store is not open")
+        return self._pool
+
+    # The lease.
+
+    def heartbeat(self) -> list[str]:
+        """Renew this replica's lease, then mark the running runs of replicas whose lease
+        lapsed as interrupted. Returns the kernel ids those runs had recorded (`set_kernel`),
+        for whoever can reclaim them."""
+        with self.pool.connection() as conn, conn.transaction():
+            renewed = conn.execute(
+                "UPDATE autocoder_replicas SET heartbeat_at = now(), lease = %s "
+                "WHERE replica_id = %s",
+                (self.lease, self.replica_id),
+            ).rowcount
+            if not renewed:
+                conn.execute(
+                    "INSERT INTO autocoder_replicas (replica_id, host, pid, lease) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (self.replica_id, socket.gethostname(), os.getpid(), self.lease),
+                )
+                if self._seen_dir_mtime is not None:
+                    log.warning(
+                        "run store %s: this replica's lease had lapsed; runs it had in progress "
+                        "were marked interrupted and are rewritten as they finish",
+                        self.where,
+                    )
+            kernels = self._interrupt(
+                conn,
+                "AND NOT EXISTS (SELECT 1 FROM autocoder_replicas p WHERE p.replica_id = "
+                "r.replica_id AND p.heartbeat_at >= now() - p.lease * interval '1 second')",
+                (),
+                "stopped answering",
+            )
+            conn.execute(
+                "DELETE FROM autocoder_replicas p "
+                "WHERE p.heartbeat_at < now() - p.lease * interval '1 second' "
+                "AND NOT EXISTS (SELECT 1 FROM autocoder_runs r "
+                "WHERE r.replica_id = p.replica_id AND r.status = 'running')"
+            )
+        return kernels
+
+    def _interrupt(
+        self, conn: Connection[Any], where: str, args: tuple[Any, ...], why: str
+    ) -> list[str]:
+        rows = conn.execute(
+            "SELECT run_id, record, replica_id, kernel_id FROM autocoder_runs r "
+            f"WHERE status = 'running' {where} FOR UPDATE SKIP LOCKED",
+            args,
+        ).fetchall()
+        kernels = []
+        for run_id, record, replica_id, kernel_id in rows:
+            result = RunResult.model_validate_json(record)
+            result.status = "error"
+            result.error_kind = ErrorKind.INTERRUPTED
+            result.error = (
+                f"the server running this run ({replica_id}) {why} before it finished; "
+                "the run was marked interrupted by the replica that noticed"
+            )
+            conn.execute(
+                "UPDATE autocoder_runs SET status = 'error', error_kind = %s, record = %s, "
+                "updated_at = now() WHERE run_id = %s",
+                (ErrorKind.INTERRUPTED.value, result.model_dump_json(), run_id),
+            )
+            log.warning("run %s of replica %s marked interrupted (%s)", run_id, replica_id, why)
+            if kernel_id:
+                kernels.append(kernel_id)
+        return kernels
+
+    # Runs.
+
+    def begin(self, run_id: str, prompt: str, model: str) -> None:
+        """A run in progress, under this replica's lease, not yet listed: if the replica dies
+        before `add`, another marks it interrupted."""
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        provisional = RunResult(
+            status="error", run_id=run_id, prompt=prompt, model=model, started_at=started
+        )
+        with self.pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO autocoder_runs (run_id, started_at, status, prompt, model, "
+                "attempts, duration, replica_id, record) "
+                "VALUES (%s, %s, 'running', %s, %s, 0, 0, %s, %s) ON CONFLICT DO NOTHING",
+                (
+                    run_id,
+                    started,
+                    prompt[:PROMPT_PREVIEW],
+                    model,
+                    self.replica_id,
+                    provisional.model_dump_json(),
+                ),
+            )
+
+    def set_kernel(self, run_id: str, kernel_id: str) -> None:
+        """Record the (remote) kernel a running run uses, so that `heartbeat` can hand it to
+        whoever reclaims kernels of a replica that died."""
+        with self.pool.connection() as conn:
+            conn.execute(
+                "UPDATE autocoder_runs SET kernel_id = %s WHERE run_id = %s",
+                (kernel_id, run_id),
+            )
+
+    def add(self, result: RunResult) -> None:
+        """Store a finished run whole: its record, notebook and files' bytes, in one
+        transaction (a finished run's record always wins over an interrupted mark)."""
+        blobs: list[tuple[str, str, str, bytes]] = []
+        nb = find_notebook(self.notebooks_dir, result.run_id, result.notebook)
+        if nb is not None:
+            blobs.append(("notebook", nb.name, "application/x-ipynb+json", nb.read_bytes()))
+        files_dir = self.autofile_dir / result.run_id / "files"
+        for f in result.files:
+            path = resolve_output(files_dir, f.name)
+            if path is None:
+                continue
+            size = path.stat().st_size
+            if size > self.file_limit:
+                log.info(
+                    "run %s: %s (%d bytes) is over AUTOCODER_DATABASE_FILE_MB; only this "
+                    "replica serves it",
+                    result.run_id,
+                    f.name,
+                    size,
+                )
+                continue
+            blobs.append(("file", f.name, media_type(f.name), path.read_bytes()))
+        row = (
+            result.run_id,
+            result.started_at,
+            result.status,
+            result.error_kind.value if result.error_kind else None,
+            result.prompt[:PROMPT_PREVIEW],
+            result.model,
+            len(result.attempts),
+            result.duration,
+            self.replica_id,
+            result.model_dump_json(),
+        )
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO autocoder_runs (run_id, started_at, status, error_kind, prompt, "
+                "model, attempts, duration, replica_id, record) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (run_id) DO UPDATE SET started_at = excluded.started_at, "
+                "status = excluded.status, error_kind = excluded.error_kind, "
+                "prompt = excluded.prompt, model = excluded.model, "
+                "attempts = excluded.attempts, duration = excluded.duration, "
+                "record = excluded.record, updated_at = now()",
+                row,
+            )
+            conn.execute("DELETE FROM autocoder_files WHERE run_id = %s", (result.run_id,))
+            if blobs:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO autocoder_files VALUES (%s, %s, %s, %s, %s)",
+                        [(result.run_id, *b) for b in blobs],
+                    )
+
+    def index_record(self, run_id: str) -> RunResult | None:
+        """Store one run from this replica's record of it (a cancelled run, an import)."""
+        result = self._read_record(run_id)
+        if result is not None:
+            self.add(result)
+        return result
+
+    def _read_record(self, run_id: str) -> RunResult | None:
+        """This replica's record of a run, under the SQLite store's rules: the file's name is
+        the id, symlinks and records naming another run are skipped, content never logged."""
+        path = record_path(self.notebooks_dir, run_id)
+        try:
+            if not stat_mod.S_ISREG(path.lstat().st_mode):
+                raise ValueError("not a regular file")
+            result = RunResult.model_validate_json(path.read_bytes())
+            if result.run_id != run_id:
+                raise ValueError("its run id does not match its file name")
+        except (OSError, ValueError) as e:
+            if path.exists() or path.is_symlink():
+                reason = "unreadable" if isinstance(e, OSError) else "not a valid run record"
+                log.warning("skipping run record %s: %s", path.name, reason)
+            return None
+        return result
+
+    def sync(self, *, force: bool = True) -> None:
+        """Import this replica's records the database lacks (or has only as running or
+        interrupted): rebuilds the index of an empty or restored database. Cheap when the
+        records folder did not change. A record gone from disk stays: another replica's disk
+        never held it."""
+        try:
+            dir_mtime = self.records_dir.stat().st_mtime_ns
+        except OSError:
+            return
+        if not force and dir_mtime == self._seen_dir_mtime:
+            return
+        self._seen_dir_mtime = dir_mtime
+        local = []
+        with os.scandir(self.records_dir) as entries:
+            for entry in entries:
+                run_id = entry.name.removesuffix(".json")
+                if entry.name.endswith(".json") and is_valid_run_id(run_id):
+                    local.append(run_id)
+        if not local:
+            return
+        with self.pool.connection() as conn:
+            settled = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT run_id FROM autocoder_runs WHERE run_id = ANY(%s) "
+                    "AND status <> 'running' AND error_kind IS DISTINCT FROM %s",
+                    (local, ErrorKind.INTERRUPTED.value),
+                )
+            }
+        missing = [r for r in local if r not in settled]
+        for run_id in missing:
+            self.index_record(run_id)
+        if missing:
+            log.info("run store %s: imported %d local run record(s)", self.where, len(missing))
+
+    def list(
+        self, *, limit: int, offset: int = 0, status: str | None = None, q: str = ""
+    ) -> tuple[list[RunSummary], int]:
+        """A page of finished runs, newest first, and how many there are; `q` keeps those
+        whose prompt (its first PROMPT_PREVIEW characters) contains it, ignoring case."""
+        self.sync(force=False)
+        terms = ["status <> 'running'"]
+        args: list[Any] = []
+        if status:
+            terms.append("status = %s")
+            args.append(status)
+        if q:
+            terms.append("prompt ILIKE %s")
+            args.append("%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        where = " AND ".join(terms)
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                f"SELECT count(*) FROM autocoder_runs WHERE {where}", args
+            ).fetchone()
+            rows = conn.execute(
+                f"SELECT {_SUMMARY} FROM autocoder_runs WHERE {where} "
+                "ORDER BY started_at DESC, run_id DESC LIMIT %s OFFSET %s",
+                [*args, limit, offset],
+            ).fetchall()
+        runs = [RunSummary.model_validate(dict(zip(_SUMMARY_KEYS, r, strict=True))) for r in rows]
+        return runs, row[0] if row else 0
+
+    def get(self, run_id: str) -> RunResult | None:
+        """The whole record of a finished (or interrupted) run; a run this replica has on disk
+        but the database lacks is imported first."""
+        if not is_valid_run_id(run_id):
+            return None
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT record FROM autocoder_runs WHERE run_id = %s AND status <> 'running'",
+                (run_id,),
+            ).fetchone()
+        if row is not None:
+            return RunResult.model_validate_json(row[0])
+        if record_path(self.notebooks_dir, run_id).exists():
+            return self.index_record(run_id)
+        return None
+
+    def notebook(self, run_id: str) -> StoredFile | None:
+        return self._stored(run_id, "notebook", None)
+
+    def output_file(self, run_id: str, name: str) -> StoredFile | None:
+        return self._stored(run_id, "file", name)
+
+    def _stored(self, run_id: str, kind: str, name: str | None) -> StoredFile | None:
+        """The bytes the database keeps, else what this replica's disk has (a file over
+        AUTOCODER_DATABASE_FILE_MB is only there)."""
+        if not is_valid_run_id(run_id):
+            return None
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT name, body FROM autocoder_files WHERE run_id = %s AND kind = %s "
+                "AND (%s::text IS NULL OR name = %s)",
+                (run_id, kind, name, name),
+            ).fetchone()
+        if row is not None:
+            return StoredFile(Path(row[0]).name, data=bytes(row[1]))
+        if kind == "notebook":
+            result = self.get(run_id)
+            path = find_notebook(self.notebooks_dir, run_id, result.notebook if result else "")
+        else:
+            assert name is not None
+            path = resolve_output(self.autofile_dir / run_id / "files", name)
+        return StoredFile(path.name, path=path) if path else None
