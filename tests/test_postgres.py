@@ -1,0 +1,283 @@
+"""Several replicas, one PostgreSQL: real `autocoder serve` processes, a real server started
+here (a throwaway cluster), the scripted model. Skipped, with the reason, where PostgreSQL
+or psycopg is missing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from autocoder.testing import PostgresCluster, PostgresUnavailable, ScriptedLLM, fenced
+from tests.conftest import SANDBOX, SECRET, autocoder_cmd
+
+LEASE = 1.5  # seconds; a replica heartbeats every half second
+
+
+def code_in(body: dict[str, Any]) -> str:
+    """The scripted model writes whatever code the prompt quotes between « and »."""
+    for message in reversed(body["messages"]):
+        found = re.search(r"«(.+?)»", str(message.get("content", "")), re.S)
+        if found:
+            return fenced(found.group(1))
+    return fenced("print('no code quoted')")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PostgresCluster]:
+    try:
+        pg = PostgresCluster().start()
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(scope="module")
+def model(llm_server: ScriptedLLM) -> ScriptedLLM:
+    llm_server.script()
+    llm_server.responder = code_in
+    return llm_server
+
+
+class Replica:
+    """`autocoder serve` on its own port and its own disk, sharing the database."""
+
+    def __init__(self, name: str, home: Path, db_url: str, model: ScriptedLLM) -> None:
+        self.name = name
+        self.home = home
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("AUTOCODER_", "OPENAI_"))
+        }
+        self.env.update(
+            OPENAI_BASE_URL=model.base_url,
+            OPENAI_API_KEY=SECRET,
+            AUTOCODER_SANDBOX=SANDBOX,
+            AUTOCODER_LLM_RETRIES="0",
+            AUTOCODER_POOL_SIZE="1",
+            AUTOCODER_DATABASE_URL=db_url,
+            AUTOCODER_REPLICA_LEASE=str(LEASE),
+            AUTOCODER_NOTEBOOKS_DIR=str(home / "notebooks"),
+            AUTOCODER_AUTOFILE_DIR=str(home / "autofile"),
+            AUTOCODER_SHUTDOWN_GRACE="2",
+            PYTHONUNBUFFERED="1",
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Replica:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / f"{self.name}.log", "ab")  # noqa: SIM115 (the process owns it)
+        self.proc = subprocess.Popen(
+            [*autocoder_cmd(), "serve", "--port", str(self.port)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.home,
+        )
+        log.close()
+        return self
+
+    def ready(self, timeout: float = 90) -> Replica:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"replica {self.name} exited: {self.log()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"replica {self.name} did not start: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return (self.home / f"{self.name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def run(self, code: str, **fields: Any) -> dict[str, Any]:
+        r = httpx.post(f"{self.url}/run", json={"prompt": f"run «{code}»", **fields}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", params=params, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    cluster: PostgresCluster, model: ScriptedLLM, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Replica, Replica]]:
+    """Two replicas started at the same moment on an empty database: both migrate it."""
+    db = cluster.database()
+    root = tmp_path_factory.mktemp("replicas")
+    a = Replica("a", root / "a", db, model).start()
+    b = Replica("b", root / "b", db, model).start()
+    try:
+        yield a.ready(), b.ready()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def schema_rows(db_url: str) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(db_url) as conn:
+        return conn.execute("SELECT version FROM autocoder_schema").fetchall()
+
+
+def test_two_replicas_starting_at_once_migrate_the_schema_once(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, _ = replicas
+    assert schema_rows(a.env["AUTOCODER_DATABASE_URL"]) == [(1,)]
+    assert "Traceback" not in a.log() + replicas[1].log()
+
+
+def test_many_stores_migrating_together_do_not_race(cluster: PostgresCluster) -> None:
+    from autocoder.config import load_settings
+    from autocoder.pgstore import PostgresStore
+
+    db = cluster.database()
+    settings = load_settings(database_url=db, openai_api_key=SECRET)
+    barrier = threading.Barrier(8)
+
+    def migrate() -> None:
+        barrier.wait(10)
+        PostgresStore(settings).check()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for f in [pool.submit(migrate) for _ in range(8)]:
+            f.result(timeout=60)
+    PostgresStore(settings).check()  # and again, later: nothing to do
+    assert schema_rows(db) == [(1,)]
+
+
+def test_a_run_on_one_replica_is_seen_on_the_other_with_its_notebook_and_files(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    result = a.run("open('report.csv', 'w').write('x,y\\n1,2\\n'); print('written')")
+    assert result["status"] == "success" and result["output"] == "written\n"
+    run_id = result["run_id"]
+
+    listed = b.get("/runs").json()
+    assert run_id in [r["run_id"] for r in listed["runs"]]
+    assert b.get(f"/runs/{run_id}").json() == a.get(f"/runs/{run_id}").json()
+    notebook = b.get(f"/runs/{run_id}/notebook")
+    assert notebook.status_code == 200
+    assert notebook.content == Path(result["notebook"]).read_bytes()
+    assert notebook.headers["content-type"] == "application/x-ipynb+json"
+    assert Path(result["notebook"]).name in notebook.headers["content-disposition"]
+    csv = b.get(f"/runs/{run_id}/files/report.csv")
+    assert csv.status_code == 200 and csv.content == b"x,y\n1,2\n"
+    assert csv.headers["content-type"].startswith("text/csv")
+    # Nothing of it is on b's own disk: b answered from the database.
+    assert not list((b.home / "notebooks").glob("*.ipynb"))
+    assert b.get(f"/runs/{run_id}/files/nothing.csv").status_code == 404
+
+
+def test_concurrent_runs_on_both_replicas_are_each_stored_once(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    before = a.get("/runs", limit=1).json()["total"]
+    jobs = [(r, f"print({i} * 7)") for i, r in enumerate([a, b] * 4)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: job[0].run(job[1]), jobs))
+    assert [r["output"] for r in results] == [f"{i * 7}\n" for i in range(len(jobs))]
+    ids = {r["run_id"] for r in results}
+    assert len(ids) == len(jobs)
+    for replica in (a, b):
+        page = replica.get("/runs", limit=100).json()
+        assert page["total"] == before + len(jobs)
+        listed = [r["run_id"] for r in page["runs"]]
+        assert len(listed) == len(set(listed)) and ids <= set(listed)
+        found = replica.get("/runs", status="success", q="* 7", limit=100).json()
+        assert {r["run_id"] for r in found["runs"]} == ids
+
+
+def test_a_replica_killed_mid_run_leaves_the_run_interrupted_once_another_notices(
+    replicas: tuple[Replica, Replica], cluster: PostgresCluster, model: ScriptedLLM
+) -> None:
+    a, b = replicas
+    doomed = Replica("c", a.home.parent / "c", a.env["AUTOCODER_DATABASE_URL"], model)
+    doomed.start().ready()
+    asked = len(model.requests)
+    running = concurrent.futures.ThreadPoolExecutor(1).submit(
+        doomed.run, "import time; time.sleep(60)", timeout=90
+    )
+    deadline = time.monotonic() + 30
+    while len(model.requests) == asked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(model.requests) > asked, "the run never reached the model"
+    time.sleep(0.5)  # the code is sleeping in c's kernel now
+    doomed.kill()
+    with pytest.raises(httpx.HTTPError):
+        running.result(timeout=10)
+
+    run_id = _wait_for_interrupted(b)
+    record = b.get(f"/runs/{run_id}").json()
+    assert record["status"] == "error" and record["error_kind"] == "interrupted"
+    assert "before it finished" in record["error"]
+    assert a.get(f"/runs/{run_id}").json() == record
+
+
+def _wait_for_interrupted(replica: Replica, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = replica.get("/runs", status="error", q="time.sleep(60)").json()["runs"]
+        if runs:
+            return str(runs[0]["run_id"])
+        time.sleep(0.2)
+    raise AssertionError("the killed replica's run was never marked interrupted")
+
+
+def test_an_emptied_database_is_rebuilt_from_the_replicas_records(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    import psycopg
+
+    a, b = replicas
+    result = a.run("open('kept.txt', 'w').write('kept'); print('kept')")
+    run_id = result["run_id"]
+    with psycopg.connect(a.env["AUTOCODER_DATABASE_URL"]) as conn:
+        conn.execute("TRUNCATE autocoder_runs CASCADE")
+    assert b.get(f"/runs/{run_id}").status_code == 404
+
+    a.stop()
+    a.start().ready()  # a imports what its disk holds and the database lacks
+    assert b.get(f"/runs/{run_id}").json()["output"] == "kept\n"
+    assert b.get(f"/runs/{run_id}/files/kept.txt").content == b"kept"
+    assert b.get(f"/runs/{run_id}/notebook").content == Path(result["notebook"]).read_bytes()
