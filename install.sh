@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs autocoder and what it needs on a Debian/Ubuntu machine:
-# bubblewrap (the sandbox) and, with --test, Chromium (the web page's browser tests) from apt,
+# bubblewrap (the sandbox) and, with --test, Chromium (the web page's browser tests) and
+# PostgreSQL (the shared run store's tests) from apt,
 # then the package (and, with --test, its test tools) with pip
 # into the Python that runs this script (your virtual environment, if one is active).
 set -euo pipefail
@@ -37,6 +38,17 @@ if [[ -n "$extras" ]] && ! command -v chromium >/dev/null 2>&1; then
     apt_install chromium
   else
     echo "install.sh: chromium is missing and apt-get is not here; the browser tests (tests/test_web.py -m browser) will be skipped" >&2
+  fi
+fi
+
+# The PostgreSQL run store's tests start a throwaway cluster with Debian's server binaries.
+if [[ -n "$extras" ]] && ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null \
+  && ! command -v postgres >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "install.sh: installing postgresql (the PostgreSQL run store's tests) with apt-get" >&2
+    apt_install postgresql
+  else
+    echo "install.sh: PostgreSQL is missing and apt-get is not here; tests/test_postgres.py will be skipped" >&2
   fi
 fi
 
