@@ -21,3 +21,7 @@ class KernelStartError(AutocoderError, RuntimeError):
 
 class SandboxUnavailable(KernelStartError):
     """The requested sandbox cannot run on this machine; the message says why and what to set."""
+
+
+class StoreUnavailable(AutocoderError, ConnectionError):
+    """The shared run store (PostgreSQL) cannot be reached or did not answer in time."""

@@ -16,16 +16,18 @@ Times are the database's `now()`, so the replicas' clocks need not agree.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import stat as stat_mod
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autocoder.errors import ConfigError
+from autocoder.errors import ConfigError, StoreUnavailable
 from autocoder.files import media_type, resolve_output
 from autocoder.notebook import find_notebook, is_valid_run_id, record_path
 from autocoder.records import ErrorKind, RunResult
@@ -223,13 +225,28 @@ class PostgresStore:
             raise RuntimeError("the run store is not open")
         return self._pool
 
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[Connection[Any]]:
+        """A pooled connection; a database that is down, or too slow to answer, is
+        StoreUnavailable (HTTP 503), every wait bounded by CONNECT_TIMEOUT or the statement
+        timeout."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StoreUnavailable(f"the run store at {self.where} is unavailable: {detail}") from e
+
     # The lease.
 
     def heartbeat(self) -> list[str]:
         """Renew this replica's lease, then mark the running runs of replicas whose lease
         lapsed as interrupted. Returns the kernel ids those runs had recorded (`set_kernel`),
         for whoever can reclaim them."""
-        with self.pool.connection() as conn, conn.transaction():
+        with self._conn() as conn, conn.transaction():
             renewed = conn.execute(
                 "UPDATE autocoder_replicas SET heartbeat_at = now(), lease = %s "
                 "WHERE replica_id = %s",
@@ -298,7 +315,7 @@ class PostgresStore:
         provisional = RunResult(
             status="error", run_id=run_id, prompt=prompt, model=model, started_at=started
         )
-        with self.pool.connection() as conn:
+        with self._conn() as conn:
             conn.execute(
                 "INSERT INTO autocoder_runs (run_id, started_at, status, prompt, model, "
                 "attempts, duration, replica_id, record) "
@@ -316,7 +333,7 @@ class PostgresStore:
     def set_kernel(self, run_id: str, kernel_id: str) -> None:
         """Record the (remote) kernel a running run uses, so that `heartbeat` can hand it to
         whoever reclaims kernels of a replica that died."""
-        with self.pool.connection() as conn:
+        with self._conn() as conn:
             conn.execute(
                 "UPDATE autocoder_runs SET kernel_id = %s WHERE run_id = %s",
                 (kernel_id, run_id),
@@ -357,7 +374,7 @@ class PostgresStore:
             self.replica_id,
             result.model_dump_json(),
         )
-        with self.pool.connection() as conn, conn.transaction():
+        with self._conn() as conn, conn.transaction():
             conn.execute(
                 "INSERT INTO autocoder_runs (run_id, started_at, status, error_kind, prompt, "
                 "model, attempts, duration, replica_id, record) "
@@ -421,7 +438,7 @@ class PostgresStore:
                     local.append(run_id)
         if not local:
             return
-        with self.pool.connection() as conn:
+        with self._conn() as conn:
             settled = {
                 r[0]
                 for r in conn.execute(
@@ -451,7 +468,7 @@ class PostgresStore:
             terms.append("prompt ILIKE %s")
             args.append("%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
         where = " AND ".join(terms)
-        with self.pool.connection() as conn:
+        with self._conn() as conn:
             row = conn.execute(
                 f"SELECT count(*) FROM autocoder_runs WHERE {where}", args
             ).fetchone()
@@ -468,7 +485,7 @@ class PostgresStore:
         but the database lacks is imported first."""
         if not is_valid_run_id(run_id):
             return None
-        with self.pool.connection() as conn:
+        with self._conn() as conn:
             row = conn.execute(
                 "SELECT record FROM autocoder_runs WHERE run_id = %s AND status <> 'running'",
                 (run_id,),
@@ -490,7 +507,7 @@ class PostgresStore:
         AUTOCODER_DATABASE_FILE_MB is only there)."""
         if not is_valid_run_id(run_id):
             return None
-        with self.pool.connection() as conn:
+        with self._conn() as conn:
             row = conn.execute(
                 "SELECT name, body FROM autocoder_files WHERE run_id = %s AND kind = %s "
                 "AND (%s::text IS NULL OR name = %s)",

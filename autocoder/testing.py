@@ -193,6 +193,9 @@ class PostgresCluster:
     root: Path | None = None
     port: int = 0
     _made: int = 0
+    _data: Path | None = None
+    _as_user: list[str] = field(default_factory=list)
+    _bindir: Path = Path()
 
     def start(self) -> PostgresCluster:
         try:
@@ -250,7 +253,7 @@ class PostgresCluster:
         return self.url(name)
 
     def stop(self) -> None:
-        data = getattr(self, "_data", None)
+        data = self._data
         if data is not None:
             subprocess.run(
                 [*self._as_user, str(self._bindir / "pg_ctl"), "-D", str(data),

@@ -281,3 +281,25 @@ def test_an_emptied_database_is_rebuilt_from_the_replicas_records(
     assert b.get(f"/runs/{run_id}").json()["output"] == "kept\n"
     assert b.get(f"/runs/{run_id}/files/kept.txt").content == b"kept"
     assert b.get(f"/runs/{run_id}/notebook").content == Path(result["notebook"]).read_bytes()
+
+
+def test_a_database_that_cannot_be_reached_is_one_line_and_exit_2(
+    tmp_path: Path, model: ScriptedLLM
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    replica = Replica(
+        "down", tmp_path, f"postgresql://autocoder:s3cret@127.0.0.1:{closed}/runs", model
+    )
+    proc = subprocess.run(
+        [*autocoder_cmd(), "serve", "--port", str(replica.port)],
+        env=replica.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "AUTOCODER_DATABASE_URL" in lines[0], proc.stderr
+    assert f"127.0.0.1:{closed}/runs" in lines[0] and "s3cret" not in proc.stderr

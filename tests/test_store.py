@@ -171,3 +171,19 @@ def test_an_unreadable_old_index_is_moved_aside_and_the_store_opens(tmp_path: Pa
     finally:
         store.close()
     assert not (tmp_path / "runs.sqlite").exists()
+
+
+def test_filtered_list_pages_read_an_index_not_the_records(tmp_path: Path) -> None:
+    """A status or a prompt search scans a covering index: no row's whole record is read."""
+    store = RunStore(tmp_path)
+    store.open()
+    try:
+        for where in ("status = 'error'", "prompt LIKE '%sine%'"):
+            for what in ("count(*)", "run_id, started_at, status, prompt, model, duration"):
+                plan = store.db.execute(
+                    f"EXPLAIN QUERY PLAN SELECT {what} FROM runs WHERE {where} "
+                    "ORDER BY started_at DESC, nb_mtime DESC, run_id DESC"
+                ).fetchall()
+                assert "COVERING INDEX" in str(plan), (where, what, plan)
+    finally:
+        store.close()

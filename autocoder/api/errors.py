@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autocoder.api.admission import Busy
 from autocoder.api.auth import Guard
-from autocoder.errors import AutocoderError, ConfigError, KernelStartError
+from autocoder.errors import AutocoderError, ConfigError, KernelStartError, StoreUnavailable
 from autocoder.sessions import SessionBusy, SessionGone, SessionsFull
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,10 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _our_fault(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AutocoderError)
-    status = 503 if isinstance(exc, KernelStartError) else 500
+    status = 503 if isinstance(exc, KernelStartError | StoreUnavailable) else 500
     log.error("%s %s failed: %s", request.method, request.url.path, exc)
-    return JSONResponse({"detail": fault_message(exc)}, status_code=status)
+    headers = {"Retry-After": "5"} if isinstance(exc, StoreUnavailable) else None
+    return JSONResponse({"detail": fault_message(exc)}, status_code=status, headers=headers)
 
 
 class BodyLimit:
