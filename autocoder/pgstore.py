@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # pg_advisory_xact_lock key: 'autocodr' as a big-endian 64-bit integer.
 MIGRATION_LOCK = int.from_bytes(b"autocodr", "big") & 0x7FFF_FFFF_FFFF_FFFF
 CONNECT_TIMEOUT = 10
+CLOSE_TIMEOUT = 3  # leaving the lease is a courtesy: others mark our runs anyway
 STATEMENT_TIMEOUT_MS = 30_000
 
 # Each step takes the schema from version i to i + 1; a step, once released, never changes.
@@ -209,7 +210,7 @@ class PostgresStore:
         if pool is None:
             return
         try:
-            with pool.connection() as conn, conn.transaction():
+            with pool.connection(timeout=CLOSE_TIMEOUT) as conn, conn.transaction():
                 self._interrupt(conn, "AND replica_id = %s", (self.replica_id,), "stopped")
                 conn.execute(
                     "DELETE FROM autocoder_replicas WHERE replica_id = %s", (self.replica_id,)

@@ -303,3 +303,29 @@ def test_a_database_that_cannot_be_reached_is_one_line_and_exit_2(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "AUTOCODER_DATABASE_URL" in lines[0], proc.stderr
     assert f"127.0.0.1:{closed}/runs" in lines[0] and "s3cret" not in proc.stderr
+
+
+def test_a_database_gone_while_serving_is_store_unavailable(
+    cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """What the API answers as 503 with Retry-After, in a bounded time."""
+    import psycopg
+
+    from autocoder.config import load_settings
+    from autocoder.errors import StoreUnavailable
+    from autocoder.pgstore import PostgresStore
+
+    db = cluster.database()
+    settings = load_settings(database_url=db, openai_api_key=SECRET, notebooks_dir=tmp_path / "nb")
+    store = PostgresStore(settings)
+    store.open()
+    try:
+        assert store.list(limit=5) == ([], 0)
+        with psycopg.connect(cluster.url(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{db.rsplit("/", 1)[1]}" WITH (FORCE)')
+        with pytest.raises(
+            StoreUnavailable, match=r"run store at postgresql://127\.0\.0\.1:\d+/\w+ is unavailable"
+        ):
+            store.list(limit=5)
+    finally:
+        store.close()
