@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # pg_advisory_xact_lock key: 'autocodr' as a big-endian 64-bit integer.
 MIGRATION_LOCK = int.from_bytes(b"autocodr", "big") & 0x7FFF_FFFF_FFFF_FFFF
 CONNECT_TIMEOUT = 10
+POOL_SIZE = 8  # connections per replica: runs being stored, list pages, the heartbeat
 CLOSE_TIMEOUT = 3  # leaving the lease is a courtesy: others mark our runs anyway
 STATEMENT_TIMEOUT_MS = 30_000
 
@@ -170,7 +171,7 @@ class PostgresStore:
         self._pool = ConnectionPool(
             self.conninfo,
             min_size=1,
-            max_size=4,
+            max_size=POOL_SIZE,
             kwargs=self._kwargs,
             timeout=CONNECT_TIMEOUT,
             open=False,

@@ -329,3 +329,47 @@ def test_a_database_gone_while_serving_is_store_unavailable(
             store.list(limit=5)
     finally:
         store.close()
+
+
+def test_the_replica_that_notices_a_lapsed_lease_gets_the_run_and_its_kernel_id(
+    cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    import psycopg
+
+    from autocoder.config import load_settings
+    from autocoder.pgstore import PostgresStore
+
+    db = cluster.database()
+    stores = [
+        PostgresStore(
+            load_settings(
+                database_url=db,
+                openai_api_key=SECRET,
+                notebooks_dir=tmp_path / name,
+                replica_lease=5,
+            )
+        )
+        for name in ("gone", "alive")
+    ]
+    gone, alive = stores
+    for store in stores:
+        store.open()
+    try:
+        gone.begin("20261203-100000-abcdef", "a long one", "scripted")
+        gone.set_kernel("20261203-100000-abcdef", "kernel-1")
+        assert alive.heartbeat() == [] and alive.get("20261203-100000-abcdef") is None
+        with psycopg.connect(db) as conn:  # its last heartbeat, a minute ago
+            conn.execute(
+                "UPDATE autocoder_replicas SET heartbeat_at = now() - interval '1 minute' "
+                "WHERE replica_id = %s",
+                (gone.replica_id,),
+            )
+        assert alive.heartbeat() == ["kernel-1"]
+        assert alive.heartbeat() == []  # marked once
+        run = alive.get("20261203-100000-abcdef")
+        assert run is not None and run.error_kind == "interrupted" and run.prompt == "a long one"
+        assert gone.replica_id in run.error
+        assert alive.list(limit=5)[1] == 1
+    finally:
+        for store in stores:
+            store.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -45,6 +45,9 @@ class Service:
     sessions: Sessions
     runs: set[asyncio.Task[RunResult]] = field(default_factory=set)
     draining: bool = False
+    # Given the kernel ids of runs a dead replica left (a shared store's heartbeat finds them),
+    # a kernel provider that can reach those kernels (a gateway) shuts them down.
+    reclaim_kernels: Callable[[list[str]], Awaitable[None]] | None = None
 
     async def admit(self) -> Slot:
         """A run slot, after waiting in the queue if need be; Busy when there is none to have."""
@@ -117,7 +120,12 @@ class Service:
             except Exception as e:
                 log.warning("run store %s: heartbeat failed: %s", self.store.where, e)
                 continue
-            if kernels:
+            if kernels and self.reclaim_kernels is not None:
+                try:
+                    await self.reclaim_kernels(kernels)
+                except Exception as e:
+                    log.warning("could not reclaim kernels %s: %s", ", ".join(kernels), e)
+            elif kernels:
                 log.warning("kernels of interrupted runs left to reclaim: %s", ", ".join(kernels))
 
     async def drain(self, grace: float) -> None:
