@@ -221,7 +221,7 @@ class PostgresCluster:
         subprocess.run(
             [*as_user, str(bindir / "initdb"), "--no-sync", "-D", str(data), "-U", "postgres",
              "--auth=trust", "-E", "UTF8", "--locale=C"],
-            check=True, capture_output=True, timeout=120,
+            check=True, capture_output=True, timeout=120, cwd=self.root,
         )  # fmt: skip
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='' "
@@ -230,7 +230,7 @@ class PostgresCluster:
         started = subprocess.run(
             [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", options,
              "-l", str(self.root / "log"), "-w", "-t", "60", "start"],
-            capture_output=True, text=True, timeout=90,
+            capture_output=True, text=True, timeout=90, cwd=self.root,
         )  # fmt: skip
         if started.returncode != 0:
             log = (self.root / "log").read_text(errors="replace")[-2000:]
@@ -258,7 +258,7 @@ class PostgresCluster:
             subprocess.run(
                 [*self._as_user, str(self._bindir / "pg_ctl"), "-D", str(data),
                  "-m", "immediate", "-w", "-t", "30", "stop"],
-                capture_output=True, timeout=60,
+                capture_output=True, timeout=60, cwd="/",
             )  # fmt: skip
             self._data = None
         if self.root is not None:
