@@ -278,3 +278,15 @@ def test_slow_clients_are_cut_off_in_bounded_time(tmp_path: Path, llm: ScriptedL
             for s in socks:
                 s.close()
     assert llm.requests == []
+
+
+def test_responses_are_sent_without_waiting_for_nagle(tmp_path: Path, llm: ScriptedLLM) -> None:
+    """Keep-alive responses go out as written: TCP_NODELAY on every accepted connection
+    (without it each response on a kept connection waited ~40 ms for a delayed ACK)."""
+    with LiveServer(make_settings(tmp_path, llm)) as live, httpx.Client(base_url=live.url) as c:
+        assert c.get("/runs").status_code == 200  # the connection stays open
+        connections = list(live.server.server_state.connections)
+        assert connections
+        for protocol in connections:
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

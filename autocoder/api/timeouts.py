@@ -1,10 +1,12 @@
 """Read deadlines for requests: a client that trickles its headers or body cannot hold a
 connection (and a file descriptor) forever. uvicorn itself only times out idle keep-alive
-connections, so this is its HTTP/1.1 protocol with two more timers."""
+connections, so this is its HTTP/1.1 protocol with two more timers (and Nagle off)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -22,6 +24,13 @@ class TimedH11Protocol(H11Protocol):
     _reading: object = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # asyncio turns Nagle off only for sockets made with proto=IPPROTO_TCP, which those
+        # accepted from a socket.socket() listener (ours, `sockets=` for uvicorn) are not: then
+        # a keep-alive response's headers and body wait out the client's delayed ACK, ~40 ms.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         self._arm(h11.IDLE, self.header_timeout)
 
