@@ -7,9 +7,11 @@ runs/s, checks that every run is listed once by every replica (the point: correc
 concurrency), and the CPU seconds per run of the API processes alone (their kernels are
 other processes): with kernels on a gateway elsewhere, that is what one API core pays.
 
-Part 2, list pages: 10,000 runs in each store, then `GET /runs` pages as the store answers
-them (no HTTP), unfiltered and filtered by status, by a prompt word, and both: SQLite with
-the covering indexes, SQLite without them (the schema before), PostgreSQL.
+Part 2, list pages: 10,000 runs in each store, then list pages as the store answers them
+(`store.list()`), unfiltered and filtered by status, by a prompt word, and both: SQLite with
+the covering indexes, SQLite without them (the schema before), PostgreSQL; then the same
+pages through `GET /runs` of the app (in this process, one keep-alive client) on SQLite and
+on PostgreSQL, and on PostgreSQL with Nagle left on (as `autocoder serve` was before).
 
     python bench/replicas.py [--runs 40] [--concurrency 8] [--history 10000] [--seconds 2]
 
@@ -227,6 +229,7 @@ def part_pages(args: argparse.Namespace, cluster: PostgresCluster, root: Path) -
     settings = load_settings(
         database_url=cluster.database(),
         openai_api_key=SECRET,
+        openai_base_url="http://127.0.0.1:9/v1",
         notebooks_dir=root / "pg",
         autofile_dir=root / "pg-files",
     )
@@ -236,19 +239,72 @@ def part_pages(args: argparse.Namespace, cluster: PostgresCluster, root: Path) -
         pg.add(run)
     with pg.pool.connection() as conn:
         conn.execute("VACUUM ANALYZE autocoder_runs")
-    print(f"\nlist pages/s (20 a page) at {args.history:,} runs, store.list() without HTTP")
-    print(f"{'filter':<24}{'SQLite':>10}{'SQLite before':>15}{'PostgreSQL':>12}")
+    servers = [
+        LiveServer(settings.model_copy(update={"database_url": None, "notebooks_dir": sqlite_dir})),
+        LiveServer(settings),
+        LiveServer(settings, nagle=True),
+    ]
+    print(f"\nlist pages/s (20 a page) at {args.history:,} runs: store.list(), and GET /runs")
+    widths = (8, 8, 8, 8, 8, 8)
+    print(f"{'':<24}{'store.list()':^24}{'GET /runs':^24}")
+    print(f"{'filter':<24}{'SQLite':>8}{'before':>8}{'PG':>8}{'SQLite':>8}{'PG':>8}{'Nagle':>8}")
     try:
         for label, query in QUERIES:
             figures = [pages_per_second(s, query, args.seconds) for s in (sqlite, before, pg)]
+            figures += [pages_per_second(srv, query, args.seconds) for srv in servers]
             print(
                 f"{label:<24}"
-                + "".join(f"{f:>{w}.0f}" for f, w in zip(figures, (10, 15, 12), strict=True))
+                + "".join(f"{f:>{w}.0f}" for f, w in zip(figures, widths, strict=True))
             )
     finally:
+        for srv in servers:
+            srv.stop()
         sqlite.close()
         before.close()
         pg.close()
+
+
+class LiveServer:
+    """The app in this process (uvicorn in a thread, no kernels kept), listed like a store."""
+
+    def __init__(self, settings: Any, nagle: bool = False) -> None:
+        import threading
+
+        import uvicorn
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        from autocoder.api import create_app
+        from autocoder.api.app import server_options
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        settings = settings.model_copy(update={"pool_size": 0, "sandbox": "none"})
+        # nagle: uvicorn's own protocol, as autocoder serve was before it set TCP_NODELAY.
+        options = {"http": H11Protocol} if nagle else server_options(settings)
+        config = uvicorn.Config(create_app(settings), log_level="warning", **options)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise SystemExit("the app did not start")
+            time.sleep(0.05)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def list(self, *, limit: int, offset: int = 0, **query: Any) -> Any:
+        r = self.http.get("/runs", params={"limit": limit, "offset": offset, **query})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
 
 
 def main() -> None:
