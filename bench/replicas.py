@@ -279,7 +279,7 @@ class LiveServer:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        settings = settings.model_copy(update={"pool_size": 0, "sandbox": "none"})
+        settings = settings.model_copy(update={"pool_size": 0})
         # nagle: uvicorn's own protocol, as autocoder serve was before it set TCP_NODELAY.
         options = {"http": H11Protocol} if nagle else server_options(settings)
         config = uvicorn.Config(create_app(settings), log_level="warning", **options)
