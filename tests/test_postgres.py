@@ -311,30 +311,32 @@ def test_a_database_that_cannot_be_reached_is_one_line_and_exit_2(
         assert f"127.0.0.1:{closed}/runs" in lines[0]
 
 
-def test_a_database_gone_while_serving_is_store_unavailable(
-    cluster: PostgresCluster, tmp_path: Path
+def test_a_database_gone_while_serving_is_503_with_retry_after(
+    cluster: PostgresCluster, tmp_path: Path, model: ScriptedLLM
 ) -> None:
-    """What the API answers as 503 with Retry-After, in a bounded time."""
     import psycopg
 
     from autocoder.config import load_settings
-    from autocoder.errors import StoreUnavailable
-    from autocoder.pgstore import PostgresStore
+    from tests.conftest import LiveServer
 
     db = cluster.database()
-    settings = load_settings(database_url=db, openai_api_key=SECRET, notebooks_dir=tmp_path / "nb")
-    store = PostgresStore(settings)
-    store.open()
-    try:
-        assert store.list(limit=5) == ([], 0)
+    settings = load_settings(
+        database_url=db,
+        openai_base_url=model.base_url,
+        openai_api_key=SECRET,
+        notebooks_dir=tmp_path / "nb",
+        autofile_dir=tmp_path / "files",
+        sandbox=SANDBOX,
+        pool_size=0,
+    )
+    with LiveServer(settings) as live:
+        assert httpx.get(f"{live.url}/runs", timeout=30).json()["total"] == 0
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{db.rsplit("/", 1)[1]}" WITH (FORCE)')
-        with pytest.raises(
-            StoreUnavailable, match=r"run store at postgresql://127\.0\.0\.1:\d+/\w+ is unavailable"
-        ):
-            store.list(limit=5)
-    finally:
-        store.close()
+        r = httpx.get(f"{live.url}/runs", timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert re.search(r"run store at postgresql://127\.0\.0\.1:\d+/\w+ is unavailable", r.text)
+        assert "postgres@" not in r.text
 
 
 def test_the_replica_that_notices_a_lapsed_lease_gets_the_run_and_its_kernel_id(
