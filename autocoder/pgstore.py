@@ -134,6 +134,8 @@ class PostgresStore:
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._pool: ConnectionPool[Any] | None = None
         self._seen_dir_mtime: int | None = None
+        # Local records known to be in the database as finished: not asked about again.
+        self._settled: set[str] = set()
 
     @property
     def where(self) -> str:
@@ -395,6 +397,7 @@ class PostgresStore:
                         "INSERT INTO autocoder_files VALUES (%s, %s, %s, %s, %s)",
                         [(result.run_id, *b) for b in blobs],
                     )
+        self._settled.add(result.run_id)
 
     def index_record(self, run_id: str) -> RunResult | None:
         """Store one run from this replica's record of it (a cancelled run, an import)."""
@@ -422,9 +425,10 @@ class PostgresStore:
 
     def sync(self, *, force: bool = True) -> None:
         """Import this replica's records the database lacks (or has only as running or
-        interrupted): rebuilds the index of an empty or restored database. Cheap when the
-        records folder did not change. A record gone from disk stays: another replica's disk
-        never held it."""
+        interrupted): rebuilds the index of an empty or restored database (a replica that was
+        running while it was emptied does so when it restarts). Cheap when the records folder
+        did not change, and asks only about records it has not yet seen stored. A record gone
+        from disk stays: another replica's disk never held it."""
         try:
             dir_mtime = self.records_dir.stat().st_mtime_ns
         except OSError:
@@ -436,7 +440,11 @@ class PostgresStore:
         with os.scandir(self.records_dir) as entries:
             for entry in entries:
                 run_id = entry.name.removesuffix(".json")
-                if entry.name.endswith(".json") and is_valid_run_id(run_id):
+                if (
+                    entry.name.endswith(".json")
+                    and is_valid_run_id(run_id)
+                    and run_id not in self._settled
+                ):
                     local.append(run_id)
         if not local:
             return
@@ -449,6 +457,7 @@ class PostgresStore:
                     (local, ErrorKind.INTERRUPTED.value),
                 )
             }
+        self._settled |= settled
         missing = [r for r in local if r not in settled]
         for run_id in missing:
             self.index_record(run_id)
