@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         None, description="Another interpreter (with ipykernel) to run the kernels with."
     )
 
+    kernel_start: Literal["fork", "exec"] = Field(
+        "exec",
+        description="fork: kernels forked from a zygote that has imported ipykernel (fast; "
+        "needs a root server and the bwrap sandbox, else exec); exec: a new process per kernel.",
+    )
+
     magic_record: bool = Field(
         default=False,
         description="Record %autocoder runs as notebooks (the CLI and API always do).",

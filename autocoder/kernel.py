@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -32,7 +33,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbformat.v4 import output_from_msg
 
-from autocoder import output_cap, sandbox
+from autocoder import forkserver, output_cap, sandbox
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
 from autocoder.records import ErrorInfo, ErrorKind, Execution
@@ -346,6 +347,12 @@ class KernelSession:
         )
         self.km = km
         _live.add(self)
+        if _fork_start(self.settings):
+            km.kernel_id = self.id
+            km.provisioner = forkserver.ForkProvisioner(
+                kernel_id=self.id, kernel_spec=km.kernel_spec, parent=km
+            )
+            km.provisioner.settings = self.settings
         env = sandbox.kernel_env(self.settings, self.workdir, self.runtime_dir)
         try:
             with open(self.runtime_dir / "kernel.log", "wb") as log_file:
@@ -510,6 +517,19 @@ class KernelSession:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
+def _fork_start(settings: Settings) -> bool:
+    """Whether this kernel is forked from a zygote; says once why not when fork was asked for."""
+    reason = forkserver.why_not(settings)
+    if reason is not None and settings.kernel_start == "fork":
+        _exec_instead(reason)
+    return reason is None
+
+
+@functools.cache
+def _exec_instead(reason: str) -> None:
+    log.warning("kernels start by exec, not fork: %s", reason)
+
+
 def _kill_hard(km: AsyncKernelManager) -> None:
     provisioner = getattr(km, "provisioner", None)
     process = getattr(provisioner, "process", None)
@@ -528,6 +548,7 @@ def kill_all_kernels() -> None:
     """No kernel outlives the program, whatever way it ends."""
     for session in list(_live):
         session.kill_now()
+    forkserver.close_all()
 
 
 def owner_tag(pid: int | None = None) -> str:

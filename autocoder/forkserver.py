@@ -1,0 +1,867 @@
+"""Fresh sandboxed kernels forked from a zygote that has already imported ipykernel.
+
+A kernel's start is mostly Python importing IPython, ipykernel, zmq and their kin again. The
+zygote is one long-lived process per kernel environment that imports them once (and nothing of
+the user's, no secret: it is started with the sandbox's clean environment) and, on request,
+forks a child that becomes a fresh kernel. docs/sandbox.md has the design and its threat model.
+
+Three processes per kernel, as bwrap has them: a monitor (forked by the zygote, in the zygote's
+namespaces) that makes new mount, PID, IPC, UTS and network namespaces and builds the kernel's
+file system view; an init (PID 1 of the new PID namespace) that reaps; the kernel (PID 2),
+which joins its cgroups, takes its rlimits and a throwaway uid, and only then runs IPython.
+Each passes on how its child ended (killed by signal n as 128 + n), and the zygote sends the
+monitor's status to the server over the connection the kernel was asked for on.
+
+The zygote runs inside a bubblewrap sandbox where the project tree is not visible, so it runs
+this file's source (read from a pipe) rather than importing autocoder: the code that runs in
+the zygote uses the standard library only; the server's side imports autocoder lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from jupyter_client.provisioning import LocalProvisioner
+
+# Shared by both sides: the request is one JSON line; fds travel beside it (SCM_RIGHTS).
+SOCKET_NAME = "zygote.sock"
+ZYGOTE_PREFIX = "acz-"
+MAX_REQUEST = 1 << 20
+# Room in the zygote's command line for a forked kernel's own (ps, and autocoder's sweep, find
+# kernels by the connection file they name).
+TITLE_ROOM = 480
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+
+# What the zygote imports so that a kernel does not: ipykernel's app and what its start pulls in.
+PRELOAD = (
+    "ipykernel.kernelapp",
+    "ipykernel.ipkernel",
+    "ipykernel.zmqshell",
+    "ipykernel.comm",
+    "IPython.core.interactiveshell",
+    "IPython.core.completer",
+    "IPython.core.history",
+    "jupyter_client.session",
+    "matplotlib_inline.backend_inline",
+    "zmq.eventloop.zmqstream",
+    "tornado.ioloop",
+    "jedi",
+    "comm",
+    "json",
+    "ast",
+    "traceback",
+)
+
+
+# ---------------------------------------------------------------- the zygote (standard library)
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(libc: Any, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        libc.mount(
+            None if source is None else source.encode(),
+            target.encode(),
+            None if fstype is None else fstype.encode(),
+            ctypes.c_ulong(flags),
+            None if data is None else data.encode(),
+        ),
+        f"mount {target}",
+    )
+
+
+def _die_with_parent(libc: Any, parent: int) -> None:
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _mirror(status: int) -> int:
+    """An exit code that says how a child ended: its code, or 128 + the signal that killed it."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _makedirs(path: str) -> None:
+    """Mount points in a fresh tmpfs, traversable by the kernel's uid."""
+    parts = path.strip("/").split("/")
+    here = ""
+    for part in parts:
+        here += "/" + part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(here, 0o755)
+
+
+def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
+    """The kernel's file system: its own workdir and runtime dir, fresh /tmp, /dev/shm and home.
+
+    The zygote sees every run's dirs under `roots`; a tmpfs over each root hides them all, and
+    the kernel's two dirs are bound back through fds opened before.
+    """
+    uid, size = req["uid"], req["tmpfs_bytes"]
+    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+    fds = {}
+    for key in ("workdir", "runtime_dir"):
+        path = req[key]
+        if os.path.realpath(path) != path or not _under(path, roots):
+            raise OSError(errno.EPERM, f"{path} is not a directory under {roots}")
+        fds[key] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    hidden = sorted({r for r in roots if not _under(r, ["/tmp"])})
+    for root in hidden:
+        _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for path, mode, owner in (("/tmp", "1777", 0), ("/dev/shm", "1777", 0), (req["home"], "0700", uid)):
+        _mount(libc, "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},uid={owner},gid={owner},size={size}")
+    for key, fd in fds.items():
+        _makedirs(req[key])
+        _mount(libc, f"/proc/self/fd/{fd}", req[key], None, MS_BIND)
+        os.close(fd)
+    conn = req["connection_file"]
+    _mount(libc, conn, conn, None, MS_BIND)
+    _mount(libc, None, conn, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for name, text in (("passwd", req["passwd"]), ("group", req["group"])):
+        staged = f"/tmp/.{name}"
+        with open(staged, "w") as f:
+            f.write(text)
+        os.chmod(staged, 0o644)
+        # The zygote's own is bound from a file bwrap has unlinked, which cannot be mounted over.
+        _check(libc.umount2(f"/etc/{name}".encode(), MNT_DETACH), f"umount /etc/{name}")
+        _mount(libc, staged, f"/etc/{name}", None, MS_BIND)
+        os.unlink(staged)
+    for root in hidden:
+        _mount(libc, None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _retitle(argv: list[str]) -> None:
+    """Name the kernel in /proc/<pid>/cmdline as an exec'd one is named, within the room left."""
+    fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])
+    title = "\0".join(argv).encode()[: end - start - 1]
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        mem.write(title + b"\0" * (end - start - len(title)))
+
+
+def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int) -> None:
+    """PID 2: limits, the throwaway uid, a clean process, then IPython. Never returns."""
+    import random
+    import resource
+
+    os.setsid()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    conn = req["connection_file"]
+    argv = [req["python"], "-m", "ipykernel_launcher", "-f", conn]
+    _retitle(argv)
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(stderr_fd, 2)
+    os.closerange(3, 1 << 16)
+    for name, value in req["rlimits"].items():
+        limit = getattr(resource, name)
+        _, hard = resource.getrlimit(limit)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(limit, (value, value))
+    uid = req["uid"]
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    os.chdir(req["workdir"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    random.seed()
+    sys.argv = argv[2:]
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False)
+    sys.path[0] = ""
+    from ipykernel.kernelapp import IPKernelApp
+
+    code = 0
+    try:
+        app = IPKernelApp.instance()
+        app.initialize(["-f", conn, *req["kernel_args"]])
+        app.start()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _monitor(req: dict[str, Any], fds: list[int], conn: socket.socket, zygote: int, roots: list[str]) -> None:
+    """The zygote's child: new namespaces and the kernel's view, then init and kernel. Never returns."""
+    code = 1
+    try:
+        libc = _libc()
+        _die_with_parent(libc, zygote)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setsid()
+        # The server learns this process's pid in its own PID namespace from the credentials.
+        creds = struct.pack("iII", os.getpid(), 0, 0)
+        conn.sendmsg([b"forked\n"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+        stderr_fd, cgroup_fds = fds[0], fds[1:]
+        keep = {stderr_fd, *cgroup_fds}
+        for fd in os.listdir("/proc/self/fd"):
+            if int(fd) > 2 and int(fd) not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(int(fd))
+        os.dup2(stderr_fd, 2)
+        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+        if not req["allow_network"]:
+            flags |= CLONE_NEWNET
+        _check(libc.unshare(flags), "unshare")
+        _view(libc, req, roots)
+        # The init's parent is outside its PID namespace (getppid() is 0 there): it checks that
+        # this process still holds the write end instead.
+        alive_r, alive_w = os.pipe()
+        init = os.fork()
+        if init == 0:
+            os.close(alive_w)
+            _init(libc, req, stderr_fd, cgroup_fds, alive_r)
+        os.close(alive_r)
+        for fd in keep:
+            os.close(fd)
+        _, status = os.waitpid(init, 0)
+        code = _mirror(status)
+    except BaseException as e:
+        with contextlib.suppress(BaseException):
+            os.write(2, f"autocoder.forkserver: the kernel could not start: {e}\n".encode())
+    os._exit(code)
+
+
+def _init(libc: Any, req: dict[str, Any], stderr_fd: int, cgroup_fds: list[int], alive: int) -> None:
+    """PID 1 of the kernel's namespace: reaps, and ends (taking every process in it) with the kernel."""
+    code = 1
+    try:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if select.select([alive], [], [], 0)[0]:
+            os._exit(1)  # the monitor is already gone
+        os.close(alive)
+        _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        libc.sethostname(b"sandbox", 7)
+        for fd in cgroup_fds:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"0")
+            os.close(fd)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        kernel = os.fork()
+        if kernel == 0:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _kernel(libc, req, stderr_fd)
+        os.close(stderr_fd)
+        while True:
+            pid, status = os.wait()
+            if pid == kernel:
+                code = _mirror(status)
+                break
+    except BaseException as e:
+        with contextlib.suppress(BaseException):
+            os.write(2, f"autocoder.forkserver: the kernel could not start: {e}\n".encode())
+    os._exit(code)
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    data, fds = b"", []
+    fd_size = struct.calcsize("i")
+    while not data.endswith(b"\n"):
+        chunk, ancdata, _, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(16 * fd_size))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += list(struct.unpack(f"{len(payload) // fd_size}i", payload[: len(payload) - len(payload) % fd_size]))
+        if not chunk:
+            raise EOFError("the server closed the connection before its request")
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too large")
+    return json.loads(data), fds
+
+
+def serve(directory: str, roots: list[str], lifeline: int) -> None:
+    """The zygote: preload, listen, fork a kernel per request, report how each ended."""
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            __import__(name)
+    gc.collect()
+    gc.freeze()  # the imported modules' objects stay shared: the collector never writes them
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staged = os.path.join(directory, f".{SOCKET_NAME}.{os.getpid()}")
+    listener.bind(staged)
+    listener.listen(64)
+    os.rename(staged, os.path.join(directory, SOCKET_NAME))  # ready once it has its name
+    kernels: dict[int, socket.socket] = {}
+    by_conn: dict[socket.socket, int] = {}
+    me = os.getpid()
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    poller.register(lifeline, select.POLLIN)
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == lifeline:
+                for pid in kernels:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                os._exit(0)  # the server is gone
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 4096)
+                continue
+            if fd == listener.fileno():
+                conn, _ = listener.accept()
+                try:
+                    conn.settimeout(5)
+                    req, fds = _recv_request(conn)
+                except (OSError, ValueError, EOFError):
+                    conn.close()
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    _monitor(req, fds, conn, me, roots)
+                for received in fds:
+                    os.close(received)
+                kernels[pid] = conn
+                by_conn[conn] = pid
+                poller.register(conn, select.POLLIN)
+                continue
+            # A kernel's connection: readable only when the server closed it (or asks a kill).
+            conn = next((c for c in by_conn if c.fileno() == fd), None)
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(by_conn[conn], signal.SIGKILL)
+                poller.unregister(conn)
+                by_conn.pop(conn)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = kernels.pop(pid, None)
+            if conn is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            with contextlib.suppress(OSError):
+                conn.settimeout(1)
+                conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            if by_conn.pop(conn, None) is not None:
+                poller.unregister(conn)
+            conn.close()
+
+
+# ---------------------------------------------------------------- the server's side
+
+ZYGOTE_START_TIMEOUT = 60.0
+FORK_TIMEOUT = 30.0
+UID_FORK_BASE = 0x0100_0000  # above every pid, so never a uid of an exec'd kernel (UID_BASE + pid)
+
+_BOOT = (
+    "import json, os, sys\n"
+    "fd = int(sys.argv[1]); source = b''\n"
+    "while chunk := os.read(fd, 65536):\n"
+    "    source += chunk\n"
+    "os.close(fd)\n"
+    "zygote = {'__name__': 'autocoder_zygote'}\n"
+    "exec(compile(source, 'autocoder/forkserver.py', 'exec'), zygote)\n"
+    "zygote['serve'](sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))\n"
+)
+
+
+def why_not(settings: Any) -> str | None:
+    """Why kernels cannot be forked here (then they are exec'd), or None when they can."""
+    from autocoder import sandbox
+
+    if settings.kernel_start != "fork":
+        return "AUTOCODER_KERNEL_START=exec"
+    if settings.sandbox != "bwrap":
+        return "forked kernels need the bwrap sandbox"
+    if settings.kernel_python is not None and os.path.realpath(settings.kernel_python) != os.path.realpath(sys.executable):
+        return "AUTOCODER_KERNEL_PYTHON is another interpreter than the server's"
+    if os.geteuid() != 0 or sandbox._dedicated_uid() is None:
+        return "forked kernels need a root server (a throwaway uid per kernel)"
+    if not hasattr(socket, "SCM_CREDENTIALS"):
+        return "this platform has no SCM_CREDENTIALS"
+    return None
+
+
+def _roots(settings: Any) -> list[str]:
+    """The host dirs whose runs' dirs the zygote must reach: the temp dir and the work root."""
+    import tempfile
+
+    from autocoder.kernel import workdirs_root
+
+    work = workdirs_root(settings)
+    work.mkdir(parents=True, exist_ok=True)
+    found = sorted({os.path.realpath(tempfile.gettempdir()), os.path.realpath(work)})
+    return [r for r in found if not _under(r, [o for o in found if o != r])]
+
+
+class ForkedProcess:
+    """The `process` of a forked kernel, as jupyter_client and KernelSession use a Popen.
+
+    Its pid is the monitor's, in the server's PID namespace (the kernel's namespace dies with it);
+    how it ended comes from the zygote, over the connection the kernel was asked for on.
+    """
+
+    def __init__(self, conn: socket.socket, pid: int, buffered: bytes) -> None:
+        self.conn = conn
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdin = self.stdout = self.stderr = None
+        self._buffer = buffered
+        self._read()
+
+    def _read(self) -> None:
+        if self.returncode is not None:
+            return
+        while True:
+            try:
+                chunk = self.conn.recv(4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                # The zygote is gone, and with it the monitor (its parent-death signal).
+                self._parse()
+                if self.returncode is None:
+                    self.returncode = -signal.SIGKILL
+                return
+            self._buffer += chunk
+        self._parse()
+
+    def _parse(self) -> None:
+        for line in self._buffer.split(b"\n"):
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict) and isinstance(message.get("exit"), int):
+                    self.returncode = message["exit"]
+
+    def poll(self) -> int | None:
+        self._read()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                import subprocess
+
+                raise subprocess.TimeoutExpired(f"forked kernel {self.pid}", timeout or 0)
+            select.select([self.conn], [], [], 0.05)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def close(self) -> None:
+        """Closing the connection also tells the zygote to kill the kernel if it still runs."""
+        self.conn.close()
+
+
+class Zygote:
+    """One zygote process for kernels of one environment; started, and restarted, on demand."""
+
+    def __init__(self, allow_network: bool, roots: list[str]) -> None:
+        self.allow_network = allow_network
+        self.roots = roots
+        self.process: Any = None
+        self.directory: str | None = None
+        self.starts = 0
+
+    @property
+    def socket_path(self) -> str | None:
+        return None if self.directory is None else os.path.join(self.directory, SOCKET_NAME)
+
+    def _start(self) -> None:
+        import shutil
+        import subprocess
+        import tempfile
+        from pathlib import Path
+
+        from autocoder import sandbox
+        from autocoder.kernel import owner_tag
+
+        self.close()
+        self.directory = tempfile.mkdtemp(prefix=f"{ZYGOTE_PREFIX}{owner_tag()}-")
+        env = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            sandbox.PARENT_PID_VAR: str(os.getpid()),
+            sandbox.LIFELINE_VAR: str(sandbox.lifeline()),
+        }
+        argv = [sys.executable, "-m", "autocoder.forkserver", self.directory, json.dumps(self.roots)]
+        argv += ["--network"] if self.allow_network else []
+        try:
+            with open(os.path.join(self.directory, "zygote.log"), "wb") as log:
+                self.process = subprocess.Popen(
+                    argv,
+                    env=env,
+                    pass_fds=(sandbox.lifeline(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    start_new_session=True,
+                )
+        except OSError:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+            raise
+        self.starts += 1
+
+    def log_tail(self, limit: int = 2000) -> str:
+        if self.directory is None:
+            return ""
+        try:
+            with open(os.path.join(self.directory, "zygote.log"), "rb") as f:
+                return f.read()[-limit:].decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    async def ready(self) -> str:
+        """The zygote's socket, once it listens; a dead zygote is replaced first."""
+        import asyncio
+
+        from autocoder.errors import KernelStartError
+
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        process, path = self.process, self.socket_path
+        assert path is not None
+        deadline = time.monotonic() + ZYGOTE_START_TIMEOUT
+        while not os.path.exists(path):
+            if process.poll() is not None:
+                raise KernelStartError(f"the kernel zygote exited at start: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise KernelStartError(f"the kernel zygote did not listen within {ZYGOTE_START_TIMEOUT:.0f}s")
+            await asyncio.sleep(0.01)
+        return path
+
+    async def fork(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
+        """Ask for a kernel; returns once it is forked (not yet ready)."""
+        import array
+        import asyncio
+
+        from autocoder.errors import KernelStartError
+
+        path = await self.ready()
+        loop = asyncio.get_running_loop()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            conn.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(conn, path), FORK_TIMEOUT)
+            payload = json.dumps(request).encode() + b"\n"
+            sent = conn.sendmsg([payload[:4096]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            await asyncio.wait_for(loop.sock_sendall(conn, payload[sent:]), FORK_TIMEOUT)
+            pid, rest = await asyncio.wait_for(self._forked(conn), FORK_TIMEOUT)
+        except BaseException as e:
+            conn.close()
+            if isinstance(e, (OSError, TimeoutError, EOFError)):
+                raise KernelStartError(f"the kernel zygote did not fork: {e!r} {self.log_tail()}") from e
+            raise
+        return ForkedProcess(conn, pid, rest)
+
+    @staticmethod
+    async def _forked(conn: socket.socket) -> tuple[int, bytes]:
+        """The monitor's pid, from the credentials on its first message."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            ready = loop.create_future()
+            loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(conn.fileno())
+            try:
+                data, ancdata, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("iII")))
+            except BlockingIOError:
+                continue
+            if not data:
+                raise EOFError("the zygote closed the connection")
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[: struct.calcsize("iII")])[0]
+                    return pid, data.partition(b"\n")[2]
+
+    def close(self) -> None:
+        """Stop the zygote (its kernels die with it) and remove its directory."""
+        import shutil
+
+        process, directory = self.process, self.directory
+        self.process = self.directory = None
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.kill()
+            with contextlib.suppress(Exception):
+                process.wait(10)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
+    """Launches a kernel by asking the zygote to fork one, for jupyter_client's KernelManager.
+
+    Everything after launch (poll, signals, kill, wait) goes through ForkedProcess, so
+    KernelSession's interrupt, timeout escalation, death detection and replace are unchanged.
+    """
+
+    settings: Any = None
+    _forked: ForkedProcess | None = None
+    _cgroups: list[str] = []
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        from autocoder import asserts, output_cap, sandbox
+
+        settings = self.settings
+        env = kwargs.get("env") or {}
+        workdir = os.path.realpath(env[sandbox.WORKDIR_VAR])
+        runtime_dir = os.path.realpath(env[sandbox.RUNTIME_DIR_VAR])
+        connection_file = os.path.realpath(self.parent.connection_file)
+        uid = _allocate_uid()
+        from pathlib import Path
+
+        sandbox._hand_over([Path(workdir), Path(runtime_dir)], uid)
+        stderr = kwargs.get("stderr")
+        stderr_fd = stderr.fileno() if hasattr(stderr, "fileno") else os.open(os.devnull, os.O_WRONLY)
+        self._cgroups, cgroup_fds = _cgroups(settings, uid)
+        limits = sandbox.Limits.of(settings)
+        mib = 2**20
+        request = {
+            "workdir": workdir,
+            "runtime_dir": runtime_dir,
+            "connection_file": connection_file,
+            "uid": uid,
+            "home": sandbox.SANDBOX_HOME,
+            "tmpfs_bytes": limits.memory_mb * mib,
+            "passwd": sandbox._passwd(uid),
+            "group": sandbox._group(uid),
+            "allow_network": limits.allow_network,
+            "rlimits": {
+                "RLIMIT_AS": limits.memory_mb * mib,
+                "RLIMIT_CPU": limits.cpu_seconds,
+                "RLIMIT_NPROC": limits.max_processes,
+                "RLIMIT_NOFILE": limits.max_open_files,
+                "RLIMIT_FSIZE": limits.max_file_mb * mib,
+                "RLIMIT_CORE": 0,
+            },
+            "env": sandbox._inner_env(),
+            "python": sys.executable,
+            "kernel_args": [
+                *sandbox.BWRAP_KERNEL_ARGS,
+                *(
+                    f"--IPKernelApp.exec_lines={line}"
+                    for line in (asserts.exec_line(), output_cap.exec_line(settings.max_output_bytes))
+                ),
+            ],
+        }
+        try:
+            self._forked = await zygote_for(settings).fork(request, [stderr_fd, *cgroup_fds])
+        finally:
+            for fd in cgroup_fds:
+                os.close(fd)
+            if not hasattr(stderr, "fileno"):
+                os.close(stderr_fd)
+        _uids_in_use.add(uid)
+        self._uid = uid
+        self.process = self._forked
+        self.pid = self._forked.pid
+        self.pgid = None
+        self.cwd = workdir
+        return self.connection_info
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart)
+        if self._forked is not None:
+            self._forked.close()
+        _uids_in_use.discard(getattr(self, "_uid", -1))
+        for path in self._cgroups:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        self._cgroups = []
+
+
+_uids_in_use: set[int] = set()
+_next_uid = [0]
+
+
+def _allocate_uid() -> int:
+    """A uid no live kernel of this server has, in a block of uids only this server uses."""
+    from autocoder import sandbox
+
+    block = sandbox.UID_BASE + UID_FORK_BASE + (os.getpid() % (1 << 18)) * (1 << 12)
+    for _ in range(1 << 12):
+        _next_uid[0] = (_next_uid[0] + 1) % (1 << 12)
+        uid = block + _next_uid[0]
+        if uid not in _uids_in_use:
+            return uid
+    raise RuntimeError("every uid of this server's block is in use")
+
+
+def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
+    """Best effort, as the exec'd launcher does: memory and pids cgroups for the kernel's tree.
+
+    Returns the dirs made and an open cgroup.procs of each, which the kernel's init writes
+    itself into before the kernel starts."""
+    from autocoder import sandbox
+
+    mib = 2**20
+    wanted = {
+        "memory": {
+            "memory.limit_in_bytes": settings.memory_mb * mib,
+            "memory.memsw.limit_in_bytes": settings.memory_mb * mib,
+        },
+        "pids": {"pids.max": settings.max_processes + 1},
+    }
+    made: list[str] = []
+    fds: list[int] = []
+    for controller, files in wanted.items():
+        base = sandbox._cgroup_dir(controller)
+        if base is None or not os.access(base, os.W_OK):
+            continue
+        mine = base / "autocoder" / f"f{uid}"
+        try:
+            mine.mkdir(parents=True, exist_ok=True)
+            made.append(str(mine))
+            for name, value in files.items():
+                if (mine / name).exists():
+                    (mine / name).write_text(str(value))
+            fds.append(os.open(mine / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+        except OSError:
+            continue
+    return made, fds
+
+
+_zygotes: dict[tuple[bool, tuple[str, ...]], Zygote] = {}
+
+
+def zygote_for(settings: Any) -> Zygote:
+    """This process's zygote for kernels of `settings` (one per environment, like the lifeline)."""
+    roots = _roots(settings)
+    key = (bool(settings.allow_network), tuple(roots))
+    if key not in _zygotes:
+        _zygotes[key] = Zygote(settings.allow_network, roots)
+    return _zygotes[key]
+
+
+def close_all() -> None:
+    for zygote in list(_zygotes.values()):
+        zygote.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The zygote's launcher (outside the sandbox): bind to the server, then exec bwrap."""
+    import shutil
+    from pathlib import Path
+
+    from autocoder import sandbox
+
+    sandbox._bind_to_parent()
+    args = sys.argv[1:] if argv is None else argv
+    directory, roots = args[0], json.loads(args[1])
+    allow_network = "--network" in args[2:]
+    lifeline = os.environ.get(sandbox.LIFELINE_VAR, "")
+    if not lifeline.isdigit():
+        sys.exit("autocoder.forkserver: no lifeline; start the zygote through Zygote")
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    fds = [sandbox._data_fd(source), sandbox._data_fd(sandbox._passwd(0)), sandbox._data_fd(sandbox._group(0))]
+    a = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session"]
+    a += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox"]
+    a += ["--unshare-cgroup-try"]
+    if not allow_network:
+        a += ["--unshare-net"]
+    a += ["--cap-drop", "ALL"]
+    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE"):
+        a += ["--cap-add", cap]
+    a += sandbox._system_mounts(allow_network)
+    a += sandbox._parents(Path(sandbox.SANDBOX_HOME))
+    for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777"), (sandbox.SANDBOX_HOME, "0700")):
+        a += ["--perms", mode, "--size", str(1 << 20), "--tmpfs", path]
+    a += sandbox._ro_binds(sandbox._python_dirs(None))
+    for root in roots:
+        a += sandbox._parents(Path(root))
+        a += ["--bind", root, root]
+    for fd, name in zip(fds[1:], ("/etc/passwd", "/etc/group"), strict=True):
+        a += ["--perms", "0644", "--ro-bind-data", str(fd), name]
+    a += ["--remount-ro", "/", "--chdir", "/", "--clearenv"]
+    for key, value in sandbox._inner_env().items():
+        a += ["--setenv", key, value]
+    a += ["--", sys.executable, "-c", _BOOT, str(fds[0]), directory, json.dumps(roots), lifeline]
+    a += [" " * TITLE_ROOM]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    os.execv(a[0], a)
+
+
+if __name__ == "__main__":
+    main()
