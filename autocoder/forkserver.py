@@ -36,7 +36,7 @@ from typing import Any
 from jupyter_client.provisioning import LocalProvisioner
 
 # Shared by both sides: the request is one JSON line; fds travel beside it (SCM_RIGHTS).
-SOCKET_NAME = "zygote.sock"
+SOCKET_NAME = "z.sock"  # short: a socket path has at most 107 bytes
 ZYGOTE_PREFIX = "acz-"
 MAX_REQUEST = 1 << 20
 # Room in the zygote's command line for a forked kernel's own (ps, and autocoder's sweep, find
@@ -65,6 +65,9 @@ PRELOAD = (
     "ipykernel.ipkernel",
     "ipykernel.zmqshell",
     "ipykernel.comm",
+    "ipykernel.debugger",
+    "IPython.core.completerlib",
+    "faulthandler",
     "IPython.core.interactiveshell",
     "IPython.core.completer",
     "IPython.core.history",
@@ -339,7 +342,7 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staged = os.path.join(directory, f".{SOCKET_NAME}.{os.getpid()}")
+    staged = os.path.join(directory, ".z")
     listener.bind(staged)
     listener.listen(64)
     os.rename(staged, os.path.join(directory, SOCKET_NAME))  # ready once it has its name
@@ -856,6 +859,7 @@ def main(argv: list[str] | None = None) -> None:
     a += ["--remount-ro", "/", "--chdir", "/", "--clearenv"]
     for key, value in sandbox._inner_env().items():
         a += ["--setenv", key, value]
+    a += ["--setenv", "PYDEVD_DISABLE_FILE_VALIDATION", "1"]  # debugpy, preloaded, warns otherwise
     a += ["--", sys.executable, "-c", _BOOT, str(fds[0]), directory, json.dumps(roots), lifeline]
     a += [" " * TITLE_ROOM]
     for fd in fds:

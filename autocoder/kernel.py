@@ -368,13 +368,49 @@ class KernelSession:
                 )
             self.kc = km.client()
             self.kc.start_channels()
-            await self.kc.wait_for_ready(timeout=STARTUP_TIMEOUT)
+            await self._wait_ready(time.monotonic() + STARTUP_TIMEOUT)
         except BaseException as e:
             await asyncio.shield(self._stop_kernel())
             self._drop_empty_workdir()
             if isinstance(e, Exception):
                 raise KernelStartError(f"the kernel did not start: {e}") from e
             raise
+
+    async def _wait_ready(self, deadline: float) -> None:
+        """Until the kernel answers kernel_info on shell and its iopub reaches us.
+
+        jupyter_client's wait_for_ready does the same, then waits for 0.2 s of iopub silence,
+        which was most of a forked kernel's start; seeing the idle status of our own request
+        on iopub proves the subscription as well.
+        """
+        while True:
+            if time.monotonic() > deadline:
+                raise KernelStartError(f"the kernel did not answer within {STARTUP_TIMEOUT:.0f}s")
+            msg_id = self.kc.kernel_info()
+            try:
+                reply = await self.kc.get_shell_msg(timeout=1)
+            except queue.Empty:
+                reply = None
+            if reply is not None and reply.get("parent_header", {}).get("msg_id") == msg_id:
+                if await self._idle_on_iopub(msg_id, time.monotonic() + 0.5):
+                    self.kc._handle_kernel_info_reply(reply)
+                    return
+            if not await self.is_alive():
+                raise KernelStartError("the kernel died before it answered")
+
+    async def _idle_on_iopub(self, msg_id: str, deadline: float) -> bool:
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                msg = await self.kc.get_iopub_msg(timeout=remaining)
+            except queue.Empty:
+                return False
+            if (
+                msg.get("parent_header", {}).get("msg_id") == msg_id
+                and msg["msg_type"] == "status"
+                and msg["content"].get("execution_state") == "idle"
+            ):
+                return True
+        return False
 
     async def is_alive(self) -> bool:
         return self.km is not None and await self.km.is_alive()

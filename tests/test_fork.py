@@ -1,0 +1,207 @@
+"""Kernels forked from a zygote: as fresh and as confined as exec'd ones, and as well supervised.
+
+Real forked kernels under the real sandbox; every test skips, with the reason, where kernels
+cannot be forked here (not root, no bubblewrap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from autocoder import forkserver, sandbox
+from autocoder.config import Settings
+from autocoder.errors import SandboxUnavailable
+from autocoder.kernel import KernelSession
+from autocoder.records import ErrorKind
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fork_settings(settings: Settings) -> Settings:
+    forked = settings.model_copy(update={"kernel_start": "fork", "sandbox": "bwrap"})
+    try:
+        sandbox.check_available(forked)
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))
+    reason = forkserver.why_not(forked)
+    if reason is not None:
+        pytest.skip(reason)
+    return forked
+
+
+@pytest.fixture
+async def kernel(fork_settings: Settings) -> AsyncIterator[KernelSession]:
+    async with KernelSession(fork_settings) as k:
+        yield k
+
+
+async def value(k: KernelSession, code: str) -> object:
+    done = await k.execute(textwrap.dedent(code), timeout=20)
+    assert done.kind is None, done
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+PROBE = """
+import json, os, random, tempfile
+seen = [os.path.exists("/tmp/mine"), os.path.exists("mine.txt"), "secret" in globals()]
+secret = random.random()
+open("/tmp/mine", "w").write("x")
+open("mine.txt", "w").write("x")
+print(json.dumps([seen, secret, os.getcwd(), sorted(os.listdir("/proc/1/task"))]))
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_two_forked_kernels_share_nothing(fork_settings: Settings) -> None:
+    results, monitors = [], []
+    for _ in range(2):
+        async with KernelSession(fork_settings) as k:
+            assert k.km is not None and isinstance(k.km.provisioner, forkserver.ForkProvisioner)
+            monitors.append(k.km.provisioner.process.pid)
+            results.append(await value(k, PROBE))
+    (seen_a, random_a, cwd_a, _), (seen_b, random_b, cwd_b, _) = results
+    assert seen_a == seen_b == [False, False, False]
+    assert random_a != random_b
+    assert cwd_a != cwd_b
+    assert monitors[0] != monitors[1]
+
+
+@pytest.mark.timeout(120)
+async def test_a_forked_kernel_is_confined_as_an_exec_one(
+    kernel: KernelSession, fork_settings: Settings
+) -> None:
+    seen = await value(
+        kernel,
+        f"""
+        import json, os, resource, socket
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        s = socket.socket()
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", 1))
+            net = "connected"
+        except OSError as e:
+            net = type(e).__name__
+        print(json.dumps({{
+            "uid": os.getuid(),
+            "caps": status["CapEff"].strip(),
+            "nnp": status["NoNewPrivs"].strip(),
+            "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+            "env": sorted(os.environ),
+            "net": net,
+            "repo": os.path.exists({str(REPO / "autocoder")!r}),
+            "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+            "as": resource.getrlimit(resource.RLIMIT_AS)[0],
+            "home": os.listdir(os.path.expanduser("~")),
+            "hostname": socket.gethostname(),
+        }}))
+        """,
+    )
+    assert isinstance(seen, dict)
+    assert seen["uid"] >= sandbox.UID_BASE and seen["caps"] == "0000000000000000"
+    assert seen["nnp"] == "1"
+    assert seen["pids"][0] == 1 and len(seen["pids"]) < 5
+    assert not {"OPENAI_API_KEY", "AUTOCODER_API_TOKEN"} & set(seen["env"])
+    assert seen["net"] in {"OSError", "ConnectionRefusedError"} and not seen["repo"]
+    assert seen["nproc"] == fork_settings.max_processes
+    assert seen["as"] == fork_settings.memory_mb * 2**20
+    assert set(seen["home"]) <= {".ipython"} and seen["hostname"] == "sandbox"
+
+
+@pytest.mark.timeout(120)
+async def test_a_forked_kernel_is_interrupted_timed_out_and_replaced(kernel: KernelSession) -> None:
+    timed_out = await kernel.execute("import time\nwhile True: time.sleep(0.05)", timeout=1)
+    assert timed_out.kind is ErrorKind.TIMEOUT and kernel.restarts == 0
+    stubborn = "while True:\n    try:\n        time.sleep(1)\n    except KeyboardInterrupt:\n        pass"
+    assert (await kernel.execute(stubborn, timeout=1)).kind is ErrorKind.TIMEOUT
+    assert kernel.restarts == 1
+    assert (await kernel.execute("print(6 * 7)", timeout=10)).stdout == "42\n"
+
+
+@pytest.mark.timeout(120)
+async def test_a_forked_kernel_says_how_it_died(kernel: KernelSession) -> None:
+    exited = await kernel.execute("import os; os._exit(3)", timeout=10)
+    assert exited.kind is ErrorKind.KERNEL_DIED and exited.error is not None
+    assert exited.error.evalue == "the kernel process exited with code 3"
+    crashed = await kernel.execute("import ctypes; ctypes.string_at(0)", timeout=10)
+    assert crashed.error is not None
+    assert crashed.error.evalue == "the kernel process was killed by SIGSEGV"
+    assert kernel.restarts == 2
+    assert (await kernel.execute("print('back')", timeout=10)).stdout == "back\n"
+
+
+@pytest.mark.timeout(120)
+async def test_a_zygote_killed_mid_run_is_replaced(kernel: KernelSession, fork_settings: Settings) -> None:
+    zygote = forkserver.zygote_for(fork_settings)
+    starts = zygote.starts
+    running = asyncio.create_task(kernel.execute("import time; time.sleep(30)", timeout=60))
+    await asyncio.sleep(0.5)
+    zygote.process.send_signal(signal.SIGKILL)
+    died = await asyncio.wait_for(running, 30)
+    assert died.kind is ErrorKind.KERNEL_DIED
+    assert zygote.starts == starts + 1, "the replacement kernel came from a new zygote"
+    assert (await kernel.execute("print('fresh')", timeout=10)).stdout == "fresh\n"
+
+
+SERVER = """
+import asyncio, sys
+sys.path[:0] = [{repo!r}]
+from autocoder.config import load_settings
+from autocoder.kernel import KernelSession
+
+async def main():
+    settings = load_settings(sandbox="bwrap", kernel_start="fork", autofile_dir={work!r})
+    async with KernelSession(settings) as k:
+        await k.execute("import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(3600)", timeout=10)
+        print(k.km.provisioner.process.pid, flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def processes_naming(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode("utf-8", "replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in argv and state != "Z" and int(proc.name) != os.getpid():
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.timeout(120)
+def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_path: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))  # short: socket paths are bounded
+    script = tmp_path / "server.py"
+    script.write_text(SERVER.format(repo=str(REPO), work=str(tmp_path / "autofile")))
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert server.stdout is not None
+        monitor = int(server.stdout.readline())
+        assert len(processes_naming(str(tmp))) >= 4, "zygote, kernel, its child"
+        assert Path(f"/proc/{monitor}").exists()
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    deadline = time.monotonic() + 15
+    while processes_naming(str(tmp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_naming(str(tmp)) == []
