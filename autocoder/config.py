@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     )
 
     kernel_start: Literal["fork", "exec"] = Field(
-        "exec",
+        "fork",
         description="fork: kernels forked from a zygote that has imported ipykernel (fast; "
         "needs a root server and the bwrap sandbox, else exec); exec: a new process per kernel.",
     )

@@ -417,15 +417,18 @@ ZYGOTE_START_TIMEOUT = 60.0
 FORK_TIMEOUT = 30.0
 UID_FORK_BASE = 0x0100_0000  # above every pid, so never a uid of an exec'd kernel (UID_BASE + pid)
 
+# The zygote's parameters and this file's source come through a pipe, not its command line, and
+# bwrap's arguments too (--args): no process of the zygote names a run's dirs.
 _BOOT = (
     "import json, os, sys\n"
-    "fd = int(sys.argv[1]); source = b''\n"
+    "fd = int(sys.argv[1]); data = b''\n"
     "while chunk := os.read(fd, 65536):\n"
-    "    source += chunk\n"
+    "    data += chunk\n"
     "os.close(fd)\n"
+    "params, source = data.split(b'\\n', 1)\n"
     "zygote = {'__name__': 'autocoder_zygote'}\n"
     "exec(compile(source, 'autocoder/forkserver.py', 'exec'), zygote)\n"
-    "zygote['serve'](sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))\n"
+    "zygote['serve'](**json.loads(params))\n"
 )
 
 
@@ -837,8 +840,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("autocoder.forkserver: no lifeline; start the zygote through Zygote")
     with open(__file__, encoding="utf-8") as f:
         source = f.read()
-    fds = [sandbox._data_fd(source), sandbox._data_fd(sandbox._passwd(0)), sandbox._data_fd(sandbox._group(0))]
-    a = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session"]
+    params = json.dumps({"directory": directory, "roots": roots, "lifeline": int(lifeline)})
+    fds = [
+        sandbox._data_fd(params + "\n" + source),
+        sandbox._data_fd(sandbox._passwd(0)),
+        sandbox._data_fd(sandbox._group(0)),
+    ]
+    a = ["--die-with-parent", "--new-session"]
     a += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox"]
     a += ["--unshare-cgroup-try"]
     if not allow_network:
@@ -860,11 +868,12 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in sandbox._inner_env().items():
         a += ["--setenv", key, value]
     a += ["--setenv", "PYDEVD_DISABLE_FILE_VALIDATION", "1"]  # debugpy, preloaded, warns otherwise
-    a += ["--", sys.executable, "-c", _BOOT, str(fds[0]), directory, json.dumps(roots), lifeline]
-    a += [" " * TITLE_ROOM]
-    for fd in fds:
+    args = sandbox._data_fd("".join(arg + "\0" for arg in a))
+    for fd in (*fds, args):
         os.set_inheritable(fd, True)
-    os.execv(a[0], a)
+    bwrap = shutil.which("bwrap") or "bwrap"
+    command = [sys.executable, "-c", _BOOT, str(fds[0]), " " * TITLE_ROOM]
+    os.execv(bwrap, [bwrap, "--args", str(args), "--", *command])
 
 
 if __name__ == "__main__":

@@ -635,6 +635,8 @@ def sweep_leftovers(work_root: Path | None = None) -> Swept:
         return swept
     tmp = Path(tempfile.gettempdir())
     stale = {d for d in _runtime_dirs(tmp) if _owner_gone(d.name, RUNTIME_PREFIX)}
+    zygote_dirs = _runtime_dirs(tmp, forkserver.ZYGOTE_PREFIX)
+    stale_zygotes = {d for d in zygote_dirs if _owner_gone(d.name, forkserver.ZYGOTE_PREFIX)}
     orphans = {
         pid: d for pid, d in _autocoder_processes() if d.parent == tmp and _is_orphan(pid, d, stale)
     }
@@ -645,7 +647,7 @@ def sweep_leftovers(work_root: Path | None = None) -> Swept:
     while any(_running(pid) for pid in orphans) and time.monotonic() < deadline:
         time.sleep(0.05)
     swept.processes = len(orphans)
-    dirs = stale | {d for d in orphans.values() if _ours(d)}
+    dirs = stale | stale_zygotes | {d for d in orphans.values() if _ours(d)}
     if work_root is not None and work_root.is_dir():
         dirs |= {d for d in work_root.iterdir() if _owner_gone(d.name) and _ours(d)}
     for d in dirs:
@@ -660,10 +662,10 @@ def sweep_leftovers(work_root: Path | None = None) -> Swept:
     return swept
 
 
-def _runtime_dirs(tmp: Path) -> Iterator[Path]:
+def _runtime_dirs(tmp: Path, prefix: str = RUNTIME_PREFIX) -> Iterator[Path]:
     with contextlib.suppress(OSError):
         for d in tmp.iterdir():
-            if d.name.startswith(RUNTIME_PREFIX) and _ours(d):
+            if d.name.startswith(prefix) and _ours(d):
                 yield d
 
 
