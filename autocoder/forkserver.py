@@ -175,6 +175,17 @@ def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
         _mount(libc, None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
+def _loopback_up() -> None:
+    """A new network namespace has its loopback down; bwrap brings it up, and so do we."""
+    import fcntl
+
+    iff_up, iff_loopback, iff_running = 0x1, 0x8, 0x40
+    siocsifflags = 0x8914
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH22x", b"lo", iff_up | iff_loopback | iff_running)
+        fcntl.ioctl(s, siocsifflags, request)
+
+
 def _retitle(argv: list[str]) -> None:
     """Name the kernel in /proc/<pid>/cmdline as an exec'd one is named, within the room left."""
     fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
@@ -260,6 +271,8 @@ def _monitor(req: dict[str, Any], fds: list[int], conn: socket.socket, zygote: i
         if not req["allow_network"]:
             flags |= CLONE_NEWNET
         _check(libc.unshare(flags), "unshare")
+        if not req["allow_network"]:
+            _loopback_up()
         _view(libc, req, roots)
         # The init's parent is outside its PID namespace (getppid() is 0 there): it checks that
         # this process still holds the write end instead.
@@ -852,7 +865,7 @@ def main(argv: list[str] | None = None) -> None:
     if not allow_network:
         a += ["--unshare-net"]
     a += ["--cap-drop", "ALL"]
-    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE"):
+    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_NET_ADMIN"):
         a += ["--cap-add", cap]
     a += sandbox._system_mounts(allow_network)
     a += sandbox._parents(Path(sandbox.SANDBOX_HOME))
