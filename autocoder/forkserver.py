@@ -96,7 +96,14 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _mount(libc: Any, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+def _mount(
+    libc: Any,
+    source: str | None,
+    target: str,
+    fstype: str | None,
+    flags: int,
+    data: str | None = None,
+) -> None:
     _check(
         libc.mount(
             None if source is None else source.encode(),
@@ -153,8 +160,19 @@ def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
     hidden = sorted({r for r in roots if not _under(r, ["/tmp"])})
     for root in hidden:
         _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-    for path, mode, owner in (("/tmp", "1777", 0), ("/dev/shm", "1777", 0), (req["home"], "0700", uid)):
-        _mount(libc, "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode},uid={owner},gid={owner},size={size}")
+    for path, mode, owner in (
+        ("/tmp", "1777", 0),
+        ("/dev/shm", "1777", 0),
+        (req["home"], "0700", uid),
+    ):
+        _mount(
+            libc,
+            "tmpfs",
+            path,
+            "tmpfs",
+            MS_NOSUID | MS_NODEV,
+            f"mode={mode},uid={owner},gid={owner},size={size}",
+        )
     for key, fd in fds.items():
         _makedirs(req[key])
         _mount(libc, f"/proc/self/fd/{fd}", req[key], None, MS_BIND)
@@ -188,7 +206,8 @@ def _loopback_up() -> None:
 
 def _retitle(argv: list[str]) -> None:
     """Name the kernel in /proc/<pid>/cmdline as an exec'd one is named, within the room left."""
-    fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    with open("/proc/self/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
     start, end = int(fields[45]), int(fields[46])
     title = "\0".join(argv).encode()[: end - start - 1]
     with open("/proc/self/mem", "r+b", buffering=0) as mem:
@@ -226,8 +245,8 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int) -> None:
     os.environ.update(req["env"])
     random.seed()
     sys.argv = argv[2:]
-    sys.stdout = open(1, "w", closefd=False)
-    sys.stderr = open(2, "w", closefd=False)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (the kernel's for its life)
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     sys.path[0] = ""
     from ipykernel.kernelapp import IPKernelApp
 
@@ -247,7 +266,9 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int) -> None:
     os._exit(code)
 
 
-def _monitor(req: dict[str, Any], fds: list[int], conn: socket.socket, zygote: int, roots: list[str]) -> None:
+def _monitor(
+    req: dict[str, Any], fds: list[int], conn: socket.socket, zygote: int, roots: list[str]
+) -> None:
     """The zygote's child: new namespaces and the kernel's view, then init and kernel. Never returns."""
     code = 1
     try:
@@ -282,8 +303,8 @@ def _monitor(req: dict[str, Any], fds: list[int], conn: socket.socket, zygote: i
             os.close(alive_w)
             _init(libc, req, stderr_fd, cgroup_fds, alive_r)
         os.close(alive_r)
-        for fd in keep:
-            os.close(fd)
+        for kept in keep:
+            os.close(kept)
         _, status = os.waitpid(init, 0)
         code = _mirror(status)
     except BaseException as e:
@@ -292,7 +313,9 @@ def _monitor(req: dict[str, Any], fds: list[int], conn: socket.socket, zygote: i
     os._exit(code)
 
 
-def _init(libc: Any, req: dict[str, Any], stderr_fd: int, cgroup_fds: list[int], alive: int) -> None:
+def _init(
+    libc: Any, req: dict[str, Any], stderr_fd: int, cgroup_fds: list[int], alive: int
+) -> None:
     """PID 1 of the kernel's namespace: reaps, and ends (taking every process in it) with the kernel."""
     code = 1
     try:
@@ -333,7 +356,12 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
         chunk, ancdata, _, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(16 * fd_size))
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += list(struct.unpack(f"{len(payload) // fd_size}i", payload[: len(payload) - len(payload) % fd_size]))
+                fds += list(
+                    struct.unpack(
+                        f"{len(payload) // fd_size}i",
+                        payload[: len(payload) - len(payload) % fd_size],
+                    )
+                )
         if not chunk:
             raise EOFError("the server closed the connection before its request")
         data += chunk
@@ -399,12 +427,12 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
                 poller.register(conn, select.POLLIN)
                 continue
             # A kernel's connection: readable only when the server closed it (or asks a kill).
-            conn = next((c for c in by_conn if c.fileno() == fd), None)
-            if conn is not None:
+            closed = next((c for c in by_conn if c.fileno() == fd), None)
+            if closed is not None:
                 with contextlib.suppress(OSError):
-                    os.kill(by_conn[conn], signal.SIGKILL)
-                poller.unregister(conn)
-                by_conn.pop(conn)
+                    os.kill(by_conn[closed], signal.SIGKILL)
+                poller.unregister(closed)
+                by_conn.pop(closed)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -412,16 +440,16 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
                 break
             if pid == 0:
                 break
-            conn = kernels.pop(pid, None)
-            if conn is None:
+            ended = kernels.pop(pid, None)
+            if ended is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
             with contextlib.suppress(OSError):
-                conn.settimeout(1)
-                conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
-            if by_conn.pop(conn, None) is not None:
-                poller.unregister(conn)
-            conn.close()
+                ended.settimeout(1)
+                ended.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            if by_conn.pop(ended, None) is not None:
+                poller.unregister(ended)
+            ended.close()
 
 
 # ---------------------------------------------------------------- the server's side
@@ -453,7 +481,9 @@ def why_not(settings: Any) -> str | None:
         return "AUTOCODER_KERNEL_START=exec"
     if settings.sandbox != "bwrap":
         return "forked kernels need the bwrap sandbox"
-    if settings.kernel_python is not None and os.path.realpath(settings.kernel_python) != os.path.realpath(sys.executable):
+    if settings.kernel_python is not None and os.path.realpath(
+        settings.kernel_python
+    ) != os.path.realpath(sys.executable):
         return "AUTOCODER_KERNEL_PYTHON is another interpreter than the server's"
     if os.geteuid() != 0 or sandbox._dedicated_uid() is None:
         return "forked kernels need a root server (a throwaway uid per kernel)"
@@ -576,7 +606,13 @@ class Zygote:
             sandbox.PARENT_PID_VAR: str(os.getpid()),
             sandbox.LIFELINE_VAR: str(sandbox.lifeline()),
         }
-        argv = [sys.executable, "-m", "autocoder.forkserver", self.directory, json.dumps(self.roots)]
+        argv = [
+            sys.executable,
+            "-m",
+            "autocoder.forkserver",
+            self.directory,
+            json.dumps(self.roots),
+        ]
         argv += ["--network"] if self.allow_network else []
         try:
             with open(os.path.join(self.directory, "zygote.log"), "wb") as log:
@@ -619,7 +655,9 @@ class Zygote:
             if process.poll() is not None:
                 raise KernelStartError(f"the kernel zygote exited at start: {self.log_tail()}")
             if time.monotonic() > deadline:
-                raise KernelStartError(f"the kernel zygote did not listen within {ZYGOTE_START_TIMEOUT:.0f}s")
+                raise KernelStartError(
+                    f"the kernel zygote did not listen within {ZYGOTE_START_TIMEOUT:.0f}s"
+                )
             await asyncio.sleep(0.01)
         return path
 
@@ -638,13 +676,17 @@ class Zygote:
             conn.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(conn, path), FORK_TIMEOUT)
             payload = json.dumps(request).encode() + b"\n"
-            sent = conn.sendmsg([payload[:4096]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            sent = conn.sendmsg(
+                [payload[:4096]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            )
             await asyncio.wait_for(loop.sock_sendall(conn, payload[sent:]), FORK_TIMEOUT)
             pid, rest = await asyncio.wait_for(self._forked(conn), FORK_TIMEOUT)
         except BaseException as e:
             conn.close()
             if isinstance(e, (OSError, TimeoutError, EOFError)):
-                raise KernelStartError(f"the kernel zygote did not fork: {e!r} {self.log_tail()}") from e
+                raise KernelStartError(
+                    f"the kernel zygote did not fork: {e!r} {self.log_tail()}"
+                ) from e
             raise
         return ForkedProcess(conn, pid, rest)
 
@@ -655,8 +697,8 @@ class Zygote:
 
         loop = asyncio.get_running_loop()
         while True:
-            ready = loop.create_future()
-            loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(conn.fileno(), _resolve, ready)
             try:
                 await ready
             finally:
@@ -705,13 +747,16 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         env = kwargs.get("env") or {}
         workdir = os.path.realpath(env[sandbox.WORKDIR_VAR])
         runtime_dir = os.path.realpath(env[sandbox.RUNTIME_DIR_VAR])
+        assert self.parent is not None
         connection_file = os.path.realpath(self.parent.connection_file)
         uid = _allocate_uid()
         from pathlib import Path
 
         sandbox._hand_over([Path(workdir), Path(runtime_dir)], uid)
-        stderr = kwargs.get("stderr")
-        stderr_fd = stderr.fileno() if hasattr(stderr, "fileno") else os.open(os.devnull, os.O_WRONLY)
+        stderr: Any = kwargs.get("stderr")
+        stderr_fd = (
+            stderr.fileno() if hasattr(stderr, "fileno") else os.open(os.devnull, os.O_WRONLY)
+        )
         self._cgroups, cgroup_fds = _cgroups(settings, uid)
         limits = sandbox.Limits.of(settings)
         mib = 2**20
@@ -739,7 +784,10 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
                 *sandbox.BWRAP_KERNEL_ARGS,
                 *(
                     f"--IPKernelApp.exec_lines={line}"
-                    for line in (asserts.exec_line(), output_cap.exec_line(settings.max_output_bytes))
+                    for line in (
+                        asserts.exec_line(),
+                        output_cap.exec_line(settings.max_output_bytes),
+                    )
                 ),
             ],
         }
@@ -752,7 +800,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
                 os.close(stderr_fd)
         _uids_in_use.add(uid)
         self._uid = uid
-        self.process = self._forked
+        self.process = self._forked  # type: ignore[assignment]
         self.pid = self._forked.pid
         self.pgid = None
         self.cwd = workdir
@@ -820,6 +868,11 @@ def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
     return made, fds
 
 
+def _resolve(future: Any) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 _zygotes: dict[tuple[bool, tuple[str, ...]], Zygote] = {}
 
 
@@ -865,7 +918,14 @@ def main(argv: list[str] | None = None) -> None:
     if not allow_network:
         a += ["--unshare-net"]
     a += ["--cap-drop", "ALL"]
-    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_NET_ADMIN"):
+    for cap in (
+        "CAP_SYS_ADMIN",
+        "CAP_SETUID",
+        "CAP_SETGID",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_NET_ADMIN",
+    ):
         a += ["--cap-add", cap]
     a += sandbox._system_mounts(allow_network)
     a += sandbox._parents(Path(sandbox.SANDBOX_HOME))
@@ -875,18 +935,18 @@ def main(argv: list[str] | None = None) -> None:
     for root in roots:
         a += sandbox._parents(Path(root))
         a += ["--bind", root, root]
-    for fd, name in zip(fds[1:], ("/etc/passwd", "/etc/group"), strict=True):
-        a += ["--perms", "0644", "--ro-bind-data", str(fd), name]
+    for data_fd, name in zip(fds[1:], ("/etc/passwd", "/etc/group"), strict=True):
+        a += ["--perms", "0644", "--ro-bind-data", str(data_fd), name]
     a += ["--remount-ro", "/", "--chdir", "/", "--clearenv"]
     for key, value in sandbox._inner_env().items():
         a += ["--setenv", key, value]
     a += ["--setenv", "PYDEVD_DISABLE_FILE_VALIDATION", "1"]  # debugpy, preloaded, warns otherwise
-    args = sandbox._data_fd("".join(arg + "\0" for arg in a))
-    for fd in (*fds, args):
+    options_fd = sandbox._data_fd("".join(arg + "\0" for arg in a))
+    for fd in (*fds, options_fd):
         os.set_inheritable(fd, True)
     bwrap = shutil.which("bwrap") or "bwrap"
     command = [sys.executable, "-c", _BOOT, str(fds[0]), " " * TITLE_ROOM]
-    os.execv(bwrap, [bwrap, "--args", str(args), "--", *command])
+    os.execv(bwrap, [bwrap, "--args", str(options_fd), "--", *command])
 
 
 if __name__ == "__main__":

@@ -391,10 +391,10 @@ class KernelSession:
                 reply = await self.kc.get_shell_msg(timeout=1)
             except queue.Empty:
                 reply = None
-            if reply is not None and reply.get("parent_header", {}).get("msg_id") == msg_id:
-                if await self._idle_on_iopub(msg_id, time.monotonic() + 0.5):
-                    self.kc._handle_kernel_info_reply(reply)
-                    return
+            answered = reply is not None and reply["parent_header"].get("msg_id") == msg_id
+            if answered and await self._idle_on_iopub(msg_id, time.monotonic() + 0.5):
+                self.kc._handle_kernel_info_reply(reply)
+                return
             if not await self.is_alive():
                 raise KernelStartError("the kernel died before it answered")
 

@@ -17,6 +17,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,11 +67,12 @@ print(json.dumps([seen, secret, os.getcwd(), sorted(os.listdir("/proc/1/task"))]
 
 @pytest.mark.timeout(120)
 async def test_two_forked_kernels_share_nothing(fork_settings: Settings) -> None:
-    results, monitors = [], []
+    results: list[Any] = []
+    monitors: list[int] = []
     for _ in range(2):
         async with KernelSession(fork_settings) as k:
             assert k.km is not None and isinstance(k.km.provisioner, forkserver.ForkProvisioner)
-            monitors.append(k.km.provisioner.process.pid)
+            monitors.append(int(k.km.provisioner.pid or 0))
             results.append(await value(k, PROBE))
     (seen_a, random_a, cwd_a, _), (seen_b, random_b, cwd_b, _) = results
     assert seen_a == seen_b == [False, False, False]
@@ -125,7 +127,9 @@ async def test_a_forked_kernel_is_confined_as_an_exec_one(
 async def test_a_forked_kernel_is_interrupted_timed_out_and_replaced(kernel: KernelSession) -> None:
     timed_out = await kernel.execute("import time\nwhile True: time.sleep(0.05)", timeout=1)
     assert timed_out.kind is ErrorKind.TIMEOUT and kernel.restarts == 0
-    stubborn = "while True:\n    try:\n        time.sleep(1)\n    except KeyboardInterrupt:\n        pass"
+    stubborn = (
+        "while True:\n    try:\n        time.sleep(1)\n    except KeyboardInterrupt:\n        pass"
+    )
     assert (await kernel.execute(stubborn, timeout=1)).kind is ErrorKind.TIMEOUT
     assert kernel.restarts == 1
     assert (await kernel.execute("print(6 * 7)", timeout=10)).stdout == "42\n"
@@ -144,7 +148,9 @@ async def test_a_forked_kernel_says_how_it_died(kernel: KernelSession) -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_a_zygote_killed_mid_run_is_replaced(kernel: KernelSession, fork_settings: Settings) -> None:
+async def test_a_zygote_killed_mid_run_is_replaced(
+    kernel: KernelSession, fork_settings: Settings
+) -> None:
     zygote = forkserver.zygote_for(fork_settings)
     starts = zygote.starts
     running = asyncio.create_task(kernel.execute("import time; time.sleep(30)", timeout=60))
@@ -194,7 +200,9 @@ def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_pa
     script = tmp_path / "server.py"
     script.write_text(SERVER.format(repo=str(REPO), work=str(tmp_path / "autofile")))
     env = {**os.environ, "TMPDIR": str(tmp)}
-    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env, text=True)
+    server = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, env=env, text=True
+    )
     try:
         assert server.stdout is not None
         monitor, zygote = map(int, server.stdout.readline().split())
