@@ -380,32 +380,37 @@ class KernelSession:
         """Until the kernel answers kernel_info on shell and its iopub reaches us.
 
         jupyter_client's wait_for_ready does the same, then waits for 0.2 s of iopub silence,
-        which was most of a forked kernel's start; seeing the idle status of our own request
-        on iopub proves the subscription as well.
+        which was most of a forked kernel's start; seeing the idle status of one of our
+        requests on iopub proves the subscription as well. Requests are resent until then (an
+        iopub message published before the subscription took is lost); any reply will do.
         """
+        sent: set[str] = set()
+        reply: dict[str, Any] | None = None
         while True:
             if time.monotonic() > deadline:
                 raise KernelStartError(f"the kernel did not answer within {STARTUP_TIMEOUT:.0f}s")
-            msg_id = self.kc.kernel_info()
+            sent.add(self.kc.kernel_info())
             try:
-                reply = await self.kc.get_shell_msg(timeout=1)
+                while reply is None:
+                    msg = await self.kc.get_shell_msg(timeout=1)
+                    if msg["parent_header"].get("msg_id") in sent:
+                        reply = msg
             except queue.Empty:
-                reply = None
-            answered = reply is not None and reply["parent_header"].get("msg_id") == msg_id
-            if answered and await self._idle_on_iopub(msg_id, time.monotonic() + 0.5):
+                pass
+            if reply is not None and await self._idle_on_iopub(sent, time.monotonic() + 0.5):
                 self.kc._handle_kernel_info_reply(reply)
                 return
             if not await self.is_alive():
                 raise KernelStartError("the kernel died before it answered")
 
-    async def _idle_on_iopub(self, msg_id: str, deadline: float) -> bool:
+    async def _idle_on_iopub(self, msg_ids: set[str], deadline: float) -> bool:
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 msg = await self.kc.get_iopub_msg(timeout=remaining)
             except queue.Empty:
                 return False
             if (
-                msg.get("parent_header", {}).get("msg_id") == msg_id
+                msg["parent_header"].get("msg_id") in msg_ids
                 and msg["msg_type"] == "status"
                 and msg["content"].get("execution_state") == "idle"
             ):

@@ -12,6 +12,7 @@ latency of `POST /run` and the runs per second at each concurrency.
 
     python bench/load.py [--requests 24] [--max-seconds 30] [--concurrency 1 4 16]
                          [--sandbox bwrap|none] [--pool-size 2] [--llm-delay 0]
+                         [--kernel-start fork|exec]
 
 Each level sends `--requests` runs (fewer if `--max-seconds` runs out) after two warm-up runs.
 """
@@ -214,6 +215,12 @@ async def main() -> None:
     parser.add_argument("--sandbox", default=os.environ.get("AUTOCODER_SANDBOX", "bwrap"))
     parser.add_argument("--pool-size", type=int, default=2)
     parser.add_argument(
+        "--kernel-start",
+        choices=["fork", "exec"],
+        default=os.environ.get("AUTOCODER_KERNEL_START", "fork"),
+        help="how autocoder serve starts its kernels",
+    )
+    parser.add_argument(
         "--llm-delay", type=float, default=0.0, help="seconds the model takes per answer"
     )
     parser.add_argument("--baseline", nargs=3, help=argparse.SUPPRESS)
@@ -234,6 +241,7 @@ async def main() -> None:
         AUTOCODER_PORT=str(ac_port),
         AUTOCODER_SANDBOX=args.sandbox,
         AUTOCODER_POOL_SIZE=str(args.pool_size),
+        AUTOCODER_KERNEL_START=args.kernel_start,
         AUTOCODER_NOTEBOOKS_DIR=str(work / "notebooks"),
         AUTOCODER_AUTOFILE_DIR=str(work / "autofile"),
         AUTOCODER_LLM_RETRIES="0",
@@ -276,7 +284,8 @@ async def main() -> None:
         f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}"
     )
     print(
-        f"autocoder: autocoder serve, sandbox={args.sandbox}, pool={health['pool_size']}, "
+        f"autocoder: autocoder serve, sandbox={args.sandbox}, kernel start={args.kernel_start}, "
+        f"pool={health['pool_size']}, "
         f"max_concurrent_runs={health['max_concurrent_runs']}, a fresh kernel per run"
     )
     print("baseline:  stdlib http.server, one thread, `python generated_code.py` per attempt")
