@@ -91,13 +91,14 @@ def uss(pid: int) -> int:
 
 
 def kernel_pid(pids: list[int]) -> int:
-    """The kernel in a tree: the process that names ipykernel_launcher (retitled when forked)."""
+    """The kernel in a tree: the python naming ipykernel_launcher (retitled when forked)."""
     for pid in pids:
         try:
-            if b"ipykernel_launcher" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+        if argv[0] == sys.executable.encode() and b"ipykernel_launcher" in argv[:4]:
+            return pid
     return pids[-1]
 
 
