@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import gc
 import json
+import logging
 import os
 import select
 import signal
@@ -60,6 +62,8 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 
 # What the zygote imports so that a kernel does not: ipykernel's app and what its start pulls in.
+# Nothing whose import does per-kernel work: matplotlib_inline hooks into the running IPython
+# shell as it is imported, and so must be imported in the kernel.
 PRELOAD = (
     "ipykernel.kernelapp",
     "ipykernel.ipkernel",
@@ -72,7 +76,6 @@ PRELOAD = (
     "IPython.core.completer",
     "IPython.core.history",
     "jupyter_client.session",
-    "matplotlib_inline.backend_inline",
     "zmq.eventloop.zmqstream",
     "tornado.ioloop",
     "jedi",
@@ -481,15 +484,15 @@ def why_not(settings: Any) -> str | None:
         return "AUTOCODER_KERNEL_START=exec"
     if settings.sandbox != "bwrap":
         return "forked kernels need the bwrap sandbox"
-    if settings.kernel_python is not None and os.path.realpath(
-        settings.kernel_python
-    ) != os.path.realpath(sys.executable):
+    # Not resolved: a venv's python is a link to the base interpreter, with a prefix of its own.
+    python = settings.kernel_python
+    if python is not None and os.path.abspath(python) != os.path.abspath(sys.executable):
         return "AUTOCODER_KERNEL_PYTHON is another interpreter than the server's"
-    if os.geteuid() != 0 or sandbox._dedicated_uid() is None:
+    if os.geteuid() != 0 or sandbox._dedicated_uid() is None or not _uids_mapped():
         return "forked kernels need a root server (a throwaway uid per kernel)"
     if not hasattr(socket, "SCM_CREDENTIALS"):
         return "this platform has no SCM_CREDENTIALS"
-    return None
+    return zygote_for(settings).failed
 
 
 def _roots(settings: Any) -> list[str]:
@@ -584,6 +587,9 @@ class Zygote:
         self.process: Any = None
         self.directory: str | None = None
         self.starts = 0
+        self.wanted = 0  # kernels asked for before it listened
+        # Why a zygote could not even start here; kernels are then exec'd instead.
+        self.failed: str | None = None
 
     @property
     def socket_path(self) -> str | None:
@@ -640,20 +646,37 @@ class Zygote:
         except OSError:
             return ""
 
+    def start(self) -> None:
+        """Start the zygote unless it runs (it listens a second or so later)."""
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+
+    @property
+    def listening(self) -> bool:
+        """Whether a kernel can be forked now; notes why not for good if it exited at start."""
+        if self.process is None or self.socket_path is None:
+            return False
+        code = self.process.poll()
+        if code is None:
+            return os.path.exists(self.socket_path)
+        if code > 0 and not os.path.exists(self.socket_path) and self.failed is None:
+            self.failed = f"the kernel zygote exited at start: {self.log_tail()}"
+        return False
+
     async def ready(self) -> str:
         """The zygote's socket, once it listens; a dead zygote is replaced first."""
         import asyncio
 
         from autocoder.errors import KernelStartError
 
-        if self.process is None or self.process.poll() is not None:
-            self._start()
+        self.start()
         process, path = self.process, self.socket_path
         assert path is not None
         deadline = time.monotonic() + ZYGOTE_START_TIMEOUT
         while not os.path.exists(path):
             if process.poll() is not None:
-                raise KernelStartError(f"the kernel zygote exited at start: {self.log_tail()}")
+                self.failed = f"the kernel zygote exited at start: {self.log_tail()}"
+                raise KernelStartError(self.failed)
             if time.monotonic() > deadline:
                 raise KernelStartError(
                     f"the kernel zygote did not listen within {ZYGOTE_START_TIMEOUT:.0f}s"
@@ -741,6 +764,28 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
     _cgroups: list[str] = []
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        """Fork the kernel when the zygote listens; exec it (as LocalProvisioner does) until then.
+
+        The zygote is started when this process asks for its second kernel, or at once to
+        replace one that died: a one-off run (`autocoder run`) would pay its imports for nothing.
+        """
+        from autocoder.errors import KernelStartError
+
+        zygote = zygote_for(self.settings)
+        if zygote.failed is None and not zygote.listening:
+            zygote.wanted += 1
+            if zygote.wanted >= 2 or zygote.starts:
+                zygote.start()
+        if zygote.failed is not None:
+            _exec_instead(zygote.failed)
+        if zygote.listening:
+            try:
+                return await self._fork(zygote, **kwargs)
+            except KernelStartError as e:
+                logging.getLogger("autocoder.kernel").warning("%s; exec'd instead", e)
+        return await super().launch_kernel(cmd, **kwargs)
+
+    async def _fork(self, zygote: Zygote, **kwargs: Any) -> Any:
         from autocoder import asserts, output_cap, sandbox
 
         settings = self.settings
@@ -792,7 +837,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
             ],
         }
         try:
-            self._forked = await zygote_for(settings).fork(request, [stderr_fd, *cgroup_fds])
+            self._forked = await zygote.fork(request, [stderr_fd, *cgroup_fds])
         finally:
             for fd in cgroup_fds:
                 os.close(fd)
@@ -811,10 +856,39 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         if self._forked is not None:
             self._forked.close()
         _uids_in_use.discard(getattr(self, "_uid", -1))
-        for path in self._cgroups:
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
-        self._cgroups = []
+        # A killed namespace takes a moment to empty; a cgroup cannot go before.
+        import asyncio
+
+        left, self._cgroups = self._cgroups, []
+        for _ in range(40):
+            for path in list(left):
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue
+                left.remove(path)
+            if not left:
+                break
+            await asyncio.sleep(0.05)
+
+
+def _uid_block() -> int:
+    from autocoder import sandbox
+
+    return sandbox.UID_BASE + UID_FORK_BASE + (os.getpid() % (1 << 18)) * (1 << 12)
+
+
+def _uids_mapped() -> bool:
+    """Whether this server's whole block of kernel uids exists here (a user namespace may map few)."""
+    first, last = _uid_block(), _uid_block() + (1 << 12) - 1
+    with open("/proc/self/uid_map") as f:
+        for line in f:
+            inside, _, count = (int(n) for n in line.split())
+            if inside <= first and last < inside + count:
+                return True
+    return False
 
 
 _uids_in_use: set[int] = set()
@@ -823,9 +897,7 @@ _next_uid = [0]
 
 def _allocate_uid() -> int:
     """A uid no live kernel of this server has, in a block of uids only this server uses."""
-    from autocoder import sandbox
-
-    block = sandbox.UID_BASE + UID_FORK_BASE + (os.getpid() % (1 << 18)) * (1 << 12)
+    block = _uid_block()
     for _ in range(1 << 12):
         _next_uid[0] = (_next_uid[0] + 1) % (1 << 12)
         uid = block + _next_uid[0]
@@ -866,6 +938,13 @@ def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
         except OSError:
             continue
     return made, fds
+
+
+@functools.cache
+def _exec_instead(reason: str) -> None:
+    logging.getLogger("autocoder.kernel").warning(
+        "kernels start by exec, not fork: %s", reason.splitlines()[0] if reason else reason
+    )
 
 
 def _resolve(future: Any) -> None:

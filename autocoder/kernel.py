@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import functools
 import logging
 import os
 import queue
@@ -562,13 +561,8 @@ def _fork_start(settings: Settings) -> bool:
     """Whether this kernel is forked from a zygote; says once why not when fork was asked for."""
     reason = forkserver.why_not(settings)
     if reason is not None and settings.kernel_start == "fork":
-        _exec_instead(reason)
+        forkserver._exec_instead(reason)
     return reason is None
-
-
-@functools.cache
-def _exec_instead(reason: str) -> None:
-    log.warning("kernels start by exec, not fork: %s", reason)
 
 
 def _kill_hard(km: AsyncKernelManager) -> None:

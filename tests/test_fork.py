@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -44,9 +45,25 @@ def fork_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def kernel(fork_settings: Settings) -> AsyncIterator[KernelSession]:
+async def zygote(fork_settings: Settings) -> forkserver.Zygote:
+    """The zygote, listening: until it does, kernels are exec'd."""
+    zygote = forkserver.zygote_for(fork_settings)
+    await zygote.ready()
+    return zygote
+
+
+@pytest.fixture
+async def kernel(
+    fork_settings: Settings, zygote: forkserver.Zygote
+) -> AsyncIterator[KernelSession]:
     async with KernelSession(fork_settings) as k:
+        assert isinstance(process_of(k), forkserver.ForkedProcess)
         yield k
+
+
+def process_of(k: KernelSession) -> Any:
+    """The kernel's process handle: a ForkedProcess when forked, a Popen when exec'd."""
+    return getattr(getattr(k.km, "provisioner", None), "process", None)
 
 
 async def value(k: KernelSession, code: str) -> object:
@@ -66,13 +83,15 @@ print(json.dumps([seen, secret, os.getcwd(), sorted(os.listdir("/proc/1/task"))]
 
 
 @pytest.mark.timeout(120)
-async def test_two_forked_kernels_share_nothing(fork_settings: Settings) -> None:
+async def test_two_forked_kernels_share_nothing(
+    fork_settings: Settings, zygote: forkserver.Zygote
+) -> None:
     results: list[Any] = []
     monitors: list[int] = []
     for _ in range(2):
         async with KernelSession(fork_settings) as k:
-            assert k.km is not None and isinstance(k.km.provisioner, forkserver.ForkProvisioner)
-            monitors.append(int(k.km.provisioner.pid or 0))
+            assert isinstance(process_of(k), forkserver.ForkedProcess)
+            monitors.append(process_of(k).pid)
             results.append(await value(k, PROBE))
     (seen_a, random_a, cwd_a, _), (seen_b, random_b, cwd_b, _) = results
     assert seen_a == seen_b == [False, False, False]
@@ -149,17 +168,19 @@ async def test_a_forked_kernel_says_how_it_died(kernel: KernelSession) -> None:
 
 @pytest.mark.timeout(120)
 async def test_a_zygote_killed_mid_run_is_replaced(
-    kernel: KernelSession, fork_settings: Settings
+    kernel: KernelSession, zygote: forkserver.Zygote
 ) -> None:
-    zygote = forkserver.zygote_for(fork_settings)
     starts = zygote.starts
     running = asyncio.create_task(kernel.execute("import time; time.sleep(30)", timeout=60))
     await asyncio.sleep(0.5)
     zygote.process.send_signal(signal.SIGKILL)
     died = await asyncio.wait_for(running, 30)
     assert died.kind is ErrorKind.KERNEL_DIED
-    assert zygote.starts == starts + 1, "the replacement kernel came from a new zygote"
+    assert zygote.starts == starts + 1, "a new zygote is on its way"
     assert (await kernel.execute("print('fresh')", timeout=10)).stdout == "fresh\n"
+    await zygote.ready()
+    await kernel.replace()
+    assert isinstance(process_of(kernel), forkserver.ForkedProcess)
 
 
 SERVER = """
@@ -170,9 +191,10 @@ from autocoder.kernel import KernelSession
 
 async def main():
     settings = load_settings(sandbox="bwrap", kernel_start="fork", autofile_dir={work!r})
+    from autocoder import forkserver
+    await forkserver.zygote_for(settings).ready()
     async with KernelSession(settings) as k:
         await k.execute("import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(3600)", timeout=10)
-        from autocoder import forkserver
         zygote = forkserver.zygote_for(settings).process.pid
         print(k.km.provisioner.process.pid, zygote, flush=True)
         await asyncio.sleep(3600)
@@ -223,3 +245,18 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_where_kernels_cannot_be_forked_they_are_execd_and_one_line_says_why(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from autocoder.kernel import _fork_start
+
+    unconfined = settings.model_copy(update={"kernel_start": "fork", "sandbox": "none"})
+    forkserver._exec_instead.cache_clear()  # said once per process: maybe already
+    with caplog.at_level(logging.WARNING, logger="autocoder.kernel"):
+        assert not _fork_start(unconfined)
+        assert not _fork_start(unconfined)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["kernels start by exec, not fork: forked kernels need the bwrap sandbox"]
+    assert not _fork_start(settings.model_copy(update={"kernel_start": "exec"}))
