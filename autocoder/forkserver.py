@@ -786,7 +786,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         return await super().launch_kernel(cmd, **kwargs)
 
     async def _fork(self, zygote: Zygote, **kwargs: Any) -> Any:
-        from autocoder import asserts, output_cap, sandbox
+        from autocoder import sandbox
 
         settings = self.settings
         env = kwargs.get("env") or {}
@@ -825,16 +825,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
             },
             "env": sandbox._inner_env(),
             "python": sys.executable,
-            "kernel_args": [
-                *sandbox.BWRAP_KERNEL_ARGS,
-                *(
-                    f"--IPKernelApp.exec_lines={line}"
-                    for line in (
-                        asserts.exec_line(),
-                        output_cap.exec_line(settings.max_output_bytes),
-                    )
-                ),
-            ],
+            "kernel_args": _kernel_args(settings.max_output_bytes),
         }
         try:
             self._forked = await zygote.fork(request, [stderr_fd, *cgroup_fds])
@@ -938,6 +929,15 @@ def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
         except OSError:
             continue
     return made, fds
+
+
+@functools.cache
+def _kernel_args(max_output_bytes: int) -> list[str]:
+    """The arguments the launcher gives ipykernel under bwrap, built once: they embed our sources."""
+    from autocoder import asserts, output_cap, sandbox
+
+    lines = (asserts.exec_line(), output_cap.exec_line(max_output_bytes))
+    return [*sandbox.BWRAP_KERNEL_ARGS, *(f"--IPKernelApp.exec_lines={line}" for line in lines)]
 
 
 @functools.cache

@@ -7,6 +7,7 @@ cannot be forked here (not root, no bubblewrap).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -234,7 +235,9 @@ def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_pa
         server.send_signal(signal.SIGKILL)
         server.wait(10)
     deadline = time.monotonic() + 15
-    while (processes_naming(str(tmp)) or alive(zygote)) and time.monotonic() < deadline:
+    while (
+        processes_naming(str(tmp)) or alive(zygote) or alive(monitor)
+    ) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_naming(str(tmp)) == []
     assert not alive(monitor) and not alive(zygote)
@@ -260,3 +263,51 @@ def test_where_kernels_cannot_be_forked_they_are_execd_and_one_line_says_why(
     said = [r.getMessage() for r in caplog.records]
     assert said == ["kernels start by exec, not fork: forked kernels need the bwrap sandbox"]
     assert not _fork_start(settings.model_copy(update={"kernel_start": "exec"}))
+
+
+# The sandbox's own probes (tests/test_sandbox.py), unchanged, against a forked kernel.
+
+
+@pytest.fixture
+async def forked_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    from tests import test_sandbox as ts
+
+    settings = ts.bwrap_settings().model_copy(
+        update={"kernel_start": "fork", "autofile_dir": tmp_path / "autofile"}
+    )
+    if (reason := forkserver.why_not(settings)) is not None:
+        pytest.skip(reason)
+    # The server has secrets in its environment; the zygote and kernel must not.
+    monkeypatch.setenv("OPENAI_API_KEY", ts.SECRET)
+    monkeypatch.setenv("AUTOCODER_API_TOKEN", ts.SECRET)
+    await forkserver.zygote_for(settings).ready()
+    async with KernelSession(settings) as k:
+        assert isinstance(process_of(k), forkserver.ForkedProcess)
+        assert k.workdir is not None and k.runtime_dir is not None
+        yield ts.Box(k.km, k.kc, k.workdir, k.runtime_dir)  # type: ignore[arg-type]
+
+
+SANDBOX_PROBES = [
+    "test_environment_has_no_secrets",
+    "test_project_tree_and_home_are_read_only",
+    "test_tmp_and_home_are_private",
+    "test_rlimits_in_force",
+    "test_process_limit_holds",
+    "test_interrupt_by_message",
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("probe", SANDBOX_PROBES)
+async def test_the_sandbox_probes_pass_against_a_forked_kernel(forked_box: Any, probe: str) -> None:
+    from tests import test_sandbox as ts
+
+    await getattr(ts, probe)(forked_box)
+
+
+@pytest.mark.timeout(120)
+async def test_a_forked_kernel_cannot_reach_the_host_loopback(forked_box: Any) -> None:
+    from tests import test_sandbox as ts
+
+    with contextlib.contextmanager(ts.listener.__wrapped__)() as srv:  # type: ignore[attr-defined]
+        await ts.test_no_network_to_host_loopback(forked_box, srv)
