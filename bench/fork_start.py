@@ -147,7 +147,8 @@ async def main() -> None:
     sandbox.check_available(base)
     meter = CpuMeter()
     try:
-        for s in settings.values():  # the sandbox probe, the zygote, disk caches: untimed
+        await forkserver.zygote_for(settings["fork"]).ready()
+        for s in settings.values():  # the sandbox probe, disk caches: untimed
             await cycle(s, meter, memory=False)
         rows: dict[str, list[dict[str, float]]] = {"exec": [], "fork": []}
         for i in range(args.repeat):
