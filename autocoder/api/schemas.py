@@ -47,6 +47,14 @@ class RunRequest(BaseModel):
         max_length=200,
         description="The model to ask, by the endpoint's name for it. Default AUTOCODER_MODEL.",
     )
+    language: str | None = Field(
+        None,
+        min_length=1,
+        max_length=40,
+        description="The language to write and run the code in: `python` (the default), "
+        "`bash`, `javascript`, `typescript` or `r`, as far as this server has their kernels "
+        "(`GET /languages`). Sessions run Python only.",
+    )
 
     @field_validator("max_attempts", mode="before")
     @classmethod
@@ -99,6 +107,18 @@ def request_components() -> dict[str, Any]:
         },
     }
     return {"RunRequest": schema, "RunUpload": upload}
+
+
+class LanguageInfo(BaseModel):
+    """A language autocoder knows, and whether this server can run it."""
+
+    language: str = Field(description="Its name, as `POST /run` takes it in `language`.")
+    title: str = Field(description="Its name as people write it.")
+    available: bool = Field(description="Whether this server has its kernel.")
+    kernel: str = Field(description="The kernelspec that runs it here.")
+    reason: str | None = Field(
+        default=None, description="Why it is not available, and what installs it."
+    )
 
 
 class RunPage(BaseModel):

@@ -148,6 +148,10 @@ async def run_in_session(
     request: Request,
     service: ServiceDep,
 ) -> Any:
+    if given.req.language not in (None, "python"):
+        raise RequestValidationError(
+            [field_error("language", "a session's kernel is Python; use POST /run for others")]
+        )
     sessions = service.sessions
     try:
         session = sessions.claim(known.info.session_id, given.files)
