@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 INTERRUPT_GRACE = 2.0
 REPLY_TIMEOUT = 2.0
+SETTLE_QUIET = 0.1
+SETTLE_MAX = 1.0
 POLL_INTERVAL = 0.25
 # What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
 # of it. IPython's own reset() does that too, but also a full gc.collect() and a rebuild of its
@@ -370,10 +372,12 @@ class KernelSession:
             if self.language.name != "python":
                 await self._await_iopub()
         except BaseException as e:
+            said = " ".join(self.kernel_log(300).split()[-40:])
             await asyncio.shield(self._stop_kernel())
             self._drop_empty_workdir()
             if isinstance(e, Exception):
-                raise KernelStartError(f"the kernel did not start: {e}") from e
+                why = f" (it said: {said})" if said else ""
+                raise KernelStartError(f"the kernel did not start: {e}{why}") from e
             raise
 
     async def _await_iopub(self) -> None:
@@ -416,6 +420,8 @@ class KernelSession:
         start = time.monotonic()
         msg_id = self.kc.execute(self.language.wrap(code), store_history=False, allow_stdin=False)
         outcome = await self._drain(msg_id, collector, start + timeout)
+        if outcome == "idle" and self.language.late_output:
+            await self._settle(msg_id, collector)
         if outcome == "idle" and collector.error is None:
             await self._reply_error(msg_id, collector)
         if outcome in {"timeout", "cut"}:
@@ -455,6 +461,18 @@ class KernelSession:
             collector.add(msg)
             if collector.over and not interrupted_for_flood:
                 return "cut"
+
+    async def _settle(self, msg_id: str, collector: OutputCollector) -> None:
+        """Collect what a kernel publishes after it said idle (Deno sends the last of its
+        console output after idle): until iopub is quiet for SETTLE_QUIET, at most SETTLE_MAX."""
+        end = time.monotonic() + SETTLE_MAX
+        while (remaining := end - time.monotonic()) > 0:
+            try:
+                msg = await self.kc.get_iopub_msg(timeout=min(remaining, SETTLE_QUIET))
+            except queue.Empty:
+                return
+            if msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] != "status":
+                collector.add(msg)
 
     async def _reply_error(self, msg_id: str, collector: OutputCollector) -> None:
         """Some kernels only print an error and mark the reply `status: error`: that counts too."""

@@ -58,6 +58,8 @@ class Language:
     # no cheap way (a fresh kernel). Python's is kernel.RESET_CODE.
     reset_code: str | None = ""
     # A cell that fails with this message: what a failed run's notebook ends with.
+    # The kernel may publish output after its idle status (Deno's console output does).
+    late_output: bool = False
     fail: Callable[[str], str] = field(default=lambda message: f"raise RuntimeError({message!r})")
 
     def kernel_name(self, settings: Settings) -> str:
@@ -324,6 +326,7 @@ JAVASCRIPT = Language(
     language_info=_DENO_INFO,
     check=_check_deno(".js"),
     missing=_deno_missing,
+    late_output=True,
     fail=lambda message: f"throw new Error({json.dumps(message)});",
 )
 
@@ -344,6 +347,7 @@ TYPESCRIPT = Language(
     language_info=_DENO_INFO,
     check=_check_deno(".ts"),
     missing=_deno_missing,
+    late_output=True,
     fail=lambda message: f"throw new Error({json.dumps(message)});",
 )
 
@@ -456,4 +460,4 @@ def extract(reply: str, lang: Language) -> str:
     """The code in a reply, for this language: see llm.extract_code."""
     from autocoder.llm import extract_code
 
-    return extract_code(reply, lang.fences)
+    return extract_code(reply, lang.fences, any_fence=lang is not PYTHON)

@@ -550,7 +550,7 @@ class _Run:
         )
         self.model = completion.model or self.model
         lang = self.language
-        code = extract_code(completion.text, lang.fences)
+        code = extract_code(completion.text, lang.fences, any_fence=lang is not languages.PYTHON)
         attempt = Attempt(
             number=number,
             status="error",

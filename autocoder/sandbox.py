@@ -27,6 +27,7 @@ import resource
 import shutil
 import signal
 import site
+import stat
 import subprocess
 import sys
 import tempfile
@@ -387,6 +388,8 @@ def _main_other(args: argparse.Namespace, limits: Limits, connection_file: Path)
     )
     if interrupt_r is not None:
         fds.append(interrupt_r)
+    if lifeline.isdigit() and _is_pipe(int(lifeline)):
+        fds.append(int(lifeline))  # bwrap's own child is started with only the fds named
     for fd in fds:
         os.set_inheritable(fd, True)
     _apply_limits(limits, dedicated_uid=uid is not None)
@@ -422,6 +425,13 @@ def _stay_resident(cmd: list[str], fds: list[int], interrupt_w: int) -> NoReturn
     signal.signal(signal.SIGTERM, stop)
     code = child.wait()
     os._exit(128 - code if code < 0 else code)
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _die_with_parent() -> None:

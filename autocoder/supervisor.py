@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 from typing import Any
 
@@ -84,6 +85,13 @@ async def _relay(
     await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
 
 
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
@@ -101,6 +109,8 @@ async def supervise(args: argparse.Namespace) -> int:
             servers.append(
                 await asyncio.start_unix_server(functools.partial(_relay, target), path=path)
             )
+    if args.lifeline is not None and not _is_pipe(args.lifeline):
+        args.lifeline = None  # started without the pipe: nothing to watch
     if args.lifeline is not None and select.select([args.lifeline], [], [], 0)[0]:
         return 1  # the server is already gone
     kernel = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
