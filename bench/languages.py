@@ -76,9 +76,7 @@ async def main() -> None:
     print(f"{'language':<12}{'start (s)':>10}{'x python':>10}{'execute (ms)':>14}{'x python':>10}")
     for name in measured:
         s, e = statistics.median(starts[name]), statistics.median(trips[name])
-        print(
-            f"{name:<12}{s:>10.2f}{s / base_start:>10.2f}{e * 1000:>14.1f}{e / base_trip:>10.2f}"
-        )
+        print(f"{name:<12}{s:>10.2f}{s / base_start:>10.2f}{e * 1000:>14.1f}{e / base_trip:>10.2f}")
     for a in missing:
         print(f"{a.language:<12}not measured: {a.reason}")
 
