@@ -421,10 +421,17 @@ def availability(settings: Settings) -> list[Availability]:
     for lang in LANGUAGES:
         name = lang.kernel_name(settings)
         reason = lang.missing(settings)
+        if reason is None and lang is not PYTHON and not offered(lang, settings):
+            reason = "not offered by this server (AUTOCODER_LANGUAGES)"
         if reason is None and not (root / name / "kernel.json").is_file():
             reason = f"autocoder's kernelspec {name} is missing from {root}"
         out.append(Availability(lang.name, lang.title, reason is None, name, reason))
     return out
+
+
+def offered(lang: Language, settings: Settings) -> bool:
+    wanted = {w.strip().lower() for w in settings.languages.split(",") if w.strip()}
+    return "all" in wanted or lang.name in wanted
 
 
 def installed(settings: Settings) -> list[str]:

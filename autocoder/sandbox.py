@@ -403,7 +403,24 @@ def _main_other(args: argparse.Namespace, limits: Limits, connection_file: Path)
 
 def _stay_resident(cmd: list[str], fds: list[int], interrupt_w: int) -> NoReturn:
     """Run bwrap as a child in its own process group, and turn each SIGINT into a byte the
-    supervisor inside reads; end with bwrap's status. SIGTERM ends bwrap (and the sandbox)."""
+    supervisor inside reads; end with bwrap's status. SIGTERM ends bwrap (and the sandbox).
+
+    The handlers are in place before bwrap starts (exec gives bwrap the default ones back),
+    so an interrupt that comes early is passed on too, never the end of the kernel."""
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            os.write(interrupt_w, b"i")
+
+    def stop(signum: int, frame: object) -> None:
+        if child is None:
+            os._exit(128 + signum)
+        with contextlib.suppress(OSError):
+            child.kill()
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, stop)
     try:
         child = subprocess.Popen(
             cmd, pass_fds=fds, start_new_session=True, preexec_fn=_die_with_parent
@@ -412,17 +429,6 @@ def _stay_resident(cmd: list[str], fds: list[int], interrupt_w: int) -> NoReturn
         sys.exit(f"autocoder.sandbox: cannot start {cmd[0]}: {e}")
     for fd in fds:
         os.close(fd)
-
-    def forward(signum: int, frame: object) -> None:
-        with contextlib.suppress(OSError):
-            os.write(interrupt_w, b"i")
-
-    def stop(signum: int, frame: object) -> None:
-        with contextlib.suppress(OSError):
-            child.kill()
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, stop)
     code = child.wait()
     os._exit(128 - code if code < 0 else code)
 

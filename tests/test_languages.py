@@ -219,6 +219,14 @@ def test_an_unknown_or_missing_language_is_refused_naming_those_installed(
     )
     assert done.returncode == 2
     assert "unknown language 'cobol'" in done.stderr and "python" in done.stderr
+    only_python = subprocess.run(
+        [*autocoder_cmd(), "run", "--language", "r", "hello"],
+        env={**cli_env, "AUTOCODER_LANGUAGES": "python"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert only_python.returncode == 2 and "AUTOCODER_LANGUAGES" in only_python.stderr
     listed = subprocess.run(
         [*autocoder_cmd(), "kernels", "list"],
         env=cli_env,
