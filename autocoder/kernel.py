@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 INTERRUPT_GRACE = 2.0
 REPLY_TIMEOUT = 2.0
-SETTLE_QUIET = 0.1
+SETTLE_QUIET = 0.05
 SETTLE_MAX = 1.0
 POLL_INTERVAL = 0.25
 # What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
@@ -373,11 +373,13 @@ class KernelSession:
                 await self._await_iopub()
         except BaseException as e:
             said = " ".join(self.kernel_log(300).split()[-40:])
+            status = self.exit_status()
             await asyncio.shield(self._stop_kernel())
             self._drop_empty_workdir()
             if isinstance(e, Exception):
-                why = f" (it said: {said})" if said else ""
-                raise KernelStartError(f"the kernel did not start: {e}{why}") from e
+                why = f"; {status}" + (f", saying: {said}" if said else "")
+                name = self.language.kernel_name(self.settings)
+                raise KernelStartError(f"the kernel ({name}) did not start: {e}{why}") from e
             raise
 
     async def _await_iopub(self) -> None:
@@ -718,10 +720,20 @@ def _is_orphan(pid: int, runtime_dir: Path, stale: set[Path]) -> bool:
     env = dict(v.decode("utf-8", "replace").partition("=")[::2] for v in environ if b"=" in v)
     if sandbox.RUNTIME_DIR_VAR not in env:
         return False  # not a launcher (or bwrap) started with kernel_env
+    if _names_runtime_dir(ppid, runtime_dir):
+        return False  # bwrap's own child, or a resident launcher's bwrap: its parent decides
     parent = env.get(sandbox.PARENT_PID_VAR)
     if parent is None:
         return ppid == 1  # started by an autocoder from before the parent was named
     return parent != str(ppid)
+
+
+def _names_runtime_dir(pid: int, runtime_dir: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return False
+    return any(_CONNECTION_FILE.search(a) and Path(a).parent == runtime_dir for a in argv)
 
 
 def _running(pid: int) -> bool:

@@ -13,6 +13,7 @@ the kernel, which does not type-check either), R's `parse()`.
 
 from __future__ import annotations
 
+import base64
 import functools
 import importlib.util
 import json
@@ -162,8 +163,10 @@ def check_r(code: str) -> ErrorInfo | None:
 
 def _bash_wrap(code: str) -> str:
     """In a subshell: the first failing command stops it with its status, as an exception
-    stops Python, and an `exit` ends the subshell, not the kernel's shell."""
-    return f"(\nset -eo pipefail\n{code.rstrip()}\n)"
+    stops Python, and an `exit` ends the subshell, not the kernel's shell. On one line, as
+    base64: bash_kernel sends a cell line by line and waits for each prompt (~50 ms a line)."""
+    encoded = base64.b64encode(code.encode("utf-8")).decode("ascii")
+    return f'(set -eo pipefail; eval "$(printf %s {encoded} | base64 -d)")'
 
 
 def _bash_error(error: ErrorInfo) -> str:

@@ -423,7 +423,13 @@ def _stay_resident(cmd: list[str], fds: list[int], interrupt_w: int) -> NoReturn
     signal.signal(signal.SIGTERM, stop)
     try:
         child = subprocess.Popen(
-            cmd, pass_fds=fds, start_new_session=True, preexec_fn=_die_with_parent
+            cmd,
+            pass_fds=fds,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            # bwrap's parent is this launcher: a sweep (kernel.sweep_leftovers) must not take
+            # it for one whose server is gone.
+            env={**os.environ, PARENT_PID_VAR: str(os.getpid())},
         )
     except OSError as e:
         sys.exit(f"autocoder.sandbox: cannot start {cmd[0]}: {e}")

@@ -21,7 +21,7 @@ from nbclient import NotebookClient
 
 from autocoder import languages
 from autocoder.config import Settings
-from autocoder.kernel import KernelProvider, KernelSession
+from autocoder.kernel import KernelProvider, KernelSession, sweep_leftovers
 from autocoder.records import ErrorKind
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM
@@ -245,3 +245,18 @@ def test_an_unknown_or_missing_language_is_refused_naming_those_installed(
         bad = httpx.post(f"{live.url}/run", json={"prompt": "hi", "language": "cobol"}, timeout=30)
         assert bad.status_code == 422
         assert "python" in bad.text and "cobol" in bad.text
+
+
+@pytest.mark.parametrize("language", ["python", "r"])
+async def test_a_sweep_by_another_autocoder_leaves_a_running_kernel_alone(
+    settings: Settings, language: str
+) -> None:
+    """bwrap's child, and bwrap under a resident launcher (R's forwards interrupts), have a
+    parent that is not the server: a sweep for what a dead server left must see them alive."""
+    if language == "r":
+        _needs(CASES[-1], settings)
+    async with KernelSession(settings, language=language) as session:
+        assert sweep_leftovers().processes == 0
+        code = "print(1 + 1)" if language == "python" else "cat(1 + 1)"
+        result = await session.execute(code, timeout=30)
+        assert result.ok and result.text.strip() == "2"
