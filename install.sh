@@ -103,7 +103,7 @@ echo "install.sh: autocoder installed for $("$python" -c 'import sys; print(sys.
 if [[ -n "$languages" ]]; then
   "$python" -m bash_kernel.install --sys-prefix >/dev/null
   if command -v deno >/dev/null 2>&1; then
-    deno jupyter --install >/dev/null 2>&1 || echo "install.sh: deno jupyter --install failed" >&2
+    deno jupyter --install --force >/dev/null 2>&1 || echo "install.sh: deno jupyter --install failed" >&2
   fi
   "$python" -m autocoder kernels list >&2
 fi
