@@ -4,11 +4,20 @@
 # PostgreSQL (the shared run store's tests) from apt,
 # then the package (and, with --test, its test tools) with pip
 # into the Python that runs this script (your virtual environment, if one is active).
+# --languages adds the kernels of the other languages (--test does too, so the tests run them
+# all): Bash's from PyPI, Deno's (JavaScript/TypeScript) from npm, IRkernel from Debian.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 extras=""
-[[ "${1:-}" == "--test" ]] && extras="[test]"
+languages=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="[test,languages]"; languages=1 ;;
+    --languages) languages=1; [[ -z "$extras" ]] && extras="[languages]" ;;
+    *) echo "install.sh: unknown option $arg (use --test or --languages)" >&2; exit 2 ;;
+  esac
+done
 
 sudo=""
 [[ $(id -u) -ne 0 ]] && sudo="sudo"
@@ -32,7 +41,7 @@ if ! command -v bwrap >/dev/null 2>&1; then
 fi
 
 # The web page's tests drive the system's Chromium (Playwright never downloads a browser).
-if [[ -n "$extras" ]] && ! command -v chromium >/dev/null 2>&1; then
+if [[ "$extras" == *test* ]] && ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     echo "install.sh: installing chromium (the web page's browser tests) with apt-get" >&2
     apt_install chromium
@@ -42,7 +51,7 @@ if [[ -n "$extras" ]] && ! command -v chromium >/dev/null 2>&1; then
 fi
 
 # The PostgreSQL run store's tests start a throwaway cluster with Debian's server binaries.
-if [[ -n "$extras" ]] && ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null \
+if [[ "$extras" == *test* ]] && ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null \
   && ! command -v postgres >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     echo "install.sh: installing postgresql (the PostgreSQL run store's tests) with apt-get" >&2
@@ -63,5 +72,38 @@ fi
 
 python="${PYTHON:-python3}"
 command -v "$python" >/dev/null 2>&1 || python=python
+# The other languages' kernels: R and IRkernel from Debian, Deno from npm (its package carries
+# the binary for this platform; nothing else is downloaded).
+if [[ -n "$languages" ]]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    if ! command -v R >/dev/null 2>&1 || [[ ! -d /usr/lib/R/site-library/IRkernel ]]; then
+      echo "install.sh: installing R and IRkernel with apt-get" >&2
+      apt_install r-base-core r-cran-irkernel
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+      echo "install.sh: installing npm with apt-get (for Deno)" >&2
+      apt_install npm
+    fi
+  fi
+  if ! command -v deno >/dev/null 2>&1; then
+    if command -v npm >/dev/null 2>&1; then
+      echo "install.sh: installing Deno (JavaScript/TypeScript) with npm" >&2
+      timeout 600 $sudo npm install -g --no-fund --no-audit --loglevel=error deno >/dev/null
+    else
+      echo "install.sh: npm is missing; JavaScript/TypeScript will not be available" >&2
+    fi
+  fi
+fi
+
 "$python" -m pip install --disable-pip-version-check -q -e ".${extras}"
 echo "install.sh: autocoder installed for $("$python" -c 'import sys; print(sys.executable)')" >&2
+
+# Jupyter's own kernelspecs for the languages, which the run notebooks name (bash, deno, ir),
+# so that a notebook re-runs in JupyterLab. IRkernel's comes with the Debian package.
+if [[ -n "$languages" ]]; then
+  "$python" -m bash_kernel.install --sys-prefix >/dev/null
+  if command -v deno >/dev/null 2>&1; then
+    deno jupyter --install --force >/dev/null 2>&1 || echo "install.sh: deno jupyter --install failed" >&2
+  fi
+  "$python" -m autocoder kernels list >&2
+fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from autocoder import __version__, files, sandbox
+from autocoder import __version__, files, languages, sandbox
 from autocoder.config import Settings, load_settings, prepare_dirs, writable_dir
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.records import ErrorKind, Event, RunResult
@@ -165,6 +166,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{settings.max_prompt_chars:,} (AUTOCODER_MAX_PROMPT_CHARS)"
         )
     try:
+        language = languages.resolve(args.language, settings)
+    except languages.LanguageUnavailable as e:
+        _fail(str(e))
+    try:
         inputs = files.read_local(args.file or [], settings)
     except files.FileRefused as e:
         _fail(str(e))
@@ -178,7 +183,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             model = await runner.llm()
             progress.say(f"using the {model.backend} model {await model.resolve_model()}")
-            return await runner.run(prompt, on_event=progress, inputs=inputs)
+            return await runner.run(
+                prompt, on_event=progress, inputs=inputs, language=language.name
+            )
         finally:
             await runner.close()
 
@@ -347,6 +354,20 @@ def cmd_kernels_install(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_kernels_list(args: argparse.Namespace) -> int:
+    """Which languages this installation can run, and what installs the others."""
+    found = languages.availability(_settings(args))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(a) for a in found], indent=2))
+        return EXIT_OK
+    for a in found:
+        if a.available:
+            print(f"{a.language:<11} yes  kernelspec {a.kernel}")
+        else:
+            print(f"{a.language:<11} no   {a.title}: {a.reason}")
+    return EXIT_OK
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from autocoder import local_model
 
@@ -412,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate and run code for a prompt")
     run.add_argument("prompt", nargs="*", help="the task; asked for interactively when omitted")
     run.add_argument("--json", action="store_true", help="print the result as the API's JSON")
+    run.add_argument(
+        "--language",
+        "-l",
+        metavar="LANG",
+        help="write and run the code in this language: python (default), bash, javascript, "
+        "typescript, r (`autocoder kernels list` says which are installed)",
+    )
     _add_run_options(run, what="the code")
     run.set_defaults(func=cmd_run)
 
@@ -433,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--user", action="store_true", help="into the user's Jupyter data dir")
     install.add_argument("--prefix", help="into this prefix (e.g. sys.prefix of a venv)")
     install.set_defaults(func=cmd_kernels_install)
+    klist = ksub.add_parser("list", help="which languages this installation can run, and why not")
+    klist.add_argument("--json", action="store_true")
+    klist.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
+    klist.set_defaults(func=cmd_kernels_list)
 
     model = sub.add_parser("model", help="the embedded local model")
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)

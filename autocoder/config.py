@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     kernel_python: Path | None = Field(
         None, description="Another interpreter (with ipykernel) to run the kernels with."
     )
+    languages: str = Field(
+        "all",
+        description="The languages offered besides Python, comma-separated "
+        "(bash,javascript,typescript,r), or `all` of those whose kernels are installed.",
+    )
 
     kernel_start: Literal["fork", "exec"] = Field(
         "fork",

@@ -32,7 +32,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbformat.v4 import output_from_msg
 
-from autocoder import forkserver, output_cap, sandbox
+from autocoder import forkserver, languages, output_cap, sandbox
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
 from autocoder.records import ErrorInfo, ErrorKind, Execution
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
 INTERRUPT_GRACE = 2.0
+REPLY_TIMEOUT = 2.0
+SETTLE_QUIET = 0.05
+SETTLE_MAX = 1.0
 POLL_INTERVAL = 0.25
 # What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
 # of it. IPython's own reset() does that too, but also a full gc.collect() and a rebuild of its
@@ -98,8 +101,9 @@ def workdirs_root(settings: Settings) -> Path:
     return settings.autofile_dir / ".work"
 
 
-def kernel_name(settings: Settings) -> str:
-    return "autocoder-sandbox" if settings.sandbox == "bwrap" else "autocoder-python"
+def kernel_name(settings: Settings, language: str = "python") -> str:
+    """The shipped kernelspec that runs `language` under the configured sandbox."""
+    return languages.get(language).kernel_name(settings)
 
 
 class OutputCollector:
@@ -314,8 +318,11 @@ def texts(outputs: list[dict[str, Any]]) -> tuple[str, str, str]:
 class KernelSession:
     """A started kernel that belongs to one run. Use as `async with KernelSession(s) as k`."""
 
-    def __init__(self, settings: Settings, *, work_root: Path | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, work_root: Path | None = None, language: str = "python"
+    ) -> None:
         self.settings = settings
+        self.language = languages.get(language)
         self.id = f"{owner_tag()}-{uuid.uuid4().hex[:12]}"
         self.work_root = work_root or workdirs_root(settings)
         self.workdir: Path | None = (self.work_root / self.id).resolve()
@@ -339,7 +346,7 @@ class KernelSession:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
         km = AsyncKernelManager(
             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir())]),
-            kernel_name=kernel_name(self.settings),
+            kernel_name=self.language.kernel_name(self.settings),
             transport="ipc",
             ip=str(self.runtime_dir / "k"),
             connection_file=str(self.runtime_dir / "kernel.json"),
@@ -369,10 +376,14 @@ class KernelSession:
             self.kc.start_channels()
             await self._wait_ready(time.monotonic() + STARTUP_TIMEOUT)
         except BaseException as e:
+            said = " ".join(self.kernel_log(300).split()[-40:])
+            status = self.exit_status()
             await asyncio.shield(self._stop_kernel())
             self._drop_empty_workdir()
             if isinstance(e, Exception):
-                raise KernelStartError(f"the kernel did not start: {e}") from e
+                why = f"; {status}" + (f", saying: {said}" if said else "")
+                name = self.language.kernel_name(self.settings)
+                raise KernelStartError(f"the kernel ({name}) did not start: {e}{why}") from e
             raise
 
     async def _wait_ready(self, deadline: float) -> None:
@@ -437,8 +448,12 @@ class KernelSession:
             raise KernelStartError("the kernel session is not started")
         collector = OutputCollector(max_output_bytes or self.settings.max_output_bytes, on_output)
         start = time.monotonic()
-        msg_id = self.kc.execute(code, store_history=False, allow_stdin=False)
+        msg_id = self.kc.execute(self.language.wrap(code), store_history=False, allow_stdin=False)
         outcome = await self._drain(msg_id, collector, start + timeout)
+        if outcome == "idle" and self.language.late_output:
+            await self._settle(msg_id, collector)
+        if outcome == "idle" and collector.error is None:
+            await self._reply_error(msg_id, collector)
         if outcome in {"timeout", "cut"}:
             await self.interrupt()
             if await self._drain(msg_id, collector, time.monotonic() + INTERRUPT_GRACE) != "idle":
@@ -477,6 +492,37 @@ class KernelSession:
             if collector.over and not interrupted_for_flood:
                 return "cut"
 
+    async def _settle(self, msg_id: str, collector: OutputCollector) -> None:
+        """Collect what a kernel publishes after it said idle (Deno sends the last of its
+        console output after idle): until iopub is quiet for SETTLE_QUIET, at most SETTLE_MAX."""
+        end = time.monotonic() + SETTLE_MAX
+        while (remaining := end - time.monotonic()) > 0:
+            try:
+                msg = await self.kc.get_iopub_msg(timeout=min(remaining, SETTLE_QUIET))
+            except queue.Empty:
+                return
+            if msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] != "status":
+                collector.add(msg)
+
+    async def _reply_error(self, msg_id: str, collector: OutputCollector) -> None:
+        """Some kernels only print an error and mark the reply `status: error`: that counts too."""
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                msg = await self.kc.get_shell_msg(timeout=remaining)
+            except queue.Empty:
+                return
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            content = msg.get("content", {})
+            if content.get("status") == "error":
+                collector.error = ErrorInfo(
+                    ename=str(content.get("ename", "") or "Error"),
+                    evalue=str(content.get("evalue", "")),
+                    traceback=[str(t) for t in content.get("traceback") or []],
+                )
+            return
+
     def kernel_log(self, limit: int = 2000) -> str:
         """The end of what the kernel process wrote to stderr (why it died, often)."""
         if self.runtime_dir is None:
@@ -512,7 +558,13 @@ class KernelSession:
         """Give the next attempt a clean namespace without the cost of a new kernel."""
         if self.kc is None:
             return
-        msg_id = self.kc.execute(RESET_CODE, silent=True, store_history=False)
+        code = RESET_CODE if self.language.name == "python" else self.language.reset_code
+        if code == "":
+            return  # nothing an attempt leaves can reach the next one
+        if code is None:
+            await self.replace()  # no cheap reset in this kernel: a fresh one
+            return
+        msg_id = self.kc.execute(code, silent=True, store_history=False)
         collector = OutputCollector(4096)
         outcome = await self._drain(msg_id, collector, time.monotonic() + 5)
         if outcome != "idle" or collector.error is not None:
@@ -707,10 +759,20 @@ def _is_orphan(pid: int, runtime_dir: Path, stale: set[Path]) -> bool:
     env = dict(v.decode("utf-8", "replace").partition("=")[::2] for v in environ if b"=" in v)
     if sandbox.RUNTIME_DIR_VAR not in env:
         return False  # not a launcher (or bwrap) started with kernel_env
+    if _names_runtime_dir(ppid, runtime_dir):
+        return False  # bwrap's own child, or a resident launcher's bwrap: its parent decides
     parent = env.get(sandbox.PARENT_PID_VAR)
     if parent is None:
         return ppid == 1  # started by an autocoder from before the parent was named
     return parent != str(ppid)
+
+
+def _names_runtime_dir(pid: int, runtime_dir: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return False
+    return any(_CONNECTION_FILE.search(a) and Path(a).parent == runtime_dir for a in argv)
 
 
 def _running(pid: int) -> bool:
@@ -723,11 +785,12 @@ def _running(pid: int) -> bool:
 class KernelProvider:
     """Hands each run a started kernel that no other run has used. This one starts them on demand."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, language: str = "python") -> None:
         self.settings = settings
+        self.language = language
 
     async def acquire(self) -> KernelSession:
-        session = KernelSession(self.settings)
+        session = KernelSession(self.settings, language=self.language)
         await session.start()
         return session
 

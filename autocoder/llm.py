@@ -32,15 +32,26 @@ _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DO
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 
 
-def extract_code(reply: str) -> str:
-    """The code in a model's reply: its python fenced blocks, else any fenced block, else all of it.
+PYTHON_FENCES = ("python", "py", "python3", "ipython")
 
-    Several python blocks are joined in order (models sometimes split a program); a reply
-    with no fence is taken whole, as the original AutoCoder did.
+
+def extract_code(
+    reply: str, fences: tuple[str, ...] = PYTHON_FENCES, *, any_fence: bool = False
+) -> str:
+    """The code in a model's reply: its blocks fenced as the language (Python unless `fences`
+    says otherwise), else any unnamed fenced block, else all of it.
+
+    Several such blocks are joined in order (models sometimes split a program); a reply
+    with no fence is taken whole, as the original AutoCoder did. With `any_fence`, blocks
+    fenced as another language are taken last, so that code in the wrong language reaches
+    the syntax check and the model is told what it wrote.
     """
     blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(reply)]
-    python = [b for lang, b in blocks if lang in {"python", "py", "python3", "ipython"}]
-    chosen = python or [b for lang, b in blocks if lang in {"", "code"}]
+    wanted = {f.lower() for f in fences}
+    named = [b for lang, b in blocks if lang in wanted]
+    chosen = named or [b for lang, b in blocks if lang in {"", "code"}]
+    if not chosen and any_fence:
+        chosen = [b for _, b in blocks]
     if not blocks:
         text = reply.strip()
         return "" if _looks_like_prose(text) else text + "\n"

@@ -13,7 +13,6 @@ import html
 import os
 import re
 import stat
-import sys
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from autocoder import __version__
+from autocoder import __version__, languages
 from autocoder.records import Attempt, ErrorKind, RunResult
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
@@ -288,7 +287,7 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[A
         summary = f"<b>Attempt {attempt.number}/{total}</b> — {html.escape(plain)}"
         body = [f"<details><summary>{summary}</summary>\n"]
         if attempt.code:
-            body.append(_fence(attempt.code, "python"))
+            body.append(_fence(attempt.code, languages.get(attempt.language).fences[0]))
         if attempt.output:
             body.append("Output:\n\n" + _fence(cap_text(attempt.output)))
         error = attempt.error or (attempt.reply.strip() if not attempt.code else "")
@@ -363,32 +362,29 @@ def failed_cells(result: RunResult, *, timeout: float | None = None) -> list[Any
         new_markdown_cell(
             f"**This run failed** ({kind}) after {len(result.attempts)} attempt(s): {why}"
         ),
-        new_code_cell(f"raise RuntimeError({f'autocoder run {result.run_id} failed: {plain}'!r})"),
+        new_code_cell(
+            languages.get(result.language).fail(f"autocoder run {result.run_id} failed: {plain}")
+        ),
     ]
 
 
-def language_info() -> dict[str, Any]:
-    """All of what ipykernel reports, so a front end that starts the kernel changes nothing."""
-    return {
-        "codemirror_mode": {"name": "ipython", "version": 3},
-        "file_extension": ".py",
-        "mimetype": "text/x-python",
-        "name": "python",
-        "nbconvert_exporter": "python",
-        "pygments_lexer": "ipython3",
-        "version": ".".join(map(str, sys.version_info[:3])),
-    }
+def language_info(language: str = "python") -> dict[str, Any]:
+    """All of what the kernel reports (ipykernel's for Python), so a front end that starts
+    the kernel changes nothing."""
+    return dict(languages.get(language).language_info)
 
 
 def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbformat.NotebookNode:
     nb = new_notebook()
-    nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    nb.metadata["language_info"] = language_info()
+    lang = languages.get(result.language)
+    nb.metadata["kernelspec"] = dict(lang.kernelspec)
+    nb.metadata["language_info"] = language_info(lang.name)
     nb.metadata["title"] = title_of(result)
     nb.metadata["autocoder"] = {
         "version": __version__,
         "run_id": result.run_id,
         "prompt": result.prompt,
+        "language": result.language,
         "model": result.model,
         "backend": result.backend,
         "status": result.status,

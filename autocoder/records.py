@@ -68,6 +68,7 @@ class RunFile(BaseModel):
 class Attempt(BaseModel):
     number: int = Field(description="1 for the first attempt.")
     status: Literal["success", "error"] = Field(description="`success` or `error`.")
+    language: str = Field(default="python", description="The language of its code.")
     code: str = Field(default="", description="The code this attempt ran.")
     reply: str = Field(default="", description="The model's whole reply.")
     output: str = Field(
@@ -121,6 +122,11 @@ class RunResult(BaseModel):
         description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."
     )
     prompt: str = Field(default="", description="The prompt, as given.")
+    language: str = Field(
+        default="python",
+        description="The language the code was written in and run as: python, bash, "
+        "javascript, typescript or r (`GET /languages` says which this server runs).",
+    )
     model: str = Field(default="", description="The model that wrote the code.")
     backend: str = Field(
         default="",

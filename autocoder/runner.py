@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from autocoder import asserts, files
+from autocoder import asserts, files, languages
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, LLMError
@@ -53,9 +53,18 @@ def _what_went_wrong(attempt: Attempt, timeout: float) -> str:
             "and nothing can be installed. Do without it: use the standard library and only "
             f"the packages the instructions list.\n{cut_middle(attempt.error, FEEDBACK_CHARS)}"
         )
+    lang = languages.get(attempt.language)
     if kind is ErrorKind.EMPTY:
-        return "Your reply contained no Python code. Reply with one fenced ```python block."
+        return (
+            f"Your reply contained no {lang.title} code. "
+            f"Reply with one fenced ```{lang.fences[0]} block."
+        )
     if kind is ErrorKind.SYNTAX:
+        if lang is not languages.PYTHON:
+            return (
+                f"The code is not valid {lang.title} (this runs in a {lang.title} kernel; "
+                f"write {lang.title}, not another language):\n{attempt.error}"
+            )
         return f"The code does not compile:\n{attempt.error}"
     if kind is ErrorKind.TIMEOUT:
         return (
@@ -93,8 +102,12 @@ def missing_module(text: str) -> str:
     return found.group(1) if found else "?"
 
 
-def system_prompt_for(settings: Settings) -> str:
-    """The default instructions, naming the data packages the kernels can import."""
+def system_prompt_for(settings: Settings, language: str = "python") -> str:
+    """The default instructions, naming the data packages the kernels can import
+    (another language's, in its own idiom)."""
+    lang = languages.get(language)
+    if lang is not languages.PYTHON:
+        return lang.idiom
     python = str(settings.kernel_python) if settings.kernel_python else None
     have = files.importable_packages(python)
     listed = ", ".join(have) if have else "none"
@@ -335,22 +348,7 @@ def dropped_checks(history: list[Attempt], code: str) -> Attempt | None:
 
 def check_syntax(code: str) -> ErrorInfo | None:
     """Compile without running; IPython magics (`%`, `!`) are left to the kernel."""
-    if any(line.lstrip().startswith(("%", "!")) for line in code.splitlines()):
-        return None
-    try:
-        compile(code, "<autocoder>", "exec")
-    except SyntaxError as e:
-        where = f"line {e.lineno}" if e.lineno else "somewhere"
-        lines = [f'  File "<autocoder>", {where}']
-        if e.text:
-            lines.append("    " + e.text.rstrip("\n"))
-            if e.offset:
-                lines.append("    " + " " * (e.offset - 1) + "^")
-        lines.append(f"{type(e).__name__}: {e.msg}")
-        return ErrorInfo(ename=type(e).__name__, evalue=str(e.msg), traceback=lines)
-    except (ValueError, OverflowError) as e:
-        return ErrorInfo(ename="SyntaxError", evalue=str(e), traceback=[f"SyntaxError: {e}"])
-    return None
+    return languages.check_python(code)
 
 
 class Runner:
@@ -369,6 +367,16 @@ class Runner:
         self._llm_lock = asyncio.Lock()
         self.kernels: ExecutorProvider[Any] = kernels or KernelProvider(settings)
         self.policy = policy
+        # Kernels of other languages start on demand, one provider each.
+        self._others: dict[str, KernelProvider] = {}
+
+    def provider(self, language: str) -> ExecutorProvider[Any]:
+        """Who hands out kernels for `language` (Python's is the one the Runner was given)."""
+        if language == "python":
+            return self.kernels
+        if language not in self._others:
+            self._others[language] = KernelProvider(self.settings, language=language)
+        return self._others[language]
 
     async def llm(self) -> LLM:
         async with self._llm_lock:
@@ -379,6 +387,8 @@ class Runner:
     async def close(self) -> None:
         if self._llm is not None:
             await self._llm.close()
+        for other in self._others.values():
+            await other.close()
         await self.kernels.close()
 
     async def run(
@@ -396,6 +406,7 @@ class Runner:
         task: str | None = None,
         kernels: ExecutorProvider[Any] | None = None,
         session_id: str = "",
+        language: str = "python",
     ) -> RunResult:
         """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
 
@@ -406,8 +417,10 @@ class Runner:
         `inputs` are copied into the kernel's working directory (read-only) before the first
         attempt and described to the model; files.FileRefused when they break a limit.
         A session passes its own `kernels` (the same kernel for each of its runs) and its
-        `session_id`, which the record carries.
+        `session_id`, which the record carries. `language` is one of languages.NAMES that
+        this installation runs (languages.resolve checks that; doors call it first).
         """
+        lang = languages.get(language)
         files.check_inputs(inputs, self.settings)
         settings = self.settings.model_copy(
             update={
@@ -417,10 +430,11 @@ class Runner:
             }
         )
         run = _Run(self, settings, prompt, run_id or new_run_id(), on_event, model, record)
-        run.kernels = kernels or self.kernels
+        run.kernels = kernels or self.provider(lang.name)
         run.session_id = session_id
+        run.language = lang
         if system_prompt is None:
-            system_prompt = await asyncio.to_thread(system_prompt_for, settings)
+            system_prompt = await asyncio.to_thread(system_prompt_for, settings, lang.name)
         run.system_prompt = system_prompt
         run.inputs = list(inputs)
         run.task = task or prompt
@@ -465,6 +479,7 @@ class _Run:
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.model = ""
         self.backend = ""
+        self.language = languages.PYTHON
 
     async def emit(self, type_: Any, attempt: int | None = None, **data: Any) -> None:
         if self.on_event is None:
@@ -534,10 +549,12 @@ class _Run:
             model=self.model_override,
         )
         self.model = completion.model or self.model
-        code = extract_code(completion.text)
+        lang = self.language
+        code = extract_code(completion.text, lang.fences, any_fence=lang is not languages.PYTHON)
         attempt = Attempt(
             number=number,
             status="error",
+            language=lang.name,
             code=code,
             reply=completion.text,
             llm_duration=completion.duration,
@@ -546,7 +563,7 @@ class _Run:
         )
         self.current = attempt
         if code and self.record:
-            attempt.filename = str(self.code_dir / f"generated_code_{number}.py")
+            attempt.filename = str(self.code_dir / f"generated_code_{number}{lang.suffix}")
             write_atomic(Path(attempt.filename), code)
         await self.emit(
             "code_generated",
@@ -559,7 +576,11 @@ class _Run:
         if not code:
             attempt.error_kind = ErrorKind.EMPTY
             attempt.error = "the model's reply contained no code"
-        elif (syntax := check_syntax(code)) is not None:
+        elif lang.check is not None and (
+            syntax := await asyncio.to_thread(lang.check, code)
+            if lang is not languages.PYTHON
+            else lang.check(code)
+        ):
             attempt.error_kind = ErrorKind.SYNTAX
             attempt.ename = syntax.ename
             attempt.error = "\n".join(syntax.traceback)
@@ -631,6 +652,8 @@ class _Run:
         elif result.kind is ErrorKind.KERNEL_DIED:
             detail = result.error.evalue if result.error else ""
             attempt.error = "kernel died" + (f": {detail}" if detail else "")
+        elif result.error is not None and self.language.clean_error is not None:
+            attempt.error = self.language.clean_error(result.error)
         elif result.error is not None:
             attempt.error = clean_traceback(result.error.traceback) or (
                 f"{result.error.ename}: {result.error.evalue}"
@@ -686,6 +709,7 @@ class _Run:
             error_kind=None if success else error_kind,
             run_id=self.run_id,
             prompt=self.prompt,
+            language=self.language.name,
             model=self.model,
             backend=self.backend,
             attempts=self.attempts,

@@ -27,10 +27,11 @@ import resource
 import shutil
 import signal
 import site
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
@@ -115,6 +116,8 @@ class Limits(NamedTuple):
     max_file_mb: int
     allow_network: bool = False
     kernel_python: Path | None = None
+    # A kernelspec's own address-space limit (--address-space-mb); never read from the env.
+    address_space_mb: int | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -276,14 +279,40 @@ def _probe_bwrap(allow_network: bool) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Apply the limits and exec the kernel; never returns."""
+    """Apply the limits and start the kernel: ipykernel by default, any kernel's argv after `--`."""
     _bind_to_parent()
     p = argparse.ArgumentParser(prog="python -m autocoder.sandbox")
     p.add_argument("--sandbox", choices=["bwrap", "none"], default="bwrap")
     p.add_argument("-f", dest="connection_file", required=True)
+    p.add_argument(
+        "--ro-bind", action="append", default=[], metavar="PATH", help="also visible, read-only"
+    )
+    p.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="set for the kernel"
+    )
+    p.add_argument(
+        "--forward-interrupt",
+        action="store_true",
+        help="stay resident and pass SIGINT on to the kernel (for interrupt_mode signal)",
+    )
+    p.add_argument(
+        "--tcp-relay",
+        action="store_true",
+        help="the kernel speaks TCP only: relay its ports to the IPC sockets, network still cut",
+    )
+    p.add_argument(
+        "--address-space-mb",
+        type=int,
+        metavar="MB",
+        help="this kernel's address-space limit instead of AUTOCODER_MEMORY_MB (0: none; "
+        "for runtimes that reserve far more than they use, as V8 does)",
+    )
+    p.add_argument("kernel", nargs="*", help="the kernel's argv (after --); ipykernel when none")
     args = p.parse_args(argv)
     settings = Limits.from_env(os.environ)
     connection_file = Path(args.connection_file).resolve()
+    if args.kernel:
+        _main_other(args, settings, connection_file)
     python = str(settings.kernel_python or sys.executable)
     lifeline = os.environ.get(LIFELINE_VAR, "")
     exec_lines = [_lifeline_line(int(lifeline))] if lifeline.isdigit() else []
@@ -294,11 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.sandbox == "none":
         _exec_unconfined(settings, [*kernel, *KERNEL_ARGS])
-    try:
-        workdir = Path(os.environ[WORKDIR_VAR]).resolve()
-        runtime_dir = Path(os.environ[RUNTIME_DIR_VAR]).resolve()
-    except KeyError as e:
-        sys.exit(f"autocoder.sandbox: {e.args[0]} is not set; start the launcher with kernel_env()")
+    workdir, runtime_dir = _run_dirs()
     _check_connection(connection_file, runtime_dir, settings.allow_network)
     uid = _dedicated_uid()
     if uid is not None:
@@ -314,6 +339,154 @@ def main(argv: list[str] | None = None) -> None:
         os.execv(cmd[0], cmd)
     except OSError as e:
         sys.exit(f"autocoder.sandbox: cannot exec {cmd[0]}: {e}")
+
+
+def _run_dirs() -> tuple[Path, Path]:
+    try:
+        return (
+            Path(os.environ[WORKDIR_VAR]).resolve(),
+            Path(os.environ[RUNTIME_DIR_VAR]).resolve(),
+        )
+    except KeyError as e:
+        sys.exit(f"autocoder.sandbox: {e.args[0]} is not set; start the launcher with kernel_env()")
+
+
+def _main_other(args: argparse.Namespace, limits: Limits, connection_file: Path) -> NoReturn:
+    """Any kernel's argv, under the same confinement as ipykernel's, with the options its
+    kernelspec names. A supervisor (supervisor.py) stays beside the kernel when the kernel
+    needs interrupts forwarded or its TCP relayed; with --forward-interrupt this launcher
+    stays resident too, since Jupyter's SIGINT would otherwise hit bwrap and end the sandbox."""
+    extra_env = dict(_expand(item, limits).partition("=")[::2] for item in args.env if "=" in item)
+    if args.address_space_mb is not None:
+        limits = limits._replace(address_space_mb=args.address_space_mb)
+    argv = _resolve_argv(args.kernel, limits)
+    binds = [Path(p) for p in args.ro_bind if Path(p).exists()]
+    program = Path(argv[0]).resolve()
+    if not program.is_relative_to("/usr") and not program.is_relative_to(sys.prefix):
+        binds.append(program.parent)  # a kernel installed outside /usr (a local npm prefix)
+    lifeline = os.environ.get(LIFELINE_VAR, "")
+    if args.sandbox == "none":
+        if args.tcp_relay:
+            argv = _supervised(argv, connection_file, relay=True, lifeline=lifeline)
+        os.environ.update(extra_env)
+        _exec_unconfined(limits, argv)
+    workdir, runtime_dir = _run_dirs()
+    _check_connection(connection_file, runtime_dir, limits.allow_network)
+    interrupt_r = interrupt_w = None
+    if args.forward_interrupt:
+        interrupt_r, interrupt_w = os.pipe()
+    if args.forward_interrupt or args.tcp_relay:
+        argv = _supervised(
+            argv, connection_file, relay=args.tcp_relay, lifeline=lifeline, interrupt_fd=interrupt_r
+        )
+    uid = _dedicated_uid()
+    if uid is not None:
+        _hand_over([workdir, runtime_dir], uid)
+        _join_cgroups(limits)
+    cmd, fds = _bwrap_argv(
+        limits, workdir, runtime_dir, connection_file, argv, uid, ro_binds=binds, env=extra_env
+    )
+    if interrupt_r is not None:
+        fds.append(interrupt_r)
+    if lifeline.isdigit() and _is_pipe(int(lifeline)):
+        fds.append(int(lifeline))  # bwrap's own child is started with only the fds named
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    _apply_limits(limits, dedicated_uid=uid is not None)
+    if interrupt_w is None:
+        try:
+            os.execv(cmd[0], cmd)
+        except OSError as e:
+            sys.exit(f"autocoder.sandbox: cannot exec {cmd[0]}: {e}")
+    _stay_resident(cmd, fds, interrupt_w)
+
+
+def _stay_resident(cmd: list[str], fds: list[int], interrupt_w: int) -> NoReturn:
+    """Run bwrap as a child in its own process group, and turn each SIGINT into a byte the
+    supervisor inside reads; end with bwrap's status. SIGTERM ends bwrap (and the sandbox).
+
+    The handlers are in place before bwrap starts (exec gives bwrap the default ones back),
+    so an interrupt that comes early is passed on too, never the end of the kernel."""
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            os.write(interrupt_w, b"i")
+
+    def stop(signum: int, frame: object) -> None:
+        if child is None:
+            os._exit(128 + signum)
+        with contextlib.suppress(OSError):
+            child.kill()
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        child = subprocess.Popen(
+            cmd,
+            pass_fds=fds,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            # bwrap's parent is this launcher: a sweep (kernel.sweep_leftovers) must not take
+            # it for one whose server is gone.
+            env={**os.environ, PARENT_PID_VAR: str(os.getpid())},
+        )
+    except OSError as e:
+        sys.exit(f"autocoder.sandbox: cannot start {cmd[0]}: {e}")
+    for fd in fds:
+        os.close(fd)
+    code = child.wait()
+    os._exit(128 - code if code < 0 else code)
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _expand(text: str, limits: Limits) -> str:
+    """`{memory_mb}` in a kernelspec's --env values: the kernel's own heap flag can follow the
+    setting (Deno's V8 heap, when its address space cannot be limited)."""
+    return text.replace("{memory_mb}", str(limits.memory_mb))
+
+
+def _resolve_argv(argv: list[str], limits: Limits) -> list[str]:
+    """argv[0] as an absolute path (R finds its home from it); `python` is ours."""
+    first = argv[0]
+    if first == "python":
+        first = str(limits.kernel_python or sys.executable)
+    elif "/" not in first:
+        found = shutil.which(first)
+        if found is None:
+            sys.exit(f"autocoder.sandbox: the kernel's program {first!r} is not on PATH")
+        first = found
+    return [first, *argv[1:]]
+
+
+def _supervised(
+    argv: list[str],
+    connection_file: Path,
+    *,
+    relay: bool,
+    lifeline: str = "",
+    interrupt_fd: int | None = None,
+) -> list[str]:
+    """argv run under supervisor.py, with the standard library only (-I -S)."""
+    source = Path(__file__).with_name("supervisor.py").read_text(encoding="utf-8")
+    cmd = [sys.executable, "-I", "-S", "-c", source]
+    if interrupt_fd is not None:
+        cmd += ["--interrupt-fd", str(interrupt_fd)]
+    if lifeline.isdigit():
+        cmd += ["--lifeline", lifeline]
+    if relay:
+        cmd += ["--relay", str(connection_file)]
+    return [*cmd, "--", *argv]
 
 
 def _dedicated_uid() -> int | None:
@@ -371,13 +544,18 @@ def _check_connection(connection_file: Path, runtime_dir: Path, allow_network: b
 def _limits(limits: Limits, nproc: int) -> dict[int, int]:
     mib = 2**20
     return {
-        resource.RLIMIT_AS: limits.memory_mb * mib,
+        resource.RLIMIT_AS: _address_space(limits),
         resource.RLIMIT_CPU: limits.cpu_seconds,
         resource.RLIMIT_NPROC: nproc,
         resource.RLIMIT_NOFILE: limits.max_open_files,
         resource.RLIMIT_FSIZE: limits.max_file_mb * mib,
         resource.RLIMIT_CORE: 0,
     }
+
+
+def _address_space(limits: Limits) -> int:
+    mb = limits.memory_mb if limits.address_space_mb is None else limits.address_space_mb
+    return mb * 2**20 if mb > 0 else resource.RLIM_INFINITY
 
 
 def _apply_limits(limits: Limits, dedicated_uid: bool) -> None:
@@ -388,7 +566,7 @@ def _apply_limits(limits: Limits, dedicated_uid: bool) -> None:
     for kind, value in _limits(limits, nproc).items():
         _, hard = resource.getrlimit(kind)
         if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
+            value = hard if value == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(kind, (value, value))
 
 
@@ -426,6 +604,9 @@ def _bwrap_argv(
     connection_file: Path | None,
     command: list[str],
     uid: int | None,
+    *,
+    ro_binds: Sequence[Path] = (),
+    env: Mapping[str, str] | None = None,
 ) -> tuple[list[str], list[int]]:
     """The bwrap command line and the fds it reads (synthetic /etc/passwd and /etc/group).
 
@@ -450,9 +631,8 @@ def _bwrap_argv(
     a += _parents(Path(SANDBOX_HOME))
     for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777"), (SANDBOX_HOME, "0700")):
         a += ["--perms", mode, "--size", tmpfs_bytes, "--tmpfs", path]
-    a += _ro_binds(
-        _python_dirs(limits.kernel_python)
-    )  # after the tmpfs mounts, so a venv under /tmp stays visible
+    # After the tmpfs mounts, so a venv under /tmp stays visible.
+    a += _ro_binds(_python_dirs(limits.kernel_python) + [Path(p) for p in ro_binds])
     a += _parents(workdir, runtime_dir)
     a += ["--bind", str(workdir), str(workdir), "--bind", str(runtime_dir), str(runtime_dir)]
     if connection_file is not None:
@@ -463,7 +643,7 @@ def _bwrap_argv(
         a += ["--perms", "0644", "--ro-bind-data", str(fd), name]
     a += ["--remount-ro", "/"]
     a += ["--clearenv"] if uid is not None else ["--chdir", str(workdir), "--clearenv"]
-    for key, value in _inner_env().items():
+    for key, value in {**_inner_env(), **(env or {})}.items():
         a += ["--setenv", key, value]
     a += ["--"]
     if uid is not None:

@@ -48,6 +48,7 @@ def served(
         max_request_timeout=2.0,
         timeout=2.0,
         max_sessions=2,  # each session keeps a kernel started
+        languages="python",  # the others' kernels start on demand: tests/test_languages.py
         api_token=TOKEN if token else None,
     )
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from autocoder import languages
 from autocoder.errors import ConfigError, LLMError
 from autocoder.llm import OpenAIChat, clean_traceback, connect, cut_middle, extract_code
 from autocoder.testing import Reply, ScriptedLLM
@@ -22,6 +23,14 @@ def test_joins_several_python_blocks_in_order() -> None:
 def test_prefers_python_blocks_over_other_languages() -> None:
     reply = "```bash\npip install numpy\n```\n```python\nimport numpy\n```"
     assert extract_code(reply) == "import numpy\n"
+
+
+def test_another_language_takes_its_own_fence_and_any_other_last() -> None:
+    r_fences = languages.R.fences
+    reply = "```python\nprint(1)\n```\n```r\ncat(2)\n```"
+    assert extract_code(reply, r_fences, any_fence=True) == "cat(2)\n"
+    # Python sent for R still reaches R's syntax check, which says what is wrong.
+    assert extract_code("```python\nimport os\n```", r_fences, any_fence=True) == "import os\n"
 
 
 def test_an_unlabelled_fence_is_code() -> None:

@@ -17,13 +17,13 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from autocoder import __version__, sandbox
+from autocoder import __version__, languages, sandbox
 from autocoder.api import errors
 from autocoder.api.admission import Admission
 from autocoder.api.auth import PUBLIC_PATHS, check_exposure
 from autocoder.api.routes import files, health, pages, runs
 from autocoder.api.routes import sessions as session_routes
-from autocoder.api.schemas import request_components, session_components
+from autocoder.api.schemas import request_components, session_components, session_run_components
 from autocoder.api.service import CANCEL_GRACE, Service
 from autocoder.api.timeouts import protocol_for
 from autocoder.config import Settings, load_settings
@@ -135,6 +135,10 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     request["prompt"]["pattern"] = r"\S"  # not blank (the model's validator says so in words)
     _bound(request["max_attempts"], "maximum", settings.max_request_attempts)
     _bound(request["timeout"], "maximum", settings.max_request_timeout)
+    for choice in request["language"].get("anyOf", [request["language"]]):
+        if choice.get("type") == "string":  # the languages this server has kernels for
+            choice["enum"] = languages.installed(settings)
+    schema["components"]["schemas"].update(session_run_components(schema["components"]["schemas"]))
     token = bool(settings.api_token)
     for path, operations in schema["paths"].items():
         for operation in operations.values():

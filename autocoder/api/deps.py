@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from autocoder import languages
 from autocoder.api.schemas import RunRequest, SessionRequest
 from autocoder.api.service import Service
 from autocoder.files import FileRefused, FilesTooLarge, InputFile, check_inputs
@@ -38,7 +39,7 @@ class RunInput:
 
 
 MULTIPART = "multipart/form-data"
-FORM_FIELDS = ("prompt", "max_attempts", "timeout", "model")
+FORM_FIELDS = ("prompt", "max_attempts", "timeout", "model", "language")
 # A form has no null: an optional field sent as JSON's `null` is one not given.
 FORM_NULLS = ("null",)
 
@@ -170,6 +171,13 @@ def checked_request(req: RunRequest, service: Service) -> RunRequest:
                 "timeout", f"at most {s.max_request_timeout:g} s (AUTOCODER_MAX_REQUEST_TIMEOUT)"
             )
         )
+    if req.language is not None:
+        try:
+            req = req.model_copy(
+                update={"language": languages.resolve(req.language, service.settings).name}
+            )
+        except languages.LanguageUnavailable as e:
+            errors.append(field_error("language", str(e)))
     if errors:
         raise RequestValidationError(errors)
     return req

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -47,6 +48,14 @@ class RunRequest(BaseModel):
         max_length=200,
         description="The model to ask, by the endpoint's name for it. Default AUTOCODER_MODEL.",
     )
+    language: str | None = Field(
+        None,
+        min_length=1,
+        max_length=40,
+        description="The language to write and run the code in: `python` (the default), "
+        "`bash`, `javascript`, `typescript` or `r`, as far as this server has their kernels "
+        "(`GET /languages`). Sessions run Python only.",
+    )
 
     @field_validator("max_attempts", mode="before")
     @classmethod
@@ -62,13 +71,14 @@ class RunRequest(BaseModel):
         return prompt
 
 
-def run_request_body() -> dict[str, Any]:
+def run_request_body(prefix: str = "") -> dict[str, Any]:
     """The OpenAPI request body of /run: the JSON object, or the same fields as a form.
 
     The body is read by deps.run_input rather than by FastAPI (which takes one content type
     per route), so its schemas are declared here and added to the components by app.py.
+    A session's run (prefix `Session`) has the same fields, its language Python only.
     """
-    ref = "#/components/schemas/"
+    ref = "#/components/schemas/" + prefix
     return {
         "requestBody": {
             "required": True,
@@ -99,6 +109,34 @@ def request_components() -> dict[str, Any]:
         },
     }
     return {"RunRequest": schema, "RunUpload": upload}
+
+
+def session_run_components(components: dict[str, Any]) -> dict[str, Any]:
+    """A session's run takes /run's fields (with the server's bounds already on them), its
+    language Python only: the schemas `run_request_body("Session")` refers to."""
+    found = {}
+    for name in ("RunRequest", "RunUpload"):
+        session = copy.deepcopy(components[name])
+        session["title"] = "Session" + name
+        session["properties"]["language"] = {
+            **session["properties"]["language"],
+            "anyOf": [{"type": "string", "enum": ["python"]}, {"type": "null"}],
+            "description": "A session's kernel is Python: `python`, or nothing.",
+        }
+        found["Session" + name] = session
+    return found
+
+
+class LanguageInfo(BaseModel):
+    """A language autocoder knows, and whether this server can run it."""
+
+    language: str = Field(description="Its name, as `POST /run` takes it in `language`.")
+    title: str = Field(description="Its name as people write it.")
+    available: bool = Field(description="Whether this server has its kernel.")
+    kernel: str = Field(description="The kernelspec that runs it here.")
+    reason: str | None = Field(
+        default=None, description="Why it is not available, and what installs it."
+    )
 
 
 class RunPage(BaseModel):

@@ -81,7 +81,11 @@ class Service:
         files: Sequence[InputFile] = (),
         session: Session | None = None,
     ) -> RunResult:
-        run = self.runner.run if session is None else partial(self.sessions.run, session)
+        run: Callable[..., Any] = self.runner.run
+        if session is None:
+            run = partial(run, language=req.language or "python")
+        else:
+            run = partial(self.sessions.run, session)
         await self._index(self.store.begin, run_id, req.prompt, req.model or "")
         try:
             result = await run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
+from autocoder import languages
 from autocoder.api.admission import Busy
 from autocoder.api.deps import (
     PageLimit,
@@ -21,7 +23,7 @@ from autocoder.api.deps import (
     field_error,
 )
 from autocoder.api.errors import RunCancelled
-from autocoder.api.schemas import ErrorBody, RunPage, run_request_body
+from autocoder.api.schemas import ErrorBody, LanguageInfo, RunPage, run_request_body
 from autocoder.api.service import Service
 from autocoder.api.streaming import (
     KEEPALIVE_SECONDS,
@@ -124,6 +126,12 @@ async def _start_stream(given: RunInput, request: Request, service: Service) -> 
     events: asyncio.Queue[Event | None] = asyncio.Queue()
     task = service.launch(slot, given.req, on_event=events.put_nowait, files=given.files).task
     return sse_response(request, task, events)
+
+
+@router.get("/languages", summary="The languages this server can run, and why not the others")
+async def list_languages(service: ServiceDep) -> list[LanguageInfo]:
+    found = await asyncio.to_thread(languages.availability, service.settings)
+    return [LanguageInfo(**dataclasses.asdict(a)) for a in found]
 
 
 @router.get("/runs", summary="Run history, newest first")

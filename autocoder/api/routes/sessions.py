@@ -139,7 +139,7 @@ async def delete_session(session_id: SessionId, service: ServiceDep) -> SessionI
     "earlier prompts with the code that worked, its variables' names and types, and its "
     "files. A second prompt sent while one runs gets 409. Closing the connection cancels "
     "the run; the session stays.",
-    openapi_extra=run_request_body(),
+    openapi_extra=run_request_body("Session"),
 )
 async def run_in_session(
     session_id: SessionId,
@@ -148,6 +148,10 @@ async def run_in_session(
     request: Request,
     service: ServiceDep,
 ) -> Any:
+    if given.req.language not in (None, "python"):
+        raise RequestValidationError(
+            [field_error("language", "a session's kernel is Python; use POST /run for others")]
+        )
     sessions = service.sessions
     try:
         session = sessions.claim(known.info.session_id, given.files)
