@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from nbformat.v4 import output_from_msg
 
@@ -100,6 +100,19 @@ def workdirs_root(settings: Settings) -> Path:
 
 def kernel_name(settings: Settings) -> str:
     return "autocoder-sandbox" if settings.sandbox == "bwrap" else "autocoder-python"
+
+
+class _OwnSpecs(KernelSpecManager):
+    """The shipped specs without their provisioner: a session makes the kernel's dirs and
+    environment itself (autocoder.provisioner does that for other Jupyter servers)."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        resource_dir = self.find_kernel_specs().get(kernel_name)
+        if resource_dir is None:
+            raise NoSuchKernel(kernel_name)
+        spec = KernelSpec.from_resource_dir(resource_dir)
+        spec.metadata.pop("kernel_provisioner", None)
+        return spec
 
 
 class OutputCollector:
@@ -338,7 +351,7 @@ class KernelSession:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
         km = AsyncKernelManager(
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir())]),
+            kernel_spec_manager=_OwnSpecs(kernel_dirs=[str(kernels_dir())]),
             kernel_name=kernel_name(self.settings),
             transport="ipc",
             ip=str(self.runtime_dir / "k"),
@@ -668,8 +681,24 @@ class KernelProvider:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    def session(self) -> KernelSession:
+        """A new, unstarted session: a local kernel, or one from AUTOCODER_GATEWAY_URL."""
+        if self.settings.gateway_url:
+            from autocoder.gateway import GatewaySession
+
+            return GatewaySession(self.settings)
+        return KernelSession(self.settings)
+
+    async def check(self) -> str | None:
+        """Why no kernel can be had right now (for /health), or None."""
+        if self.settings.gateway_url:
+            from autocoder.gateway import probe
+
+            return await probe(self.settings)
+        return None
+
     async def acquire(self) -> KernelSession:
-        session = KernelSession(self.settings)
+        session = self.session()
         await session.start()
         return session
 
@@ -710,7 +739,7 @@ class KernelPool(KernelProvider):
         task.add_done_callback(self._starting.discard)
 
     async def _start_one(self) -> None:
-        session = KernelSession(self.settings)
+        session = self.session()
         try:
             await session.start()
         except Exception as e:
