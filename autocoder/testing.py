@@ -282,6 +282,7 @@ class KernelGateway:
     token: str = "gateway-test-token"
     max_kernels: int = 16
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)  # after ours: they win
     url: str = ""
     process: subprocess.Popen[bytes] | None = None
 
@@ -309,6 +310,7 @@ class KernelGateway:
             f"--KernelGatewayApp.port={port}",
             "--JupyterWebsocketPersonality.list_kernels=True",
             *gateway_args(max_kernels=self.max_kernels),
+            *self.extra_args,
         ]
         log = open(self.root / "gateway.log", "ab")  # noqa: SIM115 (the process holds it)
         self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
