@@ -680,6 +680,7 @@ class KernelProvider:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._stopping: set[asyncio.Task[None]] = set()
 
     def session(self) -> KernelSession:
         """A new, unstarted session: a local kernel, or one from AUTOCODER_GATEWAY_URL."""
@@ -703,10 +704,17 @@ class KernelProvider:
         return session
 
     async def release(self, session: KernelSession) -> None:
-        await session.shutdown()
+        if session.workdir is not None:
+            await session.shutdown()  # the run keeps what its code wrote once the kernel is gone
+            return
+        # Nothing of it to keep here (a gateway's kernel, whose DELETE takes ~0.3 s): the run
+        # answers meanwhile, and close() waits for it.
+        task = asyncio.get_running_loop().create_task(session.shutdown())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     async def close(self) -> None:
-        return None
+        await asyncio.gather(*self._stopping, return_exceptions=True)
 
 
 class KernelPool(KernelProvider):
@@ -769,3 +777,4 @@ class KernelPool(KernelProvider):
         await asyncio.gather(*self._starting, return_exceptions=True)
         while not self._ready.empty():
             await self._ready.get_nowait().shutdown()
+        await super().close()

@@ -282,7 +282,7 @@ class KernelGateway:
     token: str = "gateway-test-token"
     max_kernels: int = 16
     extra_env: dict[str, str] = field(default_factory=dict)
-    extra_args: list[str] = field(default_factory=list)  # after ours: they win
+    extra_args: list[str] = field(default_factory=list)  # in place of ours of the same name
     url: str = ""
     process: subprocess.Popen[bytes] | None = None
 
@@ -295,6 +295,7 @@ class KernelGateway:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+        given = {a.split("=")[0] for a in self.extra_args}
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOCODER_", "OPENAI_"))}
         env.update(
             JUPYTER_PATH=str(self.root / "prefix" / "share" / "jupyter"),
@@ -309,7 +310,11 @@ class KernelGateway:
             *(sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1"),
             f"--KernelGatewayApp.port={port}",
             "--JupyterWebsocketPersonality.list_kernels=True",
-            *gateway_args(max_kernels=self.max_kernels),
+            *(
+                a
+                for a in gateway_args(max_kernels=self.max_kernels)
+                if a.split("=")[0] not in given
+            ),
             *self.extra_args,
         ]
         log = open(self.root / "gateway.log", "ab")  # noqa: SIM115 (the process holds it)
