@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import importlib.util
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from tests.conftest import SANDBOX, LiveServer, autocoder_cmd
 pytestmark = pytest.mark.timeout(120)
 
 KERNEL = "autocoder-sandbox" if SANDBOX == "bwrap" else "autocoder-python"
+GATEWAY_SECRET = "the-gateway-s-own-secret"
 
 
 def _why_not() -> str | None:
@@ -43,7 +45,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGateway]
     reason = _why_not()
     if reason:
         pytest.skip(reason)
-    gw = KernelGateway(tmp_path_factory.mktemp("gateway")).start()
+    gw = KernelGateway(
+        tmp_path_factory.mktemp("gateway"), extra_env={"GATEWAY_SECRET": GATEWAY_SECRET}
+    ).start()
     try:
         yield gw
         assert gw.kernels() == [], "kernels were left on the gateway"
@@ -161,6 +165,34 @@ async def test_a_cancelled_run_leaves_no_kernel_on_the_gateway(
     finally:
         await runner.close()
     # gw_settings checks the gateway is empty
+
+
+async def test_an_unconfined_kernel_on_the_gateway_shares_nothing_with_it(
+    gw_settings: Settings, gateway: KernelGateway, llm: ScriptedLLM
+) -> None:
+    """autocoder's provisioner: the kernel's own runtime and working dir, a scratch environment."""
+    probe = (
+        "import os, json\n"
+        "from pathlib import Path\n"
+        "from ipykernel import get_connection_file\n"
+        "here = Path(get_connection_file()).parent\n"
+        "print(json.dumps([str(here), sorted(p.name for p in here.glob('*.json')), "
+        "os.getcwd(), 'GATEWAY_SECRET' in os.environ, 'KG_AUTH_TOKEN' in os.environ]))"
+    )
+    llm.script(fenced(probe))
+    runner = Runner(gw_settings.model_copy(update={"gateway_kernel": "autocoder-python"}))
+    try:
+        result = await runner.run("where am I")
+    finally:
+        await runner.close()
+
+    assert result.status == "success", result.error
+    runtime, files, cwd, secret, token = json.loads(result.output)
+    assert Path(runtime).name.startswith("ac-") and Path(runtime) != gateway.root / "runtime"
+    assert files == ["kernel.json"]  # no other kernel's connection file (HMAC key) beside it
+    assert Path(cwd).is_relative_to(gateway.root / "autofile" / ".work")
+    assert not secret and not token  # neither the gateway's environment nor its token
+    assert not Path(runtime).exists() and not Path(cwd).exists()  # both went with the kernel
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
