@@ -42,6 +42,7 @@ PROBE_TIMEOUT = 5.0
 # How often a busy kernel is asked after over REST, besides what the websocket says.
 ALIVE_EVERY = 2.0
 READY_EVERY = 1.0
+DELETE_TIMEOUT = 6.0
 
 
 def gateway_args(*, max_kernels: int = 32) -> list[str]:
@@ -77,13 +78,15 @@ def _headers(settings: Settings) -> dict[str, str]:
 
 def _refusal(settings: Settings, response: httpx.Response, doing: str) -> GatewayError:
     at = f"the kernel gateway at {where(settings)}"
-    if response.status_code in (401, 403):
+    if response.status_code == 401:
         return GatewayError(f"{at} refused the token (AUTOCODER_GATEWAY_TOKEN) {doing}")
     try:
         reason = str(response.json().get("message") or response.json().get("reason") or "")
     except ValueError:
         reason = ""
     reason = reason.strip().splitlines()[-1][:200] if reason.strip() else response.reason_phrase
+    if response.status_code == 403 and "limit" in reason.lower():
+        return GatewayError(f"{at} runs as many kernels as it may (its max_kernels) {doing}")
     return GatewayError(f"{at} answered {response.status_code} {doing}: {reason}")
 
 
@@ -336,7 +339,10 @@ class _RemoteKernel:
                 await channels.close()
             if self.kernel_id is not None:
                 try:
-                    response = await self.http.delete(f"/api/kernels/{quote(self.kernel_id)}")
+                    # Within KernelSession's 10 s for the whole shutdown.
+                    response = await self.http.delete(
+                        f"/api/kernels/{quote(self.kernel_id)}", timeout=DELETE_TIMEOUT
+                    )
                 except httpx.HTTPError as e:
                     log.warning(
                         "could not delete kernel %s on %s: %s",

@@ -4,7 +4,7 @@
 
 Neither jupyter_server nor the gateway turns Nagle's algorithm off on the kernel websocket, so
 each small reply waits for the client's delayed ACK: `print(1+1)` measured 48 ms through the
-gateway against 5 ms direct, and 7.4 ms with TCP_NODELAY. autocoder's kernels cap their output
+gateway against 3.5 ms direct, and 5.3 ms with TCP_NODELAY (bench/gateway.py). autocoder's kernels cap their output
 themselves (output_cap), so the server's iopub rate limit is off: it would drop output silently
 in the middle of a run instead of cutting it where the run's record says.
 """

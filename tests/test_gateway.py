@@ -223,8 +223,9 @@ def test_a_gateway_that_is_down_or_refuses_is_one_line_at_start(
 def test_health_is_503_naming_the_gateway_once_it_goes_down(
     settings: Settings, tmp_path: Path
 ) -> None:
-    if _why_not():
-        pytest.skip(_why_not())
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
     gw = KernelGateway(tmp_path / "gw2").start()
     try:
         s = settings.model_copy(
