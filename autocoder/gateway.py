@@ -145,6 +145,14 @@ async def probe(settings: Settings) -> str | None:
     return _specs_problem(settings, response)
 
 
+def asked_limits(settings: Settings) -> dict[str, str]:
+    """This server's kernel limits, for autocoder's provisioner on the gateway: it applies those
+    tighter than its own (a gateway passes on `KERNEL_*` variables only)."""
+    from autocoder.provisioner import ASKED_PREFIX, TIGHTENABLE
+
+    return {ASKED_PREFIX + name.upper(): str(getattr(settings, name)) for name in TIGHTENABLE}
+
+
 class _Channels:
     """The websocket to one remote kernel, shaped as the bits of a KernelClient we use."""
 
@@ -255,7 +263,9 @@ class _RemoteKernel:
     async def start(self) -> None:
         s = self.settings
         try:
-            response = await self.http.post("/api/kernels", json={"name": s.gateway_kernel})
+            response = await self.http.post(
+                "/api/kernels", json={"name": s.gateway_kernel, "env": asked_limits(s)}
+            )
         except httpx.HTTPError as e:
             raise _unreachable(s, e) from None
         if response.status_code not in (200, 201):

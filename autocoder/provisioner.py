@@ -9,12 +9,16 @@ gives it locally: a runtime dir and a working dir of its own, IPC sockets inside
 dir, and an environment built from scratch (`sandbox.kernel_env`) with the limits of the
 AUTOCODER_* settings of the server's environment. Both go when the kernel is shut down.
 
+A client may ask for tighter limits than the server's (`KERNEL_AUTOCODER_MEMORY_MB=512` in the
+`env` of `POST /api/kernels`, as a gateway passes on `KERNEL_*` variables), never looser ones.
+
 `KernelSession` makes those dirs itself (it places input files in the working dir and keeps
 what the code wrote); the provisioner sees them already set and leaves them as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import uuid
@@ -24,7 +28,7 @@ from typing import Any
 from jupyter_client.provisioning import LocalProvisioner
 
 from autocoder import sandbox
-from autocoder.config import load_settings
+from autocoder.config import Settings, load_settings
 
 
 class AutocoderProvisioner(LocalProvisioner):  # type: ignore[misc]
@@ -45,14 +49,15 @@ class AutocoderProvisioner(LocalProvisioner):  # type: ignore[misc]
             and Path(km.connection_file).parent == Path(given)
         )
         if km is not None and not ours:
-            kwargs.update(self._own_dirs(km))
+            kwargs.update(self._own_dirs(km, env))
         return await super().pre_launch(**kwargs)  # type: ignore[no-any-return]
 
-    def _own_dirs(self, km: Any) -> dict[str, Any]:
+    def _own_dirs(self, km: Any, asked: dict[str, str]) -> dict[str, Any]:
         """A runtime and a working dir for this kernel (made once, kept across restarts)."""
         from autocoder.kernel import RUNTIME_PREFIX, owner_tag, workdirs_root
 
         settings = load_settings(sandbox="bwrap" if "bwrap" in self.kernel_spec.argv else "none")
+        settings = tightened(settings, asked)
         if self.made is None:
             runtime = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
             workdir = (workdirs_root(settings) / f"{owner_tag()}-{uuid.uuid4().hex[:12]}").resolve()
@@ -75,3 +80,21 @@ class AutocoderProvisioner(LocalProvisioner):  # type: ignore[misc]
             for d in self.made:
                 shutil.rmtree(d, ignore_errors=True)
             self.made = None
+
+
+TIGHTENABLE = (
+    *("memory_mb", "cpu_seconds", "max_processes", "max_open_files", "max_file_mb"),
+    "max_output_bytes",
+)
+ASKED_PREFIX = "KERNEL_AUTOCODER_"
+
+
+def tightened(settings: Settings, asked: dict[str, str]) -> Settings:
+    """`settings` with each limit a client asked for that is tighter (and valid: below a
+    setting's floor the server's own holds)."""
+    for name in TIGHTENABLE:
+        value = asked.get(ASKED_PREFIX + name.upper(), "")
+        if value.isdigit() and int(value) < getattr(settings, name):
+            with contextlib.suppress(ValueError):
+                settings = Settings.model_validate({**settings.model_dump(), name: int(value)})
+    return settings

@@ -170,28 +170,32 @@ async def test_a_cancelled_run_leaves_no_kernel_on_the_gateway(
 async def test_an_unconfined_kernel_on_the_gateway_shares_nothing_with_it(
     gw_settings: Settings, gateway: KernelGateway, llm: ScriptedLLM
 ) -> None:
-    """autocoder's provisioner: the kernel's own runtime and working dir, a scratch environment."""
+    """autocoder's provisioner: the kernel's own runtime and working dir, a scratch environment,
+    and the gateway's limits, tightened (never loosened) by the ones this server asks for."""
     probe = (
-        "import os, json\n"
+        "import os, json, resource\n"
         "from pathlib import Path\n"
         "from ipykernel import get_connection_file\n"
         "here = Path(get_connection_file()).parent\n"
         "print(json.dumps([str(here), sorted(p.name for p in here.glob('*.json')), "
-        "os.getcwd(), 'GATEWAY_SECRET' in os.environ, 'KG_AUTH_TOKEN' in os.environ]))"
+        "os.getcwd(), 'GATEWAY_SECRET' in os.environ, 'KG_AUTH_TOKEN' in os.environ, "
+        "resource.getrlimit(resource.RLIMIT_AS)[0] >> 20, resource.getrlimit(resource.RLIMIT_CPU)[0]]))"
     )
     llm.script(fenced(probe))
-    runner = Runner(gw_settings.model_copy(update={"gateway_kernel": "autocoder-python"}))
+    asked = {"gateway_kernel": "autocoder-python", "memory_mb": 512, "cpu_seconds": 10**6}
+    runner = Runner(gw_settings.model_copy(update=asked))
     try:
         result = await runner.run("where am I")
     finally:
         await runner.close()
 
     assert result.status == "success", result.error
-    runtime, files, cwd, secret, token = json.loads(result.output)
+    runtime, files, cwd, secret, token, memory_mb, cpu_seconds = json.loads(result.output)
     assert Path(runtime).name.startswith("ac-") and Path(runtime) != gateway.root / "runtime"
     assert files == ["kernel.json"]  # no other kernel's connection file (HMAC key) beside it
     assert Path(cwd).is_relative_to(gateway.root / "autofile" / ".work")
     assert not secret and not token  # neither the gateway's environment nor its token
+    assert (memory_mb, cpu_seconds) == (512, 300)  # ours tighter, the gateway's own looser
     assert not Path(runtime).exists() and not Path(cwd).exists()  # both went with the kernel
 
 
