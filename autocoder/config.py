@@ -81,6 +81,28 @@ class Settings(BaseSettings):
     max_file_mb: int = Field(256, ge=1, le=1 << 30)
     allow_network: bool = False
 
+    # Remote kernels: every run's kernel from a Jupyter Kernel or Enterprise Gateway.
+    gateway_url: str | None = Field(
+        None,
+        description="Base URL of a Jupyter Kernel/Enterprise Gateway (http://host:8888) that "
+        "starts the kernels instead of this host.",
+    )
+    gateway_token: SecretStr | None = Field(
+        None, description="The gateway's token (its KG_AUTH_TOKEN / EG_AUTH_TOKEN)."
+    )
+    gateway_kernel: str = Field(
+        "autocoder-sandbox", min_length=1, description="The kernelspec the gateway starts."
+    )
+
+    @field_validator("gateway_url", mode="after")
+    @classmethod
+    def _gateway_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
     # The service.
     host: str = "127.0.0.1"
     port: int = Field(5005, ge=0, le=65535)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from nbformat.v4 import output_from_msg
 
@@ -104,6 +104,19 @@ def workdirs_root(settings: Settings) -> Path:
 def kernel_name(settings: Settings, language: str = "python") -> str:
     """The shipped kernelspec that runs `language` under the configured sandbox."""
     return languages.get(language).kernel_name(settings)
+
+
+class _OwnSpecs(KernelSpecManager):
+    """The shipped specs without their provisioner: a session makes the kernel's dirs and
+    environment itself (autocoder.provisioner does that for other Jupyter servers)."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        resource_dir = self.find_kernel_specs().get(kernel_name)
+        if resource_dir is None:
+            raise NoSuchKernel(kernel_name)
+        spec = KernelSpec.from_resource_dir(resource_dir)
+        spec.metadata.pop("kernel_provisioner", None)
+        return spec
 
 
 class OutputCollector:
@@ -345,7 +358,7 @@ class KernelSession:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
         km = AsyncKernelManager(
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir())]),
+            kernel_spec_manager=_OwnSpecs(kernel_dirs=[str(kernels_dir())]),
             kernel_name=self.language.kernel_name(self.settings),
             transport="ipc",
             ip=str(self.runtime_dir / "k"),
@@ -788,17 +801,41 @@ class KernelProvider:
     def __init__(self, settings: Settings, language: str = "python") -> None:
         self.settings = settings
         self.language = language
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    def session(self) -> KernelSession:
+        """A new, unstarted session: a local kernel, or one from AUTOCODER_GATEWAY_URL."""
+        if self.settings.gateway_url:
+            from autocoder.gateway import GatewaySession
+
+            return GatewaySession(self.settings)
+        return KernelSession(self.settings, language=self.language)
+
+    async def check(self) -> str | None:
+        """Why no kernel can be had right now (for /health), or None."""
+        if self.settings.gateway_url:
+            from autocoder.gateway import probe
+
+            return await probe(self.settings)
+        return None
 
     async def acquire(self) -> KernelSession:
-        session = KernelSession(self.settings, language=self.language)
+        session = self.session()
         await session.start()
         return session
 
     async def release(self, session: KernelSession) -> None:
-        await session.shutdown()
+        if session.workdir is not None:
+            await session.shutdown()  # the run keeps what its code wrote once the kernel is gone
+            return
+        # Nothing of it to keep here (a gateway's kernel, whose DELETE takes ~0.3 s): the run
+        # answers meanwhile, and close() waits for it.
+        task = asyncio.get_running_loop().create_task(session.shutdown())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     async def close(self) -> None:
-        return None
+        await asyncio.gather(*self._stopping, return_exceptions=True)
 
 
 class KernelPool(KernelProvider):
@@ -831,7 +868,7 @@ class KernelPool(KernelProvider):
         task.add_done_callback(self._starting.discard)
 
     async def _start_one(self) -> None:
-        session = KernelSession(self.settings)
+        session = self.session()
         try:
             await session.start()
         except Exception as e:
@@ -861,3 +898,4 @@ class KernelPool(KernelProvider):
         await asyncio.gather(*self._starting, return_exceptions=True)
         while not self._ready.empty():
             await self._ready.get_nowait().shutdown()
+        await super().close()

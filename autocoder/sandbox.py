@@ -217,6 +217,11 @@ def _lifeline_line(fd: int) -> str:
 
 def check_available(settings: Settings) -> None:
     """Fail fast, in one line, when the configured sandbox cannot run here. Probes once per process."""
+    if settings.gateway_url:
+        from autocoder import gateway  # the kernels run there, confined on the gateway's host
+
+        gateway.check(settings)
+        return
     if settings.kernel_python is not None:
         _check_kernel_python(str(settings.kernel_python))
     if settings.sandbox == "none":

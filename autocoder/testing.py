@@ -14,6 +14,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 MODEL = "scripted-model"
 
@@ -264,3 +267,96 @@ class PostgresCluster:
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+
+
+@dataclass
+class KernelGateway:
+    """A real Jupyter Kernel Gateway on 127.0.0.1 serving autocoder's kernelspecs.
+
+    Started as the gateway's host would run it (`gateway.gateway_args`), with the kernelspecs
+    installed under `root`, its runtime dir and the kernels' working dirs there too, and
+    GET /api/kernels allowed so a test can see that no kernel was left. `stop()` ends it.
+    """
+
+    root: Path
+    token: str = "gateway-test-token"
+    max_kernels: int = 16
+    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)  # in place of ours of the same name
+    url: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> KernelGateway:
+        from autocoder.gateway import gateway_args
+        from autocoder.kernel import install_kernelspecs
+
+        install_kernelspecs(prefix=str(self.root / "prefix"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        given = {a.split("=")[0] for a in self.extra_args}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOCODER_", "OPENAI_"))}
+        env.update(
+            JUPYTER_PATH=str(self.root / "prefix" / "share" / "jupyter"),
+            JUPYTER_RUNTIME_DIR=str(self.root / "runtime"),
+            JUPYTER_DATA_DIR=str(self.root / "data"),
+            JUPYTER_CONFIG_DIR=str(self.root / "config"),
+            KG_AUTH_TOKEN=self.token,
+            AUTOCODER_AUTOFILE_DIR=str(self.root / "autofile"),
+            **self.extra_env,
+        )
+        argv = [
+            *(sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1"),
+            f"--KernelGatewayApp.port={port}",
+            "--JupyterWebsocketPersonality.list_kernels=True",
+            *(
+                a
+                for a in gateway_args(max_kernels=self.max_kernels)
+                if a.split("=")[0] not in given
+            ),
+            *self.extra_args,
+        ]
+        log = open(self.root / "gateway.log", "ab")  # noqa: SIM115 (the process holds it)
+        self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the kernel gateway exited: {self.log()[-2000:]}")
+            try:
+                if self._get("/api/kernelspecs", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the kernel gateway did not start: {self.log()[-2000:]}")
+            time.sleep(0.1)
+
+    def kernels(self) -> list[dict[str, Any]]:
+        response = self._get("/api/kernels")
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def _get(self, path: str, timeout: float = 10) -> httpx.Response:
+        headers = {"Authorization": f"token {self.token}"}
+        return httpx.get(f"{self.url}{path}", headers=headers, timeout=timeout)
+
+    def log(self) -> str:
+        try:
+            return (self.root / "gateway.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM: the gateway shuts its kernels down, then exits; SIGKILL after a while."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None

@@ -159,7 +159,10 @@ class Health(BaseModel):
     pool_size: int = Field(
         description="How many kernels the pool keeps ready (AUTOCODER_POOL_SIZE)."
     )
-    kernel_error: str | None = Field(description="Why the last kernel start failed, if it did.")
+    kernel_error: str | None = Field(
+        description="Why the last kernel start failed, if it did, or why the kernel gateway "
+        "(AUTOCODER_GATEWAY_URL) cannot give kernels now."
+    )
     llm_backend: Literal["openai", "local"] = Field(
         description="`openai`: an OpenAI-compatible endpoint is configured; `local`: the embedded model."
     )

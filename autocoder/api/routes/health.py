@@ -22,7 +22,11 @@ router = APIRouter()
 async def health(service: ServiceDep, response: Response) -> Health:
     s = service.settings
     pool = service.pool
-    degraded = pool.size > 0 and pool.ready == 0 and pool.last_error is not None
+    # A remote gateway is asked each time: kernels started there earlier say nothing of now.
+    problem = await pool.check()
+    degraded = problem is not None or (
+        pool.size > 0 and pool.ready == 0 and pool.last_error is not None
+    )
     if degraded:
         response.status_code = 503
     endpoint = (s.openai_base_url or DEFAULT_OPENAI_URL) if s.uses_remote_endpoint else None
@@ -31,7 +35,7 @@ async def health(service: ServiceDep, response: Response) -> Health:
         version=__version__,
         kernels_ready=pool.ready,
         pool_size=pool.size,
-        kernel_error=pool.last_error,
+        kernel_error=problem or pool.last_error,
         llm_backend="openai" if s.uses_remote_endpoint else "local",
         llm_endpoint=_without_credentials(endpoint) if endpoint else None,
         llm_model=s.model,
