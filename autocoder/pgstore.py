@@ -31,7 +31,7 @@ from autocoder.errors import ConfigError, StoreUnavailable
 from autocoder.files import media_type, resolve_output
 from autocoder.notebook import find_notebook, is_valid_run_id, record_path
 from autocoder.records import ErrorKind, RunResult
-from autocoder.store import PROMPT_PREVIEW, RunSummary, StoredFile
+from autocoder.store import PROMPT_PREVIEW, RunSummary, StoredFile, index_fields
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -367,14 +367,7 @@ class PostgresStore:
                 continue
             blobs.append(("file", f.name, media_type(f.name), path.read_bytes()))
         row = (
-            result.run_id,
-            result.started_at,
-            result.status,
-            result.error_kind.value if result.error_kind else None,
-            result.prompt[:PROMPT_PREVIEW],
-            result.model,
-            len(result.attempts),
-            result.duration,
+            *index_fields(result),
             self.replica_id,
             result.model_dump_json(),
         )

@@ -135,6 +135,20 @@ def open_store(settings: Settings) -> Store:
     return RunStore(settings.notebooks_dir, settings.autofile_dir)
 
 
+def index_fields(result: RunResult) -> tuple[object, ...]:
+    """The columns every store's index keeps of a run, in one order for both backends."""
+    return (
+        result.run_id,
+        result.started_at,
+        result.status,
+        result.error_kind.value if result.error_kind else None,
+        result.prompt[:PROMPT_PREVIEW],
+        result.model,
+        len(result.attempts),
+        result.duration,
+    )
+
+
 class RunStore:
     """The index. Open it with `open()`, which also brings it up to date with the records.
 
@@ -278,14 +292,7 @@ class RunStore:
 
     def _put(self, result: RunResult, stat: os.stat_result) -> None:
         row = (
-            result.run_id,
-            result.started_at,
-            result.status,
-            result.error_kind.value if result.error_kind else None,
-            result.prompt[:PROMPT_PREVIEW],
-            result.model,
-            len(result.attempts),
-            result.duration,
+            *index_fields(result),
             stat.st_mtime_ns,
             stat.st_size,
             result.model_dump_json(),
