@@ -160,6 +160,7 @@ class _Channels:
         self.ws = ws
         self.session = Session(username="autocoder")
         self.iopub: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.shell: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.outgoing: asyncio.Queue[str] = asyncio.Queue()
         self.ready = asyncio.Event()
         self.gone = ""  # why the kernel is known dead, once it is
@@ -198,8 +199,17 @@ class _Channels:
             if not self.gone:
                 await asyncio.sleep(timeout)  # the caller asks over REST whether it is alive
             raise queue.Empty
+        return await self._next(self.iopub, timeout)
+
+    async def get_shell_msg(self, timeout: float) -> dict[str, Any]:
+        if self.gone or (self.closed and self.shell.empty()):
+            raise queue.Empty
+        return await self._next(self.shell, timeout)
+
+    @staticmethod
+    async def _next(q: asyncio.Queue[dict[str, Any] | None], timeout: float) -> dict[str, Any]:
         try:
-            msg = await asyncio.wait_for(self.iopub.get(), timeout)
+            msg = await asyncio.wait_for(q.get(), timeout)
         except asyncio.TimeoutError:
             raise queue.Empty from None
         if msg is None:
@@ -213,6 +223,8 @@ class _Channels:
                 channel = msg.get("channel")
                 if channel == "shell" and msg.get("msg_type") == "kernel_info_reply":
                     self.ready.set()
+                elif channel == "shell":
+                    self.shell.put_nowait(msg)
                 elif channel == "iopub":
                     state = msg.get("content", {}).get("execution_state")
                     if state in ("dead", "restarting") and not msg.get("parent_header"):
@@ -225,6 +237,7 @@ class _Channels:
         finally:
             self.closed = True
             self.iopub.put_nowait(None)
+            self.shell.put_nowait(None)
 
     async def _write(self) -> None:
         try:
@@ -234,6 +247,7 @@ class _Channels:
             log.debug("gateway websocket: %s", e)
             self.closed = True
             self.iopub.put_nowait(None)
+            self.shell.put_nowait(None)
 
     def stop_channels(self) -> None:
         """Closing is async; `_RemoteKernel.shutdown_kernel` does it."""

@@ -366,7 +366,7 @@ class KernelSession:
         )
         self.km = km
         _live.add(self)
-        if _fork_start(self.settings):
+        if _fork_start(self.settings, self.language):
             km.kernel_id = self.id
             km.provisioner = forkserver.ForkProvisioner(
                 kernel_id=self.id, kernel_spec=km.kernel_spec, parent=km
@@ -622,8 +622,11 @@ class KernelSession:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
-def _fork_start(settings: Settings) -> bool:
-    """Whether this kernel is forked from a zygote; says once why not when fork was asked for."""
+def _fork_start(settings: Settings, language: languages.Language) -> bool:
+    """Whether this kernel is forked from a zygote; says once why not when fork was asked for.
+    The zygote is an IPython kernel: other languages' kernels are always exec'd."""
+    if language.name != "python":
+        return False
     reason = forkserver.why_not(settings)
     if reason is not None and settings.kernel_start == "fork":
         forkserver._exec_instead(reason)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from autocoder import forkserver, sandbox
+from autocoder import forkserver, languages, sandbox
 from autocoder.config import Settings
 from autocoder.errors import SandboxUnavailable
 from autocoder.kernel import KernelSession
@@ -99,6 +99,19 @@ async def test_two_forked_kernels_share_nothing(
     assert random_a != random_b
     assert cwd_a != cwd_b
     assert monitors[0] != monitors[1]
+
+
+@pytest.mark.timeout(120)
+async def test_with_the_zygote_up_another_language_still_gets_its_own_kernel(
+    fork_settings: Settings, zygote: forkserver.Zygote
+) -> None:
+    """The zygote is an IPython kernel: a Bash run must not be handed a forked Python one."""
+    if not any(f.language == "bash" and f.available for f in languages.availability(fork_settings)):
+        pytest.skip("the Bash kernel is not installed (./install.sh --languages)")
+    async with KernelSession(fork_settings, language="bash") as k:
+        assert not isinstance(process_of(k), forkserver.ForkedProcess)
+        done = await k.execute('echo "$((6 * 7))"', timeout=20)
+        assert done.kind is None and done.stdout.strip() == "42"
 
 
 @pytest.mark.timeout(120)
