@@ -27,7 +27,6 @@ import resource
 import shutil
 import signal
 import site
-import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from autocoder import asserts, output_cap
 from autocoder.errors import ConfigError, SandboxUnavailable
+from autocoder.supervisor import die_with_parent, is_pipe
 
 if TYPE_CHECKING:  # pydantic-settings costs the launcher ~300 ms; it reads its env instead.
     from autocoder.config import Settings
@@ -393,7 +393,7 @@ def _main_other(args: argparse.Namespace, limits: Limits, connection_file: Path)
     )
     if interrupt_r is not None:
         fds.append(interrupt_r)
-    if lifeline.isdigit() and _is_pipe(int(lifeline)):
+    if lifeline.isdigit() and is_pipe(int(lifeline)):
         fds.append(int(lifeline))  # bwrap's own child is started with only the fds named
     for fd in fds:
         os.set_inheritable(fd, True)
@@ -431,7 +431,7 @@ def _stay_resident(cmd: list[str], fds: list[int], interrupt_w: int) -> NoReturn
             cmd,
             pass_fds=fds,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             # bwrap's parent is this launcher: a sweep (kernel.sweep_leftovers) must not take
             # it for one whose server is gone.
             env={**os.environ, PARENT_PID_VAR: str(os.getpid())},
@@ -442,17 +442,6 @@ def _stay_resident(cmd: list[str], fds: list[int], interrupt_w: int) -> NoReturn
         os.close(fd)
     code = child.wait()
     os._exit(128 - code if code < 0 else code)
-
-
-def _is_pipe(fd: int) -> bool:
-    try:
-        return stat.S_ISFIFO(os.fstat(fd).st_mode)
-    except OSError:
-        return False
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _expand(text: str, limits: Limits) -> str:

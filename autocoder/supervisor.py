@@ -85,14 +85,16 @@ async def _relay(
     await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
 
 
-def _is_pipe(fd: int) -> bool:
+# The launcher outside the sandbox (sandbox.py) uses these two as well: they live here, where
+# only the standard library may be imported.
+def is_pipe(fd: int) -> bool:
     try:
         return stat.S_ISFIFO(os.fstat(fd).st_mode)
     except OSError:
         return False
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
@@ -109,11 +111,11 @@ async def supervise(args: argparse.Namespace) -> int:
             servers.append(
                 await asyncio.start_unix_server(functools.partial(_relay, target), path=path)
             )
-    if args.lifeline is not None and not _is_pipe(args.lifeline):
+    if args.lifeline is not None and not is_pipe(args.lifeline):
         args.lifeline = None  # started without the pipe: nothing to watch
     if args.lifeline is not None and select.select([args.lifeline], [], [], 0)[0]:
         return 1  # the server is already gone
-    kernel = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
+    kernel = subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent)
     done = asyncio.Event()
 
     def interrupt() -> None:

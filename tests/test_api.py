@@ -30,6 +30,7 @@ from autocoder.config import Settings, load_settings
 from autocoder.errors import ConfigError
 from autocoder.testing import Reply, ScriptedLLM, fenced
 from tests.conftest import SANDBOX, SECRET, LiveServer, autocoder_cmd
+from tests.processes import alive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,7 +91,7 @@ def my_kernel_count() -> int:
         except OSError:
             continue
         launched = any(k in a for a in args for k in (b"ipykernel", b"autocoder.sandbox"))
-        if launched and b"-f" in args and _alive(pid):
+        if launched and b"-f" in args and alive(pid):
             files.add(args[args.index(b"-f") + 1])
     return len(files)
 
@@ -582,13 +583,6 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.timeout(90)
 def test_sigterm_cancels_runs_and_leaves_no_kernel(
     cli_env: dict[str, str], llm: ScriptedLLM, tmp_path: Path
@@ -650,9 +644,9 @@ def test_sigterm_cancels_runs_and_leaves_no_kernel(
     assert events[-1]["event"] == "run_finished"
     assert events[-1]["data"]["data"]["error_kind"] == "cancelled"
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in kernels) and time.monotonic() < deadline:
+    while any(alive(p) for p in kernels) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in kernels), "processes outlived the server"
+    assert not any(alive(p) for p in kernels), "processes outlived the server"
     notebook = Path(events[-1]["data"]["data"]["notebook"])
     assert notebook.parent == (tmp_path / "nb").resolve() and run_id[16:] in notebook.name
     record = nbformat.read(notebook, as_version=4).metadata.autocoder

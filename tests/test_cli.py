@@ -15,6 +15,7 @@ import pytest
 
 from autocoder.testing import ScriptedLLM, fenced
 from tests.conftest import autocoder_cmd
+from tests.processes import alive
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,20 +189,11 @@ def test_stopping_the_cli_leaves_no_kernel(
         proc.kill()
         proc.wait()
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids), f"kernel outlived the CLI after signal {signum}"
+    assert not any(alive(p) for p in pids), f"kernel outlived the CLI after signal {signum}"
     if signum != signal.SIGKILL:
         assert proc.returncode != 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 def kernel_pids_of(parent: int) -> list[int]:

@@ -28,6 +28,7 @@ from autocoder.config import Settings
 from autocoder.errors import SandboxUnavailable
 from autocoder.kernel import KernelSession
 from autocoder.records import ErrorKind
+from tests.processes import alive, processes_naming
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,19 +218,6 @@ asyncio.run(main())
 """
 
 
-def processes_naming(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().decode("utf-8", "replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in argv and state != "Z" and int(proc.name) != os.getpid():
-            pids.append(int(proc.name))
-    return pids
-
-
 @pytest.mark.timeout(120)
 def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))  # short: socket paths are bounded
@@ -256,26 +244,20 @@ def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_pa
     assert not alive(monitor) and not alive(zygote)
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_where_kernels_cannot_be_forked_they_are_execd_and_one_line_says_why(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     from autocoder.kernel import _fork_start
 
+    python = languages.get("python")
     unconfined = settings.model_copy(update={"kernel_start": "fork", "sandbox": "none"})
     forkserver._exec_instead.cache_clear()  # said once per process: maybe already
     with caplog.at_level(logging.WARNING, logger="autocoder.kernel"):
-        assert not _fork_start(unconfined)
-        assert not _fork_start(unconfined)
+        assert not _fork_start(unconfined, python)
+        assert not _fork_start(unconfined, python)
     said = [r.getMessage() for r in caplog.records]
     assert said == ["kernels start by exec, not fork: forked kernels need the bwrap sandbox"]
-    assert not _fork_start(settings.model_copy(update={"kernel_start": "exec"}))
+    assert not _fork_start(settings.model_copy(update={"kernel_start": "exec"}), python)
 
 
 # The sandbox's own probes (tests/test_sandbox.py), unchanged, against a forked kernel.

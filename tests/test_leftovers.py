@@ -31,20 +31,7 @@ from autocoder.sandbox import PARENT_PID_VAR, RUNTIME_DIR_VAR
 from autocoder.testing import ScriptedLLM, fenced
 
 from .conftest import autocoder_cmd
-
-
-def processes_naming(text: str) -> list[int]:
-    """Live (non-zombie) processes with `text` in their command line."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().decode("utf-8", "replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in argv and state != "Z" and int(proc.name) != os.getpid():
-            pids.append(int(proc.name))
-    return pids
+from .processes import gone_within, processes_naming
 
 
 def wait_for(what: str, predicate: object, timeout: float = 30) -> object:
@@ -55,14 +42,6 @@ def wait_for(what: str, predicate: object, timeout: float = 30) -> object:
             return value
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def gone_within(text: str, timeout: float = 15) -> list[int]:
-    """Wait (bounded) for every process naming `text` to end; return those that did not."""
-    deadline = time.monotonic() + timeout
-    while (left := processes_naming(text)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 def free_port() -> int:

@@ -33,6 +33,7 @@ from jupyter_client.manager import AsyncKernelManager
 from autocoder import sandbox
 from autocoder.config import Settings, load_settings
 from autocoder.errors import SandboxUnavailable
+from tests.processes import alive
 
 REPO = Path(sandbox.__file__).resolve().parents[1]
 SECRET = f"sk-sandbox-test-{uuid.uuid4().hex}"
@@ -176,13 +177,6 @@ def namespace_members(ns: str) -> list[int]:
         if state != "Z":
             pids.append(int(proc.name))
     return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_until_gone(ns: str, launcher_pid: int, seconds: float) -> list[int]:
