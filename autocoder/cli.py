@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -153,8 +154,10 @@ def _print_result(result: RunResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from autocoder import gateway
     from autocoder.kernel import sweep_leftovers, workdirs_root
-    from autocoder.runner import Runner
+    from autocoder.runner import Runner, new_run_id
+    from autocoder.store import keep_lease, open_store, stored_run
 
     settings = _settings(args)
     prompt = _read_prompt(args.prompt)
@@ -177,19 +180,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = Progress(not args.quiet)
     sandbox.check_available(settings)
     sweep_leftovers(workdirs_root(settings))
+    # The server's store: with AUTOCODER_DATABASE_URL every replica lists this run at once.
+    store = open_store(settings)
+    store.open()
 
     async def go() -> RunResult:
-        runner = Runner(settings)
+        runner = Runner(settings, ledger=store)
+        reclaim = functools.partial(gateway.reclaim, settings) if settings.gateway_url else None
+        lease = asyncio.create_task(keep_lease(store, reclaim))
         try:
             model = await runner.llm()
-            progress.say(f"using the {model.backend} model {await model.resolve_model()}")
-            return await runner.run(
-                prompt, on_event=progress, inputs=inputs, language=language.name
+            name = await model.resolve_model()
+            progress.say(f"using the {model.backend} model {name}")
+            run_id = new_run_id()
+            run = functools.partial(
+                runner.run,
+                prompt,
+                on_event=progress,
+                inputs=inputs,
+                language=language.name,
+                run_id=run_id,
             )
+            return await stored_run(store, run_id, prompt, name, run)
         finally:
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
             await runner.close()
 
-    result = asyncio.run(go())
+    try:
+        result = asyncio.run(go())
+    finally:
+        store.close()
     if result.error_kind is ErrorKind.LLM and not any(a.code for a in result.attempts):
         _fail(result.error)
     if args.json:

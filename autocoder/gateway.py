@@ -260,11 +260,53 @@ class _Channels:
             await asyncio.wait_for(self.ws.close(), 2)
 
 
+async def _note(what: str, method: Any, *args: Any) -> None:
+    """Tell the ledger; one that fails costs a reclaim, never the run (the gateway's culling
+    still removes the kernel)."""
+    try:
+        await asyncio.to_thread(method, *args)
+    except Exception as e:
+        log.warning("could not note %s in the run store: %s", what, e)
+
+
+async def reclaim(settings: Settings, kernel_ids: list[str]) -> list[str]:
+    """Delete kernels that a replica which died left on the gateway; returns the ids that are
+    gone (deleted, or already unknown to the gateway). The others are logged, to be tried again."""
+    gone: list[str] = []
+
+    async def delete(http: httpx.AsyncClient, kernel_id: str) -> None:
+        try:
+            response = await http.delete(f"/api/kernels/{quote(kernel_id)}")
+        except httpx.HTTPError as e:
+            what = type(e).__name__ if not str(e) else f"{type(e).__name__}: {e}"
+            log.warning("could not reclaim kernel %s on %s: %s", kernel_id, where(settings), what)
+            return
+        if response.status_code in (200, 204, 404):
+            gone.append(kernel_id)
+            # A warning, as the interrupted runs are: a replica died.
+            log.warning(
+                "reclaimed kernel %s on %s, left by a replica that stopped answering",
+                kernel_id,
+                where(settings),
+            )
+        else:
+            problem = _refusal(settings, response, f"deleting kernel {kernel_id}")
+            log.warning("could not reclaim a kernel: %s", problem)
+
+    timeout = httpx.Timeout(DELETE_TIMEOUT, connect=CONNECT_TIMEOUT)
+    async with httpx.AsyncClient(
+        base_url=settings.gateway_url or "", headers=_headers(settings), timeout=timeout
+    ) as http:
+        await asyncio.gather(*(delete(http, k) for k in kernel_ids))
+    return gone
+
+
 class _RemoteKernel:
     """One kernel on the gateway, shaped as the bits of a KernelManager we use."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ledger: kernel.KernelLedger | None = None) -> None:
         self.settings = settings
+        self.ledger = ledger
         self.http = httpx.AsyncClient(
             base_url=settings.gateway_url or "",
             headers=_headers(settings),
@@ -285,6 +327,8 @@ class _RemoteKernel:
         if response.status_code not in (200, 201):
             raise _refusal(s, response, f"starting a {s.gateway_kernel!r} kernel")
         self.kernel_id = str(response.json()["id"])
+        if self.ledger is not None:
+            await _note(f"kernel {self.kernel_id}", self.ledger.kernel_started, self.kernel_id)
         self.channels = _Channels(await self._connect())
         # The kernel answers kernel_info once its shell is up; ask until it does.
         while not self.channels.ready.is_set():
@@ -382,6 +426,12 @@ class _RemoteKernel:
                             where(self.settings),
                             response.status_code,
                         )
+                    elif self.ledger is not None:
+                        await _note(
+                            f"the end of kernel {self.kernel_id}",
+                            self.ledger.kernels_ended,
+                            [self.kernel_id],
+                        )
                 self.kernel_id = None
         finally:
             await self.http.aclose()
@@ -405,12 +455,13 @@ class GatewaySession(kernel.KernelSession):
     km: Any
     kc: Any
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, ledger: kernel.KernelLedger | None = None) -> None:
         super().__init__(settings)
         self.workdir = None
+        self.ledger = ledger
 
     async def start(self) -> None:
-        remote = _RemoteKernel(self.settings)
+        remote = _RemoteKernel(self.settings, self.ledger)
         self.km = remote
         kernel._live.add(self)
         try:

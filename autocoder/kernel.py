@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
@@ -798,12 +798,24 @@ def _running(pid: int) -> bool:
         return False
 
 
+class KernelLedger(Protocol):
+    """Where the kernels started on a gateway are noted while they exist (a shared run store),
+    so that if this process dies another one deletes them. Its methods block."""
+
+    def kernel_started(self, kernel_id: str) -> None: ...
+
+    def kernels_ended(self, kernel_ids: list[str]) -> None: ...
+
+
 class KernelProvider:
     """Hands each run a started kernel that no other run has used. This one starts them on demand."""
 
-    def __init__(self, settings: Settings, language: str = "python") -> None:
+    def __init__(
+        self, settings: Settings, language: str = "python", *, ledger: KernelLedger | None = None
+    ) -> None:
         self.settings = settings
         self.language = language
+        self.ledger = ledger
         self._stopping: set[asyncio.Task[None]] = set()
 
     def session(self) -> KernelSession:
@@ -811,7 +823,7 @@ class KernelProvider:
         if self.settings.gateway_url:
             from autocoder.gateway import GatewaySession
 
-            return GatewaySession(self.settings)
+            return GatewaySession(self.settings, ledger=self.ledger)
         return KernelSession(self.settings, language=self.language)
 
     async def check(self) -> str | None:
@@ -847,8 +859,10 @@ class KernelPool(KernelProvider):
     Kernels are never reused: a released kernel is shut down and a new one takes its place.
     """
 
-    def __init__(self, settings: Settings, size: int | None = None) -> None:
-        super().__init__(settings)
+    def __init__(
+        self, settings: Settings, size: int | None = None, *, ledger: KernelLedger | None = None
+    ) -> None:
+        super().__init__(settings, ledger=ledger)
         self.size = settings.pool_size if size is None else size
         self._ready: asyncio.Queue[KernelSession] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()

@@ -12,6 +12,11 @@ AUTOCODER_REPLICA_LEASE, and every run in progress is a row naming its replica. 
 replica heartbeats next after a lease lapsed marks that replica's running runs interrupted
 (rows locked with SKIP LOCKED, so two that notice at once do not both write) and drops its row.
 Times are the database's `now()`, so the replicas' clocks need not agree.
+
+Kernels a replica starts on a gateway are rows under its lease too (`autocoder_kernels`, from
+the moment the gateway names the kernel until it is deleted), pooled ones included: once the
+lease lapses, `heartbeat` hands them to whoever can delete them on that gateway, at every beat
+until `kernels_ended` says they are gone.
 """
 
 from __future__ import annotations
@@ -87,6 +92,16 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeat_at timestamptz NOT NULL DEFAULT now()
     );
     """,
+    """
+    CREATE TABLE autocoder_kernels (
+        gateway     text NOT NULL,
+        kernel_id   text NOT NULL,
+        replica_id  text NOT NULL,
+        started_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (gateway, kernel_id)
+    );
+    CREATE INDEX autocoder_kernels_by_replica ON autocoder_kernels (replica_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A prompt search (`q`) is a substring match: a trigram index serves it when pg_trgm can be had.
@@ -95,6 +110,11 @@ TRIGRAM_INDEX = (
     "ON autocoder_runs USING gin (prompt gin_trgm_ops)"
 )
 
+# A replica whose lease holds, for `r.replica_id` (a run's or a kernel's).
+_LIVE_REPLICA = (
+    "SELECT 1 FROM autocoder_replicas p WHERE p.replica_id = r.replica_id "
+    "AND p.heartbeat_at >= now() - p.lease * interval '1 second'"
+)
 _SUMMARY = "run_id, started_at, status, error_kind, prompt, model, attempts, duration"
 _SUMMARY_KEYS = tuple(_SUMMARY.split(", "))
 
@@ -132,6 +152,12 @@ class PostgresStore:
         self.lease: float | None = settings.replica_lease
         self.file_limit = settings.database_file_mb * 1024 * 1024
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        # The gateway this replica's kernels come from, as every replica names it (no token).
+        self.gateway: str | None = None
+        if settings.gateway_url:
+            from autocoder.gateway import where as gateway_where
+
+            self.gateway = gateway_where(settings)
         self._pool: ConnectionPool[Any] | None = None
         self._seen_dir_mtime: int | None = None
         # Local records known to be in the database as finished: not asked about again.
@@ -248,8 +274,9 @@ class PostgresStore:
 
     def heartbeat(self) -> list[str]:
         """Renew this replica's lease, then mark the running runs of replicas whose lease
-        lapsed as interrupted. Returns the kernel ids those runs had recorded (`set_kernel`),
-        for whoever can reclaim them."""
+        lapsed as interrupted. Returns the ids of the kernels such replicas left on this
+        replica's gateway (`kernel_started`), for the caller to delete there; they are
+        returned again at each beat until `kernels_ended` forgets them."""
         with self._conn() as conn, conn.transaction():
             renewed = conn.execute(
                 "UPDATE autocoder_replicas SET heartbeat_at = now(), lease = %s "
@@ -268,31 +295,31 @@ class PostgresStore:
                         "were marked interrupted and are rewritten as they finish",
                         self.where,
                     )
-            kernels = self._interrupt(
-                conn,
-                "AND NOT EXISTS (SELECT 1 FROM autocoder_replicas p WHERE p.replica_id = "
-                "r.replica_id AND p.heartbeat_at >= now() - p.lease * interval '1 second')",
-                (),
-                "stopped answering",
-            )
+            self._interrupt(conn, f"AND NOT EXISTS ({_LIVE_REPLICA})", (), "stopped answering")
             conn.execute(
                 "DELETE FROM autocoder_replicas p "
                 "WHERE p.heartbeat_at < now() - p.lease * interval '1 second' "
                 "AND NOT EXISTS (SELECT 1 FROM autocoder_runs r "
                 "WHERE r.replica_id = p.replica_id AND r.status = 'running')"
             )
-        return kernels
+            if self.gateway is None:
+                return []
+            rows = conn.execute(
+                "SELECT kernel_id FROM autocoder_kernels r WHERE gateway = %s "
+                f"AND NOT EXISTS ({_LIVE_REPLICA}) ORDER BY started_at",
+                (self.gateway,),
+            ).fetchall()
+        return [r[0] for r in rows]
 
     def _interrupt(
         self, conn: Connection[Any], where: str, args: tuple[Any, ...], why: str
-    ) -> list[str]:
+    ) -> None:
         rows = conn.execute(
-            "SELECT run_id, record, replica_id, kernel_id FROM autocoder_runs r "
+            "SELECT run_id, record, replica_id FROM autocoder_runs r "
             f"WHERE status = 'running' {where} FOR UPDATE SKIP LOCKED",
             args,
         ).fetchall()
-        kernels = []
-        for run_id, record, replica_id, kernel_id in rows:
+        for run_id, record, replica_id in rows:
             result = RunResult.model_validate_json(record)
             result.status = "error"
             result.error_kind = ErrorKind.INTERRUPTED
@@ -306,9 +333,30 @@ class PostgresStore:
                 (ErrorKind.INTERRUPTED.value, result.model_dump_json(), run_id),
             )
             log.warning("run %s of replica %s marked interrupted (%s)", run_id, replica_id, why)
-            if kernel_id:
-                kernels.append(kernel_id)
-        return kernels
+
+    # Kernels on the gateway, under this replica's lease.
+
+    def kernel_started(self, kernel_id: str) -> None:
+        """The gateway started a kernel for this replica: should the replica die before it
+        deletes it, another one will (`heartbeat`)."""
+        if self.gateway is None:
+            return
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO autocoder_kernels (gateway, kernel_id, replica_id) "
+                "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (self.gateway, kernel_id, self.replica_id),
+            )
+
+    def kernels_ended(self, kernel_ids: list[str]) -> None:
+        """These kernels are gone from the gateway (deleted by this replica, or reclaimed)."""
+        if self.gateway is None or not kernel_ids:
+            return
+        with self._conn() as conn:
+            conn.execute(
+                "DELETE FROM autocoder_kernels WHERE gateway = %s AND kernel_id = ANY(%s)",
+                (self.gateway, kernel_ids),
+            )
 
     # Runs.
 
@@ -332,15 +380,6 @@ class PostgresStore:
                     self.replica_id,
                     provisional.model_dump_json(),
                 ),
-            )
-
-    def set_kernel(self, run_id: str, kernel_id: str) -> None:
-        """Record the (remote) kernel a running run uses, so that `heartbeat` can hand it to
-        whoever reclaims kernels of a replica that died."""
-        with self._conn() as conn:
-            conn.execute(
-                "UPDATE autocoder_runs SET kernel_id = %s WHERE run_id = %s",
-                (kernel_id, run_id),
             )
 
     def add(self, result: RunResult) -> None:

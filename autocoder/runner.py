@@ -21,7 +21,7 @@ from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, LLMError
 from autocoder.files import InputFile
-from autocoder.kernel import KernelProvider, OutputCallback
+from autocoder.kernel import KernelLedger, KernelProvider, OutputCallback
 from autocoder.llm import LLM, Message, clean_traceback, cut_middle, extract_code
 from autocoder.notebook import notebook_path, write_atomic, write_notebook, write_record
 from autocoder.records import Attempt, ErrorInfo, ErrorKind, Event, Execution, RunResult
@@ -361,11 +361,13 @@ class Runner:
         llm: LLM | None = None,
         kernels: ExecutorProvider[Any] | None = None,
         policy: RetryPolicy | None = None,
+        ledger: KernelLedger | None = None,
     ) -> None:
         self.settings = settings
         self._llm = llm
         self._llm_lock = asyncio.Lock()
-        self.kernels: ExecutorProvider[Any] = kernels or KernelProvider(settings)
+        self.ledger = ledger
+        self.kernels: ExecutorProvider[Any] = kernels or KernelProvider(settings, ledger=ledger)
         self.policy = policy
         # Kernels of other languages start on demand, one provider each.
         self._others: dict[str, KernelProvider] = {}
@@ -375,7 +377,9 @@ class Runner:
         if language == "python":
             return self.kernels
         if language not in self._others:
-            self._others[language] = KernelProvider(self.settings, language=language)
+            self._others[language] = KernelProvider(
+                self.settings, language=language, ledger=self.ledger
+            )
         return self._others[language]
 
     async def llm(self) -> LLM:

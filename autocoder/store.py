@@ -8,15 +8,19 @@ Every method here blocks (SQLite, file reads); async callers use `asyncio.to_thr
 
 `Store` is what the service asks of any run store; `open_store` picks the backend: this
 SQLite index by default, `autocoder.pgstore.PostgresStore` when AUTOCODER_DATABASE_URL is set.
+`stored_run` and `keep_lease` are how both doors (the API and `autocoder run`) use a store
+while runs happen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
 import stat as stat_mod
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -109,6 +113,10 @@ class Store(Protocol):
     def begin(self, run_id: str, prompt: str, model: str) -> None: ...
 
     def heartbeat(self) -> list[str]: ...
+
+    def kernel_started(self, kernel_id: str) -> None: ...
+
+    def kernels_ended(self, kernel_ids: list[str]) -> None: ...
 
     def add(self, result: RunResult) -> None: ...
 
@@ -286,6 +294,12 @@ class RunStore:
     def heartbeat(self) -> list[str]:
         return []
 
+    def kernel_started(self, kernel_id: str) -> None:
+        """One process owns this store and its kernels: nobody else would reclaim them."""
+
+    def kernels_ended(self, kernel_ids: list[str]) -> None:
+        pass
+
     def add(self, result: RunResult) -> None:
         """Index a run that has just written its record."""
         self._put(result, record_path(self.notebooks_dir, result.run_id).stat())
@@ -426,3 +440,58 @@ class RunStore:
 
 def stat_is_regular(st: os.stat_result) -> bool:
     return stat_mod.S_ISREG(st.st_mode)
+
+
+Reclaim = Callable[[list[str]], Awaitable[list[str]]]
+
+
+async def _index(store: Store, method: Callable[..., object], *args: Any) -> None:
+    """The index is a cache of the records: failing to update it never fails a run."""
+    try:
+        await asyncio.to_thread(method, *args)
+    except Exception:
+        log.exception("could not update the run index %s", store.where)
+
+
+async def stored_run(
+    store: Store, run_id: str, prompt: str, model: str, run: Callable[[], Awaitable[RunResult]]
+) -> RunResult:
+    """Run `run` as run `run_id` of `store`: begun (under a shared store's lease, so another
+    replica marks it interrupted should this process die), then stored once it ends. A
+    cancelled run was recorded by the runner; it is indexed from that record."""
+    await _index(store, store.begin, run_id, prompt, model)
+    try:
+        result = await run()
+    except asyncio.CancelledError:
+        await asyncio.shield(_index(store, store.index_record, run_id))
+        raise
+    await _index(store, store.add, result)
+    return result
+
+
+async def keep_lease(store: Store, reclaim: Reclaim | None = None) -> None:
+    """Heartbeat a shared store every third of its lease until cancelled (a store without a
+    lease returns at once). Kernels that replicas which died left on the gateway go to
+    `reclaim`, which deletes them and says which are gone; the rest come back at the next beat.
+    A failed beat or reclaim is logged and tried again then (the database or the gateway may be
+    back)."""
+    lease = store.lease
+    if lease is None:
+        return
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            kernels = await asyncio.to_thread(store.heartbeat)
+        except Exception as e:
+            log.warning("run store %s: heartbeat failed: %s", store.where, e)
+            continue
+        if not kernels:
+            continue
+        if reclaim is None:
+            log.warning("kernels of a replica that died left to reclaim: %s", ", ".join(kernels))
+            continue
+        try:
+            gone = await reclaim(kernels)
+            await asyncio.to_thread(store.kernels_ended, gone)
+        except Exception as e:
+            log.warning("could not reclaim kernels %s: %s", ", ".join(kernels), e)

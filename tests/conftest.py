@@ -1,7 +1,10 @@
-"""Shared fixtures: a scripted model server on 127.0.0.1, settings in a temp dir, a runner."""
+"""Shared fixtures: a scripted model server on 127.0.0.1, settings in a temp dir, a runner, a
+real Jupyter Kernel Gateway on 127.0.0.1."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import socket
@@ -22,7 +25,7 @@ from autocoder import api
 from autocoder.api.app import server_options
 from autocoder.config import Settings, load_settings
 from autocoder.runner import Runner
-from autocoder.testing import ScriptedLLM
+from autocoder.testing import KernelGateway, ScriptedLLM
 
 SECRET = "sk-test-never-reaches-the-kernel"
 
@@ -73,6 +76,36 @@ def no_kernel_left_behind() -> Iterator[None]:
     if not left:
         shutil.rmtree(SUITE_TMP, ignore_errors=True)
     assert left == [], "kernel processes outlived the test suite"
+
+
+GATEWAY_KERNEL = "autocoder-sandbox" if SANDBOX == "bwrap" else "autocoder-python"
+GATEWAY_SECRET = "the-gateway-s-own-secret"
+
+
+def gateway_unavailable() -> str | None:
+    """Why no Kernel Gateway can serve autocoder's kernels here, or None."""
+    if importlib.util.find_spec("kernel_gateway") is None:
+        return "jupyter-kernel-gateway is not installed (pip install -e '.[test]')"
+    points = importlib.metadata.entry_points(group="jupyter_client.kernel_provisioners")
+    if "autocoder-provisioner" not in {p.name for p in points}:
+        return "autocoder's kernel provisioner is not registered (reinstall: pip install -e .)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGateway]:
+    """One gateway for the suite; at its end no kernel may be left on it."""
+    reason = gateway_unavailable()
+    if reason:
+        pytest.skip(reason)
+    gw = KernelGateway(
+        tmp_path_factory.mktemp("gateway"), extra_env={"GATEWAY_SECRET": GATEWAY_SECRET}
+    ).start()
+    try:
+        yield gw
+        assert gw.kernels() == [], "kernels were left on the gateway"
+    finally:
+        gw.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,6 @@ docs/scale.md gives. Each test ends by checking that the gateway has no kernel l
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
-import importlib.util
 import json
 import subprocess
 import time
@@ -23,36 +21,9 @@ from autocoder.config import Settings
 from autocoder.records import ErrorKind
 from autocoder.runner import Runner
 from autocoder.testing import KernelGateway, ScriptedLLM, fenced
-from tests.conftest import SANDBOX, LiveServer, autocoder_cmd
+from tests.conftest import GATEWAY_KERNEL, LiveServer, autocoder_cmd, gateway_unavailable
 
 pytestmark = pytest.mark.timeout(120)
-
-KERNEL = "autocoder-sandbox" if SANDBOX == "bwrap" else "autocoder-python"
-GATEWAY_SECRET = "the-gateway-s-own-secret"
-
-
-def _why_not() -> str | None:
-    if importlib.util.find_spec("kernel_gateway") is None:
-        return "jupyter-kernel-gateway is not installed (pip install -e '.[test]')"
-    points = importlib.metadata.entry_points(group="jupyter_client.kernel_provisioners")
-    if "autocoder-provisioner" not in {p.name for p in points}:
-        return "autocoder's kernel provisioner is not registered (reinstall: pip install -e .)"
-    return None
-
-
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGateway]:
-    reason = _why_not()
-    if reason:
-        pytest.skip(reason)
-    gw = KernelGateway(
-        tmp_path_factory.mktemp("gateway"), extra_env={"GATEWAY_SECRET": GATEWAY_SECRET}
-    ).start()
-    try:
-        yield gw
-        assert gw.kernels() == [], "kernels were left on the gateway"
-    finally:
-        gw.stop()
 
 
 @pytest.fixture
@@ -61,7 +32,7 @@ def gw_settings(settings: Settings, gateway: KernelGateway) -> Iterator[Settings
         update={
             "gateway_url": gateway.url,
             "gateway_token": SecretStr(gateway.token),
-            "gateway_kernel": KERNEL,
+            "gateway_kernel": GATEWAY_KERNEL,
         }
     )
     deadline = time.monotonic() + 15
@@ -227,7 +198,7 @@ def test_a_gateway_that_is_down_or_refuses_is_one_line_at_start(
 def test_health_is_503_naming_the_gateway_once_it_goes_down(
     settings: Settings, tmp_path: Path
 ) -> None:
-    reason = _why_not()
+    reason = gateway_unavailable()
     if reason:
         pytest.skip(reason)
     gw = KernelGateway(tmp_path / "gw2").start()

@@ -5,6 +5,7 @@ or psycopg is missing."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -19,8 +20,15 @@ from typing import Any
 import httpx
 import pytest
 
-from autocoder.testing import PostgresCluster, PostgresUnavailable, ScriptedLLM, fenced
-from tests.conftest import SANDBOX, SECRET, autocoder_cmd
+from autocoder.pgstore import SCHEMA_VERSION
+from autocoder.testing import (
+    KernelGateway,
+    PostgresCluster,
+    PostgresUnavailable,
+    ScriptedLLM,
+    fenced,
+)
+from tests.conftest import GATEWAY_KERNEL, SANDBOX, SECRET, autocoder_cmd
 
 LEASE = 1.5  # seconds; a replica heartbeats every half second
 
@@ -54,7 +62,7 @@ def model(llm_server: ScriptedLLM) -> ScriptedLLM:
 class Replica:
     """`autocoder serve` on its own port and its own disk, sharing the database."""
 
-    def __init__(self, name: str, home: Path, db_url: str, model: ScriptedLLM) -> None:
+    def __init__(self, name: str, home: Path, db_url: str, model: ScriptedLLM, **env: str) -> None:
         self.name = name
         self.home = home
         with socket.socket() as s:
@@ -77,6 +85,7 @@ class Replica:
             AUTOCODER_SHUTDOWN_GRACE="2",
             PYTHONUNBUFFERED="1",
         )
+        self.env.update(env)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Replica:
@@ -161,7 +170,7 @@ def test_two_replicas_starting_at_once_migrate_the_schema_once(
     replicas: tuple[Replica, Replica],
 ) -> None:
     a, _ = replicas
-    assert schema_rows(a.env["AUTOCODER_DATABASE_URL"]) == [(1,)]
+    assert schema_rows(a.env["AUTOCODER_DATABASE_URL"]) == [(SCHEMA_VERSION,)]
     assert "Traceback" not in a.log() + replicas[1].log()
 
 
@@ -181,7 +190,7 @@ def test_many_stores_migrating_together_do_not_race(cluster: PostgresCluster) ->
         for f in [pool.submit(migrate) for _ in range(8)]:
             f.result(timeout=60)
     PostgresStore(settings).check()  # and again, later: nothing to do
-    assert schema_rows(db) == [(1,)]
+    assert schema_rows(db) == [(SCHEMA_VERSION,)]
 
 
 def test_a_run_on_one_replica_is_seen_on_the_other_with_its_notebook_and_files(
@@ -206,6 +215,30 @@ def test_a_run_on_one_replica_is_seen_on_the_other_with_its_notebook_and_files(
     # Nothing of it is on b's own disk: b answered from the database.
     assert not list((b.home / "notebooks").glob("*.ipynb"))
     assert b.get(f"/runs/{run_id}/files/nothing.csv").status_code == 404
+
+
+def test_a_run_from_the_command_line_is_listed_by_every_replica(
+    replicas: tuple[Replica, Replica], tmp_path: Path
+) -> None:
+    a, b = replicas
+    env = dict(
+        a.env,
+        AUTOCODER_NOTEBOOKS_DIR=str(tmp_path / "notebooks"),
+        AUTOCODER_AUTOFILE_DIR=str(tmp_path / "autofile"),
+    )
+    cli = subprocess.run(
+        [*autocoder_cmd(), "run", "--json", "-q", "run «print(40 + 2)»"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert cli.returncode == 0, cli.stderr
+    run_id = json.loads(cli.stdout)["run_id"]
+    assert run_id in [r["run_id"] for r in a.get("/runs").json()["runs"]]
+    assert b.get(f"/runs/{run_id}").json()["output"] == "42\n"
+    assert b.get(f"/runs/{run_id}/notebook").status_code == 200
 
 
 def test_concurrent_runs_on_both_replicas_are_each_stored_once(
@@ -252,6 +285,66 @@ def test_a_replica_killed_mid_run_leaves_the_run_interrupted_once_another_notice
     assert record["status"] == "error" and record["error_kind"] == "interrupted"
     assert "before it finished" in record["error"]
     assert a.get(f"/runs/{run_id}").json() == record
+
+
+def test_a_replica_killed_mid_run_has_its_gateway_kernels_deleted_by_another(
+    cluster: PostgresCluster, model: ScriptedLLM, gateway: KernelGateway, tmp_path: Path
+) -> None:
+    import psycopg
+
+    db = cluster.database()
+    via_gateway = {
+        "AUTOCODER_GATEWAY_URL": gateway.url,
+        "AUTOCODER_GATEWAY_TOKEN": gateway.token,
+        "AUTOCODER_GATEWAY_KERNEL": GATEWAY_KERNEL,
+    }
+    others = {k["id"] for k in gateway.kernels()}
+    survivor = Replica("b", tmp_path / "b", db, model, AUTOCODER_POOL_SIZE="0", **via_gateway)
+    doomed = Replica("a", tmp_path / "a", db, model, **via_gateway)  # a pool of one kernel
+    survivor.start()
+    doomed.start()
+    try:
+        survivor.ready()
+        doomed.ready()
+        running = concurrent.futures.ThreadPoolExecutor(1).submit(
+            doomed.run, "import time; time.sleep(60)", timeout=90
+        )
+
+        def doomed_kernels() -> set[str]:
+            return {k["id"] for k in gateway.kernels()} - others
+
+        def recorded() -> set[str]:
+            with psycopg.connect(db) as conn:
+                return {r[0] for r in conn.execute("SELECT kernel_id FROM autocoder_kernels")}
+
+        # The run's kernel is busy sleeping, a fresh one refills the pool; both are recorded.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            busy = [k for k in gateway.kernels() if k["execution_state"] == "busy"]
+            if busy and len(doomed_kernels()) == 2 and doomed_kernels() <= recorded():
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the run never got its kernel: {gateway.kernels()}")
+        left = doomed_kernels()
+        doomed.kill()
+        with pytest.raises(httpx.HTTPError):
+            running.result(timeout=10)
+
+        run_id = _wait_for_interrupted(survivor)
+        assert survivor.get(f"/runs/{run_id}").json()["error_kind"] == "interrupted"
+        deadline = time.monotonic() + 30
+        while {k["id"] for k in gateway.kernels()} & left and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not {k["id"] for k in gateway.kernels()} & left, "the kernels were not reclaimed"
+        deadline = time.monotonic() + 10
+        while recorded() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert recorded() == set()
+        assert "reclaimed kernel" in survivor.log()
+    finally:
+        doomed.stop()
+        survivor.stop()
 
 
 def _wait_for_interrupted(replica: Replica, timeout: float = 30) -> str:
@@ -339,7 +432,7 @@ def test_a_database_gone_while_serving_is_503_with_retry_after(
         assert "postgres@" not in r.text
 
 
-def test_the_replica_that_notices_a_lapsed_lease_gets_the_run_and_its_kernel_id(
+def test_the_replica_that_notices_a_lapsed_lease_gets_the_run_and_the_kernels_left(
     cluster: PostgresCluster, tmp_path: Path
 ) -> None:
     import psycopg
@@ -355,6 +448,7 @@ def test_the_replica_that_notices_a_lapsed_lease_gets_the_run_and_its_kernel_id(
                 openai_api_key=SECRET,
                 notebooks_dir=tmp_path / name,
                 replica_lease=5,
+                gateway_url="http://127.0.0.1:9",
             )
         )
         for name in ("gone", "alive")
@@ -364,7 +458,7 @@ def test_the_replica_that_notices_a_lapsed_lease_gets_the_run_and_its_kernel_id(
         store.open()
     try:
         gone.begin("20261203-100000-abcdef", "a long one", "scripted")
-        gone.set_kernel("20261203-100000-abcdef", "kernel-1")
+        gone.kernel_started("kernel-1")
         assert alive.heartbeat() == [] and alive.get("20261203-100000-abcdef") is None
         with psycopg.connect(db) as conn:  # its last heartbeat, a minute ago
             conn.execute(
@@ -373,7 +467,9 @@ def test_the_replica_that_notices_a_lapsed_lease_gets_the_run_and_its_kernel_id(
                 (gone.replica_id,),
             )
         assert alive.heartbeat() == ["kernel-1"]
-        assert alive.heartbeat() == []  # marked once
+        assert alive.heartbeat() == ["kernel-1"]  # until it is deleted on the gateway
+        alive.kernels_ended(["kernel-1"])
+        assert alive.heartbeat() == []
         run = alive.get("20261203-100000-abcdef")
         assert run is not None and run.error_kind == "interrupted" and run.prompt == "a long one"
         assert gone.replica_id in run.error

@@ -11,13 +11,14 @@ import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from autocoder import __version__, languages, sandbox
+from autocoder import __version__, gateway, languages, sandbox
 from autocoder.api import errors
 from autocoder.api.admission import Admission
 from autocoder.api.auth import PUBLIC_PATHS, check_exposure
@@ -69,8 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(sweep_leftovers, workdirs_root(s))
         store = open_store(s)
         await asyncio.to_thread(store.open)
-        pool = KernelPool(s)
-        runner = Runner(s, kernels=pool)
+        # Kernels started on a gateway are noted in the store: if this replica dies, another
+        # one deletes them there (docs/scale.md).
+        pool = KernelPool(s, ledger=store)
+        runner = Runner(s, kernels=pool, ledger=store)
         sessions = Sessions(s, runner)
         await sessions.open()
         service = Service(
@@ -80,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=store,
             admission=Admission(s.max_concurrent_runs, s.max_queued_runs, s.queue_timeout),
             sessions=sessions,
+            reclaim_kernels=partial(gateway.reclaim, s) if s.gateway_url else None,
         )
         app.state.service = service
         # Any valid request fits: a prompt at the limit, every character escaped as \uXXXX\uXXXX.

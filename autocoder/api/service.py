@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -18,7 +18,7 @@ from autocoder.kernel import KernelPool
 from autocoder.records import Event, RunResult
 from autocoder.runner import Runner, new_run_id
 from autocoder.sessions import Session, Sessions
-from autocoder.store import Store
+from autocoder.store import Reclaim, Store, keep_lease, stored_run
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ class Service:
     sessions: Sessions
     runs: set[asyncio.Task[RunResult]] = field(default_factory=set)
     draining: bool = False
-    # Given the kernel ids of runs a dead replica left (a shared store's heartbeat finds them),
-    # a kernel provider that can reach those kernels (a gateway) shuts them down.
-    reclaim_kernels: Callable[[list[str]], Awaitable[None]] | None = None
+    # Given the kernels a dead replica left (a shared store's heartbeat finds them), whoever
+    # can reach them (the gateway) deletes them and says which are gone.
+    reclaim_kernels: Reclaim | None = None
 
     async def admit(self) -> Slot:
         """A run slot, after waiting in the queue if need be; Busy when there is none to have."""
@@ -86,9 +86,13 @@ class Service:
             run = partial(run, language=req.language or "python")
         else:
             run = partial(self.sessions.run, session)
-        await self._index(self.store.begin, run_id, req.prompt, req.model or "")
-        try:
-            result = await run(
+        return await stored_run(
+            self.store,
+            run_id,
+            req.prompt,
+            req.model or "",
+            partial(
+                run,
                 req.prompt,
                 max_attempts=req.max_attempts,
                 timeout=req.timeout,
@@ -96,41 +100,12 @@ class Service:
                 on_event=on_event,
                 run_id=run_id,
                 inputs=files,
-            )
-        except asyncio.CancelledError:
-            # The runner has written the cancelled run's record; index it from there.
-            await asyncio.shield(self._index(self.store.index_record, run_id))
-            raise
-        await self._index(self.store.add, result)
-        return result
-
-    async def _index(self, method: Callable[..., object], *args: Any) -> None:
-        """The index is a cache of the records: failing to update it never fails a run."""
-        try:
-            await asyncio.to_thread(method, *args)
-        except Exception:
-            log.exception("could not update the run index %s", self.store.where)
+            ),
+        )
 
     async def keep_lease(self) -> None:
-        """Heartbeat a shared store every third of its lease until cancelled; a failed beat is
-        logged and tried again (the database may be back by the next one)."""
-        lease = self.store.lease
-        if lease is None:
-            return
-        while True:
-            await asyncio.sleep(lease / 3)
-            try:
-                kernels = await asyncio.to_thread(self.store.heartbeat)
-            except Exception as e:
-                log.warning("run store %s: heartbeat failed: %s", self.store.where, e)
-                continue
-            if kernels and self.reclaim_kernels is not None:
-                try:
-                    await self.reclaim_kernels(kernels)
-                except Exception as e:
-                    log.warning("could not reclaim kernels %s: %s", ", ".join(kernels), e)
-            elif kernels:
-                log.warning("kernels of interrupted runs left to reclaim: %s", ", ".join(kernels))
+        """Heartbeat a shared store until cancelled, reclaiming dead replicas' kernels."""
+        await keep_lease(self.store, self.reclaim_kernels)
 
     async def drain(self, grace: float) -> None:
         """Take no new runs; give those running `grace` seconds, then cancel them. A cancelled
