@@ -11,6 +11,9 @@ A kernel is known dead when the gateway says so on the websocket (`dead`, with
 `--KernelRestarter.restart_limit=0`; or `restarting`: the gateway brought it back empty), when
 the gateway no longer lists it, or when the websocket closes and the gateway does not answer.
 Every request has a deadline; a gateway that is down or refuses is one `GatewayError` naming it.
+
+Each kernel is noted in a `KernelLedger` (the shared run store) while it exists, so that if this
+process dies another replica finds it there and `reclaim`s it (docs/scale.md).
 """
 
 from __future__ import annotations
