@@ -819,8 +819,9 @@ class KernelProvider:
         self._stopping: set[asyncio.Task[None]] = set()
 
     def session(self) -> KernelSession:
-        """A new, unstarted session: a local kernel, or one from AUTOCODER_GATEWAY_URL."""
-        if self.settings.gateway_url:
+        """A new, unstarted session: a local kernel, or one from AUTOCODER_GATEWAY_URL. The
+        gateway serves AUTOCODER_GATEWAY_KERNEL, a Python kernel: other languages stay local."""
+        if self.settings.gateway_url and self.language == "python":
             from autocoder.gateway import GatewaySession
 
             return GatewaySession(self.settings, ledger=self.ledger)

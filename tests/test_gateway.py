@@ -17,6 +17,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from autocoder import languages
 from autocoder.config import Settings
 from autocoder.records import ErrorKind
 from autocoder.runner import Runner
@@ -56,6 +57,22 @@ async def test_a_run_on_the_gateway_retries_after_an_exception(
     assert "ZeroDivisionError" in llm.requests[1]["messages"][-1]["content"]
     # It ran on the gateway's host, in a working dir of its own, with none of our secrets.
     assert result.status == "success" and result.output == "True False\n"
+
+
+async def test_a_bash_run_beside_the_gateway_runs_in_a_local_bash_kernel(
+    gw_settings: Settings, gateway: KernelGateway, llm: ScriptedLLM
+) -> None:
+    """The gateway serves a Python kernel: another language must not be handed it."""
+    if not any(f.language == "bash" and f.available for f in languages.availability(gw_settings)):
+        pytest.skip("the Bash kernel is not installed (./install.sh --languages)")
+    llm.script('```bash\necho "$((6 * 7))"\n```')
+    runner = Runner(gw_settings)
+    try:
+        result = await runner.run("six times seven", language="bash")
+    finally:
+        await runner.close()
+    assert result.status == "success" and result.output.strip() == "42"
+    assert gateway.kernels() == []
 
 
 async def test_endless_and_interrupt_swallowing_code_is_stopped_remotely(
