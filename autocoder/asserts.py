@@ -154,11 +154,18 @@ def install(shell: Any) -> None:
         shell.ast_transformers.append(ExplainAsserts())
 
 
-def exec_line() -> str:
-    """One line for IPython's `exec_lines` that installs this module in a fresh kernel."""
+def install_source() -> tuple[str, str, str]:
+    """(module name, file name, source) that installs this module in a fresh kernel: what
+    `exec_line()` wraps, and what a forked kernel runs from the zygote's compiled copy."""
     with open(__file__, encoding="utf-8") as f:
         source = f.read() + "\ninstall(get_ipython())\n"
+    return "autocoder_asserts", "<autocoder asserts>", source
+
+
+def exec_line() -> str:
+    """One line for IPython's `exec_lines` that installs this module in a fresh kernel."""
+    name, filename, source = install_source()
     return (
-        f"exec(compile({source!r}, '<autocoder asserts>', 'exec'), "
-        "{'__name__': 'autocoder_asserts', 'get_ipython': get_ipython})"
+        f"exec(compile({source!r}, {filename!r}, 'exec'), "
+        f"{{'__name__': {name!r}, 'get_ipython': get_ipython}})"
     )

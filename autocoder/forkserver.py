@@ -251,11 +251,9 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int) -> None:
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (the kernel's for its life)
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     sys.path[0] = ""
-    from ipykernel.kernelapp import IPKernelApp
-
     code = 0
     try:
-        app = IPKernelApp.instance()
+        app = _kernel_app().instance(installs=req["compiled"])
         app.initialize(["-f", conn, *req["kernel_args"]])
         app.start()
     except SystemExit as e:
@@ -352,6 +350,49 @@ def _init(
     os._exit(code)
 
 
+@functools.cache
+def _kernel_app() -> Any:
+    """ipykernel's app, which runs autocoder's installs from the zygote's compiled copies.
+
+    An exec'd kernel gets them as `exec_lines`: IPython then hashes, tokenizes and compiles
+    each ~10 KB cell, twice, ~30 ms of every start; here each source is compiled once per
+    zygote, and the code objects run as the exec lines would, before any other.
+    """
+    from ipykernel.kernelapp import IPKernelApp
+    from traitlets import Any as AnyTrait
+    from traitlets import List
+
+    class ForkedKernelApp(IPKernelApp):  # type: ignore[misc]
+        installs: Any = List(AnyTrait())
+
+        def init_code(self) -> None:
+            shell: Any = self.shell
+            for name, code in self.installs:
+                try:
+                    exec(code, {"__name__": name, "get_ipython": shell.get_ipython})
+                except Exception:
+                    self.log.warning("autocoder could not install %s", name, exc_info=True)
+            super().init_code()
+
+    return ForkedKernelApp
+
+
+_compiled: dict[tuple[str, str, str], Any] = {}
+
+
+def _compile_installs(installs: list[list[str]]) -> list[tuple[str, Any]]:
+    """Each (name, file name, source) of a request compiled, once per zygote."""
+    out = []
+    for name, filename, source in installs:
+        key = (name, filename, source)
+        if key not in _compiled:
+            if len(_compiled) >= 16:  # a few output limits at most; never grows without bound
+                _compiled.clear()
+            _compiled[key] = compile(source, filename, "exec")
+        out.append((name, _compiled[key]))
+    return out
+
+
 def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     data, fds = b"", []
     fd_size = struct.calcsize("i")
@@ -378,6 +419,8 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
+    with contextlib.suppress(ImportError):
+        _kernel_app()
     gc.collect()
     gc.freeze()  # the imported modules' objects stay shared: the collector never writes them
     wake_r, wake_w = os.pipe()
@@ -418,6 +461,13 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
                     conn.settimeout(5)
                     req, fds = _recv_request(conn)
                 except (OSError, ValueError, EOFError):
+                    conn.close()
+                    continue
+                try:
+                    req["compiled"] = _compile_installs(req["installs"])
+                except (KeyError, TypeError, ValueError, SyntaxError):
+                    for received in fds:
+                        os.close(received)
                     conn.close()
                     continue
                 pid = os.fork()
@@ -825,7 +875,8 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
             },
             "env": sandbox._inner_env(),
             "python": sys.executable,
-            "kernel_args": _kernel_args(settings.max_output_bytes),
+            "kernel_args": sandbox.BWRAP_KERNEL_ARGS,
+            "installs": _installs(settings.max_output_bytes),
         }
         try:
             self._forked = await zygote.fork(request, [stderr_fd, *cgroup_fds])
@@ -932,12 +983,12 @@ def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
 
 
 @functools.cache
-def _kernel_args(max_output_bytes: int) -> list[str]:
-    """The arguments the launcher gives ipykernel under bwrap, built once: they embed our sources."""
-    from autocoder import asserts, output_cap, sandbox
+def _installs(max_output_bytes: int) -> list[tuple[str, str, str]]:
+    """What the launcher gives ipykernel under bwrap as exec_lines, read once: our sources."""
+    from autocoder import asserts, output_cap
 
-    lines = (asserts.exec_line(), output_cap.exec_line(max_output_bytes))
-    return [*sandbox.BWRAP_KERNEL_ARGS, *(f"--IPKernelApp.exec_lines={line}" for line in lines)]
+    found = (asserts.install_source(), output_cap.install_source(max_output_bytes))
+    return [install for install in found if install is not None]
 
 
 @functools.cache

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import zmq
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from nbformat.v4 import output_from_msg
@@ -45,6 +46,9 @@ REPLY_TIMEOUT = 2.0
 SETTLE_QUIET = 0.05
 SETTLE_MAX = 1.0
 POLL_INTERVAL = 0.25
+# The client connects before the kernel has bound its sockets; zmq retries an IPC connect
+# after this many ms (100 by default, plus as much again at random): up to 200 ms of a start.
+RECONNECT_MS = 5
 # What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
 # of it. IPython's own reset() does that too, but also a full gc.collect() and a rebuild of its
 # aliases: ~35 ms, several trivial executes. user_ns_hidden holds the namespace the kernel
@@ -386,6 +390,7 @@ class KernelSession:
                     STARTUP_TIMEOUT,
                 )
             self.kc = km.client()
+            self.kc.context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
             self.kc.start_channels()
             await self._wait_ready(time.monotonic() + STARTUP_TIMEOUT)
         except BaseException as e:
@@ -403,9 +408,10 @@ class KernelSession:
         """Until the kernel answers kernel_info on shell and its iopub reaches us.
 
         jupyter_client's wait_for_ready does the same, then waits for 0.2 s of iopub silence,
-        which was most of a forked kernel's start; seeing the idle status of one of our
-        requests on iopub proves the subscription as well. Requests are resent until then (an
-        iopub message published before the subscription took is lost); any reply will do.
+        which was most of a forked kernel's start. The kernel's `iopub_welcome` (ipykernel
+        sends one when a subscription takes) or the idle status of one of our requests on
+        iopub proves the subscription instead. Requests are resent until then (an iopub
+        message published before the subscription took is lost); any reply will do.
         """
         sent: set[str] = set()
         reply: dict[str, Any] | None = None
@@ -420,19 +426,19 @@ class KernelSession:
                         reply = msg
             except queue.Empty:
                 pass
-            if reply is not None and await self._idle_on_iopub(sent, time.monotonic() + 0.5):
+            if reply is not None and await self._iopub_reaches_us(sent, time.monotonic() + 0.5):
                 self.kc._handle_kernel_info_reply(reply)
                 return
             if not await self.is_alive():
                 raise KernelStartError("the kernel died before it answered")
 
-    async def _idle_on_iopub(self, msg_ids: set[str], deadline: float) -> bool:
+    async def _iopub_reaches_us(self, msg_ids: set[str], deadline: float) -> bool:
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 msg = await self.kc.get_iopub_msg(timeout=remaining)
             except queue.Empty:
                 return False
-            if (
+            if msg["msg_type"] == "iopub_welcome" or (
                 msg["parent_header"].get("msg_id") in msg_ids
                 and msg["msg_type"] == "status"
                 and msg["content"].get("execution_state") == "idle"

@@ -264,17 +264,27 @@ def install(shell: Any, limit: int) -> None:
     shell.events.register("post_execute", post_execute)
 
 
-def exec_line(limit: int | None = None) -> str:
-    """One line for IPython's `exec_lines` that installs this module in a fresh kernel, with
-    the limit from AUTOCODER_MAX_OUTPUT_BYTES (set by sandbox.kernel_env); none without it."""
+def install_source(limit: int | None = None) -> tuple[str, str, str] | None:
+    """(module name, file name, source) that installs this module in a fresh kernel with the
+    limit from AUTOCODER_MAX_OUTPUT_BYTES (set by sandbox.kernel_env); None without one."""
     if limit is None:
         value = os.environ.get(LIMIT_VAR, "")
         limit = int(value) if value.isdigit() else 0
     if limit <= 0:
-        return "pass"
+        return None
     with open(__file__, encoding="utf-8") as f:
         source = f.read() + f"\ninstall(get_ipython(), {limit})\n"
+    return "autocoder_output_cap", "<autocoder output cap>", source
+
+
+def exec_line(limit: int | None = None) -> str:
+    """One line for IPython's `exec_lines` that installs this module in a fresh kernel, with
+    the limit from AUTOCODER_MAX_OUTPUT_BYTES (set by sandbox.kernel_env); none without it."""
+    found = install_source(limit)
+    if found is None:
+        return "pass"
+    name, filename, source = found
     return (
-        f"exec(compile({source!r}, '<autocoder output cap>', 'exec'), "
-        "{'__name__': 'autocoder_output_cap', 'get_ipython': get_ipython})"
+        f"exec(compile({source!r}, {filename!r}, 'exec'), "
+        f"{{'__name__': {name!r}, 'get_ipython': get_ipython}})"
     )

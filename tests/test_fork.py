@@ -247,6 +247,7 @@ def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_pa
 def test_where_kernels_cannot_be_forked_they_are_execd_and_one_line_says_why(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from autocoder import languages
     from autocoder.kernel import _fork_start
 
     python = languages.get("python")
