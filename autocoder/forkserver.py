@@ -20,6 +20,7 @@ the zygote uses the standard library only; the server's side imports autocoder l
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import errno
 import functools
@@ -60,6 +61,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
+CGROUP_JOIN_TIMEOUT = 30.0
 
 # What the zygote imports so that a kernel does not: ipykernel's app and what its start pulls in.
 # Nothing whose import does per-kernel work: matplotlib_inline hooks into the running IPython
@@ -218,8 +220,12 @@ def _retitle(argv: list[str]) -> None:
         mem.write(title + b"\0" * (end - start - len(title)))
 
 
-def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int) -> None:
-    """PID 2: limits, the throwaway uid, a clean process, then IPython. Never returns."""
+def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int, joined: int) -> None:
+    """PID 2: limits, the throwaway uid, a clean process, then IPython. Never returns.
+
+    IPython starts while the init moves this process into its cgroups (the first move into a
+    cgroup waits ~15 ms for the kernel's RCU); it serves nothing, so runs no code, before.
+    """
     import random
     import resource
 
@@ -232,7 +238,8 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int) -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.dup2(stderr_fd, 2)
-    os.closerange(3, 1 << 16)
+    os.dup2(joined, 3)
+    os.closerange(4, 1 << 16)
     for name, value in req["rlimits"].items():
         limit = getattr(resource, name)
         _, hard = resource.getrlimit(limit)
@@ -253,8 +260,11 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int) -> None:
     sys.path[0] = ""
     code = 0
     try:
-        app = _kernel_app().instance(installs=req["compiled"])
+        app = _kernel_app().instance(
+            installs=req["compiled"], parsed=req["parsed"], connection_file=conn
+        )
         app.initialize(["-f", conn, *req["kernel_args"]])
+        _await_cgroups(3)
         app.start()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -265,6 +275,15 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int) -> None:
         code = 1
     sys.stderr.flush()
     os._exit(code)
+
+
+def _await_cgroups(joined: int) -> None:
+    """Until the init says this process is in its cgroups (they hold its memory from then on)."""
+    ready, _, _ = select.select([joined], [], [], CGROUP_JOIN_TIMEOUT)
+    said = os.read(joined, 1) if ready else b""
+    os.close(joined)
+    if said != b"1":
+        raise OSError(errno.ETIMEDOUT, "the kernel's init did not move it into its cgroups")
 
 
 def _monitor(
@@ -326,19 +345,29 @@ def _init(
         os.close(alive)
         _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         libc.sethostname(b"sandbox", 7)
-        for fd in cgroup_fds:
-            with contextlib.suppress(OSError):
-                os.write(fd, b"0")
-            os.close(fd)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        joined_r, joined_w = os.pipe()
         kernel = os.fork()
         if kernel == 0:
+            os.close(joined_w)
+            for fd in cgroup_fds:
+                os.close(fd)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            _kernel(libc, req, stderr_fd)
+            _kernel(libc, req, stderr_fd, joined_r)
+        os.close(joined_r)
         os.close(stderr_fd)
+        # Best effort, as the exec'd launcher's: a cgroup that cannot be joined is skipped.
+        for fd in cgroup_fds:
+            with contextlib.suppress(OSError):
+                os.write(fd, str(kernel).encode())
+            with contextlib.suppress(OSError):
+                os.write(fd, b"0")
+            os.close(fd)
+        os.write(joined_w, b"1")
+        os.close(joined_w)
         while True:
             pid, status = os.wait()
             if pid == kernel:
@@ -364,6 +393,18 @@ def _kernel_app() -> Any:
 
     class ForkedKernelApp(IPKernelApp):  # type: ignore[misc]
         installs: Any = List(AnyTrait())
+        parsed: Any = AnyTrait(None)  # (config, extra args) of the kernel args, parsed already
+
+        def parse_command_line(self, argv: Any = None) -> None:
+            if self.parsed is None:
+                return super().parse_command_line(argv)  # type: ignore[no-any-return]
+            config, extra = self.parsed
+            self.argv = list(argv or [])
+            self.cli_config = copy.deepcopy(config)
+            self.cli_config.IPKernelApp.connection_file = self.connection_file
+            self.update_config(self.cli_config)
+            self.extra_args = list(extra)
+            return None
 
         def init_code(self) -> None:
             shell: Any = self.shell
@@ -375,6 +416,21 @@ def _kernel_app() -> Any:
             super().init_code()
 
     return ForkedKernelApp
+
+
+_parsed: dict[tuple[str, ...], Any] = {}
+
+
+def _parse_args(argv: list[str]) -> Any:
+    """A kernel's command line parsed as ipykernel would (~10 ms of argparse), once per zygote."""
+    key = tuple(argv)
+    if key not in _parsed:
+        if len(_parsed) >= 16:
+            _parsed.clear()
+        app = _kernel_app()()
+        app.parse_command_line(list(argv))
+        _parsed[key] = (app.cli_config, list(app.extra_args))
+    return _parsed[key]
 
 
 _compiled: dict[tuple[str, str, str], Any] = {}
@@ -465,7 +521,8 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
                     continue
                 try:
                     req["compiled"] = _compile_installs(req["installs"])
-                except (KeyError, TypeError, ValueError, SyntaxError):
+                    req["parsed"] = _parse_args(req["kernel_args"])
+                except Exception:  # a bad request fails its own kernel, never the zygote
                     for received in fds:
                         os.close(received)
                     conn.close()
@@ -951,8 +1008,8 @@ def _allocate_uid() -> int:
 def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
     """Best effort, as the exec'd launcher does: memory and pids cgroups for the kernel's tree.
 
-    Returns the dirs made and an open cgroup.procs of each, which the kernel's init writes
-    itself into before the kernel starts."""
+    Returns the dirs made and an open cgroup.procs of each, which the kernel's init writes the
+    kernel and itself into while IPython starts, before the kernel serves."""
     from autocoder import sandbox
 
     mib = 2**20
@@ -960,6 +1017,8 @@ def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
         "memory": {
             "memory.limit_in_bytes": settings.memory_mb * mib,
             "memory.memsw.limit_in_bytes": settings.memory_mb * mib,
+            # The kernel joins once IPython is up: what it allocated by then moves in with it.
+            "memory.move_charge_at_immigrate": 1,
         },
         "pids": {"pids.max": settings.max_processes + 1},
     }
