@@ -566,6 +566,8 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
 
 ZYGOTE_START_TIMEOUT = 60.0
 FORK_TIMEOUT = 30.0
+KILL_REPORT_TIMEOUT = 5.0  # jupyter_client's own wait for a killed kernel
+CGROUP_EMPTY_TIMEOUT = 2.0
 UID_FORK_BASE = 0x0100_0000  # above every pid, so never a uid of an exec'd kernel (UID_BASE + pid)
 
 # The zygote's parameters and this file's source come through a pipe, not its command line, and
@@ -668,6 +670,29 @@ class ForkedProcess:
                 raise subprocess.TimeoutExpired(f"forked kernel {self.pid}", timeout or 0)
             select.select([self.conn], [], [], 0.05)
         assert self.returncode is not None
+        return self.returncode
+
+    async def ended(self, timeout: float) -> int | None:
+        """Its exit status once the zygote reports it (within `timeout`), or None.
+
+        jupyter_client polls a killed kernel every 0.1 s; the report comes on the connection.
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and self.conn.fileno() >= 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self.conn.fileno(), _resolve, readable)
+            try:
+                await asyncio.wait_for(readable, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(self.conn.fileno())
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
@@ -950,16 +975,22 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.cwd = workdir
         return self.connection_info
 
+    async def kill(self, restart: bool = False) -> None:
+        await super().kill(restart)
+        if self._forked is not None:
+            await self._forked.ended(KILL_REPORT_TIMEOUT)
+
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)
         if self._forked is not None:
             self._forked.close()
         _uids_in_use.discard(getattr(self, "_uid", -1))
-        # A killed namespace takes a moment to empty; a cgroup cannot go before.
+        # A killed namespace takes a moment to empty (a few ms); a cgroup cannot go before.
         import asyncio
 
         left, self._cgroups = self._cgroups, []
-        for _ in range(40):
+        deadline, pause = time.monotonic() + CGROUP_EMPTY_TIMEOUT, 0.002
+        while True:
             for path in list(left):
                 try:
                     os.rmdir(path)
@@ -968,9 +999,10 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
                 except OSError:
                     continue
                 left.remove(path)
-            if not left:
+            if not left or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def _uid_block() -> int:

@@ -46,8 +46,10 @@ REPLY_TIMEOUT = 2.0
 SETTLE_QUIET = 0.05
 SETTLE_MAX = 1.0
 POLL_INTERVAL = 0.25
-# The client connects before the kernel has bound its sockets; zmq retries an IPC connect
-# after this many ms (100 by default, plus as much again at random): up to 200 ms of a start.
+# The client (and the manager's control socket) connect before the kernel has bound its
+# sockets; zmq retries an IPC connect after this many ms (100 by default, plus as much again
+# at random): up to 200 ms of a start, and of a shutdown soon after (a message queued on an
+# unconnected socket holds the manager's context for its linger).
 RECONNECT_MS = 5
 # What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
 # of it. IPython's own reset() does that too, but also a full gc.collect() and a rebuild of its
@@ -368,6 +370,7 @@ class KernelSession:
             ip=str(self.runtime_dir / "k"),
             connection_file=str(self.runtime_dir / "kernel.json"),
         )
+        km.context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)  # its control socket's
         self.km = km
         _live.add(self)
         if _fork_start(self.settings, self.language):

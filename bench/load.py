@@ -6,13 +6,14 @@ latency of `POST /run` and the runs per second at each concurrency.
 
 - autocoder: `python -m autocoder serve` as shipped: uvicorn, the kernel pool, the sandbox,
   a concurrency limit with a queue, a notebook and an index entry per run.
+  Once per `--kernel-start` (forked from a zygote, exec'd), one server at a time.
 - baseline: the original AutoCoder's design. A synchronous handler (stdlib http.server, one
   thread, like Flask's dev server without threads) asks the model, writes generated_code.py,
   runs it as a `python` subprocess and retries on failure. No sandbox, no record.
 
     python bench/load.py [--requests 24] [--max-seconds 30] [--concurrency 1 4 16]
                          [--sandbox bwrap|none] [--pool-size 2] [--llm-delay 0]
-                         [--kernel-start fork|exec]
+                         [--kernel-start fork exec]
 
 Each level sends `--requests` runs (fewer if `--max-seconds` runs out) after two warm-up runs.
 """
@@ -217,8 +218,9 @@ async def main() -> None:
     parser.add_argument(
         "--kernel-start",
         choices=["fork", "exec"],
-        default=os.environ.get("AUTOCODER_KERNEL_START", "fork"),
-        help="how autocoder serve starts its kernels",
+        nargs="+",
+        default=["fork", "exec"],
+        help="how autocoder serve starts its kernels (each is measured)",
     )
     parser.add_argument(
         "--llm-delay", type=float, default=0.0, help="seconds the model takes per answer"
@@ -234,25 +236,18 @@ async def main() -> None:
     llm = ScriptedLLM(responder=lambda body: Reply(fenced(CODE), delay=args.llm_delay)).start()
     work = Path(tempfile.mkdtemp(prefix="autocoder-load-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOCODER_", "OPENAI_"))}
-    ac_port, base_port = free_port(), free_port()
     env.update(
         OPENAI_BASE_URL=llm.base_url,
         OPENAI_API_KEY="not-needed",
-        AUTOCODER_PORT=str(ac_port),
         AUTOCODER_SANDBOX=args.sandbox,
         AUTOCODER_POOL_SIZE=str(args.pool_size),
-        AUTOCODER_KERNEL_START=args.kernel_start,
         AUTOCODER_NOTEBOOKS_DIR=str(work / "notebooks"),
         AUTOCODER_AUTOFILE_DIR=str(work / "autofile"),
         AUTOCODER_LLM_RETRIES="0",
     )
+    ours: dict[str, list[Level]] = {}
     with open(work / "autocoder.log", "wb") as log:
-        autocoder = subprocess.Popen(
-            [sys.executable, "-m", "autocoder", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        base_port = free_port()
         baseline = subprocess.Popen(
             [
                 sys.executable,
@@ -265,17 +260,13 @@ async def main() -> None:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        ac_url, base_url = f"http://127.0.0.1:{ac_port}", f"http://127.0.0.1:{base_port}"
+        base_url = f"http://127.0.0.1:{base_port}"
         try:
-            wait_ready(
-                f"{ac_url}/health", autocoder, lambda r: r.json()["kernels_ready"] == args.pool_size
-            )
             wait_ready(base_url, baseline, lambda r: r.status_code == 501)
-            health = httpx.get(f"{ac_url}/health").json()
-            ours = await measure("autocoder", ac_url, args)
+            for start in args.kernel_start:
+                ours[start], health = await measure_autocoder(start, env, log, args)
             theirs = await measure("baseline", base_url, args)
         finally:
-            stop(autocoder)
             stop(baseline)
             llm.stop()
     answering = f"after {args.llm_delay:g} s" if args.llm_delay else "at once"
@@ -284,28 +275,56 @@ async def main() -> None:
         f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}"
     )
     print(
-        f"autocoder: autocoder serve, sandbox={args.sandbox}, kernel start={args.kernel_start}, "
-        f"pool={health['pool_size']}, "
-        f"max_concurrent_runs={health['max_concurrent_runs']}, a fresh kernel per run"
+        f"autocoder: autocoder serve, sandbox={args.sandbox}, pool={health['pool_size']}, "
+        f"max_concurrent_runs={health['max_concurrent_runs']}, a fresh kernel per run; "
+        "kernels forked from a zygote (fork) or exec'd (exec)"
     )
     print("baseline:  stdlib http.server, one thread, `python generated_code.py` per attempt")
     print()
-    print(f"{'':13}{'autocoder':^28}  {'baseline':^28}")
+    names = [*ours, "baseline"]
+    print(f"{'':13}" + "".join(f"{n:^28}" for n in names) + "  runs/s, p50 against baseline")
     print(
-        f"{'concurrency':>11}  {'p50 ms':>8}{'p95 ms':>9}{'runs/s':>9}   {'p50 ms':>8}{'p95 ms':>9}"
-        f"{'runs/s':>9}   {'runs/s ratio':>12}"
+        f"{'concurrency':>11}  "
+        + f"{'p50 ms':>8}{'p95 ms':>9}{'runs/s':>9}   " * len(names)
+        + "".join(f"{n:>16}" for n in ours)
     )
-    for a, b in zip(ours, theirs, strict=True):
-        ratio = a.rate / b.rate if b.rate else float("nan")
-        print(
-            f"{a.concurrency:>11}  {a.pct(0.5):>8.0f}{a.pct(0.95):>9.0f}{a.rate:>9.2f}   "
-            f"{b.pct(0.5):>8.0f}{b.pct(0.95):>9.0f}{b.rate:>9.2f}   {ratio:>11.2f}x"
+    for i, b in enumerate(theirs):
+        row = [levels[i] for levels in ours.values()] + [b]
+        cells = "".join(f"{lv.pct(0.5):>8.0f}{lv.pct(0.95):>9.0f}{lv.rate:>9.2f}   " for lv in row)
+        ratios = "".join(
+            f"{a.rate / b.rate if b.rate else float('nan'):>7.2f}x {_p50_ratio(a, b):>6.2f}x"
+            for a in row[:-1]
         )
-    failed = sum(lv.failures for lv in ours + theirs)
+        print(f"{b.concurrency:>11}  {cells}{ratios}")
+    failed = sum(lv.failures for levels in [*ours.values(), theirs] for lv in levels)
     if failed:
         print(f"\n{failed} request(s) failed; see {work / 'autocoder.log'}")
     else:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _p50_ratio(a: Level, b: Level) -> float:
+    return a.pct(0.5) / b.pct(0.5) if b.latencies else float("nan")
+
+
+async def measure_autocoder(
+    start: str, env: dict[str, str], log: Any, args: argparse.Namespace
+) -> tuple[list[Level], dict[str, Any]]:
+    """One `autocoder serve` with kernels started by `start`, measured, then stopped."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "autocoder", "serve"],
+        env={**env, "AUTOCODER_PORT": str(port), "AUTOCODER_KERNEL_START": start},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/health", server, lambda r: r.json()["kernels_ready"] == args.pool_size)
+        health = httpx.get(f"{url}/health").json()
+        return await measure(f"ac {start}", url, args), health
+    finally:
+        stop(server)
 
 
 if __name__ == "__main__":
