@@ -418,6 +418,17 @@ def _kernel_app() -> Any:
     return ForkedKernelApp
 
 
+def _warm_up() -> None:
+    """Caches every kernel fills on its first execute (tokenizer patterns, IPython's cell
+    transforms), filled once here: pure functions of the code, no state of any kernel."""
+    import ast
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    cell = TransformerManager().transform_cell("x = 1\nprint(x)\n")
+    compile(ast.parse(cell), "<warm-up>", "exec")
+
+
 _parsed: dict[tuple[str, ...], Any] = {}
 
 
@@ -477,6 +488,7 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
             __import__(name)
     with contextlib.suppress(ImportError):
         _kernel_app()
+        _warm_up()
     gc.collect()
     gc.freeze()  # the imported modules' objects stay shared: the collector never writes them
     wake_r, wake_w = os.pipe()

@@ -76,11 +76,14 @@ async def value(k: KernelSession, code: str) -> object:
 
 PROBE = """
 import json, os, random, tempfile
+from ipykernel.kernelapp import IPKernelApp
 seen = [os.path.exists("/tmp/mine"), os.path.exists("mine.txt"), "secret" in globals()]
 secret = random.random()
 open("/tmp/mine", "w").write("x")
 open("mine.txt", "w").write("x")
-print(json.dumps([seen, secret, os.getcwd(), sorted(os.listdir("/proc/1/task"))]))
+ip = get_ipython()
+own = [ip.kernel is IPKernelApp.instance().kernel, ip.starting_dir, [str(d) for d in _dh]]
+print(json.dumps([seen, secret, os.getcwd(), sorted(os.listdir("/proc/1/task")), own]))
 """
 
 
@@ -95,8 +98,10 @@ async def test_two_forked_kernels_share_nothing(
             assert isinstance(process_of(k), forkserver.ForkedProcess)
             monitors.append(process_of(k).pid)
             results.append(await value(k, PROBE))
-    (seen_a, random_a, cwd_a, _), (seen_b, random_b, cwd_b, _) = results
+    (seen_a, random_a, cwd_a, _, own_a), (seen_b, random_b, cwd_b, _, own_b) = results
     assert seen_a == seen_b == [False, False, False]
+    # The shell each kernel takes from the zygote is its own: its kernel, its directory.
+    assert own_a == [True, cwd_a, [cwd_a]] and own_b == [True, cwd_b, [cwd_b]]
     assert random_a != random_b
     assert cwd_a != cwd_b
     assert monitors[0] != monitors[1]
