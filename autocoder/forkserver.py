@@ -163,6 +163,14 @@ def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
             raise OSError(errno.EPERM, f"{path} is not a directory under {roots}")
         fds[key] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
     hidden = sorted({r for r in roots if not _under(r, ["/tmp"])})
+    # The interpreter and its packages may live under what is covered (a venv in /tmp): they
+    # are bound back, read-only, as bwrap binds them after its tmpfs mounts.
+    covered = ["/tmp", "/dev/shm", req["home"], *hidden]
+    python = {
+        d: os.open(d, os.O_PATH | os.O_DIRECTORY)
+        for d in req["python_dirs"]
+        if _under(d, covered) and os.path.isdir(d)
+    }
     for root in hidden:
         _mount(libc, "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
     for path, mode, owner in (
@@ -181,6 +189,11 @@ def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
     for key, fd in fds.items():
         _makedirs(req[key])
         _mount(libc, f"/proc/self/fd/{fd}", req[key], None, MS_BIND)
+        os.close(fd)
+    for path, fd in python.items():
+        _makedirs(path)
+        _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        _mount(libc, None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
     conn = req["connection_file"]
     _mount(libc, conn, conn, None, MS_BIND)
@@ -609,7 +622,7 @@ def why_not(settings: Any) -> str | None:
     python = settings.kernel_python
     if python is not None and os.path.abspath(python) != os.path.abspath(sys.executable):
         return "AUTOCODER_KERNEL_PYTHON is another interpreter than the server's"
-    if os.geteuid() != 0 or sandbox._dedicated_uid() is None or not _uids_mapped():
+    if os.geteuid() != 0 or sandbox.dedicated_uid() is None or not _uids_mapped():
         return "forked kernels need a root server (a throwaway uid per kernel)"
     if not hasattr(socket, "SCM_CREDENTIALS"):
         return "this platform has no SCM_CREDENTIALS"
@@ -941,7 +954,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         uid = _allocate_uid()
         from pathlib import Path
 
-        sandbox._hand_over([Path(workdir), Path(runtime_dir)], uid)
+        sandbox.hand_over([Path(workdir), Path(runtime_dir)], uid)
         stderr: Any = kwargs.get("stderr")
         stderr_fd = (
             stderr.fileno() if hasattr(stderr, "fileno") else os.open(os.devnull, os.O_WRONLY)
@@ -956,8 +969,8 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
             "uid": uid,
             "home": sandbox.SANDBOX_HOME,
             "tmpfs_bytes": limits.memory_mb * mib,
-            "passwd": sandbox._passwd(uid),
-            "group": sandbox._group(uid),
+            "passwd": sandbox.passwd_text(uid),
+            "group": sandbox.group_text(uid),
             "allow_network": limits.allow_network,
             "rlimits": {
                 "RLIMIT_AS": limits.memory_mb * mib,
@@ -967,8 +980,9 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
                 "RLIMIT_FSIZE": limits.max_file_mb * mib,
                 "RLIMIT_CORE": 0,
             },
-            "env": sandbox._inner_env(),
+            "env": sandbox.inner_env(),
             "python": sys.executable,
+            "python_dirs": [str(d) for d in sandbox.python_dirs(None)],
             "kernel_args": sandbox.BWRAP_KERNEL_ARGS,
             "installs": _installs(settings.max_output_bytes),
         }
@@ -1056,32 +1070,15 @@ def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
     kernel and itself into while IPython starts, before the kernel serves."""
     from autocoder import sandbox
 
-    mib = 2**20
-    wanted = {
-        "memory": {
-            "memory.limit_in_bytes": settings.memory_mb * mib,
-            "memory.memsw.limit_in_bytes": settings.memory_mb * mib,
-            # The kernel joins once IPython is up: what it allocated by then moves in with it.
-            "memory.move_charge_at_immigrate": 1,
-        },
-        "pids": {"pids.max": settings.max_processes + 1},
-    }
+    wanted = sandbox.cgroup_limits(settings.memory_mb, settings.max_processes + 1)
+    # The kernel joins once IPython is up: what it allocated by then moves in with it.
+    wanted["memory"]["memory.move_charge_at_immigrate"] = 1
     made: list[str] = []
     fds: list[int] = []
-    for controller, files in wanted.items():
-        base = sandbox._cgroup_dir(controller)
-        if base is None or not os.access(base, os.W_OK):
-            continue
-        mine = base / "autocoder" / f"f{uid}"
-        try:
-            mine.mkdir(parents=True, exist_ok=True)
-            made.append(str(mine))
-            for name, value in files.items():
-                if (mine / name).exists():
-                    (mine / name).write_text(str(value))
+    for mine in sandbox.make_cgroups(f"f{uid}", wanted):
+        made.append(str(mine))
+        with contextlib.suppress(OSError):
             fds.append(os.open(mine / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
-        except OSError:
-            continue
     return made, fds
 
 
@@ -1130,7 +1127,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from autocoder import sandbox
 
-    sandbox._bind_to_parent()
+    sandbox.bind_to_parent()
     args = sys.argv[1:] if argv is None else argv
     directory, roots = args[0], json.loads(args[1])
     allow_network = "--network" in args[2:]
@@ -1141,9 +1138,9 @@ def main(argv: list[str] | None = None) -> None:
         source = f.read()
     params = json.dumps({"directory": directory, "roots": roots, "lifeline": int(lifeline)})
     fds = [
-        sandbox._data_fd(params + "\n" + source),
-        sandbox._data_fd(sandbox._passwd(0)),
-        sandbox._data_fd(sandbox._group(0)),
+        sandbox.data_fd(params + "\n" + source),
+        sandbox.data_fd(sandbox.passwd_text(0)),
+        sandbox.data_fd(sandbox.group_text(0)),
     ]
     a = ["--die-with-parent", "--new-session"]
     a += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox"]
@@ -1160,21 +1157,21 @@ def main(argv: list[str] | None = None) -> None:
         "CAP_NET_ADMIN",
     ):
         a += ["--cap-add", cap]
-    a += sandbox._system_mounts(allow_network)
-    a += sandbox._parents(Path(sandbox.SANDBOX_HOME))
+    a += sandbox.system_mounts(allow_network)
+    a += sandbox.parent_dirs(Path(sandbox.SANDBOX_HOME))
     for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777"), (sandbox.SANDBOX_HOME, "0700")):
         a += ["--perms", mode, "--size", str(1 << 20), "--tmpfs", path]
-    a += sandbox._ro_binds(sandbox._python_dirs(None))
+    a += sandbox.ro_bind_args(sandbox.python_dirs(None))
     for root in roots:
-        a += sandbox._parents(Path(root))
+        a += sandbox.parent_dirs(Path(root))
         a += ["--bind", root, root]
     for data_fd, name in zip(fds[1:], ("/etc/passwd", "/etc/group"), strict=True):
         a += ["--perms", "0644", "--ro-bind-data", str(data_fd), name]
     a += ["--remount-ro", "/", "--chdir", "/", "--clearenv"]
-    for key, value in sandbox._inner_env().items():
+    for key, value in sandbox.inner_env().items():
         a += ["--setenv", key, value]
     a += ["--setenv", "PYDEVD_DISABLE_FILE_VALIDATION", "1"]  # debugpy, preloaded, warns otherwise
-    options_fd = sandbox._data_fd("".join(arg + "\0" for arg in a))
+    options_fd = sandbox.data_fd("".join(arg + "\0" for arg in a))
     for fd in (*fds, options_fd):
         os.set_inheritable(fd, True)
     bwrap = shutil.which("bwrap") or "bwrap"

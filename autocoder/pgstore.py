@@ -26,7 +26,6 @@ import logging
 import os
 import secrets
 import socket
-import stat as stat_mod
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +35,7 @@ from autocoder.errors import ConfigError, StoreUnavailable
 from autocoder.files import media_type, resolve_output
 from autocoder.notebook import find_notebook, is_valid_run_id, record_path
 from autocoder.records import ErrorKind, RunResult
-from autocoder.store import PROMPT_PREVIEW, RunSummary, StoredFile, index_fields
+from autocoder.store import PROMPT_PREVIEW, RunSummary, StoredFile, index_fields, read_record
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -439,21 +438,9 @@ class PostgresStore:
         return result
 
     def _read_record(self, run_id: str) -> RunResult | None:
-        """This replica's record of a run, under the SQLite store's rules: the file's name is
-        the id, symlinks and records naming another run are skipped, content never logged."""
-        path = record_path(self.notebooks_dir, run_id)
-        try:
-            if not stat_mod.S_ISREG(path.lstat().st_mode):
-                raise ValueError("not a regular file")
-            result = RunResult.model_validate_json(path.read_bytes())
-            if result.run_id != run_id:
-                raise ValueError("its run id does not match its file name")
-        except (OSError, ValueError) as e:
-            if path.exists() or path.is_symlink():
-                reason = "unreadable" if isinstance(e, OSError) else "not a valid run record"
-                log.warning("skipping run record %s: %s", path.name, reason)
-            return None
-        return result
+        """This replica's record of a run, under the SQLite store's rules (store.read_record)."""
+        found = read_record(self.notebooks_dir, run_id)
+        return found[0] if found is not None else None
 
     def sync(self, *, force: bool = True) -> None:
         """Import this replica's records the database lacks (or has only as running or

@@ -253,13 +253,13 @@ def _probe_bwrap(allow_network: bool) -> str | None:
     from autocoder.config import load_settings
 
     limits = Limits.of(load_settings(sandbox="bwrap", allow_network=allow_network))
-    uid = _dedicated_uid()
+    uid = dedicated_uid()
     with tempfile.TemporaryDirectory(prefix="autocoder-probe-") as tmp:
         workdir, runtime_dir = Path(tmp, "work"), Path(tmp, "run")
         workdir.mkdir(mode=0o700)
         runtime_dir.mkdir(mode=0o700)
         if uid is not None:
-            _hand_over([workdir, runtime_dir], uid)
+            hand_over([workdir, runtime_dir], uid)
         argv, fds = _bwrap_argv(
             limits, workdir, runtime_dir, None, [sys.executable, "-c", "pass"], uid
         )
@@ -285,7 +285,7 @@ def _probe_bwrap(allow_network: bool) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Apply the limits and start the kernel: ipykernel by default, any kernel's argv after `--`."""
-    _bind_to_parent()
+    bind_to_parent()
     p = argparse.ArgumentParser(prog="python -m autocoder.sandbox")
     p.add_argument("--sandbox", choices=["bwrap", "none"], default="bwrap")
     p.add_argument("-f", dest="connection_file", required=True)
@@ -330,9 +330,9 @@ def main(argv: list[str] | None = None) -> None:
         _exec_unconfined(settings, [*kernel, *KERNEL_ARGS])
     workdir, runtime_dir = _run_dirs()
     _check_connection(connection_file, runtime_dir, settings.allow_network)
-    uid = _dedicated_uid()
+    uid = dedicated_uid()
     if uid is not None:
-        _hand_over([workdir, runtime_dir], uid)
+        hand_over([workdir, runtime_dir], uid)
         _join_cgroups(settings)
     cmd, fds = _bwrap_argv(
         settings, workdir, runtime_dir, connection_file, [*kernel, *BWRAP_KERNEL_ARGS], uid
@@ -384,9 +384,9 @@ def _main_other(args: argparse.Namespace, limits: Limits, connection_file: Path)
         argv = _supervised(
             argv, connection_file, relay=args.tcp_relay, lifeline=lifeline, interrupt_fd=interrupt_r
         )
-    uid = _dedicated_uid()
+    uid = dedicated_uid()
     if uid is not None:
-        _hand_over([workdir, runtime_dir], uid)
+        hand_over([workdir, runtime_dir], uid)
         _join_cgroups(limits)
     cmd, fds = _bwrap_argv(
         limits, workdir, runtime_dir, connection_file, argv, uid, ro_binds=binds, env=extra_env
@@ -483,7 +483,7 @@ def _supervised(
     return [*cmd, "--", *argv]
 
 
-def _dedicated_uid() -> int | None:
+def dedicated_uid() -> int | None:
     """The throwaway uid for this kernel, when we are root and that uid exists here.
 
     Root inside a user namespace (a rootless container) usually has few uids mapped; it then
@@ -507,7 +507,7 @@ def _exec_unconfined(limits: Limits, cmd: list[str]) -> NoReturn:
     os.execve(cmd[0], cmd, env)
 
 
-def _bind_to_parent() -> None:
+def bind_to_parent() -> None:
     """Die with the server, whenever it dies, from the launcher's first instruction on.
 
     PR_SET_PDEATHSIG survives exec (into bwrap or the kernel) and fires when the thread that
@@ -579,7 +579,7 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
-def _hand_over(dirs: Iterable[Path], uid: int) -> None:
+def hand_over(dirs: Iterable[Path], uid: int) -> None:
     """Give the kernel's uid its dirs, including files an earlier kernel of the same run left.
 
     fwalk with dir fds and no symlink following, so a planted symlink cannot redirect the chown.
@@ -620,24 +620,24 @@ def _bwrap_argv(
         a += [
             arg for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN") for arg in ("--cap-add", cap)
         ]
-    a += _system_mounts(limits.allow_network)
+    a += system_mounts(limits.allow_network)
     tmpfs_bytes = str(limits.memory_mb * 2**20)
-    a += _parents(Path(SANDBOX_HOME))
+    a += parent_dirs(Path(SANDBOX_HOME))
     for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777"), (SANDBOX_HOME, "0700")):
         a += ["--perms", mode, "--size", tmpfs_bytes, "--tmpfs", path]
     # After the tmpfs mounts, so a venv under /tmp stays visible.
-    a += _ro_binds(_python_dirs(limits.kernel_python) + [Path(p) for p in ro_binds])
-    a += _parents(workdir, runtime_dir)
+    a += ro_bind_args(python_dirs(limits.kernel_python) + [Path(p) for p in ro_binds])
+    a += parent_dirs(workdir, runtime_dir)
     a += ["--bind", str(workdir), str(workdir), "--bind", str(runtime_dir), str(runtime_dir)]
     if connection_file is not None:
         a += ["--ro-bind", str(connection_file), str(connection_file)]
     inner_uid = uid if uid is not None else os.getuid()
-    fds = [_data_fd(_passwd(inner_uid)), _data_fd(_group(inner_uid))]
+    fds = [data_fd(passwd_text(inner_uid)), data_fd(group_text(inner_uid))]
     for fd, name in zip(fds, ("/etc/passwd", "/etc/group"), strict=True):
         a += ["--perms", "0644", "--ro-bind-data", str(fd), name]
     a += ["--remount-ro", "/"]
     a += ["--clearenv"] if uid is not None else ["--chdir", str(workdir), "--clearenv"]
-    for key, value in {**_inner_env(), **(env or {})}.items():
+    for key, value in {**inner_env(), **(env or {})}.items():
         a += ["--setenv", key, value]
     a += ["--"]
     if uid is not None:
@@ -645,8 +645,17 @@ def _bwrap_argv(
     return a + command, fds
 
 
-def _system_mounts(allow_network: bool) -> list[str]:
-    a = ["--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", *_parents(Path("/etc/x"))]
+def system_mounts(allow_network: bool) -> list[str]:
+    a = [
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        *parent_dirs(Path("/etc/x")),
+    ]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         top = Path("/", name)
         if top.is_symlink():
@@ -658,7 +667,7 @@ def _system_mounts(allow_network: bool) -> list[str]:
     return a
 
 
-def _python_dirs(kernel_python: Path | None = None) -> list[Path]:
+def python_dirs(kernel_python: Path | None = None) -> list[Path]:
     """The interpreter and its packages, wherever they live (a venv, pyenv under /root, /opt),
     and those of AUTOCODER_KERNEL_PYTHON when the kernels run with another one.
 
@@ -714,14 +723,14 @@ def _check_kernel_python(python: str) -> None:
         )
 
 
-def _ro_binds(dirs: list[Path]) -> list[str]:
-    a = _parents(*dirs)
+def ro_bind_args(dirs: list[Path]) -> list[str]:
+    a = parent_dirs(*dirs)
     for d in dirs:
         a += ["--ro-bind", str(d), str(d)]
     return a
 
 
-def _parents(*paths: Path) -> list[str]:
+def parent_dirs(*paths: Path) -> list[str]:
     """bwrap creates missing parents 0700 when run as root; make them traversable."""
     a: list[str] = []
     for path in paths:
@@ -744,7 +753,7 @@ def _resource_env() -> dict[str, str]:
     }
 
 
-def _inner_env() -> dict[str, str]:
+def inner_env() -> dict[str, str]:
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
         "HOME": SANDBOX_HOME,
@@ -762,7 +771,7 @@ def _inner_env() -> dict[str, str]:
     return env
 
 
-def _passwd(uid: int) -> str:
+def passwd_text(uid: int) -> str:
     return (
         "root:x:0:0:root:/root:/usr/sbin/nologin\n"
         f"sandbox:x:{uid}:{uid}:sandbox:{SANDBOX_HOME}:/usr/sbin/nologin\n"
@@ -770,11 +779,11 @@ def _passwd(uid: int) -> str:
     )
 
 
-def _group(gid: int) -> str:
+def group_text(gid: int) -> str:
     return f"root:x:0:\nsandbox:x:{gid}:\nnogroup:x:65534:\n"
 
 
-def _data_fd(text: str) -> int:
+def data_fd(text: str) -> int:
     """A pipe holding `text`, for bwrap's --ro-bind-data (small, so it fits the pipe buffer)."""
     read, write = os.pipe()
     os.write(write, text.encode())
@@ -790,36 +799,50 @@ def _join_cgroups(limits: Limits) -> None:
     block removal of the server's own cgroup); a launch also sweeps dirs of pids that are gone.
     pids.max allows for bwrap's two root processes besides the kernel's own.
     """
-    mib = 2**20
-    wanted = {
-        "memory": {
-            "memory.limit_in_bytes": limits.memory_mb * mib,
-            "memory.memsw.limit_in_bytes": limits.memory_mb * mib,
-        },
-        "pids": {"pids.max": limits.max_processes + 2},
-    }
-    made: list[Path] = []
-    for controller, files in wanted.items():
-        base = _cgroup_dir(controller)
-        if base is None or not os.access(base, os.W_OK):
-            continue
-        mine = base / "autocoder" / f"k{os.getpid()}"
-        try:
-            if mine.parent.is_dir():
-                _sweep(mine.parent)
-            mine.mkdir(parents=True, exist_ok=True)
-            made.append(mine)
-            for name, value in files.items():
-                if (mine / name).exists():
-                    (mine / name).write_text(str(value))
-        except OSError:
-            continue
+    made = make_cgroups(
+        f"k{os.getpid()}", cgroup_limits(limits.memory_mb, limits.max_processes + 2)
+    )
     if not made:
         return
     _remove_when_gone(made)
     for mine in made:
         with contextlib.suppress(OSError):
             (mine / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def cgroup_limits(memory_mb: int, max_tasks: int) -> dict[str, dict[str, int]]:
+    """What a kernel's cgroups hold it to, by controller: its memory (swap included), its tasks."""
+    mib = 2**20
+    return {
+        "memory": {
+            "memory.limit_in_bytes": memory_mb * mib,
+            "memory.memsw.limit_in_bytes": memory_mb * mib,
+        },
+        "pids": {"pids.max": max_tasks},
+    }
+
+
+def make_cgroups(name: str, wanted: Mapping[str, Mapping[str, int]]) -> list[Path]:
+    """Best effort: `<own cgroup>/autocoder/<name>` under each controller of `wanted` that is
+    mounted and writable, holding its values (a file this kernel lacks is left out). Dirs of
+    kernels that are gone are swept first. Returns the dirs made; nothing has joined them yet."""
+    made: list[Path] = []
+    for controller, files in wanted.items():
+        base = cgroup_dir(controller)
+        if base is None or not os.access(base, os.W_OK):
+            continue
+        mine = base / "autocoder" / name
+        try:
+            if mine.parent.is_dir():
+                _sweep(mine.parent)
+            mine.mkdir(parents=True, exist_ok=True)
+            made.append(mine)
+            for file, value in files.items():
+                if (mine / file).exists():
+                    (mine / file).write_text(str(value))
+        except OSError:
+            continue
+    return made
 
 
 _REMOVE_WHEN_GONE = """import os, select, sys, time
@@ -858,7 +881,7 @@ def _remove_when_gone(dirs: list[Path]) -> None:
     os.close(pidfd)
 
 
-def _cgroup_dir(controller: str) -> Path | None:
+def cgroup_dir(controller: str) -> Path | None:
     """This process's cgroup in the v1 hierarchy holding `controller`, if it is mounted."""
     mounts = {}
     for line in Path("/proc/self/mountinfo").read_text().splitlines():

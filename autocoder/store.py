@@ -317,25 +317,12 @@ class RunStore:
         self._query("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
     def index_record(self, run_id: str) -> RunResult | None:
-        """(Re)read one run from its record; None (and out of the index) when it has none.
-
-        The id is the file's name, never what the file says: a record whose content names
-        another run is refused, and the log names the file only, never quotes its content.
-        """
-        path = record_path(self.notebooks_dir, run_id)
-        try:
-            stat = path.lstat()
-            if not stat_is_regular(stat):
-                raise ValueError("not a regular file")
-            result = RunResult.model_validate_json(path.read_bytes())
-            if result.run_id != run_id:
-                raise ValueError("its run id does not match its file name")
-        except (OSError, ValueError) as e:
-            if path.exists() or path.is_symlink():
-                reason = "unreadable" if isinstance(e, OSError) else "not a valid run record"
-                log.warning("skipping run record %s: %s", path.name, reason)
+        """(Re)read one run from its record; None (and out of the index) when it has none."""
+        found = read_record(self.notebooks_dir, run_id)
+        if found is None:
             self._forget(run_id)
             return None
+        result, stat = found
         self._put(result, stat)
         return result
 
@@ -440,6 +427,28 @@ class RunStore:
 
 def stat_is_regular(st: os.stat_result) -> bool:
     return stat_mod.S_ISREG(st.st_mode)
+
+
+def read_record(notebooks_dir: Path, run_id: str) -> tuple[RunResult, os.stat_result] | None:
+    """A run's record and its file's stat, or None when it has no valid one.
+
+    The id is the file's name, never what the file says: a record whose content names
+    another run is refused, and the log names the file only, never quotes its content.
+    """
+    path = record_path(notebooks_dir, run_id)
+    try:
+        stat = path.lstat()
+        if not stat_is_regular(stat):
+            raise ValueError("not a regular file")
+        result = RunResult.model_validate_json(path.read_bytes())
+        if result.run_id != run_id:
+            raise ValueError("its run id does not match its file name")
+    except (OSError, ValueError) as e:
+        if path.exists() or path.is_symlink():
+            reason = "unreadable" if isinstance(e, OSError) else "not a valid run record"
+            log.warning("skipping run record %s: %s", path.name, reason)
+        return None
+    return result, stat
 
 
 Reclaim = Callable[[list[str]], Awaitable[list[str]]]

@@ -76,7 +76,7 @@ def skip_unless_confined(case: Case, settings: Settings) -> None:
         sandbox.check_available(settings)
     except SandboxUnavailable as e:
         pytest.skip(f"{case.name!r} needs the bwrap sandbox: {e}")
-    if case.name == "fork bomb" and os.geteuid() == 0 and sandbox._dedicated_uid() is None:
+    if case.name == "fork bomb" and os.geteuid() == 0 and sandbox.dedicated_uid() is None:
         pytest.skip(
             "root without a throwaway uid (few uids mapped here): RLIMIT_NPROC would not hold"
         )
