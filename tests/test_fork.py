@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,6 +248,55 @@ def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_pa
         time.sleep(0.1)
     assert processes_naming(str(tmp)) == []
     assert not alive(monitor) and not alive(zygote)
+
+
+IN_A_VENV = """
+import asyncio, sys
+sys.path[:0] = [{repo!r}]
+from autocoder import forkserver
+from autocoder.config import load_settings
+from autocoder.kernel import KernelSession
+
+async def main():
+    settings = load_settings(sandbox="bwrap", kernel_start="fork", autofile_dir={work!r})
+    await forkserver.zygote_for(settings).ready()
+    async with KernelSession(settings) as k:
+        done = await k.execute("import sys, venv_probe\\nprint(sys.prefix, venv_probe.WHERE)", timeout=20)
+        print(type(k.km.provisioner.process).__name__, done.stdout.strip() or done.error, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_server_in_a_venv_under_tmp_forks_kernels_that_import_from_it(
+    fork_settings: Settings, tmp_path: Path
+) -> None:
+    """A forked kernel's fresh /tmp must not hide the interpreter's own packages from it."""
+    venv = Path(tempfile.mkdtemp(dir="/tmp")) / "venv"
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+            check=True,
+            timeout=60,
+        )
+        python = venv / "bin" / "python"
+        site = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        Path(site, "venv_probe.py").write_text("WHERE = 'from the venv'\n")
+        script = tmp_path / "server.py"
+        script.write_text(IN_A_VENV.format(repo=str(REPO), work=str(tmp_path / "autofile")))
+        done = subprocess.run(
+            [python, str(script)], capture_output=True, text=True, timeout=90, check=False
+        )
+        assert done.stdout.strip() == f"ForkedProcess {venv} from the venv", done.stderr[-2000:]
+    finally:
+        shutil.rmtree(venv.parent, ignore_errors=True)
 
 
 def test_where_kernels_cannot_be_forked_they_are_execd_and_one_line_says_why(
