@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
 INTERRUPT_GRACE = 2.0
+# A stream's cut note comes when the kernel's cell has ended (output_cap's post_execute), its
+# held tail right after: an interrupt then could land in the middle of sending that tail.
+CUT_NOTE_GRACE = 1.0
 REPLY_TIMEOUT = 2.0
 SETTLE_QUIET = 0.05
 SETTLE_MAX = 1.0
@@ -472,6 +475,11 @@ class KernelSession:
         start = time.monotonic()
         msg_id = self.kc.execute(self.language.wrap(code), store_history=False, allow_stdin=False)
         outcome = await self._drain(msg_id, collector, start + timeout)
+        if outcome == "cut" and collector.cut_at_source:
+            grace = min(start + timeout, time.monotonic() + CUT_NOTE_GRACE)
+            settled = await self._drain(msg_id, collector, grace)
+            if settled in {"idle", "died"}:
+                outcome = settled
         if outcome == "idle" and self.language.late_output:
             await self._settle(msg_id, collector)
         if outcome == "idle" and collector.error is None:
