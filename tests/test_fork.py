@@ -204,31 +204,45 @@ async def test_a_zygote_killed_mid_run_is_replaced(
     assert isinstance(process_of(kernel), forkserver.ForkedProcess)
 
 
-SERVER = """
+FORKING_SERVER = """
 import asyncio, sys
 sys.path[:0] = [{repo!r}]
+from autocoder import forkserver
 from autocoder.config import load_settings
 from autocoder.kernel import KernelSession
 
 async def main():
     settings = load_settings(sandbox="bwrap", kernel_start="fork", autofile_dir={work!r})
-    from autocoder import forkserver
     await forkserver.zygote_for(settings).ready()
     async with KernelSession(settings) as k:
-        await k.execute("import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(3600)", timeout=10)
-        zygote = forkserver.zygote_for(settings).process.pid
-        print(k.km.provisioner.process.pid, zygote, flush=True)
-        await asyncio.sleep(3600)
-
+{body}
 asyncio.run(main())
+"""
+
+
+def forking_server(tmp_path: Path, body: str) -> Path:
+    """A script of a server whose zygote is up, running `body` with a forked kernel `k`."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        FORKING_SERVER.format(
+            repo=str(REPO), work=str(tmp_path / "autofile"), body=textwrap.indent(body, " " * 8)
+        )
+    )
+    return script
+
+
+LEAVES_A_CHILD = """\
+await k.execute("import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(3600)", timeout=10)
+zygote = forkserver.zygote_for(settings).process.pid
+print(k.km.provisioner.process.pid, zygote, flush=True)
+await asyncio.sleep(3600)
 """
 
 
 @pytest.mark.timeout(120)
 def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))  # short: socket paths are bounded
-    script = tmp_path / "server.py"
-    script.write_text(SERVER.format(repo=str(REPO), work=str(tmp_path / "autofile")))
+    script = forking_server(tmp_path, LEAVES_A_CHILD)
     env = {**os.environ, "TMPDIR": str(tmp)}
     server = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, env=env, text=True
@@ -250,21 +264,9 @@ def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_pa
     assert not alive(monitor) and not alive(zygote)
 
 
-IN_A_VENV = """
-import asyncio, sys
-sys.path[:0] = [{repo!r}]
-from autocoder import forkserver
-from autocoder.config import load_settings
-from autocoder.kernel import KernelSession
-
-async def main():
-    settings = load_settings(sandbox="bwrap", kernel_start="fork", autofile_dir={work!r})
-    await forkserver.zygote_for(settings).ready()
-    async with KernelSession(settings) as k:
-        done = await k.execute("import sys, venv_probe\\nprint(sys.prefix, venv_probe.WHERE)", timeout=20)
-        print(type(k.km.provisioner.process).__name__, done.stdout.strip() or done.error, flush=True)
-
-asyncio.run(main())
+IMPORTS_FROM_THE_VENV = """\
+done = await k.execute("import sys, venv_probe\\nprint(sys.prefix, venv_probe.WHERE)", timeout=20)
+print(type(k.km.provisioner.process).__name__, done.stdout.strip() or done.error, flush=True)
 """
 
 
@@ -289,8 +291,7 @@ def test_a_server_in_a_venv_under_tmp_forks_kernels_that_import_from_it(
             timeout=30,
         ).stdout.strip()
         Path(site, "venv_probe.py").write_text("WHERE = 'from the venv'\n")
-        script = tmp_path / "server.py"
-        script.write_text(IN_A_VENV.format(repo=str(REPO), work=str(tmp_path / "autofile")))
+        script = forking_server(tmp_path, IMPORTS_FROM_THE_VENV)
         done = subprocess.run(
             [python, str(script)], capture_output=True, text=True, timeout=90, check=False
         )
