@@ -642,7 +642,7 @@ class KernelSession:
 def _fork_start(settings: Settings, language: languages.Language) -> bool:
     """Whether this kernel is forked from a zygote; says once why not when fork was asked for.
     The zygote is an IPython kernel: other languages' kernels are always exec'd."""
-    if language.name != "python":
+    if not language.ipykernel:
         return False
     reason = forkserver.why_not(settings)
     if reason is not None and settings.kernel_start == "fork":
@@ -838,7 +838,7 @@ class KernelProvider:
     def session(self) -> KernelSession:
         """A new, unstarted session: a local kernel, or one from AUTOCODER_GATEWAY_URL. The
         gateway serves AUTOCODER_GATEWAY_KERNEL, a Python kernel: other languages stay local."""
-        if self.settings.gateway_url and self.language == "python":
+        if self.settings.gateway_url and languages.get(self.language).ipykernel:
             from autocoder.gateway import GatewaySession
 
             return GatewaySession(self.settings, ledger=self.ledger)

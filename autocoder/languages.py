@@ -61,6 +61,9 @@ class Language:
     # A cell that fails with this message: what a failed run's notebook ends with.
     # The kernel may publish output after its idle status (Deno's console output does).
     late_output: bool = False
+    # Its kernel is ipykernel: it can be forked from the zygote and served by the gateway's
+    # AUTOCODER_GATEWAY_KERNEL; other kernels are exec'd on the server's host.
+    ipykernel: bool = False
     fail: Callable[[str], str] = field(default=lambda message: f"raise RuntimeError({message!r})")
 
     def kernel_name(self, settings: Settings) -> str:
@@ -250,6 +253,7 @@ _COMMON = (
 
 PYTHON = Language(
     name="python",
+    ipykernel=True,
     title="Python",
     kernel="python",
     fences=("python", "py", "python3", "ipython"),
