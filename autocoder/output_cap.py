@@ -8,6 +8,12 @@ fit in the limit, and a small text in place of each one past it. The message tha
 much was cut carries the count under CUT_KEY, so the server knows the output was over the
 limit (and stops the code, as it does for a flood it sees itself) without receiving it.
 
+A KeyboardInterrupt is held while the kernel's main thread sends a message (SendGuard), and
+raised once it is sent: ipykernel lets SIGINT raise anywhere in an execute request, the sending
+of its reply included, and one raised between two frames of the reply leaves it torn on the
+shell socket. The next message is glued onto it, and the server reads an invalid signature
+where the reply should be.
+
 If a message cannot be sent at all (the kernel ran out of memory serialising it), a small one
 under LOST_KEY says so: an attempt whose output was lost must never look like a success.
 
@@ -20,6 +26,7 @@ server's cap, which stays as the backstop.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from collections import deque
@@ -238,16 +245,63 @@ class DisplayCap:
         session.send = send
 
 
+class SendGuard:
+    """Interrupts that arrive while the main thread sends a message, raised once it is sent."""
+
+    def __init__(self) -> None:
+        self.sending = 0
+        self.held = False
+        self.main = threading.main_thread()
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        if self.sending:
+            self.held = True
+            return
+        raise KeyboardInterrupt
+
+    def hook(self, kernel: Any) -> None:
+        """Our handler where ipykernel puts default_int_handler for each request it handles."""
+        original = kernel.pre_handler_hook
+
+        def pre_handler_hook() -> None:
+            original()
+            signal.signal(signal.SIGINT, self.on_sigint)
+
+        kernel.pre_handler_hook = pre_handler_hook
+
+    def wrap(self, session: Any) -> None:
+        original = session.send
+
+        def send(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not self.main:
+                return original(*args, **kwargs)  # signals are handled by the main thread only
+            self.sending += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.sending -= 1
+                if not self.sending and self.held:
+                    self.held = False
+                    raise KeyboardInterrupt  # noqa: B012 (the interrupt, now that it is sent)
+
+        session.send = send
+
+
 def install(shell: Any, limit: int) -> None:
-    """Cap sys.stdout, sys.stderr and every iopub session of a started ipykernel shell."""
+    """Cap sys.stdout, sys.stderr and every iopub session of a started ipykernel shell, and
+    guard the messages the kernel sends against a torn send."""
     streams = [StreamCap(s, limit) for s in (sys.stdout, sys.stderr) if hasattr(s, "session")]
     displays = DisplayCap(limit)
     sessions = {id(o.session): o.session for o in (shell.display_pub, shell.displayhook)}
     kernel = getattr(shell, "kernel", None)
     if kernel is not None:
         sessions[id(kernel.session)] = kernel.session
+    guard = SendGuard()
+    if kernel is not None:
+        guard.hook(kernel)
     for session in sessions.values():
         displays.wrap(session)
+        guard.wrap(session)
     for cap in streams:
         cap.guard_flush()
 

@@ -41,6 +41,32 @@ SEND_FAILS = textwrap.dedent("""
     print("the answer is 42")
     """)
 
+# Code that makes the kernel's next reply (after this cell's own) be interrupted between two of
+# its frames, as an interrupt (a timeout, a flood stopped) that lands just as the code ends can.
+INTERRUPT_THE_NEXT_REPLY = textwrap.dedent("""
+    import os, signal, zmq
+    kernel = get_ipython().kernel
+    if kernel._supports_kernel_subshells:
+        manager = kernel.shell_channel_thread.manager
+        stream = manager.get_subshell_to_shell_channel_socket(None)
+    else:
+        stream = kernel.shell_stream
+    send_multipart = stream.send_multipart
+    replies = []
+    def interrupted_once(frames, *args, **kwargs):
+        replies.append(frames)
+        if len(replies) == 1:
+            return send_multipart(frames, *args, **kwargs)
+        stream.send_multipart = send_multipart
+        *first, last = frames
+        for frame in first:
+            stream.send(frame, zmq.SNDMORE)
+            if frame is first[3]:
+                os.kill(os.getpid(), signal.SIGINT)
+        stream.send(last)
+    stream.send_multipart = interrupted_once
+    """)
+
 
 @pytest.fixture
 async def kernel(settings: Settings) -> AsyncIterator[KernelSession]:
@@ -179,6 +205,16 @@ def test_a_note_of_lost_output_is_kept_and_marks_the_execution() -> None:
 
     assert collector.lost == 5 and not collector.over
     assert collector.execution(None, 0.0).stdout == "[5 characters of stdout lost]"
+
+
+async def test_an_interrupt_while_the_kernel_sends_its_reply_tears_nothing(
+    kernel: KernelSession,
+) -> None:
+    for code in (INTERRUPT_THE_NEXT_REPLY, "print('interrupted as it replies')", "print(2)"):
+        msg_id = kernel.kc.execute(code)
+        reply = await kernel.kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "ok"
 
 
 def test_the_exec_line_carries_the_limit_and_nothing_without_one(
