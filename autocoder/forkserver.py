@@ -80,6 +80,7 @@ PRELOAD = (
     "jupyter_client.session",
     "zmq.eventloop.zmqstream",
     "tornado.ioloop",
+    "tornado.platform.asyncio",  # what an IOLoop imports on first use
     "jedi",
     "comm",
     "json",
@@ -271,10 +272,16 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int, joined: int) -> None
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (the kernel's for its life)
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     sys.path[0] = ""
+    if not req["prebuilt"]:
+        from ipykernel.zmqshell import ZMQInteractiveShell
+
+        ZMQInteractiveShell.clear_instance()  # built for other kernel args: this kernel builds its own
     code = 0
     try:
         app = _kernel_app().instance(
-            installs=req["compiled"], parsed=req["parsed"], connection_file=conn
+            installs=req["compiled"],
+            parsed=req["parsed"],
+            connection_file=conn,
         )
         app.initialize(["-f", conn, *req["kernel_args"]])
         _await_cgroups(3)
@@ -406,7 +413,8 @@ def _kernel_app() -> Any:
 
     class ForkedKernelApp(IPKernelApp):  # type: ignore[misc]
         installs: Any = List(AnyTrait())
-        parsed: Any = AnyTrait(None)  # (config, extra args) of the kernel args, parsed already
+        # (config, extra args) of the kernel args and the config files, read in the zygote
+        parsed: Any = AnyTrait(None)
 
         def parse_command_line(self, argv: Any = None) -> None:
             if self.parsed is None:
@@ -418,6 +426,36 @@ def _kernel_app() -> Any:
             self.update_config(self.cli_config)
             self.extra_args = list(extra)
             return None
+
+        def init_config_files(self) -> None:
+            if self.parsed is None:
+                super().init_config_files()
+
+        def load_config_file(self, *args: Any, **kwargs: Any) -> None:
+            """The zygote read them (the paths are the same for every kernel: the profile in a
+            new, empty home and the system's dirs), and the kernel args are parsed with them."""
+            if self.parsed is None:
+                super().load_config_file(*args, **kwargs)
+
+        def write_connection_file(self, **kwargs: Any) -> None:
+            """The server wrote it (its keys never pass through the zygote) with the kernel's
+            ipc paths: there is nothing to add, and it is mounted read-only."""
+
+        def init_kernel(self) -> None:
+            from ipykernel.zmqshell import ZMQInteractiveShell
+
+            built: Any = ZMQInteractiveShell._instance
+            super().init_kernel()  # the kernel takes the shell instance there is
+            shell: Any = self.kernel.shell
+            if shell is not built:
+                return
+            shell.kernel = shell.parent = self.kernel
+            shell.profile_dir = self.profile_dir
+            shell.starting_dir = os.getcwd()
+            shell.sys_excepthook = sys.excepthook
+            shell.init_environment()
+            shell.save_sys_module_state()
+            shell.history_manager.reset(new_session=True)  # this kernel's time and cwd
 
         def init_code(self) -> None:
             shell: Any = self.shell
@@ -431,6 +469,29 @@ def _kernel_app() -> Any:
     return ForkedKernelApp
 
 
+def _prebuild_shell(kernel_args: list[str]) -> None:
+    """An IPython shell, built once in the zygote, that each forked kernel takes as its own.
+
+    Building it is most of ipykernel's start (magics, history, completer: ~25 ms). Nothing has
+    run in it, and each kernel has its copy-on-write copy; what of it names the process (its
+    kernel, profile dir, working dir, environment, sys streams, history session) is set anew
+    in the kernel (ForkedKernelApp.init_kernel). Built with the config of `kernel_args`; a
+    kernel asked for with other args builds its own.
+    """
+    from ipykernel.compiler import XCachingCompiler
+    from ipykernel.zmqshell import ZMQInteractiveShell
+
+    global _shell_args
+    config = _parse_args(kernel_args)[0]
+    ZMQInteractiveShell.instance(config=copy.deepcopy(config), compiler_class=XCachingCompiler)
+    _shell_args = tuple(kernel_args)
+    import threading
+
+    if threading.active_count() != 1:  # a thread does not survive the fork: never fork one
+        ZMQInteractiveShell.clear_instance()
+        raise RuntimeError("building the shell started a thread")
+
+
 def _warm_up() -> None:
     """Caches every kernel fills on its first execute (tokenizer patterns, IPython's cell
     transforms), filled once here: pure functions of the code, no state of any kernel."""
@@ -442,18 +503,23 @@ def _warm_up() -> None:
     compile(ast.parse(cell), "<warm-up>", "exec")
 
 
+_shell_args: tuple[str, ...] | None = None  # the kernel args the zygote's shell is built for
 _parsed: dict[tuple[str, ...], Any] = {}
 
 
 def _parse_args(argv: list[str]) -> Any:
-    """A kernel's command line parsed as ipykernel would (~10 ms of argparse), once per zygote."""
+    """A kernel's config as ipykernel would read it (~15 ms of argparse and file searches),
+    once per zygote: its command line over the config files of a new profile and the system."""
     key = tuple(argv)
     if key not in _parsed:
         if len(_parsed) >= 16:
             _parsed.clear()
         app = _kernel_app()()
         app.parse_command_line(list(argv))
-        _parsed[key] = (app.cli_config, list(app.extra_args))
+        app.init_profile_dir()
+        app.init_config_files()
+        app.load_config_file()
+        _parsed[key] = (copy.deepcopy(app.config), list(app.extra_args))
     return _parsed[key]
 
 
@@ -494,14 +560,16 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return json.loads(data), fds
 
 
-def serve(directory: str, roots: list[str], lifeline: int) -> None:
+def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str]) -> None:
     """The zygote: preload, listen, fork a kernel per request, report how each ended."""
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
-    with contextlib.suppress(ImportError):
-        _kernel_app()
+    try:
+        _prebuild_shell(kernel_args)
         _warm_up()
+    except Exception as e:  # kernels then build their own shell, as an exec'd one does
+        sys.stderr.write(f"autocoder.forkserver: no shell built ahead: {e!r}\n")
     gc.collect()
     gc.freeze()  # the imported modules' objects stay shared: the collector never writes them
     wake_r, wake_w = os.pipe()
@@ -547,6 +615,7 @@ def serve(directory: str, roots: list[str], lifeline: int) -> None:
                 try:
                     req["compiled"] = _compile_installs(req["installs"])
                     req["parsed"] = _parse_args(req["kernel_args"])
+                    req["prebuilt"] = tuple(req["kernel_args"]) == _shell_args
                 except Exception:  # a bad request fails its own kernel, never the zygote
                     for received in fds:
                         os.close(received)
@@ -1002,6 +1071,12 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         return self.connection_info
 
     async def kill(self, restart: bool = False) -> None:
+        """SIGKILL to the monitor and, at once, to all its cgroups hold (the init and what it
+        runs): they end side by side, not one after the other on parent-death signals."""
+        if self._forked is not None and self._forked.poll() is None:
+            for pid in _members(self._cgroups):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
         await super().kill(restart)
         if self._forked is not None:
             await self._forked.ended(KILL_REPORT_TIMEOUT)
@@ -1029,6 +1104,18 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
                 break
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _members(cgroups: list[str]) -> list[int]:
+    """The pids in a kernel's cgroup, in this server's PID namespace. Each is a process of the
+    kernel's that has not exited: its pid is not free again before it exits and is reaped."""
+    for path in cgroups:
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open(os.path.join(path, "cgroup.procs")) as f,
+        ):
+            return [int(line) for line in f if line.strip()]
+    return []
 
 
 def _uid_block() -> int:
@@ -1136,7 +1223,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("autocoder.forkserver: no lifeline; start the zygote through Zygote")
     with open(__file__, encoding="utf-8") as f:
         source = f.read()
-    params = json.dumps({"directory": directory, "roots": roots, "lifeline": int(lifeline)})
+    params = json.dumps(
+        {
+            "directory": directory,
+            "roots": roots,
+            "lifeline": int(lifeline),
+            "kernel_args": sandbox.BWRAP_KERNEL_ARGS,
+        }
+    )
     fds = [
         sandbox.data_fd(params + "\n" + source),
         sandbox.data_fd(sandbox.passwd_text(0)),

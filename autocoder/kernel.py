@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import zmq
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
-from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.manager import AsyncKernelManager, _get_future
 from nbformat.v4 import output_from_msg
 
 from autocoder import forkserver, languages, output_cap, sandbox
@@ -113,6 +113,33 @@ def workdirs_root(settings: Settings) -> Path:
 def kernel_name(settings: Settings, language: str = "python") -> str:
     """The shipped kernelspec that runs `language` under the configured sandbox."""
     return languages.get(language).kernel_name(settings)
+
+
+def _without_pause(method: Any) -> Any:
+    """jupyter_client's `in_pending_state`, which its manager's start and shutdown go
+    through, less the 10 ms sleep it ends with (there so its own tests can see the pending
+    state): 10 ms of every kernel's start and of every run's end here."""
+    method = getattr(method, "__wrapped__", method)
+
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._attempted_start or not self._ready:
+            self._ready = _get_future()
+        try:
+            out = await method(self, *args, **kwargs)
+        except Exception as e:
+            self._ready.set_exception(e)
+            self._ready.exception()  # raised to the caller: not an unretrieved exception
+            raise
+        if self.owns_kernel:
+            self._ready.set_result(None)
+        return out
+
+    return wrapper
+
+
+class _Manager(AsyncKernelManager):  # type: ignore[misc]
+    start_kernel = _without_pause(AsyncKernelManager.start_kernel)
+    shutdown_kernel = _without_pause(AsyncKernelManager.shutdown_kernel)
 
 
 class _OwnSpecs(KernelSpecManager):
@@ -366,7 +393,7 @@ class KernelSession:
         assert self.workdir is not None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
-        km = AsyncKernelManager(
+        km = _Manager(
             kernel_spec_manager=_OwnSpecs(kernel_dirs=[str(kernels_dir())]),
             kernel_name=self.language.kernel_name(self.settings),
             transport="ipc",
@@ -397,7 +424,9 @@ class KernelSession:
                 )
             self.kc = km.client()
             self.kc.context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
-            self.kc.start_channels()
+            # No heartbeat channel: whether the kernel lives comes from its process (the
+            # manager's is_alive), and its thread would ping every kernel for nothing.
+            self.kc.start_channels(hb=False)
             await self._wait_ready(time.monotonic() + STARTUP_TIMEOUT)
         except BaseException as e:
             said = " ".join(self.kernel_log(300).split()[-40:])
