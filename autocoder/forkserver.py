@@ -5,12 +5,12 @@ zygote is one long-lived process per kernel environment that imports them once (
 the user's, no secret: it is started with the sandbox's clean environment) and, on request,
 forks a child that becomes a fresh kernel. docs/sandbox.md has the design and its threat model.
 
-Three processes per kernel, as bwrap has them: a monitor (forked by the zygote, in the zygote's
-namespaces) that makes new mount, PID, IPC, UTS and network namespaces and builds the kernel's
-file system view; an init (PID 1 of the new PID namespace) that reaps; the kernel (PID 2),
-which joins its cgroups, takes its rlimits and a throwaway uid, and only then runs IPython.
-Each passes on how its child ended (killed by signal n as 128 + n), and the zygote sends the
-monitor's status to the server over the connection the kernel was asked for on.
+Two processes per kernel, as bwrap has them: an init, forked by the zygote into a new PID
+namespace (PID 1 there), that makes new mount, IPC, UTS and network namespaces, builds the
+kernel's file system view and reaps; the kernel (PID 2), which joins its cgroups, takes its
+rlimits and a throwaway uid, and only then runs IPython. The init passes on how the kernel
+ended (killed by signal n as 128 + n), and the zygote sends the init's status to the server
+over the connection the kernel was asked for on.
 
 The zygote runs inside a bubblewrap sandbox where the project tree is not visible, so it runs
 this file's source (read from a pipe) rather than importing autocoder: the code that runs in
@@ -120,12 +120,6 @@ def _mount(
         ),
         f"mount {target}",
     )
-
-
-def _die_with_parent(libc: Any, parent: int) -> None:
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _mirror(status: int) -> int:
@@ -306,67 +300,47 @@ def _await_cgroups(joined: int) -> None:
         raise OSError(errno.ETIMEDOUT, "the kernel's init did not move it into its cgroups")
 
 
-def _monitor(
-    req: dict[str, Any], fds: list[int], conn: socket.socket, zygote: int, roots: list[str]
+def _init(
+    req: dict[str, Any], fds: list[int], conn: socket.socket, zygote_alive: int, roots: list[str]
 ) -> None:
-    """The zygote's child: new namespaces and the kernel's view, then init and kernel. Never returns."""
+    """The zygote's child, PID 1 of a new PID namespace: the kernel's other namespaces and view,
+    then the kernel. Reaps, and ends (taking every process in the namespace) with the kernel.
+    Never returns."""
     code = 1
     try:
         libc = _libc()
-        _die_with_parent(libc, zygote)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Its parent is outside its PID namespace (getppid() is 0 here): the zygote's end of
+        # the pipe closes, and this end reads end-of-file, when the zygote is gone.
+        if select.select([zygote_alive], [], [], 0)[0]:
+            os._exit(1)
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        # A namespace's init only gets the signals it handles; SIGTERM ends it, as it ends an
+        # exec'd kernel's bwrap (SIGKILL always does).
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
         os.setsid()
-        # The server learns this process's pid in its own PID namespace from the credentials.
+        # The credentials carry this process's pid (1 here); the server reads its own view.
         creds = struct.pack("iII", os.getpid(), 0, 0)
         conn.sendmsg([b"forked\n"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
         stderr_fd, cgroup_fds = fds[0], fds[1:]
         keep = {stderr_fd, *cgroup_fds}
-        for fd in os.listdir("/proc/self/fd"):
-            if int(fd) > 2 and int(fd) not in keep:
+        for entry in os.listdir("/proc/self/fd"):
+            if int(entry) > 2 and int(entry) not in keep:
                 with contextlib.suppress(OSError):
-                    os.close(int(fd))
+                    os.close(int(entry))
         os.dup2(stderr_fd, 2)
-        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
         if not req["allow_network"]:
             flags |= CLONE_NEWNET
         _check(libc.unshare(flags), "unshare")
         if not req["allow_network"]:
             _loopback_up()
         _view(libc, req, roots)
-        # The init's parent is outside its PID namespace (getppid() is 0 there): it checks that
-        # this process still holds the write end instead.
-        alive_r, alive_w = os.pipe()
-        init = os.fork()
-        if init == 0:
-            os.close(alive_w)
-            _init(libc, req, stderr_fd, cgroup_fds, alive_r)
-        os.close(alive_r)
-        for kept in keep:
-            os.close(kept)
-        _, status = os.waitpid(init, 0)
-        code = _mirror(status)
-    except BaseException as e:
-        with contextlib.suppress(BaseException):
-            os.write(2, f"autocoder.forkserver: the kernel could not start: {e}\n".encode())
-    os._exit(code)
-
-
-def _init(
-    libc: Any, req: dict[str, Any], stderr_fd: int, cgroup_fds: list[int], alive: int
-) -> None:
-    """PID 1 of the kernel's namespace: reaps, and ends (taking every process in it) with the kernel."""
-    code = 1
-    try:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if select.select([alive], [], [], 0)[0]:
-            os._exit(1)  # the monitor is already gone
-        os.close(alive)
         _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         libc.sethostname(b"sandbox", 7)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
         joined_r, joined_w = os.pipe()
         kernel = os.fork()
         if kernel == 0:
@@ -584,7 +558,13 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
     os.rename(staged, os.path.join(directory, SOCKET_NAME))  # ready once it has its name
     kernels: dict[int, socket.socket] = {}
     by_conn: dict[socket.socket, int] = {}
-    me = os.getpid()
+    libc = _libc()
+    # Each kernel's init reads end-of-file here once the zygote is gone (its write end is
+    # only ever open in the zygote).
+    alive_r, alive_w = os.pipe()
+    # unshare(CLONE_NEWPID) works once per namespace its children go to: going back to the
+    # zygote's own first makes it work for every kernel.
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     poller = select.poll()
     poller.register(listener, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -616,6 +596,9 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
                     req["compiled"] = _compile_installs(req["installs"])
                     req["parsed"] = _parse_args(req["kernel_args"])
                     req["prebuilt"] = tuple(req["kernel_args"]) == _shell_args
+                    # The next child is PID 1 of a new PID namespace (the zygote stays in its own).
+                    _check(libc.setns(own_pid_ns, CLONE_NEWPID), "setns")
+                    _check(libc.unshare(CLONE_NEWPID), "unshare")
                 except Exception:  # a bad request fails its own kernel, never the zygote
                     for received in fds:
                         os.close(received)
@@ -623,7 +606,8 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
                     continue
                 pid = os.fork()
                 if pid == 0:
-                    _monitor(req, fds, conn, me, roots)
+                    os.close(alive_w)
+                    _init(req, fds, conn, alive_r, roots)
                 for received in fds:
                     os.close(received)
                 kernels[pid] = conn
@@ -713,7 +697,7 @@ def _roots(settings: Any) -> list[str]:
 class ForkedProcess:
     """The `process` of a forked kernel, as jupyter_client and KernelSession use a Popen.
 
-    Its pid is the monitor's, in the server's PID namespace (the kernel's namespace dies with it);
+    Its pid is the init's, in the server's PID namespace (the kernel's namespace dies with it);
     how it ended comes from the zygote, over the connection the kernel was asked for on.
     """
 
@@ -736,7 +720,7 @@ class ForkedProcess:
             except OSError:
                 chunk = b""
             if not chunk:
-                # The zygote is gone, and with it the monitor (its parent-death signal).
+                # The zygote is gone, and with it the init (its parent-death signal).
                 self._parse()
                 if self.returncode is None:
                     self.returncode = -signal.SIGKILL
@@ -941,7 +925,7 @@ class Zygote:
 
     @staticmethod
     async def _forked(conn: socket.socket) -> tuple[int, bytes]:
-        """The monitor's pid, from the credentials on its first message."""
+        """The init's pid, from the credentials on its first message."""
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -1071,8 +1055,8 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         return self.connection_info
 
     async def kill(self, restart: bool = False) -> None:
-        """SIGKILL to the monitor and, at once, to all its cgroups hold (the init and what it
-        runs): they end side by side, not one after the other on parent-death signals."""
+        """SIGKILL to the init and, at once, to all the kernel's cgroups hold (the init and
+        what runs under it): they end side by side, not one after the other."""
         if self._forked is not None and self._forked.poll() is None:
             for pid in _members(self._cgroups):
                 with contextlib.suppress(OSError):

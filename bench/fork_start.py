@@ -7,7 +7,7 @@ same machine load:
   the kernel (a cpuacct cgroup of this bench holds them all; forked kernels stay in it).
 - a whole cycle: start → `print(1)` → shutdown, wall and CPU.
 - unique set size (USS: private pages, not the shared copy-on-write ones) of an idle kernel's
-  process tree (forked: monitor, init, kernel; exec'd: bwrap's two processes and the kernel),
+  process tree (forked: init and kernel; exec'd: bwrap's two processes and the kernel),
   and of the kernel process alone.
 
     python bench/fork_start.py [--repeat 20]

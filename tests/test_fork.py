@@ -99,11 +99,11 @@ async def test_two_forked_kernels_share_nothing(
     fork_settings: Settings, zygote: forkserver.Zygote
 ) -> None:
     results: list[Any] = []
-    monitors: list[int] = []
+    inits: list[int] = []
     for _ in range(2):
         async with KernelSession(fork_settings) as k:
             assert isinstance(process_of(k), forkserver.ForkedProcess)
-            monitors.append(process_of(k).pid)
+            inits.append(process_of(k).pid)
             results.append(await value(k, PROBE))
     (seen_a, random_a, cwd_a, _, own_a), (seen_b, random_b, cwd_b, _, own_b) = results
     # Nor does what one does to its shell (a magic registered) reach the next.
@@ -112,7 +112,7 @@ async def test_two_forked_kernels_share_nothing(
     assert own_a == [True, cwd_a, [cwd_a]] and own_b == [True, cwd_b, [cwd_b]]
     assert random_a != random_b
     assert cwd_a != cwd_b
-    assert monitors[0] != monitors[1]
+    assert inits[0] != inits[1]
 
 
 @pytest.mark.timeout(120)
@@ -256,19 +256,19 @@ def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_pa
     )
     try:
         assert server.stdout is not None
-        monitor, zygote = map(int, server.stdout.readline().split())
+        init, zygote = map(int, server.stdout.readline().split())
         assert len(processes_naming(str(tmp))) >= 2, "the kernel and its child"
-        assert alive(monitor) and alive(zygote)
+        assert alive(init) and alive(zygote)
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait(10)
     deadline = time.monotonic() + 15
     while (
-        processes_naming(str(tmp)) or alive(zygote) or alive(monitor)
+        processes_naming(str(tmp)) or alive(zygote) or alive(init)
     ) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_naming(str(tmp)) == []
-    assert not alive(monitor) and not alive(zygote)
+    assert not alive(init) and not alive(zygote)
 
 
 IMPORTS_FROM_THE_VENV = """\
