@@ -195,6 +195,19 @@ async def test_a_forked_kernel_says_how_it_died(kernel: KernelSession) -> None:
 
 
 @pytest.mark.timeout(120)
+async def test_a_terminated_forked_kernel_ends_with_its_namespace(kernel: KernelSession) -> None:
+    """SIGTERM reaches the kernel's init (PID 1 of its namespace gets only the signals it
+    handles) and ends it, with the kernel, as it ends an exec'd kernel's bwrap."""
+    process = process_of(kernel)
+    process.terminate()
+    assert process.wait(10) == 128 + signal.SIGTERM
+    assert not await kernel.is_alive()
+    died = await kernel.execute("print('never')", timeout=10)
+    assert died.kind is ErrorKind.KERNEL_DIED and kernel.restarts == 1
+    assert (await kernel.execute("print('back')", timeout=10)).stdout == "back\n"
+
+
+@pytest.mark.timeout(120)
 async def test_a_zygote_killed_mid_run_is_replaced(
     kernel: KernelSession, zygote: forkserver.Zygote
 ) -> None:
