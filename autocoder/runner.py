@@ -698,6 +698,10 @@ class _Run:
         except OSError:
             pass
 
+    def _write(self, result: RunResult, path: Path) -> None:
+        write_notebook(result, path, timeout=self.settings.timeout)
+        write_record(result, self.settings.notebooks_dir)
+
     async def _finish(self, error_kind: ErrorKind | None, error: str) -> RunResult:
         await self._release()
         last = self.attempts[-1] if self.attempts else None
@@ -728,7 +732,7 @@ class _Run:
             # Absolute, so a reader finds it whatever directory they are in.
             path = notebook_path(self.settings.notebooks_dir.resolve(), self.run_id, self.prompt)
             result.notebook = str(path)
-            write_notebook(result, path, timeout=self.settings.timeout)
-            write_record(result, self.settings.notebooks_dir)
+            # In a thread: their fsyncs would hold every other run on this loop meanwhile.
+            await asyncio.to_thread(self._write, result, path)
         await self.emit("run_finished", **result.model_dump(mode="json", exclude={"attempts"}))
         return result
