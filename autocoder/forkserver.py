@@ -273,9 +273,7 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int, joined: int) -> None
     code = 0
     try:
         app = _kernel_app().instance(
-            installs=req["compiled"],
-            parsed=req["parsed"],
-            connection_file=conn,
+            installs=req["compiled"], parsed=req["parsed"], connection_file=conn
         )
         app.initialize(["-f", conn, *req["kernel_args"]])
         _await_cgroups(3)
@@ -458,12 +456,12 @@ def _prebuild_shell(kernel_args: list[str]) -> None:
     global _shell_args
     config = _parse_args(kernel_args)[0]
     ZMQInteractiveShell.instance(config=copy.deepcopy(config), compiler_class=XCachingCompiler)
-    _shell_args = tuple(kernel_args)
     import threading
 
     if threading.active_count() != 1:  # a thread does not survive the fork: never fork one
         ZMQInteractiveShell.clear_instance()
         raise RuntimeError("building the shell started a thread")
+    _shell_args = tuple(kernel_args)
 
 
 def _warm_up() -> None:
