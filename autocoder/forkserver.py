@@ -324,7 +324,7 @@ def _init(
         creds = struct.pack("iII", os.getpid(), 0, 0)
         conn.sendmsg([b"forked\n"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
         stderr_fd, cgroup_fds = fds[0], fds[1:]
-        keep = {stderr_fd, *cgroup_fds}
+        keep = {stderr_fd, *cgroup_fds, conn.fileno()}
         for entry in os.listdir("/proc/self/fd"):
             if int(entry) > 2 and int(entry) not in keep:
                 with contextlib.suppress(OSError):
@@ -365,10 +365,30 @@ def _init(
             if pid == kernel:
                 code = _mirror(status)
                 break
+        _end_namespace()
+        # Said here, once nothing of the kernel's runs, rather than by the zygote once this
+        # process is gone: its exit tears down the kernel's mounts, ~10 ms (an RCU grace
+        # period) that a run waiting to keep its files need not wait for.
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
     except BaseException as e:
         with contextlib.suppress(BaseException):
             os.write(2, f"autocoder.forkserver: the kernel could not start: {e}\n".encode())
     os._exit(code)
+
+
+def _end_namespace() -> None:
+    """SIGKILL to every other process of this PID namespace, until none is left to reap.
+
+    Again after each one reaped: a process its parent was forking as the signal went out
+    can miss it, and would be reparented here."""
+    while True:
+        with contextlib.suppress(OSError):
+            os.kill(-1, signal.SIGKILL)  # from a namespace's init: all of it but the init
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
 
 
 @functools.cache
@@ -643,6 +663,7 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
 ZYGOTE_START_TIMEOUT = 60.0
 FORK_TIMEOUT = 30.0
 KILL_REPORT_TIMEOUT = 5.0  # jupyter_client's own wait for a killed kernel
+KILL_INIT_AFTER = 1.0  # a killed kernel's init reports within ms; past this it is killed too
 CGROUP_EMPTY_TIMEOUT = 2.0
 UID_FORK_BASE = 0x0100_0000  # above every pid, so never a uid of an exec'd kernel (UID_BASE + pid)
 
@@ -1053,15 +1074,20 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         return self.connection_info
 
     async def kill(self, restart: bool = False) -> None:
-        """SIGKILL to the init and, at once, to all the kernel's cgroups hold (the init and
-        what runs under it): they end side by side, not one after the other."""
-        if self._forked is not None and self._forked.poll() is None:
-            for pid in _members(self._cgroups):
+        """SIGKILL to all the kernel's cgroups hold but its init (the kernel and what runs under
+        it); the init then kills what is left in the namespace and reports once nothing runs.
+        The init itself is killed only when that does not come (no cgroups, a stuck init)."""
+        forked = self._forked
+        if forked is not None and forked.poll() is None:
+            members = [pid for pid in _members(self._cgroups) if pid != forked.pid]
+            for pid in members:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+            if members and await forked.ended(KILL_INIT_AFTER) is not None:
+                return
         await super().kill(restart)
-        if self._forked is not None:
-            await self._forked.ended(KILL_REPORT_TIMEOUT)
+        if forked is not None:
+            await forked.ended(KILL_REPORT_TIMEOUT)
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)

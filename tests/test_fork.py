@@ -207,6 +207,40 @@ async def test_a_terminated_forked_kernel_ends_with_its_namespace(kernel: Kernel
     assert (await kernel.execute("print('back')", timeout=10)).stdout == "back\n"
 
 
+WRITERS = """
+import os, time
+for _ in range(3):
+    if os.fork() == 0:
+        os.setsid()
+        while True:
+            with open(f"log-{os.getpid()}", "a") as f:
+                f.write("x")
+            time.sleep(0.001)
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_once_a_forked_kernel_is_ended_nothing_of_it_writes_any_more(
+    kernel: KernelSession,
+) -> None:
+    """A run takes what its code wrote once end_processes() returns: the writers the code
+    left behind are gone by then, and the init said so itself (the kernel's status, not its
+    own death) before its namespace was torn down."""
+    assert (await kernel.execute(WRITERS, timeout=10)).kind is None
+    assert kernel.workdir is not None and kernel.km is not None
+    await asyncio.sleep(0.3)
+    pids = forkserver._members(kernel.km.provisioner._cgroups)  # type: ignore[union-attr]
+    assert len(pids) == 5, "the init, the kernel and its three writers"
+    process = process_of(kernel)
+    await kernel.end_processes()
+    assert not [pid for pid in pids if pid != process.pid and alive(pid)]
+    assert process.returncode == 128 + signal.SIGKILL
+    sizes = {p.name: p.stat().st_size for p in kernel.workdir.iterdir()}
+    assert len(sizes) == 3 and all(sizes.values())
+    await asyncio.sleep(0.3)
+    assert {p.name: p.stat().st_size for p in kernel.workdir.iterdir()} == sizes
+
+
 @pytest.mark.timeout(120)
 async def test_a_zygote_killed_mid_run_is_replaced(
     kernel: KernelSession, zygote: forkserver.Zygote
