@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 import time
+import types
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
@@ -437,7 +438,8 @@ def _kernel_app() -> Any:
             from ipykernel.zmqshell import ZMQInteractiveShell
 
             built: Any = ZMQInteractiveShell._instance
-            super().init_kernel()  # the kernel takes the shell instance there is
+            with _modules_listed():
+                super().init_kernel()  # the kernel takes the shell instance there is
             shell: Any = self.kernel.shell
             if shell is not built:
                 return
@@ -459,6 +461,47 @@ def _kernel_app() -> Any:
             super().init_code()
 
     return ForkedKernelApp
+
+
+class _ListedSys(types.ModuleType):
+    """`sys`, whose `modules` is the zygote's, listed once: see _modules_listed."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sys, name)
+
+
+_listed_sys: _ListedSys | None = None
+
+
+def _list_modules() -> None:
+    """What IPythonKernel takes from sys.modules (each module's file, for its debugger), once."""
+    global _listed_sys
+    listed = _ListedSys("sys")
+    # Copies of the names, made together: the kernel's list writes to their pages, few.
+    files = {name: getattr(module, "__file__", None) for name, module in sys.modules.copy().items()}
+    listed.modules = {  # type: ignore[attr-defined]
+        name: types.SimpleNamespace(__file__=file.encode().decode())
+        for name, file in files.items()
+        if isinstance(file, str) and file
+    }
+    _listed_sys = listed
+
+
+@contextlib.contextmanager
+def _modules_listed() -> Any:
+    """IPythonKernel.__init__ asks every module in sys.modules for its file: each ask writes
+    to the module object's page, ~800 of them copied per kernel (3 MiB, ~4 ms). Asked of the
+    zygote's list instead, which is the same but for the few modules a kernel imports at start."""
+    import ipykernel.ipkernel
+
+    if _listed_sys is None or getattr(ipykernel.ipkernel, "sys", None) is not sys:
+        yield
+        return
+    ipykernel.ipkernel.sys = _listed_sys  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ipykernel.ipkernel.sys = sys
 
 
 def _prebuild_shell(kernel_args: list[str]) -> None:
@@ -562,6 +605,7 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
         _warm_up()
     except Exception as e:  # kernels then build their own shell, as an exec'd one does
         sys.stderr.write(f"autocoder.forkserver: no shell built ahead: {e!r}\n")
+    _list_modules()
     gc.collect()
     gc.freeze()  # the imported modules' objects stay shared: the collector never writes them
     wake_r, wake_w = os.pipe()

@@ -207,6 +207,24 @@ async def test_a_terminated_forked_kernel_ends_with_its_namespace(kernel: Kernel
     assert (await kernel.execute("print('back')", timeout=10)).stdout == "back\n"
 
 
+@pytest.mark.timeout(120)
+async def test_a_forked_kernel_has_the_debuggers_module_list_and_the_real_sys(
+    kernel: KernelSession,
+) -> None:
+    """The list IPythonKernel makes of the modules' files comes from the zygote's copy; the
+    kernel's `sys` is the real one again once it is made."""
+    real_sys, listed, count = await value(
+        kernel,
+        """
+        import json, sys, ipykernel, ipykernel.ipkernel
+        files = get_ipython().kernel._kernel_modules
+        print(json.dumps([ipykernel.ipkernel.sys is sys, ipykernel.__file__ in files, len(files)]))
+        """,
+    )
+    assert real_sys is True and listed is True
+    assert isinstance(count, int) and count > 300
+
+
 WRITERS = """
 import os, time
 for _ in range(3):
