@@ -438,7 +438,7 @@ def _kernel_app() -> Any:
             from ipykernel.zmqshell import ZMQInteractiveShell
 
             built: Any = ZMQInteractiveShell._instance
-            with _modules_listed():
+            with _modules_listed(self):
                 super().init_kernel()  # the kernel takes the shell instance there is
             shell: Any = self.kernel.shell
             if shell is not built:
@@ -463,45 +463,49 @@ def _kernel_app() -> Any:
     return ForkedKernelApp
 
 
-class _ListedSys(types.ModuleType):
-    """`sys`, whose `modules` is the zygote's, listed once: see _modules_listed."""
+class _NoModules(types.ModuleType):
+    """`sys` with an empty `modules`, for IPythonKernel.__init__: see _modules_listed."""
+
+    modules: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(sys, name)
 
 
-_listed_sys: _ListedSys | None = None
+_module_files: list[str] | None = None  # each module's file, listed once in the zygote
 
 
 def _list_modules() -> None:
-    """What IPythonKernel takes from sys.modules (each module's file, for its debugger), once."""
-    global _listed_sys
-    listed = _ListedSys("sys")
-    # Copies of the names, made together: the kernel's list writes to their pages, few.
-    files = {name: getattr(module, "__file__", None) for name, module in sys.modules.copy().items()}
-    listed.modules = {  # type: ignore[attr-defined]
-        name: types.SimpleNamespace(__file__=file.encode().decode())
-        for name, file in files.items()
-        if isinstance(file, str) and file
-    }
-    _listed_sys = listed
+    """What IPythonKernel lists of sys.modules (each module's file, for its debugger), once."""
+    global _module_files
+    # New strings, made together: a kernel that reads them writes to few pages.
+    _module_files = [
+        file.encode().decode()
+        for module in sys.modules.copy().values()
+        if isinstance(file := getattr(module, "__file__", None), str) and file
+    ]
 
 
 @contextlib.contextmanager
-def _modules_listed() -> Any:
+def _modules_listed(app: Any) -> Any:
     """IPythonKernel.__init__ asks every module in sys.modules for its file: each ask writes
-    to the module object's page, ~800 of them copied per kernel (3 MiB, ~4 ms). Asked of the
-    zygote's list instead, which is the same but for the few modules a kernel imports at start."""
+    to the module object's page, ~800 of them copied per kernel (3 MiB, ~4 ms). It is given
+    no modules to ask, then the zygote's list, which is the same but for the few modules a
+    kernel imports at start; the list itself is shared, never copied."""
     import ipykernel.ipkernel
 
-    if _listed_sys is None or getattr(ipykernel.ipkernel, "sys", None) is not sys:
+    if _module_files is None or getattr(ipykernel.ipkernel, "sys", None) is not sys:
         yield
         return
-    ipykernel.ipkernel.sys = _listed_sys  # type: ignore[assignment]
+    ipykernel.ipkernel.sys = _NoModules("sys")  # type: ignore[assignment]
     try:
         yield
     finally:
         ipykernel.ipkernel.sys = sys
+    kernel = app.kernel
+    kernel._kernel_modules = _module_files
+    if getattr(kernel, "debugger", None) is not None:
+        kernel.debugger.kernel_modules = _module_files
 
 
 def _prebuild_shell(kernel_args: list[str]) -> None:
@@ -518,7 +522,12 @@ def _prebuild_shell(kernel_args: list[str]) -> None:
 
     global _shell_args
     config = _parse_args(kernel_args)[0]
-    ZMQInteractiveShell.instance(config=copy.deepcopy(config), compiler_class=XCachingCompiler)
+    shell: Any = ZMQInteractiveShell.instance(
+        config=copy.deepcopy(config), compiler_class=XCachingCompiler
+    )
+    # The extensions every kernel loads (storemagic): the kernel's load finds them loaded.
+    for name in _kernel_app()().default_extensions:
+        shell.extension_manager.load_extension(name)
     import threading
 
     if threading.active_count() != 1:  # a thread does not survive the fork: never fork one

@@ -568,7 +568,8 @@ class _Run:
         self.current = attempt
         if code and self.record:
             attempt.filename = str(self.code_dir / f"generated_code_{number}{lang.suffix}")
-            write_atomic(Path(attempt.filename), code)
+            # In a thread: its fsync waits on the disk, and the loop serves every other run.
+            await asyncio.to_thread(write_atomic, Path(attempt.filename), code)
         await self.emit(
             "code_generated",
             number,

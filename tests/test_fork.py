@@ -211,18 +211,41 @@ async def test_a_terminated_forked_kernel_ends_with_its_namespace(kernel: Kernel
 async def test_a_forked_kernel_has_the_debuggers_module_list_and_the_real_sys(
     kernel: KernelSession,
 ) -> None:
-    """The list IPythonKernel makes of the modules' files comes from the zygote's copy; the
-    kernel's `sys` is the real one again once it is made."""
-    real_sys, listed, count = await value(
+    """The list IPythonKernel makes of the modules' files, for itself and its debugger, is the
+    zygote's; the kernel's `sys` is the real one again once it is made."""
+    real_sys, listed, count, same = await value(
         kernel,
         """
         import json, sys, ipykernel, ipykernel.ipkernel
-        files = get_ipython().kernel._kernel_modules
-        print(json.dumps([ipykernel.ipkernel.sys is sys, ipykernel.__file__ in files, len(files)]))
+        k = get_ipython().kernel
+        files = k._kernel_modules
+        print(json.dumps([
+            ipykernel.ipkernel.sys is sys, ipykernel.__file__ in files, len(files),
+            k.debugger.kernel_modules is files,
+        ]))
         """,
     )
-    assert real_sys is True and listed is True
+    assert real_sys is True and listed is True and same is True
     assert isinstance(count, int) and count > 300
+
+
+@pytest.mark.timeout(120)
+async def test_storemagic_loaded_in_the_zygote_works_in_each_forked_kernel(
+    kernel: KernelSession, fork_settings: Settings, zygote: forkserver.Zygote
+) -> None:
+    """%store keeps a value in the kernel's own profile, in its private home: the next
+    kernel, forked from the same zygote, has none of it."""
+    stored = await kernel.execute(
+        "plan = [1, 2]\n%store plan\ndel plan\n%store -r plan\nprint(plan)", timeout=20
+    )
+    assert stored.kind is None and stored.stdout.splitlines()[-1] == "[1, 2]", stored
+    other = KernelSession(fork_settings)
+    await other.start()
+    try:
+        seen = await other.execute("%store -r plan\nprint('plan' in globals())", timeout=20)
+        assert seen.stdout.splitlines()[-1] == "False", seen
+    finally:
+        await other.shutdown()
 
 
 WRITERS = """
