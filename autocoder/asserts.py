@@ -154,18 +154,19 @@ def install(shell: Any) -> None:
         shell.ast_transformers.append(ExplainAsserts())
 
 
-def install_source() -> tuple[str, str, str]:
-    """(module name, file name, source) that installs this module in a fresh kernel: what
-    `exec_line()` wraps, and what a forked kernel runs from the zygote's compiled copy."""
+def install_source() -> tuple[str, str, str, str]:
+    """(module name, file name, source, the call that installs it) for a fresh kernel: what
+    `exec_line()` wraps, and what a forked kernel finds defined in the zygote, then calls."""
     with open(__file__, encoding="utf-8") as f:
-        source = f.read() + "\ninstall(get_ipython())\n"
-    return "autocoder_asserts", "<autocoder asserts>", source
+        source = f.read()
+    return "autocoder_asserts", "<autocoder asserts>", source, "install(get_ipython())"
 
 
 def exec_line() -> str:
     """One line for IPython's `exec_lines` that installs this module in a fresh kernel."""
-    name, filename, source = install_source()
+    name, filename, source, call = install_source()
+    code = f"{source}\n{call}\n"
     return (
-        f"exec(compile({source!r}, {filename!r}, 'exec'), "
+        f"exec(compile({code!r}, {filename!r}, 'exec'), "
         f"{{'__name__': {name!r}, 'get_ipython': get_ipython}})"
     )

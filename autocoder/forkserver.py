@@ -274,7 +274,10 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int, joined: int) -> None
     code = 0
     try:
         app = _kernel_app().instance(
-            installs=req["compiled"], parsed=req["parsed"], connection_file=conn
+            installs=req["installs"],
+            parsed=req["parsed"],
+            built_profile=_profile if req["prebuilt"] else None,
+            connection_file=conn,
         )
         app.initialize(["-f", conn, *req["kernel_args"]])
         _await_cgroups(3)
@@ -394,11 +397,12 @@ def _end_namespace() -> None:
 
 @functools.cache
 def _kernel_app() -> Any:
-    """ipykernel's app, which runs autocoder's installs from the zygote's compiled copies.
+    """ipykernel's app, which installs autocoder's modules from what the zygote defined.
 
     An exec'd kernel gets them as `exec_lines`: IPython then hashes, tokenizes and compiles
-    each ~10 KB cell, twice, ~30 ms of every start; here each source is compiled once per
-    zygote, and the code objects run as the exec lines would, before any other.
+    each ~10 KB cell, twice, ~30 ms of every start, and runs its definitions. Here each source
+    is compiled and defined once per zygote, and a kernel only makes the install call, where
+    the exec lines would run, before any other.
     """
     from ipykernel.kernelapp import IPKernelApp
     from traitlets import Any as AnyTrait
@@ -408,6 +412,8 @@ def _kernel_app() -> Any:
         installs: Any = List(AnyTrait())
         # (config, extra args) of the kernel args and the config files, read in the zygote
         parsed: Any = AnyTrait(None)
+        # (ProfileDir, what it is on disk) built in the zygote's new home, or None
+        built_profile: Any = AnyTrait(None)
 
         def parse_command_line(self, argv: Any = None) -> None:
             if self.parsed is None:
@@ -418,6 +424,27 @@ def _kernel_app() -> Any:
             self.cli_config.IPKernelApp.connection_file = self.connection_file
             self.update_config(self.cli_config)
             self.extra_args = list(extra)
+            return None
+
+        def init_profile_dir(self) -> None:
+            """The zygote's ProfileDir, the same path in every kernel's new home, whose dirs and
+            files are made here as IPython made them there: IPython's search for it, its traits
+            and checks were ~300 pages copied per kernel (~2 ms)."""
+            if self.built_profile is None:
+                return super().init_profile_dir()  # type: ignore[no-any-return]
+            built, tree = self.built_profile
+            for path, mode, data in tree:
+                if data is None:
+                    os.mkdir(path, mode)
+                    continue
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                try:
+                    while data:
+                        data = data[os.write(fd, data) :]
+                finally:
+                    os.close(fd)
+            self.profile_dir = built
+            self.config_file_paths.append(built.location)
             return None
 
         def init_config_files(self) -> None:
@@ -453,12 +480,15 @@ def _kernel_app() -> Any:
 
         def init_code(self) -> None:
             shell: Any = self.shell
-            for name, code in self.installs:
+            for namespace, call in self.installs:
+                namespace["get_ipython"] = shell.get_ipython
                 try:
-                    exec(code, {"__name__": name, "get_ipython": shell.get_ipython})
+                    exec(call, namespace)
                 except Exception:
+                    name = namespace["__name__"]
                     self.log.warning("autocoder could not install %s", name, exc_info=True)
-            super().init_code()
+            with _modules_known():
+                super().init_code()
 
     return ForkedKernelApp
 
@@ -473,11 +503,14 @@ class _NoModules(types.ModuleType):
 
 
 _module_files: list[str] | None = None  # each module's file, listed once in the zygote
+_module_names: set[str] | None = None  # the names in sys.modules, once in the zygote
 
 
 def _list_modules() -> None:
-    """What IPythonKernel lists of sys.modules (each module's file, for its debugger), once."""
-    global _module_files
+    """What IPythonKernel lists of sys.modules (each module's file, for its debugger), and
+    what IPython keeps of it (the names, for `%reset --aggressive`), once."""
+    global _module_files, _module_names
+    _module_names = set(sys.modules)
     # New strings, made together: a kernel that reads them writes to few pages.
     _module_files = [
         file.encode().decode()
@@ -508,6 +541,24 @@ def _modules_listed(app: Any) -> Any:
         kernel.debugger.kernel_modules = _module_files
 
 
+@contextlib.contextmanager
+def _modules_known() -> Any:
+    """IPython's init_code ends with `set(sys.modules.keys())`, the modules a kernel started
+    with: each name's count written, ~350 pages copied per kernel (~1.2 ms). While the kernel
+    has the zygote's modules and no other, that set is the zygote's, given as it is."""
+    import IPython.core.shellapp as shellapp
+
+    names = _module_names
+    if names is None or len(sys.modules) != len(names) or "set" in vars(shellapp):
+        yield
+        return
+    shellapp.set = lambda keys: names  # type: ignore[attr-defined]  # its one call of set()
+    try:
+        yield
+    finally:
+        del shellapp.set  # type: ignore[attr-defined]
+
+
 def _prebuild_shell(kernel_args: list[str]) -> None:
     """An IPython shell, built once in the zygote, that each forked kernel takes as its own.
 
@@ -520,7 +571,7 @@ def _prebuild_shell(kernel_args: list[str]) -> None:
     from ipykernel.compiler import XCachingCompiler
     from ipykernel.zmqshell import ZMQInteractiveShell
 
-    global _shell_args
+    global _shell_args, _profile
     config = _parse_args(kernel_args)[0]
     shell: Any = ZMQInteractiveShell.instance(
         config=copy.deepcopy(config), compiler_class=XCachingCompiler
@@ -533,6 +584,9 @@ def _prebuild_shell(kernel_args: list[str]) -> None:
     if threading.active_count() != 1:  # a thread does not survive the fork: never fork one
         ZMQInteractiveShell.clear_instance()
         raise RuntimeError("building the shell started a thread")
+    # Its profile dir, as IPython and the shell made it in the zygote's new home: a kernel's
+    # home is new too, and the path the same.
+    _profile = (shell.profile_dir, _tree(os.path.dirname(shell.profile_dir.location)))
     _shell_args = tuple(kernel_args)
 
 
@@ -549,6 +603,25 @@ def _warm_up() -> None:
 
 _shell_args: tuple[str, ...] | None = None  # the kernel args the zygote's shell is built for
 _parsed: dict[tuple[str, ...], Any] = {}
+_profile: tuple[Any, list[tuple[str, int, bytes | None]]] | None = None
+
+
+def _tree(root: str) -> list[tuple[str, int, bytes | None]]:
+    """Each dir (content None) and file under `root`, with its mode, parents first."""
+    found: list[tuple[str, int, bytes | None]] = []
+    if not os.path.isdir(root):
+        return found
+    found.append((root, os.stat(root).st_mode & 0o7777, None))
+    for here, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in dirs:
+            path = os.path.join(here, name)
+            found.append((path, os.stat(path).st_mode & 0o7777, None))
+        for name in sorted(files):
+            path = os.path.join(here, name)
+            with open(path, "rb") as f:
+                found.append((path, os.stat(path).st_mode & 0o7777, f.read()))
+    return found
 
 
 def _parse_args(argv: list[str]) -> Any:
@@ -567,19 +640,28 @@ def _parse_args(argv: list[str]) -> Any:
     return _parsed[key]
 
 
-_compiled: dict[tuple[str, str, str], Any] = {}
+_defined: dict[tuple[str, str, str], dict[str, Any]] = {}
+_calls: dict[tuple[str, str], Any] = {}
 
 
-def _compile_installs(installs: list[list[str]]) -> list[tuple[str, Any]]:
-    """Each (name, file name, source) of a request compiled, once per zygote."""
+def _define_installs(installs: list[list[str]]) -> list[tuple[dict[str, Any], Any]]:
+    """Each (name, file name, source, call) of a request as (the module's namespace, the call
+    compiled), once per zygote. The sources only define (functions, classes, constants of
+    autocoder's own); what depends on the kernel happens in the call, in each kernel."""
     out = []
-    for name, filename, source in installs:
+    for name, filename, source, call in installs:
         key = (name, filename, source)
-        if key not in _compiled:
-            if len(_compiled) >= 16:  # a few output limits at most; never grows without bound
-                _compiled.clear()
-            _compiled[key] = compile(source, filename, "exec")
-        out.append((name, _compiled[key]))
+        if key not in _defined:
+            if len(_defined) >= 16:  # a few versions at most; never grows without bound
+                _defined.clear()
+                _calls.clear()
+            namespace: dict[str, Any] = {"__name__": name}
+            exec(compile(source, filename, "exec"), namespace)
+            _defined[key] = namespace
+            gc.freeze()  # shared like the imported modules: no kernel's collector walks them
+        if (filename, call) not in _calls:
+            _calls[filename, call] = compile(call, filename, "exec")
+        out.append((_defined[key], _calls[filename, call]))
     return out
 
 
@@ -664,7 +746,7 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
                     conn.close()
                     continue
                 try:
-                    req["compiled"] = _compile_installs(req["installs"])
+                    req["installs"] = _define_installs(req["installs"])
                     req["parsed"] = _parse_args(req["kernel_args"])
                     req["prebuilt"] = tuple(req["kernel_args"]) == _shell_args
                     # The next child is PID 1 of a new PID namespace (the zygote stays in its own).
@@ -1231,7 +1313,7 @@ def _cgroups(settings: Any, uid: int) -> tuple[list[str], list[int]]:
 
 
 @functools.cache
-def _installs(max_output_bytes: int) -> list[tuple[str, str, str]]:
+def _installs(max_output_bytes: int) -> list[tuple[str, str, str, str]]:
     """What the launcher gives ipykernel under bwrap as exec_lines, read once: our sources."""
     from autocoder import asserts, output_cap
 

@@ -318,8 +318,8 @@ def install(shell: Any, limit: int) -> None:
     shell.events.register("post_execute", post_execute)
 
 
-def install_source(limit: int | None = None) -> tuple[str, str, str] | None:
-    """(module name, file name, source) that installs this module in a fresh kernel with the
+def install_source(limit: int | None = None) -> tuple[str, str, str, str] | None:
+    """(module name, file name, source, the call that installs it) for a fresh kernel, with the
     limit from AUTOCODER_MAX_OUTPUT_BYTES (set by sandbox.kernel_env); None without one."""
     if limit is None:
         value = os.environ.get(LIMIT_VAR, "")
@@ -327,8 +327,13 @@ def install_source(limit: int | None = None) -> tuple[str, str, str] | None:
     if limit <= 0:
         return None
     with open(__file__, encoding="utf-8") as f:
-        source = f.read() + f"\ninstall(get_ipython(), {limit})\n"
-    return "autocoder_output_cap", "<autocoder output cap>", source
+        source = f.read()
+    return (
+        "autocoder_output_cap",
+        "<autocoder output cap>",
+        source,
+        f"install(get_ipython(), {limit})",
+    )
 
 
 def exec_line(limit: int | None = None) -> str:
@@ -337,8 +342,9 @@ def exec_line(limit: int | None = None) -> str:
     found = install_source(limit)
     if found is None:
         return "pass"
-    name, filename, source = found
+    name, filename, source, call = found
+    code = f"{source}\n{call}\n"
     return (
-        f"exec(compile({source!r}, {filename!r}, 'exec'), "
+        f"exec(compile({code!r}, {filename!r}, 'exec'), "
         f"{{'__name__': {name!r}, 'get_ipython': get_ipython}})"
     )

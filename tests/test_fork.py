@@ -248,6 +248,55 @@ async def test_storemagic_loaded_in_the_zygote_works_in_each_forked_kernel(
         await other.shutdown()
 
 
+HOME_TREE = """
+import json, os, stat
+home = os.path.expanduser("~")
+tree = []
+for here, dirs, files in os.walk(home):
+    for name in dirs + files:
+        path = os.path.join(here, name)
+        st = os.stat(path)
+        size = st.st_size if stat.S_ISREG(st.st_mode) else None
+        tree.append([os.path.relpath(path, home), oct(st.st_mode), st.st_uid == os.getuid(), size])
+print(json.dumps(sorted(tree)))
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_a_forked_kernels_home_holds_the_profile_an_execd_kernels_does(
+    kernel: KernelSession, fork_settings: Settings
+) -> None:
+    """The profile dir the zygote built comes with the kernel; its dirs are made anew in the
+    kernel's own home: the same names, modes and files as an exec'd kernel's, and its own."""
+    forked = await value(kernel, HOME_TREE)
+    async with KernelSession(fork_settings.model_copy(update={"kernel_start": "exec"})) as k:
+        assert not isinstance(process_of(k), forkserver.ForkedProcess)
+        execd = await value(k, HOME_TREE)
+    assert forked == execd
+    assert isinstance(forked, list) and all(own for _, _, own, _ in forked)
+    assert [".ipython/profile_default/startup/README", "0o100644", True] in [
+        entry[:3] for entry in forked
+    ]
+
+
+@pytest.mark.timeout(120)
+async def test_reset_aggressive_in_a_forked_kernel_forgets_the_users_modules_only(
+    kernel: KernelSession,
+) -> None:
+    """The modules a kernel started with are the zygote's: %reset --aggressive drops what
+    the user imported and keeps those."""
+    kept = await value(
+        kernel,
+        """
+        import json, sys, tabnanny
+        get_ipython().run_line_magic("reset", "-f --aggressive")
+        import json, sys
+        print(json.dumps(["tabnanny" in sys.modules, "ipykernel" in sys.modules]))
+        """,
+    )
+    assert kept == [False, True]
+
+
 WRITERS = """
 import os, time
 for _ in range(3):
