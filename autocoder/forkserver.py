@@ -273,12 +273,14 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int, joined: int) -> None
         ZMQInteractiveShell.clear_instance()  # built for other kernel args: this kernel builds its own
     code = 0
     try:
-        app = _kernel_app().instance(
-            installs=req["installs"],
-            parsed=req["parsed"],
-            built_profile=_profile if req["prebuilt"] else None,
-            connection_file=conn,
-        )
+        app = _kernel_app().instance()  # the zygote's (_prebuild_app), or a new one
+        app.installs = req["installs"]
+        app.parsed = req["parsed"]
+        app.built_profile = _profile if req["prebuilt"] else None
+        app.connection_file = conn
+        for handler in app.log.handlers:  # the zygote's stderr had the same fd: now the kernel's
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
+                handler.setStream(sys.stderr)
         app.initialize(["-f", conn, *req["kernel_args"]])
         _await_cgroups(3)
         app.start()
@@ -590,6 +592,14 @@ def _prebuild_shell(kernel_args: list[str]) -> None:
     _shell_args = tuple(kernel_args)
 
 
+def _prebuild_app() -> None:
+    """The kernel's app, made once in the zygote: making it and its logging (a dictConfig)
+    was ~2 ms and ~300 pages copied per kernel. Nothing of a kernel's is in it yet; each
+    kernel sets its own (its installs, config, profile and connection file) before initialize."""
+    app = _kernel_app().instance()
+    app.log.debug("the kernel's app, built in the zygote")  # its logging configured
+
+
 def _warm_up() -> None:
     """Caches every kernel fills on its first execute (tokenizer patterns, IPython's cell
     transforms), filled once here: pure functions of the code, no state of any kernel."""
@@ -693,6 +703,7 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
             __import__(name)
     try:
         _prebuild_shell(kernel_args)
+        _prebuild_app()
         _warm_up()
     except Exception as e:  # kernels then build their own shell, as an exec'd one does
         sys.stderr.write(f"autocoder.forkserver: no shell built ahead: {e!r}\n")
