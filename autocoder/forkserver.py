@@ -330,11 +330,11 @@ def _init(
         creds = struct.pack("iII", os.getpid(), 0, 0)
         conn.sendmsg([b"forked\n"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
         stderr_fd, cgroup_fds = fds[0], fds[1:]
-        keep = {stderr_fd, *cgroup_fds, conn.fileno()}
-        for entry in os.listdir("/proc/self/fd"):
-            if int(entry) > 2 and int(entry) not in keep:
-                with contextlib.suppress(OSError):
-                    os.close(int(entry))
+        low = 3  # every other fd closed: the zygote's listener, its other kernels' connections
+        for fd in sorted({stderr_fd, *cgroup_fds, conn.fileno()}):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 16)
         os.dup2(stderr_fd, 2)
         flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
         if not req["allow_network"]:
