@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import zmq
+import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager, _get_future
 from nbformat.v4 import output_from_msg
@@ -54,6 +54,7 @@ POLL_INTERVAL = 0.25
 # at random): up to 200 ms of a start, and of a shutdown soon after (a message queued on an
 # unconnected socket holds the manager's context for its linger).
 RECONNECT_MS = 5
+CONTEXT_LINGER_MS = 100  # what jupyter_client's destroy(linger=100) gave a closed socket
 # What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
 # of it. IPython's own reset() does that too, but also a full gc.collect() and a rebuild of its
 # aliases: ~35 ms, several trivial executes. user_ns_hidden holds the namespace the kernel
@@ -135,6 +136,25 @@ def _without_pause(method: Any) -> Any:
         return out
 
     return wrapper
+
+
+# This process's zmq context for every kernel, by pid.
+_contexts: dict[int, zmq.asyncio.Context] = {}
+
+
+def _zmq_context() -> zmq.asyncio.Context:
+    """One zmq context for every kernel's manager and client in this process. One per manager
+    and one per client started four threads per kernel, and their destroy() at shutdown
+    blocked the loop up to its linger. Closed sockets keep unsent messages as long as destroy
+    gave them (LINGER); a forked child makes its own (a context does not survive a fork)."""
+    context = _contexts.get(os.getpid())
+    if context is None or context.closed:
+        context = zmq.asyncio.Context()
+        context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+        context.setsockopt(zmq.LINGER, CONTEXT_LINGER_MS)
+        _contexts.clear()
+        _contexts[os.getpid()] = context
+    return context
 
 
 class _Manager(AsyncKernelManager):  # type: ignore[misc]
@@ -399,8 +419,8 @@ class KernelSession:
             transport="ipc",
             ip=str(self.runtime_dir / "k"),
             connection_file=str(self.runtime_dir / "kernel.json"),
+            context=_zmq_context(),
         )
-        km.context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)  # its control socket's
         self.km = km
         _live.add(self)
         if _fork_start(self.settings, self.language):
@@ -422,8 +442,7 @@ class KernelSession:
                     ),
                     STARTUP_TIMEOUT,
                 )
-            self.kc = km.client()
-            self.kc.context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+            self.kc = km.client(context=km.context)
             # No heartbeat channel: whether the kernel lives comes from its process (the
             # manager's is_alive), and its thread would ping every kernel for nothing.
             self.kc.start_channels(hb=False)

@@ -795,8 +795,9 @@ def _join_cgroups(limits: Limits) -> None:
     """Best effort: bound the whole tree's memory and tasks with cgroup v1, where writable.
 
     Each kernel gets `<own cgroup>/autocoder/k<pid>`; exec keeps the pid, so that is bwrap's pid.
-    A watcher outside the kernel's process group removes the dirs when bwrap exits (so they never
-    block removal of the server's own cgroup); a launch also sweeps dirs of pids that are gone.
+    A watcher outside the kernel's process group, when bwrap exits, kills what is left in them
+    and removes the dirs (so they never block removal of the server's own cgroup); a launch
+    also sweeps dirs of pids that are gone.
     pids.max allows for bwrap's two root processes besides the kernel's own.
     """
     made = make_cgroups(
@@ -845,11 +846,23 @@ def make_cgroups(name: str, wanted: Mapping[str, Mapping[str, int]]) -> list[Pat
     return made
 
 
-_REMOVE_WHEN_GONE = """import os, select, sys, time
+_REMOVE_WHEN_GONE = """import os, select, signal, sys, time
 select.select([int(sys.argv[1])], [], [])
 left = sys.argv[2:]
 for _ in range(100):
     for d in list(left):
+        # What outlived bwrap in its cgroups: its child, when bwrap was killed between the
+        # clone and the child's parent-death signal, waits on bwrap for ever. Killed here.
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids = f.read().split()
+        except OSError:
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
         try:
             os.rmdir(d)
         except FileNotFoundError:
@@ -868,7 +881,8 @@ for _ in range(100):
 
 
 def _remove_when_gone(dirs: list[Path]) -> None:
-    """Start a small watcher, in its own session, that waits on a pidfd of this process (bwrap soon)."""
+    """Start a small watcher, in its own session, that waits on a pidfd of this process (bwrap
+    soon). It outlives a killed server on purpose: it ends once the dirs are gone."""
     pidfd = os.pidfd_open(os.getpid())
     subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", _REMOVE_WHEN_GONE, str(pidfd), *map(str, dirs)],

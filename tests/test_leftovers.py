@@ -31,7 +31,7 @@ from autocoder.sandbox import PARENT_PID_VAR, RUNTIME_DIR_VAR
 from autocoder.testing import ScriptedLLM, fenced
 
 from .conftest import autocoder_cmd
-from .processes import gone_within, processes_naming
+from .processes import alive, gone_within, processes_naming
 
 
 def wait_for(what: str, predicate: object, timeout: float = 30) -> object:
@@ -98,6 +98,40 @@ def test_a_killed_server_leaves_no_kernel(
     server.send_signal(signal.SIGKILL)
     server.wait(10)
     assert gone_within(tmp) == []
+
+
+ORPHANING_LAUNCHER = """
+import os, subprocess, sys
+from autocoder import sandbox
+made = sandbox.make_cgroups(f"k{os.getpid()}", sandbox.cgroup_limits(256, 16))
+if not made:
+    sys.exit(3)
+sandbox._remove_when_gone(made)
+for d in made:
+    (d / "cgroup.procs").write_text(str(os.getpid()))
+# bwrap's child, orphaned before its parent-death signal took: it would wait for ever.
+quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+child = subprocess.Popen(["sleep", "120"], start_new_session=True, **quiet)
+print(child.pid, *made, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_what_outlives_bwrap_in_a_kernels_cgroups_is_killed_once_bwrap_is_gone() -> None:
+    """A server killed as bwrap clones its child can leave that child waiting on bwrap for
+    ever, before any parent-death signal or the lifeline could take. The launcher's cgroups
+    hold it, and their watcher kills it once bwrap (here, a stand-in) is gone."""
+    if os.geteuid() != 0:
+        pytest.skip("kernels get cgroups of their own only from a root server")
+    done = subprocess.run(
+        [sys.executable, "-c", ORPHANING_LAUNCHER], capture_output=True, text=True, timeout=30
+    )
+    if done.returncode == 3:
+        pytest.skip("no writable cgroup v1 controllers here")
+    assert done.returncode == 0, done.stderr
+    orphan, *dirs = done.stdout.split()
+    wait_for("the orphan to be killed", lambda: not alive(int(orphan)), timeout=15)
+    wait_for("its cgroups to go", lambda: not any(Path(d).exists() for d in dirs), timeout=15)
 
 
 @pytest.mark.timeout(120)
