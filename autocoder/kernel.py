@@ -51,8 +51,7 @@ SETTLE_MAX = 1.0
 POLL_INTERVAL = 0.25
 # The client (and the manager's control socket) connect before the kernel has bound its
 # sockets; zmq retries an IPC connect after this many ms (100 by default, plus as much again
-# at random): up to 200 ms of a start, and of a shutdown soon after (a message queued on an
-# unconnected socket holds the manager's context for its linger).
+# at random): up to 200 ms of a start.
 RECONNECT_MS = 5
 CONTEXT_LINGER_MS = 100  # what jupyter_client's destroy(linger=100) gave a closed socket
 # What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
@@ -146,7 +145,8 @@ def _zmq_context() -> zmq.asyncio.Context:
     """One zmq context for every kernel's manager and client in this process. One per manager
     and one per client started four threads per kernel, and their destroy() at shutdown
     blocked the loop up to its linger. Closed sockets keep unsent messages as long as destroy
-    gave them (LINGER); a forked child makes its own (a context does not survive a fork)."""
+    gave them (LINGER); a process forked from this one makes its own (a context does not
+    survive a fork)."""
     context = _contexts.get(os.getpid())
     if context is None or context.closed:
         context = zmq.asyncio.Context()
