@@ -137,8 +137,7 @@ def _without_pause(method: Any) -> Any:
     return wrapper
 
 
-# This process's zmq context for every kernel, by pid.
-_contexts: dict[int, zmq.asyncio.Context] = {}
+_context: tuple[int, zmq.asyncio.Context] | None = None  # (pid that made it, the context)
 
 
 def _zmq_context() -> zmq.asyncio.Context:
@@ -147,14 +146,13 @@ def _zmq_context() -> zmq.asyncio.Context:
     blocked the loop up to its linger. Closed sockets keep unsent messages as long as destroy
     gave them (LINGER); a process forked from this one makes its own (a context does not
     survive a fork)."""
-    context = _contexts.get(os.getpid())
-    if context is None or context.closed:
+    global _context
+    if _context is None or _context[0] != os.getpid() or _context[1].closed:
         context = zmq.asyncio.Context()
         context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
         context.setsockopt(zmq.LINGER, CONTEXT_LINGER_MS)
-        _contexts.clear()
-        _contexts[os.getpid()] = context
-    return context
+        _context = (os.getpid(), context)
+    return _context[1]
 
 
 class _Manager(AsyncKernelManager):  # type: ignore[misc]

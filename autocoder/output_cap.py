@@ -17,8 +17,8 @@ where the reply should be.
 If a message cannot be sent at all (the kernel ran out of memory serialising it), a small one
 under LOST_KEY says so: an attempt whose output was lost must never look like a success.
 
-Like asserts.py, this module imports only the standard library, and `exec_line()` sends it
-whole to the kernel at start-up, since the sandboxed kernel cannot import the package. Writes
+Like asserts.py, this module imports only the standard library at its top, and `exec_line()`
+sends it whole to the kernel at start-up, since the sandboxed kernel cannot import the package. Writes
 that bypass sys.stdout and sys.stderr (another process's own iopub messages) are left to the
 server's cap, which stays as the backstop.
 """
@@ -339,12 +339,6 @@ def install_source(limit: int | None = None) -> tuple[str, str, str, str] | None
 def exec_line(limit: int | None = None) -> str:
     """One line for IPython's `exec_lines` that installs this module in a fresh kernel, with
     the limit from AUTOCODER_MAX_OUTPUT_BYTES (set by sandbox.kernel_env); none without it."""
-    found = install_source(limit)
-    if found is None:
-        return "pass"
-    name, filename, source, call = found
-    code = f"{source}\n{call}\n"
-    return (
-        f"exec(compile({code!r}, {filename!r}, 'exec'), "
-        f"{{'__name__': {name!r}, 'get_ipython': get_ipython}})"
-    )
+    from autocoder.sandbox import install_line  # the server's import: a kernel never calls this
+
+    return install_line(install_source(limit))

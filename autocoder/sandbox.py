@@ -196,6 +196,19 @@ def lifeline() -> int:
     return read_end
 
 
+def install_line(found: tuple[str, str, str, str] | None) -> str:
+    """An `exec_lines` entry that defines one of autocoder's kernel modules from its
+    `install_source()` (asserts.py, output_cap.py) and makes its install call; "pass" for none."""
+    if found is None:
+        return "pass"
+    name, filename, source, call = found
+    code = f"{source}\n{call}\n"
+    return (
+        f"exec(compile({code!r}, {filename!r}, 'exec'), "
+        f"{{'__name__': {name!r}, 'get_ipython': get_ipython}})"
+    )
+
+
 def _lifeline_line(fd: int) -> str:
     """An `exec_lines` entry: a kernel whose server is already gone exits before it serves.
 
