@@ -18,9 +18,9 @@ If a message cannot be sent at all (the kernel ran out of memory serialising it)
 under LOST_KEY says so: an attempt whose output was lost must never look like a success.
 
 Like asserts.py, this module imports only the standard library at its top, and `exec_line()`
-sends it whole to the kernel at start-up, since the sandboxed kernel cannot import the package. Writes
-that bypass sys.stdout and sys.stderr (another process's own iopub messages) are left to the
-server's cap, which stays as the backstop.
+sends it whole to the kernel at start-up, since the sandboxed kernel cannot import the
+package. Writes that bypass sys.stdout and sys.stderr (another process's own iopub messages)
+are left to the server's cap, which stays as the backstop.
 """
 
 from __future__ import annotations
