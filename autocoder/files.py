@@ -10,7 +10,7 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,12 +126,21 @@ def read_local(paths: Iterable[str | Path], settings: Settings) -> list[InputFil
 def place(files: Sequence[InputFile], workdir: Path) -> None:
     """Copy the inputs into a kernel's workdir, read-only (mode 0444): the code reads them and
     writes what it makes under other names, so the user's original always stays as given."""
-    for f in files:
-        target = workdir / f.name
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
-        with os.fdopen(fd, "wb") as out:
-            out.write(f.data)
-        os.chmod(target, 0o444)
+    dir_fd = open_dir(workdir)
+    if dir_fd is None:
+        raise FileRefused(f"cannot write into {workdir}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        for f in files:
+            try:
+                fd = os.open(f.name, flags, 0o444, dir_fd=dir_fd)
+            except FileExistsError:
+                raise FileRefused(f"a file named {f.name!r} is already there") from None
+            with os.fdopen(fd, "wb") as out:
+                os.fchmod(out.fileno(), 0o444)  # on the descriptor: the name may change meanwhile
+                out.write(f.data)
+    finally:
+        os.close(dir_fd)
 
 
 def describe(files: Sequence[InputFile]) -> str:
@@ -167,57 +176,170 @@ def media_type(name: str) -> str:
     return guessed or "application/octet-stream"
 
 
+def walk_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Every regular file below `root` (its slash-separated relative name and lstat), in name
+    order, walked by descriptor: a directory swapped for a symlink meanwhile is not followed."""
+    if not root.is_dir():
+        return
+    try:
+        walk = os.fwalk(root, follow_symlinks=False)
+        for dirpath, dirnames, filenames, dir_fd in walk:
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(root)
+            for fname in sorted(filenames):
+                try:
+                    st = os.stat(fname, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield (rel_dir / fname).as_posix(), st
+    except OSError:
+        return
+
+
 def list_outputs(files_dir: Path, run_id: str, inputs: Iterable[str] = ()) -> list[RunFile]:
     """The regular files a run left (symlinks and inputs left as given are not listed)."""
     skip = set(inputs)
     found: list[RunFile] = []
-    if not files_dir.is_dir():
-        return found
-    for dirpath, dirnames, filenames in os.walk(files_dir, followlinks=False):
-        dirnames.sort()
-        for fname in sorted(filenames):
-            path = Path(dirpath, fname)
-            rel = path.relative_to(files_dir).as_posix()
-            try:
-                st = path.lstat()
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode) or (rel in skip and not st.st_mode & 0o222):
-                continue
-            found.append(
-                RunFile(
-                    name=rel,
-                    size=st.st_size,
-                    media_type=media_type(rel),
-                    url=f"/runs/{run_id}/files/{rel}",
-                )
+    for rel, st in walk_files(files_dir):
+        if rel in skip and not st.st_mode & 0o222:
+            continue
+        found.append(
+            RunFile(
+                name=rel,
+                size=st.st_size,
+                media_type=media_type(rel),
+                url=f"/runs/{run_id}/files/{rel}",
             )
-            if len(found) >= MAX_LISTED:
-                return found
+        )
+        if len(found) >= MAX_LISTED:
+            break
     return found
 
 
-def resolve_output(files_dir: Path, name: str) -> Path | None:
-    """The file `name` inside `files_dir`, or None: no `..`, no symlink anywhere on the way."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted under a served name must not hold the server's thread.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+READ_CHUNK = 256 * 1024
+
+
+class OpenedFile:
+    """A regular file held by its descriptor. Whatever later happens to its name (a swap for
+    a symlink, a rename, a replacement), every read comes from the file that was checked, and
+    never beyond the size it had when it was opened."""
+
+    def __init__(self, name: str, fd: int, size: int) -> None:
+        self.name = name
+        self.fd: int | None = fd
+        self.size = size
+
+    def chunks(self, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+        """The content from the start, at most `size` bytes (less if it was cut meanwhile)."""
+        offset = 0
+        while self.fd is not None and offset < self.size:
+            data = os.pread(self.fd, min(chunk, self.size - offset), offset)
+            if not data:
+                return
+            offset += len(data)
+            yield data
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def tail(self, limit: int) -> bytes:
+        """The last `limit` bytes of what it held when opened ("" if unreadable)."""
+        if self.fd is None:
+            return b""
+        try:
+            return os.pread(self.fd, limit, max(0, self.size - limit))
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> OpenedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _split_name(name: str) -> list[str] | None:
     parts = name.split("/")
     if not name or any(p in {"", ".", ".."} or "\x00" in p for p in parts):
         return None
-    path = files_dir
+    return parts
+
+
+def open_dir(root: Path, parts: Sequence[str] = ()) -> int | None:
+    """A descriptor of `root/parts...`, walked one directory at a time from `root` without
+    following a symlink at any step (the caller closes it), or None."""
     try:
-        if files_dir.is_symlink() or not files_dir.is_dir():
-            return None
+        fd = os.open(root, _DIR_FLAGS)
+    except (OSError, ValueError):
+        return None
+    try:
         for part in parts:
-            path = path / part
-            if path.is_symlink():
-                return None
-        st = path.lstat()
+            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except (OSError, ValueError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def open_beneath(root: Path, name: str) -> OpenedFile | None:
+    """The regular file `name` (slash-separated, relative) inside `root`, opened once, or None.
+
+    This is how the server reads anything from a directory that generated code can write: no
+    component is a symlink (each is opened with O_NOFOLLOW from its parent's descriptor, so a
+    swap between a check and an open cannot send it elsewhere), `..` and absolute names are
+    refused, and the descriptor is checked with fstat to be a regular file.
+    """
+    parts = _split_name(name)
+    if parts is None:
+        return None
+    dir_fd = open_dir(root, parts[:-1])
+    if dir_fd is None:
+        return None
+    try:
+        fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
     except OSError:
+        os.close(fd)
         return None
     if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         return None
-    if not path.resolve().is_relative_to(files_dir.resolve()):
-        return None
-    return path
+    return OpenedFile(parts[-1], fd, st.st_size)
+
+
+def copy_beneath(root: Path, name: str, dest: Path) -> bool:
+    """Copy the regular file `name` from inside `root` (see `open_beneath`) to a new file
+    `dest`, as it was when opened; False when there is no such file."""
+    opened = open_beneath(root, name)
+    if opened is None:
+        return False
+    with opened:
+        fd = os.open(
+            dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with os.fdopen(fd, "wb") as out:
+            for data in opened.chunks():
+                out.write(data)
+    return True
 
 
 @functools.lru_cache(maxsize=4)

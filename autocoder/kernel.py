@@ -36,6 +36,7 @@ from nbformat.v4 import output_from_msg
 from autocoder import forkserver, languages, output_cap, sandbox
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
+from autocoder.files import open_beneath
 from autocoder.records import ErrorInfo, ErrorKind, Execution
 
 log = logging.getLogger(__name__)
@@ -603,13 +604,12 @@ class KernelSession:
         """The end of what the kernel process wrote to stderr (why it died, often)."""
         if self.runtime_dir is None:
             return ""
-        try:
-            with open(self.runtime_dir / "kernel.log", "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - limit))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
+        # The kernel can write its runtime dir: the log is opened once, never through a symlink.
+        opened = open_beneath(self.runtime_dir, "kernel.log")
+        if opened is None:
             return ""
+        with opened:
+            return opened.tail(limit).decode("utf-8", "replace")
 
     def exit_status(self) -> str:
         """How the kernel process ended, in words (a segfault and `os._exit` differ here)."""

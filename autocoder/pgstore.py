@@ -32,10 +32,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocoder.errors import ConfigError, StoreUnavailable
-from autocoder.files import media_type, resolve_output
-from autocoder.notebook import find_notebook, is_valid_run_id, record_path
+from autocoder.files import media_type
+from autocoder.notebook import is_valid_run_id, record_path
 from autocoder.records import ErrorKind, RunResult
-from autocoder.store import PROMPT_PREVIEW, RunSummary, StoredFile, index_fields, read_record
+from autocoder.store import (
+    PROMPT_PREVIEW,
+    RunSummary,
+    StoredFile,
+    index_fields,
+    read_record,
+    stored_notebook,
+    stored_output,
+)
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -385,25 +393,25 @@ class PostgresStore:
         """Store a finished run whole: its record, notebook and files' bytes, in one
         transaction (a finished run's record always wins over an interrupted mark)."""
         blobs: list[tuple[str, str, str, bytes]] = []
-        nb = find_notebook(self.notebooks_dir, result.run_id, result.notebook)
-        if nb is not None:
-            blobs.append(("notebook", nb.name, "application/x-ipynb+json", nb.read_bytes()))
-        files_dir = self.autofile_dir / result.run_id / "files"
+        nb = stored_notebook(self.notebooks_dir, result.run_id, result)
+        if nb is not None and nb.opened is not None:
+            with nb.opened as opened:
+                blobs.append(("notebook", nb.name, "application/x-ipynb+json", opened.read()))
         for f in result.files:
-            path = resolve_output(files_dir, f.name)
-            if path is None:
+            stored = stored_output(self.autofile_dir, result.run_id, f.name)
+            if stored is None or stored.opened is None:
                 continue
-            size = path.stat().st_size
-            if size > self.file_limit:
-                log.info(
-                    "run %s: %s (%d bytes) is over AUTOCODER_DATABASE_FILE_MB; only this "
-                    "replica serves it",
-                    result.run_id,
-                    f.name,
-                    size,
-                )
-                continue
-            blobs.append(("file", f.name, media_type(f.name), path.read_bytes()))
+            with stored.opened as opened:
+                if opened.size > self.file_limit:
+                    log.info(
+                        "run %s: %s (%d bytes) is over AUTOCODER_DATABASE_FILE_MB; only this "
+                        "replica serves it",
+                        result.run_id,
+                        f.name,
+                        opened.size,
+                    )
+                    continue
+                blobs.append(("file", f.name, media_type(f.name), opened.read()))
         row = (
             *index_fields(result),
             self.replica_id,
@@ -546,9 +554,6 @@ class PostgresStore:
         if row is not None:
             return StoredFile(Path(row[0]).name, data=bytes(row[1]))
         if kind == "notebook":
-            result = self.get(run_id)
-            path = find_notebook(self.notebooks_dir, run_id, result.notebook if result else "")
-        else:
-            assert name is not None
-            path = resolve_output(self.autofile_dir / run_id / "files", name)
-        return StoredFile(path.name, path=path) if path else None
+            return stored_notebook(self.notebooks_dir, run_id, self.get(run_id))
+        assert name is not None
+        return stored_output(self.autofile_dir, run_id, name)

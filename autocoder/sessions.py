@@ -31,8 +31,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -325,13 +323,14 @@ class Session:
             owner = self.workdir.stat().st_uid
         except OSError:
             return
-        for dirpath, dirnames, filenames in os.walk(self.workdir, followlinks=False):
-            for name in dirnames + filenames:
-                path = Path(dirpath, name)
-                with contextlib.suppress(OSError):
-                    st = path.lstat()
-                    if st.st_uid not in {0, owner}:
-                        os.lchown(path, owner, owner)
+        # By descriptor, never by path: a name swapped for a symlink is changed, not its target.
+        with contextlib.suppress(OSError):
+            for _, dirnames, filenames, dir_fd in os.fwalk(self.workdir, follow_symlinks=False):
+                for name in dirnames + filenames:
+                    with contextlib.suppress(OSError):
+                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                        if st.st_uid not in {0, owner}:
+                            os.chown(name, owner, owner, dir_fd=dir_fd, follow_symlinks=False)
 
     async def close(self) -> None:
         kernel, self.kernel = self.kernel, None
@@ -341,16 +340,7 @@ class Session:
     # --- files --------------------------------------------------------------------------------
 
     def file_stamps(self) -> dict[str, tuple[int, int]]:
-        stamps: dict[str, tuple[int, int]] = {}
-        for dirpath, _, filenames in os.walk(self.workdir, followlinks=False):
-            for name in filenames:
-                path = Path(dirpath, name)
-                with contextlib.suppress(OSError):
-                    st = path.lstat()
-                    if stat.S_ISREG(st.st_mode):
-                        rel = path.relative_to(self.workdir).as_posix()
-                        stamps[rel] = (st.st_size, st.st_mtime_ns)
-        return stamps
+        return {rel: (st.st_size, st.st_mtime_ns) for rel, st in files_mod.walk_files(self.workdir)}
 
     def copy_changes(self) -> Path | None:
         """A new directory holding the files this run made or changed, or None if it changed none."""
@@ -363,9 +353,10 @@ class Session:
         target = Path(tempfile.mkdtemp(prefix="session-run-", dir=work_root))
         for rel in changed[: files_mod.MAX_LISTED]:
             dest = target / rel
+            # The session's kernel is alive and may be swapping names: copied by descriptor.
             with contextlib.suppress(OSError):
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.workdir / rel, dest, follow_symlinks=False)
+                files_mod.copy_beneath(self.workdir, rel, dest)
         return target
 
     def list_files(self) -> list[RunFile]:
@@ -376,13 +367,13 @@ class Session:
 
     def place(self, inputs: Sequence[InputFile]) -> None:
         for f in inputs:
-            if (self.workdir / f.name).exists():
+            if os.path.lexists(self.workdir / f.name):
                 raise FileRefused(f"the session already has a file named {f.name!r}")
         files_mod.place(inputs, self.workdir)
 
     def check_new_files(self, inputs: Sequence[InputFile]) -> None:
         for f in inputs:
-            if (self.workdir / f.name).exists():
+            if os.path.lexists(self.workdir / f.name):
                 raise FileRefused(f"the session already has a file named {f.name!r}")
 
     # --- what the model is told ---------------------------------------------------------------

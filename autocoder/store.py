@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from autocoder.files import resolve_output
+from autocoder.files import OpenedFile, open_beneath
 from autocoder.notebook import find_notebook, is_valid_run_id, record_path, write_record
 from autocoder.records import ErrorKind, RunResult
 
@@ -86,11 +86,12 @@ class RunSummary(BaseModel):
 
 @dataclass(frozen=True)
 class StoredFile:
-    """A run's notebook or produced file, as a store keeps it: a file on this machine, or its
-    bytes (a shared store)."""
+    """A run's notebook or produced file, as a store keeps it: a file on this machine, held
+    open by descriptor (see `files.open_beneath`; the caller closes it), or its bytes (a
+    shared store)."""
 
     name: str
-    path: Path | None = None
+    opened: OpenedFile | None = None
     data: bytes | None = None
 
 
@@ -414,15 +415,30 @@ class RunStore:
     def notebook(self, run_id: str) -> StoredFile | None:
         """The notebook the record names, only ever a regular file in the notebooks folder."""
         result = self.get(run_id)
-        path = find_notebook(self.notebooks_dir, run_id, result.notebook if result else "")
-        return StoredFile(path.name, path=path) if path else None
+        return stored_notebook(self.notebooks_dir, run_id, result)
 
     def output_file(self, run_id: str, name: str) -> StoredFile | None:
-        """A file the run's code wrote, from the run's own directory (see `resolve_output`)."""
-        if self.autofile_dir is None or not is_valid_run_id(run_id):
+        """A file the run's code wrote, from the run's own directory (see `open_beneath`)."""
+        if self.autofile_dir is None:
             return None
-        path = resolve_output(self.autofile_dir / run_id / "files", name)
-        return StoredFile(path.name, path=path) if path else None
+        return stored_output(self.autofile_dir, run_id, name)
+
+
+def stored_notebook(
+    notebooks_dir: Path, run_id: str, result: RunResult | None
+) -> StoredFile | None:
+    """A run's notebook on this machine, opened once (see `find_notebook`, `open_beneath`)."""
+    path = find_notebook(notebooks_dir, run_id, result.notebook if result else "")
+    opened = open_beneath(notebooks_dir, path.name) if path else None
+    return StoredFile(opened.name, opened=opened) if opened else None
+
+
+def stored_output(autofile_dir: Path, run_id: str, name: str) -> StoredFile | None:
+    """A file a run's code wrote, from the run's own directory, opened once."""
+    if not is_valid_run_id(run_id):
+        return None
+    opened = open_beneath(autofile_dir / run_id / "files", name)
+    return StoredFile(opened.name, opened=opened) if opened else None
 
 
 def stat_is_regular(st: os.stat_result) -> bool:

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 
 from autocoder.api.deps import RunId, ServiceDep
-from autocoder.api.routes.runs import stored_response
+from autocoder.api.downloads import download
 from autocoder.api.schemas import ErrorBody
 from autocoder.files import media_type
 
@@ -23,7 +23,7 @@ FileName = Annotated[
 
 @router.get(
     "/runs/{run_id}/files/{name:path}",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {"description": "The file, as the code wrote it."},
         404: {"model": ErrorBody, "description": "No such run, or no such file in it."},
@@ -31,9 +31,10 @@ FileName = Annotated[
     summary="Download a file a run's code wrote",
 )
 async def get_file(run_id: RunId, name: FileName, service: ServiceDep) -> Response:
-    """Served only from the run's own directory: `..`, absolute names and any symlink on the
-    way are refused, so nothing a run leaves can point a download elsewhere."""
+    """Served only from the run's own directory, opened once by descriptor: `..`, absolute
+    names and any symlink on the way are refused, so nothing a run leaves (or swaps in while
+    it is served) can point a download elsewhere."""
     stored = await asyncio.to_thread(service.store.output_file, run_id, name)
     if stored is None:
         raise HTTPException(404, f"run {run_id!r} has no file {name!r}")
-    return stored_response(stored, media_type(name))
+    return await download(stored, media_type(name))

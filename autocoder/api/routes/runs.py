@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from autocoder import languages
 from autocoder.api.admission import Busy
@@ -22,6 +21,7 @@ from autocoder.api.deps import (
     ServiceDep,
     field_error,
 )
+from autocoder.api.downloads import download
 from autocoder.api.errors import RunCancelled
 from autocoder.api.schemas import ErrorBody, LanguageInfo, RunPage, run_request_body
 from autocoder.api.service import Service
@@ -33,7 +33,6 @@ from autocoder.api.streaming import (
 )
 from autocoder.errors import ConfigError
 from autocoder.records import Event, RunResult
-from autocoder.store import StoredFile
 
 IPYNB_MEDIA_TYPE = "application/x-ipynb+json"
 
@@ -168,7 +167,7 @@ async def get_run(run_id: RunId, service: ServiceDep) -> RunResult:
 
 @router.get(
     "/runs/{run_id}/notebook",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {"description": "The notebook (nbformat v4).", "content": {IPYNB_MEDIA_TYPE: {}}},
         404: {"model": ErrorBody, "description": "No such run."},
@@ -179,20 +178,4 @@ async def get_notebook(run_id: RunId, service: ServiceDep) -> Response:
     stored = await asyncio.to_thread(service.store.notebook, run_id)
     if stored is None:
         raise HTTPException(404, f"no run {run_id!r}")
-    return stored_response(stored, IPYNB_MEDIA_TYPE)
-
-
-def stored_response(stored: StoredFile, media_type: str) -> Response:
-    """A stored file as a download: streamed from disk, or the bytes a shared store holds,
-    with the same Content-Disposition either way."""
-    if stored.path is not None:
-        return FileResponse(stored.path, media_type=media_type, filename=stored.name)
-    quoted = quote(stored.name)
-    disposition = (
-        f'attachment; filename="{stored.name}"'
-        if quoted == stored.name
-        else f"attachment; filename*=utf-8''{quoted}"
-    )
-    return Response(
-        stored.data or b"", media_type=media_type, headers={"content-disposition": disposition}
-    )
+    return await download(stored, IPYNB_MEDIA_TYPE)

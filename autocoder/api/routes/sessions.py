@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from autocoder.api.admission import Busy
 from autocoder.api.deps import (
@@ -24,6 +24,7 @@ from autocoder.api.deps import (
     SessionInputDep,
     field_error,
 )
+from autocoder.api.downloads import download
 from autocoder.api.errors import RunCancelled
 from autocoder.api.routes.files import FileName
 from autocoder.api.routes.runs import _STREAM_DOC, IPYNB_MEDIA_TYPE
@@ -36,9 +37,10 @@ from autocoder.api.schemas import (
 )
 from autocoder.api.streaming import SSE_MEDIA_TYPE, sse_response, unless_disconnected
 from autocoder.errors import ConfigError
-from autocoder.files import FileRefused, FilesTooLarge, media_type, resolve_output
+from autocoder.files import FileRefused, FilesTooLarge, media_type, open_beneath
 from autocoder.records import Event, RunResult, SessionInfo
 from autocoder.sessions import Session
+from autocoder.store import StoredFile
 
 router = APIRouter()  # auth.Guard checks the token before a body is read
 
@@ -207,7 +209,7 @@ def _with_session(result: RunResult, session: Session) -> SessionRunResult:
 
 @router.get(
     "/sessions/{session_id}/notebook",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {
             "description": "The session's notebook (nbformat v4): each prompt, then the code "
@@ -218,29 +220,31 @@ def _with_session(result: RunResult, session: Session) -> SessionRunResult:
     },
     summary="Download a session's notebook",
 )
-async def get_session_notebook(session_id: SessionId, service: ServiceDep) -> FileResponse:
+async def get_session_notebook(session_id: SessionId, service: ServiceDep) -> Response:
     session = service.sessions.find(session_id)
-    path = session.info.notebook
-    if not await asyncio.to_thread(lambda: session.notebook_path().is_file()):
+    path = session.notebook_path()
+    opened = await asyncio.to_thread(open_beneath, path.parent, path.name)
+    if opened is None:
         raise HTTPException(404, f"session {session_id!r} has no notebook")
-    return FileResponse(path, media_type=IPYNB_MEDIA_TYPE, filename=f"{session_id}.ipynb")
+    return await download(
+        StoredFile(opened.name, opened=opened), IPYNB_MEDIA_TYPE, f"{session_id}.ipynb"
+    )
 
 
 @router.get(
     "/sessions/{session_id}/files/{name:path}",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {"description": "The file, as it is in the session's working directory now."},
         404: {"model": ErrorBody, "description": "No such session, or no such file in it."},
     },
     summary="Download a file from a session's working directory",
 )
-async def get_session_file(
-    session_id: SessionId, name: FileName, service: ServiceDep
-) -> FileResponse:
-    """Served only from the session's own directory (no `..`, no absolute name, no symlink)."""
+async def get_session_file(session_id: SessionId, name: FileName, service: ServiceDep) -> Response:
+    """Served only from the session's own directory, opened once by descriptor (no `..`, no
+    absolute name, no symlink): the session's code may be swapping names while it is served."""
     session = service.sessions.find(session_id)
-    path = await asyncio.to_thread(resolve_output, session.workdir, name)
-    if path is None:
+    opened = await asyncio.to_thread(open_beneath, session.workdir, name)
+    if opened is None:
         raise HTTPException(404, f"session {session_id!r} has no file {name!r}")
-    return FileResponse(path, media_type=media_type(name), filename=path.name)
+    return await download(StoredFile(opened.name, opened=opened), media_type(name))
