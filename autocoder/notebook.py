@@ -375,6 +375,10 @@ def language_info(language: str = "python") -> dict[str, Any]:
 
 
 def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbformat.NotebookNode:
+    """The run as a notebook; a function of its record alone (`timeout` defaults to the
+    record's), so the notebook as the run made it can be rebuilt from the record."""
+    if timeout is None:
+        timeout = result.timeout
     nb = new_notebook()
     lang = languages.get(result.language)
     nb.metadata["kernelspec"] = dict(lang.kernelspec)
@@ -398,12 +402,17 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "files": [f.model_dump() for f in result.files],
     }
     nb.cells.append(summary_cell(result, timeout=timeout))
-    for attempt in result.attempts:
+    for i, attempt in enumerate(result.attempts, 1):
+        if i == len(result.attempts) and not attempt.outputs:
+            # A record keeps only the last attempt's outputs, as the result's.
+            attempt = attempt.model_copy(update={"outputs": result.outputs})
         nb.cells.extend(attempt_cells(attempt, len(result.attempts), timeout))
     if result.files:
         nb.cells.append(files_cell(result))
     if result.status != "success":
         nb.cells.extend(failed_cells(result, timeout=timeout))
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"  # not random: the same record always gives the same notebook
     return nb
 
 
@@ -417,10 +426,14 @@ def files_cell(result: RunResult) -> Any:
     return new_markdown_cell("\n".join(lines))
 
 
-def write_notebook(result: RunResult, path: Path, *, timeout: float | None = None) -> Path:
+def notebook_text(result: RunResult, *, timeout: float | None = None) -> str:
     nb = build_notebook(result, timeout=timeout)
     nbformat.validate(nb)
-    write_atomic(path, nbformat.writes(nb))
+    return str(nbformat.writes(nb))
+
+
+def write_notebook(result: RunResult, path: Path, *, timeout: float | None = None) -> Path:
+    write_atomic(path, notebook_text(result, timeout=timeout))
     return path
 
 

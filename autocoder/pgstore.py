@@ -41,7 +41,7 @@ from autocoder.store import (
     StoredFile,
     index_fields,
     read_record,
-    stored_notebook,
+    rebuilt_notebook,
     stored_output,
 )
 
@@ -393,10 +393,8 @@ class PostgresStore:
         """Store a finished run whole: its record, notebook and files' bytes, in one
         transaction (a finished run's record always wins over an interrupted mark)."""
         blobs: list[tuple[str, str, str, bytes]] = []
-        nb = stored_notebook(self.notebooks_dir, result.run_id, result)
-        if nb is not None and nb.opened is not None:
-            with nb.opened as opened:
-                blobs.append(("notebook", nb.name, "application/x-ipynb+json", opened.read()))
+        nb = rebuilt_notebook(result)
+        blobs.append(("notebook", nb.name, "application/x-ipynb+json", nb.data or b""))
         for f in result.files:
             stored = stored_output(self.autofile_dir, result.run_id, f.name)
             if stored is None or stored.opened is None:
@@ -554,6 +552,7 @@ class PostgresStore:
         if row is not None:
             return StoredFile(Path(row[0]).name, data=bytes(row[1]))
         if kind == "notebook":
-            return stored_notebook(self.notebooks_dir, run_id, self.get(run_id))
+            result = self.get(run_id)
+            return rebuilt_notebook(result) if result is not None else None
         assert name is not None
         return stored_output(self.autofile_dir, run_id, name)

@@ -155,6 +155,9 @@ class RunResult(BaseModel):
     session_id: str = Field(
         default="", description="The session this run was part of (`POST /sessions/{id}/run`)."
     )
+    timeout: float | None = Field(
+        default=None, description="Seconds each attempt's code could run (AUTOCODER_TIMEOUT)."
+    )
 
 
 EventType = Literal[

@@ -700,7 +700,7 @@ class _Run:
             pass
 
     def _write(self, result: RunResult, path: Path) -> None:
-        write_notebook(result, path, timeout=self.settings.timeout)
+        write_notebook(result, path)
         write_record(result, self.settings.notebooks_dir)
 
     async def _finish(self, error_kind: ErrorKind | None, error: str) -> RunResult:
@@ -728,6 +728,7 @@ class _Run:
             started_at=self.started_at,
             duration=time.monotonic() - self.started,
             session_id=self.session_id,
+            timeout=self.settings.timeout,
         )
         if self.record:
             # Absolute, so a reader finds it whatever directory they are in.

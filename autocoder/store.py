@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 from autocoder.files import OpenedFile, open_beneath
-from autocoder.notebook import find_notebook, is_valid_run_id, record_path, write_record
+from autocoder.notebook import (
+    is_valid_run_id,
+    notebook_text,
+    record_path,
+    write_record,
+)
 from autocoder.records import ErrorKind, RunResult
 
 if TYPE_CHECKING:
@@ -413,9 +418,8 @@ class RunStore:
         return self.index_record(run_id)
 
     def notebook(self, run_id: str) -> StoredFile | None:
-        """The notebook the record names, only ever a regular file in the notebooks folder."""
         result = self.get(run_id)
-        return stored_notebook(self.notebooks_dir, run_id, result)
+        return rebuilt_notebook(result) if result is not None else None
 
     def output_file(self, run_id: str, name: str) -> StoredFile | None:
         """A file the run's code wrote, from the run's own directory (see `open_beneath`)."""
@@ -424,13 +428,11 @@ class RunStore:
         return stored_output(self.autofile_dir, run_id, name)
 
 
-def stored_notebook(
-    notebooks_dir: Path, run_id: str, result: RunResult | None
-) -> StoredFile | None:
-    """A run's notebook on this machine, opened once (see `find_notebook`, `open_beneath`)."""
-    path = find_notebook(notebooks_dir, run_id, result.notebook if result else "")
-    opened = open_beneath(notebooks_dir, path.name) if path else None
-    return StoredFile(opened.name, opened=opened) if opened else None
+def rebuilt_notebook(result: RunResult) -> StoredFile:
+    """The notebook as the run made it, rebuilt from its read-only record: a user editing or
+    deleting the notebook file changes nothing the API serves."""
+    name = Path(result.notebook).name or f"{result.run_id}.ipynb"
+    return StoredFile(name, data=notebook_text(result).encode())
 
 
 def stored_output(autofile_dir: Path, run_id: str, name: str) -> StoredFile | None:

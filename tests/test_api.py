@@ -183,6 +183,8 @@ def test_history_and_notebook_download_survive_a_restart(
 
     # Saving over the notebook (cells deleted, outputs cleared) changes nothing the API serves.
     path = Path(second["notebook"])
+    served = client.get(f"/runs/{second['run_id']}/notebook").text
+    assert served == path.read_text()  # as the run wrote it
     nb = nbformat.read(path, as_version=4)
     nb.cells = [c for c in nb.cells if c.cell_type == "code"][:1]
     for cell in nb.cells:
@@ -190,6 +192,7 @@ def test_history_and_notebook_download_survive_a_restart(
     nbformat.write(nb, path)
     assert client.get(f"/runs/{second['run_id']}").json() == second
     assert client.get("/runs", params={"limit": 1}).json()["runs"][0]["run_id"] == second["run_id"]
+    assert client.get(f"/runs/{second['run_id']}/notebook").text == served
 
 
 def test_a_streamed_run_tells_its_story(client: httpx.Client, llm: ScriptedLLM) -> None:
