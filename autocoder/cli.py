@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from autocoder import __version__, files, languages, sandbox
+from autocoder import __version__, files, languages
 from autocoder.config import Settings, load_settings, prepare_dirs, writable_dir
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.records import ErrorKind, Event, RunResult
@@ -154,10 +153,7 @@ def _print_result(result: RunResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from autocoder import gateway
-    from autocoder.kernel import sweep_leftovers, workdirs_root
-    from autocoder.runner import Runner, new_run_id
-    from autocoder.store import keep_lease, open_store, stored_run
+    from autocoder.engine import open_engine  # start-up time: `autocoder --help` stays quick
 
     settings = _settings(args)
     prompt = _read_prompt(args.prompt)
@@ -178,40 +174,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         _fail(str(e))
     prepare_dirs(settings)
     progress = Progress(not args.quiet)
-    sandbox.check_available(settings)
-    sweep_leftovers(workdirs_root(settings))
-    # The server's store: with AUTOCODER_DATABASE_URL every replica lists this run at once.
-    store = open_store(settings)
-    store.open()
 
     async def go() -> RunResult:
-        runner = Runner(settings, ledger=store)
-        reclaim = functools.partial(gateway.reclaim, settings) if settings.gateway_url else None
-        lease = asyncio.create_task(keep_lease(store, reclaim))
-        try:
-            model = await runner.llm()
+        # The server's store: with AUTOCODER_DATABASE_URL every replica lists this run at once.
+        async with open_engine(settings, pool_size=0) as engine:
+            model = await engine.runner.llm()
             name = await model.resolve_model()
             progress.say(f"using the {model.backend} model {name}")
-            run_id = new_run_id()
-            run = functools.partial(
-                runner.run,
+            return await engine.run(
                 prompt,
+                listed_model=name,
                 on_event=progress,
                 inputs=inputs,
                 language=language.name,
-                run_id=run_id,
             )
-            return await stored_run(store, run_id, prompt, name, run)
-        finally:
-            lease.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lease
-            await runner.close()
 
-    try:
-        result = asyncio.run(go())
-    finally:
-        store.close()
+    result = asyncio.run(go())
     if result.error_kind is ErrorKind.LLM and not any(a.code for a in result.attempts):
         _fail(result.error)
     if args.json:
@@ -268,8 +246,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     Ctrl-C stops the prompt that is running (the session stays); at the prompt, Ctrl-C or
     Ctrl-D leaves. The session's notebook path is printed at the end.
     """
-    from autocoder.runner import Runner
-    from autocoder.sessions import Session, SessionError, Sessions
+    from autocoder.engine import Engine, open_engine  # start-up time, as in cmd_run
+    from autocoder.sessions import Session, SessionError  # start-up time
 
     settings = _settings(args)
     # A chat lasts as long as its user keeps it (up to AUTOCODER_SESSION_MAX_AGE), not the
@@ -282,34 +260,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except files.FileRefused as e:
         _fail(str(e))
     progress = Progress(not args.quiet)
-    sandbox.check_available(settings)
     save_history = _readline_history(settings) if sys.stdin.isatty() else None
-    runner = Runner(settings)
-    sessions = Sessions(settings, runner)
+    opened = contextlib.AsyncExitStack()
+    engine: Engine | None = None
     session: Session | None = None
     failed = False
 
     async def start() -> Session:
-        model = await runner.llm()
+        nonlocal engine
+        engine = await opened.enter_async_context(open_engine(settings, pool_size=0))
+        model = await engine.runner.llm()
         progress.say(f"using the {model.backend} model {await model.resolve_model()}")
-        await sessions.open()
-        return await sessions.create(inputs=inputs, timeout=args.timeout, model=args.model)
+        return await engine.sessions.create(inputs=inputs, timeout=args.timeout, model=args.model)
 
     async def turn(prompt: str) -> RunResult | None:
-        assert session is not None
-        sessions.claim(session.info.session_id)
+        assert engine is not None and session is not None
+        engine.sessions.claim(session.info.session_id)
         try:
-            return await sessions.run(
+            return await engine.sessions.run(
                 session, prompt, max_attempts=args.attempts, on_event=progress
             )
         except asyncio.CancelledError:
             return None  # Ctrl-C: the run is recorded as cancelled; the session goes on
 
     async def stop() -> None:
-        try:
-            await sessions.close()
-        finally:
-            await runner.close()
+        await opened.aclose()
 
     with asyncio.Runner() as loop:
         try:
@@ -357,14 +332,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from autocoder.api import serve
+    from autocoder.api import serve  # start-up time: FastAPI and uvicorn only to serve
 
     serve(ready_settings(args))
     return EXIT_OK
 
 
 def cmd_kernels_install(args: argparse.Namespace) -> int:
-    from autocoder.kernel import install_kernelspecs
+    from autocoder.kernel.local import install_kernelspecs  # start-up time, as in cmd_run
 
     try:
         installed = install_kernelspecs(user=args.user, prefix=args.prefix)
@@ -391,7 +366,7 @@ def cmd_kernels_list(args: argparse.Namespace) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from autocoder import local_model
+    from autocoder import local_model  # start-up time: llama.cpp's bindings only here
 
     info: dict[str, Any] = local_model.model_info(_settings(args))
     if args.json:
@@ -403,7 +378,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_model_serve(args: argparse.Namespace) -> int:
-    from autocoder import local_model
+    from autocoder import local_model  # start-up time: llama.cpp's bindings only here
 
     settings = _settings(args)
     writable_dir(settings.home, "embedded model", "AUTOCODER_HOME")

@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -202,6 +203,13 @@ class Settings(BaseSettings):
     def uses_remote_endpoint(self) -> bool:
         """A configured endpoint wins; otherwise the embedded model answers."""
         return bool(self.openai_base_url or self.openai_api_key)
+
+
+def without_credentials(url: str) -> str:
+    """A URL as messages and shared records may name it: no user, password or token."""
+    parts = urlparse(url)
+    host = parts.hostname or ""
+    return parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
 
 
 def load_settings(**overrides: object) -> Settings:

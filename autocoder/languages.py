@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autocoder.errors import KernelStartError
 from autocoder.records import ErrorInfo
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class Language:
     wrap: Callable[[str], str] = field(default=lambda code: code)
     clean_error: Callable[[ErrorInfo], str] | None = None
     # Run before a retry to clear what the last attempt left: "" nothing to clear, None
-    # no cheap way (a fresh kernel). Python's is kernel.RESET_CODE.
+    # no cheap way (a fresh kernel). Python's is PYTHON_RESET.
     reset_code: str | None = ""
     # A cell that fails with this message: what a failed run's notebook ends with.
     # The kernel may publish output after its idle status (Deno's console output does).
@@ -66,11 +67,23 @@ class Language:
     ipykernel: bool = False
     fail: Callable[[str], str] = field(default=lambda message: f"raise RuntimeError({message!r})")
 
+    # The kernelspecs under bwrap and unconfined, when they are not autocoder-<kernel>[-sandbox].
+    kernel_names: tuple[str, str] | None = None
+
     def kernel_name(self, settings: Settings) -> str:
-        if self.name == "python":
-            return "autocoder-sandbox" if settings.sandbox == "bwrap" else "autocoder-python"
-        sandboxed = "-sandbox" if settings.sandbox == "bwrap" else ""
-        return f"autocoder-{self.kernel}{sandboxed}"
+        bwrap = settings.sandbox == "bwrap"
+        if self.kernel_names is not None:
+            return self.kernel_names[0] if bwrap else self.kernel_names[1]
+        return f"autocoder-{self.kernel}{'-sandbox' if bwrap else ''}"
+
+
+def kernels_dir() -> Path:
+    """The kernelspecs we ship: inside the package when installed, at the repo root in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "autocoder-sandbox" / "kernel.json").is_file():
+            return candidate
+    raise KernelStartError(f"autocoder's kernelspecs are missing (looked in {here / 'kernels'})")
 
 
 def _scrubbed_env() -> dict[str, str]:
@@ -251,6 +264,31 @@ _COMMON = (
     "the network: there is none. Nothing can be installed."
 )
 
+# What an attempt may leave behind, cleared: the names it bound and the results IPython keeps
+# of it. IPython's own reset() does that too, but also a full gc.collect() and a rebuild of its
+# aliases: ~35 ms, several trivial executes. user_ns_hidden holds the namespace the kernel
+# started with (IPython's hide_initial_ns) plus the result and input caches (`_`, `_1`, `_i1`)
+# IPython hides there as it goes; those are dropped and the rest put back. The code runs in a
+# namespace of its own so that it binds nothing in the one it clears.
+_RESET = """\
+hook = ip.displayhook
+hook._ = hook.__ = hook.___ = ""
+ip.history_manager.output_hist.clear()
+ip.last_execution_result = None
+hidden = ip.user_ns_hidden
+for name in [n for n in hidden if re.fullmatch(r"_i?[0-9]+", n)]:
+    del hidden[name]
+for name in ("_", "__", "___", "_i", "_ii", "_iii"):
+    if name in hidden:
+        hidden[name] = ""
+ip.user_ns.clear()
+ip.user_ns.update(hidden)
+"""
+PYTHON_RESET = (
+    f"exec({_RESET!r}, {{'ip': __import__('IPython').get_ipython(), 're': __import__('re')}})"
+)
+
+
 PYTHON = Language(
     name="python",
     ipykernel=True,
@@ -272,6 +310,8 @@ PYTHON = Language(
     },
     check=check_python,
     missing=_python_missing,
+    reset_code=PYTHON_RESET,
+    kernel_names=("autocoder-sandbox", "autocoder-python"),
 )
 
 BASH = Language(
@@ -421,8 +461,6 @@ class Availability:
 
 def availability(settings: Settings) -> list[Availability]:
     """Every language, from the kernelspecs shipped and the kernels found here."""
-    from autocoder.kernel import kernels_dir
-
     root = kernels_dir()
     out = []
     for lang in LANGUAGES:
@@ -468,10 +506,3 @@ def resolve(name: str | None, settings: Settings) -> Language:
                 f"{', '.join(installed(settings))}"
             )
     return lang
-
-
-def extract(reply: str, lang: Language) -> str:
-    """The code in a reply, for this language: see llm.extract_code."""
-    from autocoder.llm import extract_code
-
-    return extract_code(reply, lang.fences, any_fence=lang is not PYTHON)

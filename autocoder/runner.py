@@ -16,15 +16,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from autocoder import asserts, files, languages
+from autocoder import files, languages
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, LLMError
 from autocoder.files import InputFile
-from autocoder.kernel import KernelLedger, KernelProvider, OutputCallback
+from autocoder.inside import asserts
+from autocoder.kernel.backend import KernelLedger
+from autocoder.kernel.output import OutputCallback
+from autocoder.kernel.pool import KernelProvider
 from autocoder.llm import LLM, Message, clean_traceback, cut_middle, extract_code
 from autocoder.notebook import notebook_path, write_atomic, write_notebook, write_record
-from autocoder.records import Attempt, ErrorInfo, ErrorKind, Event, Execution, RunResult
+from autocoder.records import Attempt, ErrorKind, Event, Execution, RunResult
 
 FEEDBACK_CHARS = 4000
 _NO_MODULE = re.compile(r"No module named '([^'.]+)")
@@ -344,11 +347,6 @@ def dropped_checks(history: list[Attempt], code: str) -> Attempt | None:
     except SyntaxError:
         return None
     return None if asserts.has_checks(tree) else failed
-
-
-def check_syntax(code: str) -> ErrorInfo | None:
-    """Compile without running; IPython magics (`%`, `!`) are left to the kernel."""
-    return languages.check_python(code)
 
 
 class Runner:

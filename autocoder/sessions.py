@@ -46,7 +46,9 @@ from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import AutocoderError
 from autocoder.files import FileRefused, InputFile
-from autocoder.kernel import INTERRUPT_GRACE, KernelSession, OutputCallback
+from autocoder.kernel.client import INTERRUPT_GRACE, Kernel
+from autocoder.kernel.output import OutputCallback
+from autocoder.kernel.pool import KernelProvider
 from autocoder.namespace import parse_probe, probe_code, task_with_names
 from autocoder.notebook import (
     KERNELSPEC,
@@ -187,12 +189,15 @@ class SessionExecutor:
 class Session:
     """One open (or closed) session. `Sessions` owns it; its kernel is closed only by `close`."""
 
-    def __init__(self, settings: Settings, info: SessionInfo, root: Path) -> None:
+    def __init__(
+        self, settings: Settings, info: SessionInfo, root: Path, kernels: KernelProvider
+    ) -> None:
         self.settings = settings
+        self.kernels = kernels
         self.info = info
         self.root = root
         self.workdir = Path(info.workdir)
-        self.kernel: KernelSession | None = None
+        self.kernel: Kernel | None = None
         self.created = time.time()
         self.last_used = self.created
         self.claimed = False
@@ -230,8 +235,7 @@ class Session:
     # --- the kernel ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        kernel = KernelSession(self.settings)
-        kernel.workdir = self.workdir.resolve()
+        kernel = self.kernels.kernel("python", self.workdir)
         self.kernel = kernel
         await kernel.start()
 
@@ -243,7 +247,7 @@ class Session:
         before = kernel.restarts
         result = await kernel.execute(code, timeout=PROBE_TIMEOUT)
         if kernel.restarts != before:
-            await self._state_lost("the kernel stopped answering and was restarted")
+            await self.state_lost("the kernel stopped answering and was restarted")
         return result
 
     async def names(self) -> list[tuple[str, str]]:
@@ -289,7 +293,7 @@ class Session:
                 if result.kind is ErrorKind.KERNEL_DIED
                 else "the code did not stop after the timeout, so the kernel was restarted"
             )
-            result.notice = await self._state_lost(why)
+            result.notice = await self.state_lost(why)
         return result
 
     async def _settle(self, restarts_before: int) -> None:
@@ -302,9 +306,9 @@ class Session:
         with contextlib.suppress(Exception):
             await kernel.execute("pass", timeout=INTERRUPT_GRACE)
         if kernel.restarts != restarts_before:
-            await self._state_lost("the interrupted code did not stop, so the kernel was restarted")
+            await self.state_lost("the interrupted code did not stop, so the kernel was restarted")
 
-    async def _state_lost(self, why: str) -> str:
+    async def state_lost(self, why: str) -> str:
         self._lost.append(why)
         await asyncio.to_thread(self._adopt_files)
         if self._holding_snapshot:
@@ -339,6 +343,19 @@ class Session:
 
     # --- files --------------------------------------------------------------------------------
 
+    @property
+    def losses(self) -> int:
+        """How many times the session's kernel state was lost so far."""
+        return len(self._lost)
+
+    def lost_since(self, losses: int) -> str | None:
+        """Why the state was last lost, if it was since there were `losses` losses."""
+        return self._lost[-1] if len(self._lost) > losses else None
+
+    def note_files(self) -> None:
+        """From now on, what the code makes or changes is the run's own files (`copy_changes`)."""
+        self._before = self.file_stamps()
+
     def file_stamps(self) -> dict[str, tuple[int, int]]:
         return {rel: (st.st_size, st.st_mtime_ns) for rel, st in files_mod.walk_files(self.workdir)}
 
@@ -360,10 +377,8 @@ class Session:
         return target
 
     def list_files(self) -> list[RunFile]:
-        found = files_mod.list_outputs(self.workdir, self.info.session_id)
-        prefix = f"/runs/{self.info.session_id}/files/"
-        base = f"/sessions/{self.info.session_id}/files/"
-        return [f.model_copy(update={"url": base + f.url.removeprefix(prefix)}) for f in found]
+        """The files in the session's working directory (their URLs are the API's to make)."""
+        return files_mod.list_outputs(self.workdir, self.info.session_id)
 
     def place(self, inputs: Sequence[InputFile]) -> None:
         for f in inputs:
@@ -437,9 +452,10 @@ class Sessions:
     notebooks, the files in `<autofile>/sessions/<id>/files`. Use as `async with`.
     """
 
-    def __init__(self, settings: Settings, runner: Runner) -> None:
+    def __init__(self, settings: Settings, runner: Runner, kernels: KernelProvider) -> None:
         self.settings = settings
         self.runner = runner
+        self.kernels = kernels
         self.records_dir = settings.notebooks_dir / ".autocoder" / "sessions"
         self.files_root = settings.autofile_dir / "sessions"
         self.sessions: dict[str, Session] = {}
@@ -468,7 +484,7 @@ class Sessions:
             except (OSError, ValueError) as e:
                 log.warning("skipping the unreadable session record %s: %s", path, e)
                 continue
-            session = Session(self.settings, info, self.files_root / info.session_id)
+            session = Session(self.settings, info, self.files_root / info.session_id, self.kernels)
             if info.status == "open":
                 info.status = "closed"
                 info.closed_at = _iso(time.time())
@@ -538,7 +554,7 @@ class Sessions:
                 notebook=str(session_notebook_path(self.settings.notebooks_dir.resolve(), sid)),
                 workdir=str((self.files_root / sid / "files").resolve()),
             )
-            session = Session(self.settings, info, self.files_root / sid)
+            session = Session(self.settings, info, self.files_root / sid, self.kernels)
             session.created = session.last_used = now
             session.touch()
             await asyncio.to_thread(session.workdir.mkdir, parents=True, exist_ok=True)
@@ -621,7 +637,7 @@ class Sessions:
         run_id = run_id or new_run_id()
         session.info.running = run_id
         session.task = asyncio.current_task()
-        lost_before = len(session._lost)
+        lost_before = session.losses
         try:
             if self._system_prompt is None:
                 base = await asyncio.to_thread(system_prompt_for, self.settings)
@@ -631,10 +647,10 @@ class Sessions:
             if inputs:
                 await asyncio.to_thread(session.place, inputs)
             # What the run's code makes or changes from here on is the run's own files.
-            session._before = await asyncio.to_thread(session.file_stamps)
+            await asyncio.to_thread(session.note_files)
             names = await session.names()
             history = await asyncio.to_thread(self._history, session)
-            lost = session._lost[-1] if len(session._lost) > lost_before else None
+            lost = session.lost_since(lost_before)
             task = session.context(prompt, names, history, inputs, lost)
             await session.snapshot()
             result: RunResult | None = None
@@ -667,7 +683,7 @@ class Sessions:
         """The kernel stopped between prompts (it ran out of CPU time, say): a fresh one."""
         await session.close()
         await session.start()
-        await session._state_lost("the session's kernel had stopped since the last prompt")
+        await session.state_lost("the session's kernel had stopped since the last prompt")
 
     async def _after_run(
         self, session: Session, run_id: str, result: RunResult | None, lost_before: int
@@ -689,7 +705,7 @@ class Sessions:
                 prompt=result.prompt,
                 status=result.status,
                 error_kind=result.error_kind,
-                state_lost=len(session._lost) > lost_before,
+                state_lost=session.losses > lost_before,
                 started_at=result.started_at,
                 duration=result.duration,
             )

@@ -290,8 +290,8 @@ class KernelGateway:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> KernelGateway:
-        from autocoder.gateway import gateway_args
-        from autocoder.kernel import install_kernelspecs
+        from autocoder.kernel.gateway import gateway_args
+        from autocoder.kernel.local import install_kernelspecs
 
         install_kernelspecs(prefix=str(self.root / "prefix"))
         with socket.socket() as s:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from autocoder.config import load_settings
-from autocoder.kernel import KernelSession
+from autocoder.kernel.pool import new_kernel
 
 SNIPPETS = {
     "trivial print": "print('hello')",
@@ -51,7 +51,7 @@ async def main() -> None:
     starts = []
     for _ in range(3):
         t = time.perf_counter()
-        async with KernelSession(settings):
+        async with new_kernel(settings):
             starts.append(time.perf_counter() - t)
 
     print(f"sandbox={args.sandbox} repeat={args.repeat} python={sys.version.split()[0]}")
@@ -60,7 +60,7 @@ async def main() -> None:
         f"median {statistics.median(starts) * 1000:.0f} ms"
     )
     print(f"{'snippet':<22}{'kernel ms':>11}{'subprocess ms':>15}{'ratio':>9}")
-    async with KernelSession(settings) as kernel:
+    async with new_kernel(settings) as kernel:
         for name, code in SNIPPETS.items():
             k_times, s_times = [], []
             for _ in range(args.repeat):

@@ -24,7 +24,7 @@ import uvicorn
 
 from autocoder import api
 from autocoder.config import load_settings
-from autocoder.kernel import KernelSession
+from autocoder.kernel.pool import new_kernel
 from autocoder.testing import ScriptedLLM, fenced
 
 CODE = "import os\nprint(sorted(os.listdir('.')))"
@@ -97,11 +97,11 @@ async def kernel_starts(root: Path, sandbox: str, repeat: int) -> None:
     loaded: list[str] = []
     for _ in range(repeat):
         t = time.perf_counter()
-        async with KernelSession(settings) as k:
+        async with new_kernel(settings) as k:
             bare.append(time.perf_counter() - t)
             loaded.append((await k.execute(PROBE, timeout=30)).text.strip())
         t = time.perf_counter()
-        async with KernelSession(settings) as k:
+        async with new_kernel(settings) as k:
             await k.execute("import numpy, pandas, matplotlib.pyplot", timeout=60)
             eager.append(time.perf_counter() - t)
     a, b = statistics.median(bare), statistics.median(eager)

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autocoder import output_cap, sandbox
+from autocoder import sandbox
 from autocoder.config import load_settings
+from autocoder.inside import output_cap
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
 

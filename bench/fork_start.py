@@ -1,8 +1,8 @@
 """Forked against exec'd kernel starts, side by side in one run: wall, CPU and unique memory.
 
-Both through KernelSession under the same sandbox and limits, interleaved so that both see the
+Both through Kernel under the same sandbox and limits, interleaved so that both see the
 same machine load:
-- request → ready: wall time of `KernelSession.start()` until the kernel answers on shell and
+- request → ready: wall time of `Kernel.start()` until the kernel answers on shell and
   iopub, and the CPU that took, everywhere: this process, the zygote, the launcher and bwrap,
   the kernel (a cpuacct cgroup of this bench holds them all; forked kernels stay in it).
 - a whole cycle: start → `print(1)` → shutdown, wall and CPU.
@@ -28,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from autocoder import forkserver, sandbox
+from autocoder import sandbox
 from autocoder.config import Settings, load_settings
-from autocoder.kernel import KernelSession
+from autocoder.kernel import fork as forkserver
+from autocoder.kernel.pool import new_kernel
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 
@@ -104,7 +105,7 @@ def kernel_pid(pids: list[int]) -> int:
 
 async def cycle(settings: Settings, meter: CpuMeter, memory: bool) -> dict[str, float]:
     t, c = time.perf_counter(), meter.now()
-    session = KernelSession(settings)
+    session = new_kernel(settings)
     await session.start()
     ready_wall, ready_cpu = time.perf_counter() - t, meter.now() - c
     out: dict[str, float] = {"ready_wall": ready_wall, "ready_cpu": ready_cpu}

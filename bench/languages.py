@@ -1,7 +1,7 @@
 """Kernel start and a warm execute round trip per language, side by side with Python, in one run.
 
 For each language this installation runs (`autocoder kernels list`), under the configured
-sandbox: the time from asking for a kernel to its first answer (KernelSession.start: the
+sandbox: the time from asking for a kernel to its first answer (Kernel.start: the
 launcher, the sandbox, the kernel's own start, and for Deno the TCP relay), and the round
 trip of a trivial execute on a started kernel (what prints one line: the kernel's floor,
 plus the relay where there is one). Languages are interleaved round by round, so each sees
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from autocoder import languages
 from autocoder.config import Settings, load_settings
-from autocoder.kernel import KernelSession
+from autocoder.kernel.pool import new_kernel
 
 TRIVIAL = {
     "python": "print(1)",
@@ -34,7 +34,7 @@ TRIVIAL = {
 
 async def one_round(settings: Settings, language: str, executes: int) -> tuple[float, float]:
     """(seconds to start, median seconds of a warm execute) for one fresh kernel."""
-    session = KernelSession(settings, language=language)
+    session = new_kernel(settings, language=language)
     t = time.perf_counter()
     await session.start()
     started = time.perf_counter() - t

@@ -37,9 +37,9 @@ import httpx
 
 from autocoder.config import load_settings
 from autocoder.notebook import write_record
-from autocoder.pgstore import PostgresStore
 from autocoder.records import Attempt, ErrorKind, RunResult
-from autocoder.store import RunStore
+from autocoder.store.postgres import PostgresStore
+from autocoder.store.sqlite import SqliteStore
 from autocoder.testing import PostgresCluster, ScriptedLLM, fenced
 
 CODE = "print(sum(range(10)))"
@@ -218,11 +218,11 @@ def part_pages(args: argparse.Namespace, cluster: PostgresCluster, root: Path) -
     sqlite_dir = root / "sqlite"
     for run in runs:
         write_record(run, sqlite_dir)
-    sqlite = RunStore(sqlite_dir)
+    sqlite = SqliteStore(sqlite_dir)
     sqlite.open()
     before_dir = root / "sqlite-before"
     shutil.copytree(sqlite_dir, before_dir)
-    before = RunStore(before_dir)
+    before = SqliteStore(before_dir)
     before.open()
     with before._lock:
         before.db.executescript("DROP INDEX runs_list; DROP INDEX runs_by_status;")

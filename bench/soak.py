@@ -36,7 +36,7 @@ from typing import Any
 import nbformat
 
 from autocoder.config import Settings, load_settings
-from autocoder.kernel import KernelPool
+from autocoder.kernel.pool import KernelPool
 from autocoder.records import ErrorKind, RunResult
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced

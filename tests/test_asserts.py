@@ -7,7 +7,8 @@ import builtins
 
 import pytest
 
-from autocoder import asserts
+from autocoder.inside import asserts
+from autocoder.sandbox import install_line
 
 
 def run(code: str) -> str:
@@ -73,8 +74,8 @@ def test_the_kernel_line_installs_it() -> None:
         return shell
 
     shell = Shell()
-    exec(asserts.exec_line(), {"get_ipython": get_ipython})
-    exec(asserts.exec_line(), {"get_ipython": get_ipython})
+    exec(install_line(asserts.install_source()), {"get_ipython": get_ipython})
+    exec(install_line(asserts.install_source()), {"get_ipython": get_ipython})
     assert len(shell.ast_transformers) == 1
 
 

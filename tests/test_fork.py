@@ -24,10 +24,12 @@ from typing import Any
 
 import pytest
 
-from autocoder import forkserver, languages, sandbox
+from autocoder import languages, sandbox
 from autocoder.config import Settings
 from autocoder.errors import SandboxUnavailable
-from autocoder.kernel import KernelSession
+from autocoder.kernel import fork as forkserver
+from autocoder.kernel.client import Kernel
+from autocoder.kernel.pool import new_kernel
 from autocoder.records import ErrorKind
 from tests.processes import alive, processes_naming
 
@@ -56,20 +58,18 @@ async def zygote(fork_settings: Settings) -> forkserver.Zygote:
 
 
 @pytest.fixture
-async def kernel(
-    fork_settings: Settings, zygote: forkserver.Zygote
-) -> AsyncIterator[KernelSession]:
-    async with KernelSession(fork_settings) as k:
+async def kernel(fork_settings: Settings, zygote: forkserver.Zygote) -> AsyncIterator[Kernel]:
+    async with new_kernel(fork_settings) as k:
         assert isinstance(process_of(k), forkserver.ForkedProcess)
         yield k
 
 
-def process_of(k: KernelSession) -> Any:
+def process_of(k: Kernel) -> Any:
     """The kernel's process handle: a ForkedProcess when forked, a Popen when exec'd."""
-    return getattr(getattr(k.km, "provisioner", None), "process", None)
+    return getattr(getattr(k.km.manager, "provisioner", None), "process", None)  # type: ignore[union-attr]
 
 
-async def value(k: KernelSession, code: str) -> object:
+async def value(k: Kernel, code: str) -> object:
     done = await k.execute(textwrap.dedent(code), timeout=20)
     assert done.kind is None, done
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -101,7 +101,7 @@ async def test_two_forked_kernels_share_nothing(
     results: list[Any] = []
     inits: list[int] = []
     for _ in range(2):
-        async with KernelSession(fork_settings) as k:
+        async with new_kernel(fork_settings) as k:
             assert isinstance(process_of(k), forkserver.ForkedProcess)
             inits.append(process_of(k).pid)
             results.append(await value(k, PROBE))
@@ -122,7 +122,7 @@ async def test_with_the_zygote_up_another_language_still_gets_its_own_kernel(
     """The zygote is an IPython kernel: a Bash run must not be handed a forked Python one."""
     if not any(f.language == "bash" and f.available for f in languages.availability(fork_settings)):
         pytest.skip("the Bash kernel is not installed (./install.sh --languages)")
-    async with KernelSession(fork_settings, language="bash") as k:
+    async with new_kernel(fork_settings, language="bash") as k:
         assert not isinstance(process_of(k), forkserver.ForkedProcess)
         done = await k.execute('echo "$((6 * 7))"', timeout=20)
         assert done.kind is None and done.stdout.strip() == "42"
@@ -130,7 +130,7 @@ async def test_with_the_zygote_up_another_language_still_gets_its_own_kernel(
 
 @pytest.mark.timeout(120)
 async def test_a_forked_kernel_is_confined_as_an_exec_one(
-    kernel: KernelSession, fork_settings: Settings
+    kernel: Kernel, fork_settings: Settings
 ) -> None:
     seen = await value(
         kernel,
@@ -171,7 +171,7 @@ async def test_a_forked_kernel_is_confined_as_an_exec_one(
 
 
 @pytest.mark.timeout(120)
-async def test_a_forked_kernel_is_interrupted_timed_out_and_replaced(kernel: KernelSession) -> None:
+async def test_a_forked_kernel_is_interrupted_timed_out_and_replaced(kernel: Kernel) -> None:
     timed_out = await kernel.execute("import time\nwhile True: time.sleep(0.05)", timeout=1)
     assert timed_out.kind is ErrorKind.TIMEOUT and kernel.restarts == 0
     stubborn = (
@@ -183,7 +183,7 @@ async def test_a_forked_kernel_is_interrupted_timed_out_and_replaced(kernel: Ker
 
 
 @pytest.mark.timeout(120)
-async def test_a_forked_kernel_says_how_it_died(kernel: KernelSession) -> None:
+async def test_a_forked_kernel_says_how_it_died(kernel: Kernel) -> None:
     exited = await kernel.execute("import os; os._exit(3)", timeout=10)
     assert exited.kind is ErrorKind.KERNEL_DIED and exited.error is not None
     assert exited.error.evalue == "the kernel process exited with code 3"
@@ -195,7 +195,7 @@ async def test_a_forked_kernel_says_how_it_died(kernel: KernelSession) -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_a_terminated_forked_kernel_ends_with_its_namespace(kernel: KernelSession) -> None:
+async def test_a_terminated_forked_kernel_ends_with_its_namespace(kernel: Kernel) -> None:
     """SIGTERM reaches the kernel's init (PID 1 of its namespace gets only the signals it
     handles) and ends it, with the kernel, as it ends an exec'd kernel's bwrap."""
     process = process_of(kernel)
@@ -209,7 +209,7 @@ async def test_a_terminated_forked_kernel_ends_with_its_namespace(kernel: Kernel
 
 @pytest.mark.timeout(120)
 async def test_a_forked_kernel_has_the_debuggers_module_list_and_the_real_sys(
-    kernel: KernelSession,
+    kernel: Kernel,
 ) -> None:
     """The list IPythonKernel makes of the modules' files, for itself and its debugger, is the
     zygote's; the kernel's `sys` is the real one again once it is made."""
@@ -231,7 +231,7 @@ async def test_a_forked_kernel_has_the_debuggers_module_list_and_the_real_sys(
 
 @pytest.mark.timeout(120)
 async def test_storemagic_loaded_in_the_zygote_works_in_each_forked_kernel(
-    kernel: KernelSession, fork_settings: Settings, zygote: forkserver.Zygote
+    kernel: Kernel, fork_settings: Settings, zygote: forkserver.Zygote
 ) -> None:
     """%store keeps a value in the kernel's own profile, in its private home: the next
     kernel, forked from the same zygote, has none of it."""
@@ -239,7 +239,7 @@ async def test_storemagic_loaded_in_the_zygote_works_in_each_forked_kernel(
         "plan = [1, 2]\n%store plan\ndel plan\n%store -r plan\nprint(plan)", timeout=20
     )
     assert stored.kind is None and stored.stdout.splitlines()[-1] == "[1, 2]", stored
-    other = KernelSession(fork_settings)
+    other = new_kernel(fork_settings)
     await other.start()
     try:
         seen = await other.execute("%store -r plan\nprint('plan' in globals())", timeout=20)
@@ -264,12 +264,12 @@ print(json.dumps(sorted(tree)))
 
 @pytest.mark.timeout(120)
 async def test_a_forked_kernels_home_holds_the_profile_an_execd_kernels_does(
-    kernel: KernelSession, fork_settings: Settings
+    kernel: Kernel, fork_settings: Settings
 ) -> None:
     """The profile dir the zygote built comes with the kernel; its dirs are made anew in the
     kernel's own home: the same names, modes and files as an exec'd kernel's, and its own."""
     forked = await value(kernel, HOME_TREE)
-    async with KernelSession(fork_settings.model_copy(update={"kernel_start": "exec"})) as k:
+    async with new_kernel(fork_settings.model_copy(update={"kernel_start": "exec"})) as k:
         assert not isinstance(process_of(k), forkserver.ForkedProcess)
         execd = await value(k, HOME_TREE)
     assert forked == execd
@@ -281,7 +281,7 @@ async def test_a_forked_kernels_home_holds_the_profile_an_execd_kernels_does(
 
 @pytest.mark.timeout(120)
 async def test_reset_aggressive_in_a_forked_kernel_forgets_the_users_modules_only(
-    kernel: KernelSession,
+    kernel: Kernel,
 ) -> None:
     """The modules a kernel started with are the zygote's: %reset --aggressive drops what
     the user imported and keeps those."""
@@ -311,7 +311,7 @@ for _ in range(3):
 
 @pytest.mark.timeout(120)
 async def test_once_a_forked_kernel_is_ended_nothing_of_it_writes_any_more(
-    kernel: KernelSession,
+    kernel: Kernel,
 ) -> None:
     """A run takes what its code wrote once end_processes() returns: the writers the code
     left behind are gone by then, and the init said so itself (the kernel's status, not its
@@ -319,7 +319,7 @@ async def test_once_a_forked_kernel_is_ended_nothing_of_it_writes_any_more(
     assert (await kernel.execute(WRITERS, timeout=10)).kind is None
     assert kernel.workdir is not None and kernel.km is not None
     await asyncio.sleep(0.3)
-    pids = forkserver._members(kernel.km.provisioner._cgroups)  # type: ignore[union-attr]
+    pids = forkserver._members(kernel.km.manager.provisioner._cgroups)  # type: ignore[union-attr]
     assert len(pids) == 5, "the init, the kernel and its three writers"
     process = process_of(kernel)
     await kernel.end_processes()
@@ -333,7 +333,7 @@ async def test_once_a_forked_kernel_is_ended_nothing_of_it_writes_any_more(
 
 @pytest.mark.timeout(120)
 async def test_a_zygote_killed_mid_run_is_replaced(
-    kernel: KernelSession, zygote: forkserver.Zygote
+    kernel: Kernel, zygote: forkserver.Zygote
 ) -> None:
     starts = zygote.starts
     running = asyncio.create_task(kernel.execute("import time; time.sleep(30)", timeout=60))
@@ -351,14 +351,15 @@ async def test_a_zygote_killed_mid_run_is_replaced(
 FORKING_SERVER = """
 import asyncio, sys
 sys.path[:0] = [{repo!r}]
-from autocoder import forkserver
+from autocoder.kernel import fork as forkserver
 from autocoder.config import load_settings
-from autocoder.kernel import KernelSession
+from autocoder.kernel.client import Kernel
+from autocoder.kernel.pool import new_kernel
 
 async def main():
     settings = load_settings(sandbox="bwrap", kernel_start="fork", autofile_dir={work!r})
     await forkserver.zygote_for(settings).ready()
-    async with KernelSession(settings) as k:
+    async with new_kernel(settings) as k:
 {body}
 asyncio.run(main())
 """
@@ -378,7 +379,7 @@ def forking_server(tmp_path: Path, body: str) -> Path:
 LEAVES_A_CHILD = """\
 await k.execute("import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(3600)", timeout=10)
 zygote = forkserver.zygote_for(settings).process.pid
-print(k.km.provisioner.process.pid, zygote, flush=True)
+print(k.km.manager.provisioner.process.pid, zygote, flush=True)
 await asyncio.sleep(3600)
 """
 
@@ -410,7 +411,7 @@ def test_nothing_forked_outlives_a_killed_server(fork_settings: Settings, tmp_pa
 
 IMPORTS_FROM_THE_VENV = """\
 done = await k.execute("import sys, venv_probe\\nprint(sys.prefix, venv_probe.WHERE)", timeout=20)
-print(type(k.km.provisioner.process).__name__, done.stdout.strip() or done.error, flush=True)
+print(type(k.km.manager.provisioner.process).__name__, done.stdout.strip() or done.error, flush=True)
 """
 
 
@@ -448,7 +449,10 @@ def test_where_kernels_cannot_be_forked_they_are_execd_and_one_line_says_why(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     from autocoder import languages
-    from autocoder.kernel import _fork_start
+    from autocoder.kernel.fork import ForkBackend
+
+    def _fork_start(settings: Settings, language: languages.Language) -> bool:
+        return ForkBackend().why_not(language, settings) is None
 
     python = languages.get("python")
     unconfined = settings.model_copy(update={"kernel_start": "fork", "sandbox": "none"})
@@ -477,10 +481,10 @@ async def forked_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
     monkeypatch.setenv("OPENAI_API_KEY", ts.SECRET)
     monkeypatch.setenv("AUTOCODER_API_TOKEN", ts.SECRET)
     await forkserver.zygote_for(settings).ready()
-    async with KernelSession(settings) as k:
+    async with new_kernel(settings) as k:
         assert isinstance(process_of(k), forkserver.ForkedProcess)
         assert k.workdir is not None and k.runtime_dir is not None
-        yield ts.Box(k.km, k.kc, k.workdir, k.runtime_dir)  # type: ignore[arg-type]
+        yield ts.Box(k.km.manager, k.kc, k.workdir, k.km.runtime_dir)  # type: ignore[arg-type]
 
 
 SANDBOX_PROBES = [

@@ -21,7 +21,9 @@ from nbclient import NotebookClient
 
 from autocoder import languages
 from autocoder.config import Settings
-from autocoder.kernel import KernelProvider, KernelSession, sweep_leftovers
+from autocoder.kernel.client import Kernel
+from autocoder.kernel.leftovers import sweep_leftovers
+from autocoder.kernel.pool import KernelProvider, new_kernel
 from autocoder.records import ErrorKind
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM
@@ -123,9 +125,9 @@ class Remembering(KernelProvider):
 
     def __init__(self, settings: Settings, language: str) -> None:
         super().__init__(settings, language)
-        self.sessions: list[KernelSession] = []
+        self.sessions: list[Kernel] = []
 
-    async def acquire(self) -> KernelSession:
+    async def acquire(self) -> Kernel:
         session = await super().acquire()
         self.sessions.append(session)
         return session
@@ -255,7 +257,7 @@ async def test_a_sweep_by_another_autocoder_leaves_a_running_kernel_alone(
     parent that is not the server: a sweep for what a dead server left must see them alive."""
     if language == "r":
         _needs(CASES[-1], settings)
-    async with KernelSession(settings, language=language) as session:
+    async with new_kernel(settings, language=language) as session:
         assert sweep_leftovers().processes == 0
         code = "print(1 + 1)" if language == "python" else "cat(1 + 1)"
         result = await session.execute(code, timeout=30)

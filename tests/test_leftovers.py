@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 from autocoder.config import Settings
-from autocoder.kernel import KernelPool, owner_tag, sweep_leftovers, workdirs_root
+from autocoder.kernel.leftovers import owner_tag, sweep_leftovers, workdirs_root
+from autocoder.kernel.pool import KernelPool
 from autocoder.records import Event
 from autocoder.runner import Runner
 from autocoder.sandbox import PARENT_PID_VAR, RUNTIME_DIR_VAR

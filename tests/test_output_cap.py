@@ -15,11 +15,14 @@ from typing import Any
 
 import pytest
 
-from autocoder import output_cap
 from autocoder.config import Settings
-from autocoder.kernel import KernelSession, OutputCollector
+from autocoder.inside import output_cap
+from autocoder.kernel.client import Kernel
+from autocoder.kernel.output import OutputCollector
+from autocoder.kernel.pool import new_kernel
 from autocoder.records import ErrorKind
 from autocoder.runner import Runner
+from autocoder.sandbox import install_line
 from autocoder.testing import ScriptedLLM, fenced
 
 pytestmark = pytest.mark.timeout(120)
@@ -69,12 +72,12 @@ INTERRUPT_THE_NEXT_REPLY = textwrap.dedent("""
 
 
 @pytest.fixture
-async def kernel(settings: Settings) -> AsyncIterator[KernelSession]:
-    async with KernelSession(settings.model_copy(update={"max_output_bytes": LIMIT})) as k:
+async def kernel(settings: Settings) -> AsyncIterator[Kernel]:
+    async with new_kernel(settings.model_copy(update={"max_output_bytes": LIMIT})) as k:
         yield k
 
 
-async def received(kernel: KernelSession, code: str, timeout: float = 30) -> list[dict[str, Any]]:
+async def received(kernel: Kernel, code: str, timeout: float = 30) -> list[dict[str, Any]]:
     """Every iopub message of one execution, as the server's client receives it."""
     msg_id = kernel.kc.execute(code, store_history=False)
     messages = []
@@ -92,7 +95,7 @@ def size(msg: dict[str, Any]) -> int:
     return len(json.dumps(msg["content"]))
 
 
-async def test_a_100_mb_print_reaches_the_server_already_cut(kernel: KernelSession) -> None:
+async def test_a_100_mb_print_reaches_the_server_already_cut(kernel: Kernel) -> None:
     messages = await received(kernel, FLOOD)
 
     streams = [m["content"] for m in messages if m["msg_type"] == "stream"]
@@ -106,7 +109,7 @@ async def test_a_100_mb_print_reaches_the_server_already_cut(kernel: KernelSessi
     assert streams[0]["text"].startswith("x") and streams[-1]["text"].endswith("x\n")
 
 
-async def test_the_budget_is_per_execution(kernel: KernelSession) -> None:
+async def test_the_budget_is_per_execution(kernel: Kernel) -> None:
     await received(kernel, FLOOD)
     for _ in range(3):
         execution = await kernel.execute(f"print('y' * {LIMIT - 10})", timeout=10)
@@ -115,7 +118,7 @@ async def test_the_budget_is_per_execution(kernel: KernelSession) -> None:
 
 
 async def test_displays_results_and_errors_are_bounded_in_the_kernel(
-    kernel: KernelSession,
+    kernel: Kernel,
 ) -> None:
     display = await received(
         kernel,
@@ -169,7 +172,7 @@ async def test_unconfined_kernels_get_the_same_memory_hygiene_and_cap(
     settings: Settings, runner: Runner, llm: ScriptedLLM
 ) -> None:
     unconfined = settings.model_copy(update={"sandbox": "none"})
-    async with KernelSession(unconfined) as k:
+    async with new_kernel(unconfined) as k:
         env = await k.execute(
             "import os\nprint(os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('OMP_NUM_THREADS'))",
             timeout=10,
@@ -208,7 +211,7 @@ def test_a_note_of_lost_output_is_kept_and_marks_the_execution() -> None:
 
 
 async def test_an_interrupt_while_the_kernel_sends_its_reply_tears_nothing(
-    kernel: KernelSession,
+    kernel: Kernel,
 ) -> None:
     for code in (INTERRUPT_THE_NEXT_REPLY, "print('interrupted as it replies')", "print(2)"):
         msg_id = kernel.kc.execute(code)
@@ -221,9 +224,9 @@ def test_the_exec_line_carries_the_limit_and_nothing_without_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(output_cap.LIMIT_VAR, raising=False)
-    assert output_cap.exec_line() == "pass"
+    assert install_line(output_cap.install_source()) == "pass"
     monkeypatch.setenv(output_cap.LIMIT_VAR, "12345")
-    line = output_cap.exec_line()
+    line = install_line(output_cap.install_source())
     assert line.startswith("exec(compile(") and "install(get_ipython(), 12345)" in line
     compile(line, "<exec line>", "exec")
 

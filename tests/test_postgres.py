@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from autocoder.pgstore import SCHEMA_VERSION
+from autocoder.store.postgres import SCHEMA_VERSION
 from autocoder.testing import (
     KernelGateway,
     PostgresCluster,
@@ -176,7 +176,7 @@ def test_two_replicas_starting_at_once_migrate_the_schema_once(
 
 def test_many_stores_migrating_together_do_not_race(cluster: PostgresCluster) -> None:
     from autocoder.config import load_settings
-    from autocoder.pgstore import PostgresStore
+    from autocoder.store.postgres import PostgresStore
 
     db = cluster.database()
     settings = load_settings(database_url=db, openai_api_key=SECRET)
@@ -438,7 +438,7 @@ def test_the_replica_that_notices_a_lapsed_lease_gets_the_run_and_the_kernels_le
     import psycopg
 
     from autocoder.config import load_settings
-    from autocoder.pgstore import PostgresStore
+    from autocoder.store.postgres import PostgresStore
 
     db = cluster.database()
     stores = [

@@ -11,7 +11,7 @@ import pytest
 
 from autocoder.notebook import record_path, write_record
 from autocoder.records import Attempt, ErrorKind, RunResult
-from autocoder.store import RunStore
+from autocoder.store.sqlite import SqliteStore
 
 
 def a_run(run_id: str, started_at: str = "2026-12-02T10:00:00+00:00") -> RunResult:
@@ -46,7 +46,7 @@ def test_an_index_rebuilt_from_scratch_recovers_every_field(tmp_path: Path) -> N
     runs = [a_run(f"20261202-10000{i}-abc", f"2026-12-02T10:00:0{i}+00:00") for i in range(3)]
     for run in runs:
         write_record(run, tmp_path)
-    store = RunStore(tmp_path)
+    store = SqliteStore(tmp_path)
     store.open()
     store.close()
     for suffix in ("", "-wal", "-shm"):
@@ -67,7 +67,7 @@ def test_a_corrupt_page_behind_an_intact_header_is_rebuilt(
 ) -> None:
     run = a_run("20261202-100000-abc")
     write_record(run, tmp_path)
-    store = RunStore(tmp_path)
+    store = SqliteStore(tmp_path)
     store.open()
     with store._lock:
         store.db.executescript(
@@ -103,7 +103,7 @@ def test_the_index_keys_by_file_name_and_skips_symlinks(
     secret.write_text("top-secret-content")
     (records / "20261202-100001-abc.json").symlink_to(secret)
     (records / "20261202-100002-abc.json").write_text("not json: top-secret-content")
-    store = RunStore(tmp_path)
+    store = SqliteStore(tmp_path)
     with caplog.at_level(logging.WARNING):
         store.open()
     try:
@@ -141,7 +141,7 @@ def test_runs_from_before_records_existed_are_imported_once_from_the_old_index(
     db.commit()
     db.close()
 
-    store = RunStore(tmp_path)
+    store = SqliteStore(tmp_path)
     with caplog.at_level(logging.INFO, logger="autocoder.store"):
         store.open()
     try:
@@ -164,7 +164,7 @@ def test_runs_from_before_records_existed_are_imported_once_from_the_old_index(
 
 def test_an_unreadable_old_index_is_moved_aside_and_the_store_opens(tmp_path: Path) -> None:
     (tmp_path / "runs.sqlite").write_bytes(b"not a database at all" * 100)
-    store = RunStore(tmp_path)
+    store = SqliteStore(tmp_path)
     store.open()
     try:
         assert store.list(limit=10) == ([], 0)
@@ -175,7 +175,7 @@ def test_an_unreadable_old_index_is_moved_aside_and_the_store_opens(tmp_path: Pa
 
 def test_filtered_list_pages_read_an_index_not_the_records(tmp_path: Path) -> None:
     """A status or a prompt search scans a covering index: no row's whole record is read."""
-    store = RunStore(tmp_path)
+    store = SqliteStore(tmp_path)
     store.open()
     try:
         for where in ("status = 'error'", "prompt LIKE '%sine%'"):

@@ -12,14 +12,13 @@ import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from autocoder import __version__, gateway, languages, sandbox
+from autocoder import __version__, engine, languages
 from autocoder.api import errors
 from autocoder.api.admission import Admission
 from autocoder.api.auth import PUBLIC_PATHS, check_exposure
@@ -30,10 +29,6 @@ from autocoder.api.service import CANCEL_GRACE, Service
 from autocoder.api.timeouts import protocol_for
 from autocoder.config import Settings, load_settings
 from autocoder.errors import AutocoderError, ConfigError
-from autocoder.kernel import KernelPool, sweep_leftovers, workdirs_root
-from autocoder.runner import Runner
-from autocoder.sessions import Sessions
-from autocoder.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -67,42 +62,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s = settings or load_settings()
         check_exposure(s)
         limit_malloc_arenas()
-        await asyncio.to_thread(sandbox.check_available, s)
-        await asyncio.to_thread(sweep_leftovers, workdirs_root(s))
-        store = open_store(s)
-        await asyncio.to_thread(store.open)
-        # Kernels started on a gateway are noted in the store: if this replica dies, another
-        # one deletes them there (docs/scale.md).
-        pool = KernelPool(s, ledger=store)
-        runner = Runner(s, kernels=pool, ledger=store)
-        sessions = Sessions(s, runner)
-        await sessions.open()
-        service = Service(
-            settings=s,
-            runner=runner,
-            pool=pool,
-            store=store,
-            admission=Admission(s.max_concurrent_runs, s.max_queued_runs, s.queue_timeout),
-            sessions=sessions,
-            reclaim_kernels=partial(gateway.reclaim, s) if s.gateway_url else None,
-        )
-        app.state.service = service
-        # Any valid request fits: a prompt at the limit, every character escaped as \uXXXX\uXXXX.
-        app.state.body_limit = s.max_prompt_chars * 12 + 64 * 1024
-        # Files are checked one by one after parsing; this only stops a body that cannot pass.
-        app.state.multipart_limit = (
-            app.state.body_limit + s.max_upload_mb * 1024 * 1024 + (s.max_files + 8) * 1024
-        )
-        pool.start()
-        lease = asyncio.create_task(service.keep_lease())
-        try:
-            yield
-        finally:
-            lease.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lease
-            await service.close()
-            del app.state.service
+        async with engine.open_engine(s) as opened:
+            service = Service(
+                engine=opened,
+                admission=Admission(s.max_concurrent_runs, s.max_queued_runs, s.queue_timeout),
+            )
+            app.state.service = service
+            # Any valid request fits: a prompt at the limit, every character escaped as \uXXXX\uXXXX.
+            app.state.body_limit = s.max_prompt_chars * 12 + 64 * 1024
+            # Files are checked one by one after parsing; this only stops a body that cannot pass.
+            app.state.multipart_limit = (
+                app.state.body_limit + s.max_upload_mb * 1024 * 1024 + (s.max_files + 8) * 1024
+            )
+            try:
+                yield
+            finally:
+                await service.close()
+                del app.state.service
 
     app = FastAPI(
         title="autocoder",
@@ -266,11 +242,7 @@ def serve(settings: Settings) -> None:
     are cancelled, recorded, and answered (503, or the end of their event stream).
     """
     check_exposure(settings)
-    sandbox.check_available(settings)
-    if settings.database_url is not None:
-        from autocoder.pgstore import PostgresStore
-
-        PostgresStore(settings).check()
+    engine.check(settings)
     sock = _listen(settings.host, settings.port)
     app = create_app(settings)
     config = uvicorn.Config(

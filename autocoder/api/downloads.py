@@ -15,7 +15,7 @@ from urllib.parse import quote
 from fastapi.responses import Response, StreamingResponse
 
 from autocoder.files import OpenedFile
-from autocoder.store import StoredFile
+from autocoder.store.base import StoredFile
 
 SNAPSHOT_BYTES = 8 * 1024 * 1024
 """Files up to this size are read whole before the headers go out, so the Content-Length sent

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autocoder.records import RunResult, SessionInfo
-from autocoder.store import RunSummary
+from autocoder.store.base import RunSummary
 
 
 class RunRequest(BaseModel):

@@ -6,19 +6,18 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 from autocoder.api.admission import Admission, Busy, Slot
 from autocoder.api.schemas import RunRequest
 from autocoder.api.streaming import cancel_once
 from autocoder.config import Settings
+from autocoder.engine import Engine
 from autocoder.files import InputFile
-from autocoder.kernel import KernelPool
+from autocoder.kernel.pool import KernelPool
 from autocoder.records import Event, RunResult
-from autocoder.runner import Runner, new_run_id
+from autocoder.runner import new_run_id
 from autocoder.sessions import Session, Sessions
-from autocoder.store import Reclaim, Store, keep_lease, stored_run
+from autocoder.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +34,29 @@ class Job:
 
 @dataclass
 class Service:
-    """Everything the lifespan builds and the endpoints share; one per app, on app.state."""
+    """What the endpoints share, one per app on app.state: the engine the lifespan opened,
+    the admission of runs, and the runs going on."""
 
-    settings: Settings
-    runner: Runner
-    pool: KernelPool
-    store: Store
+    engine: Engine
     admission: Admission
-    sessions: Sessions
     runs: set[asyncio.Task[RunResult]] = field(default_factory=set)
     draining: bool = False
-    # Given the kernels a dead replica left (a shared store's heartbeat finds them), whoever
-    # can reach them (the gateway) deletes them and says which are gone.
-    reclaim_kernels: Reclaim | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.engine.settings
+
+    @property
+    def pool(self) -> KernelPool:
+        return self.engine.pool
+
+    @property
+    def store(self) -> Store:
+        return self.engine.store
+
+    @property
+    def sessions(self) -> Sessions:
+        return self.engine.sessions
 
     async def admit(self) -> Slot:
         """A run slot, after waiting in the queue if need be; Busy when there is none to have."""
@@ -81,31 +90,19 @@ class Service:
         files: Sequence[InputFile] = (),
         session: Session | None = None,
     ) -> RunResult:
-        run: Callable[..., Any] = self.runner.run
-        if session is None:
-            run = partial(run, language=req.language or "python")
-        else:
-            run = partial(self.sessions.run, session)
-        return await stored_run(
-            self.store,
-            run_id,
+        language = {} if session is not None else {"language": req.language or "python"}
+        return await self.engine.run(
             req.prompt,
-            req.model or "",
-            partial(
-                run,
-                req.prompt,
-                max_attempts=req.max_attempts,
-                timeout=req.timeout,
-                model=req.model,
-                on_event=on_event,
-                run_id=run_id,
-                inputs=files,
-            ),
+            run_id=run_id,
+            session=session,
+            listed_model=req.model or "",
+            max_attempts=req.max_attempts,
+            timeout=req.timeout,
+            model=req.model,
+            on_event=on_event,
+            inputs=files,
+            **language,
         )
-
-    async def keep_lease(self) -> None:
-        """Heartbeat a shared store until cancelled, reclaiming dead replicas' kernels."""
-        await keep_lease(self.store, self.reclaim_kernels)
 
     async def drain(self, grace: float) -> None:
         """Take no new runs; give those running `grace` seconds, then cancel them. A cancelled
@@ -124,10 +121,7 @@ class Service:
             await asyncio.wait(set(self.runs), timeout=CANCEL_GRACE)
 
     async def close(self) -> None:
-        """Cancel whatever still runs, close the sessions, then shut the pool and the index."""
+        """Cancel whatever still runs (the engine closes the rest when the lifespan ends)."""
         self.draining = True
         self.admission.close()
         await self._cancel_runs()
-        await self.sessions.close()
-        await self.runner.close()
-        await asyncio.to_thread(self.store.close)

@@ -6,9 +6,9 @@ but the assert expects 2` lets it judge. Like pytest's assertion rewriting, an I
 transformer adds the message at run time; the code itself, as saved, is untouched.
 
 Only asserts outside functions and classes are rewritten: those are the code's checks, while
-an assert inside a function is part of its behaviour. At its top this module imports nothing
-of autocoder: the sandboxed kernel cannot import the package, so `exec_line()` (the server's)
-sends it whole. The magic never installs it; the user's own kernel keeps its own asserts.
+an assert inside a function is part of its behaviour. Like everything in inside/, this module
+imports nothing of autocoder: the sandboxed kernel cannot import the package, so the server
+sends its source whole (`sandbox.kernel_exec_lines()`). The magic never installs it; the user's own kernel keeps its own asserts.
 """
 
 from __future__ import annotations
@@ -160,11 +160,3 @@ def install_source() -> tuple[str, str, str, str]:
     with open(__file__, encoding="utf-8") as f:
         source = f.read()
     return "autocoder_asserts", "<autocoder asserts>", source, "install(get_ipython())"
-
-
-def exec_line() -> str:
-    """One line for IPython's `exec_lines` that installs this module in a fresh kernel (made by
-    the server, whose import this is: a kernel never calls it)."""
-    from autocoder.sandbox import install_line
-
-    return install_line(install_source())

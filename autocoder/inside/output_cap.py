@@ -17,9 +17,9 @@ where the reply should be.
 If a message cannot be sent at all (the kernel ran out of memory serialising it), a small one
 under LOST_KEY says so: an attempt whose output was lost must never look like a success.
 
-Like asserts.py, this module imports only the standard library at its top, and `exec_line()`
-sends it whole to the kernel at start-up, since the sandboxed kernel cannot import the
-package. Writes that bypass sys.stdout and sys.stderr (another process's own iopub messages)
+Like asserts.py, this module imports only the standard library, and the server sends it whole
+to the kernel at start-up (`sandbox.kernel_exec_lines()`), since the sandboxed kernel cannot
+import the package. Writes that bypass sys.stdout and sys.stderr (another process's own iopub messages)
 are left to the server's cap, which stays as the backstop.
 """
 
@@ -334,11 +334,3 @@ def install_source(limit: int | None = None) -> tuple[str, str, str, str] | None
         source,
         f"install(get_ipython(), {limit})",
     )
-
-
-def exec_line(limit: int | None = None) -> str:
-    """One line for IPython's `exec_lines` that installs this module in a fresh kernel, with
-    the limit from AUTOCODER_MAX_OUTPUT_BYTES (set by sandbox.kernel_env); none without it."""
-    from autocoder.sandbox import install_line  # the server's import: a kernel never calls this
-
-    return install_line(install_source(limit))

@@ -1,11 +1,13 @@
 """Kernels from a Jupyter Kernel Gateway or Enterprise Gateway (AUTOCODER_GATEWAY_URL).
 
-A `GatewaySession` is a `KernelSession` whose kernel runs on the gateway: it is started with
-`POST /api/kernels`, spoken to over `/api/kernels/{id}/channels` (the Jupyter message protocol
-as JSON over a websocket), interrupted with `POST .../interrupt` and deleted with `DELETE`.
-Everything else is `KernelSession`'s own code: the deadline, interrupt → grace → replace, the
-output caps applied as messages arrive, a dead kernel reported as kernel_died. The gateway
-serves autocoder's kernelspec, so its kernels are confined there as local ones are here.
+`GatewayBackend` is the backend (`kernel.backend`) whose kernels run on the gateway: each is
+started with `POST /api/kernels`, spoken to over `/api/kernels/{id}/channels` (the Jupyter
+message protocol as JSON over a websocket), interrupted with `POST .../interrupt` and deleted
+with `DELETE`. Everything else is `kernel.client.Kernel`'s own code: the deadline, interrupt →
+grace → replace, the output caps applied as messages arrive, a dead kernel reported as
+kernel_died. The gateway serves autocoder's kernelspec, so its kernels are confined there as
+local ones are here. Their files stay on the gateway's host: it gives them no local working
+directory, so sessions (which keep files between prompts) are refused there.
 
 A kernel is known dead when the gateway says so on the websocket (`dead`, with
 `--KernelRestarter.restart_limit=0`; or `restarting`: the gateway brought it back empty), when
@@ -27,15 +29,17 @@ import queue
 import time
 import uuid
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 import httpx
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
 
-from autocoder import kernel
-from autocoder.config import Settings
+from autocoder.config import Settings, without_credentials
 from autocoder.errors import KernelStartError
+from autocoder.kernel.backend import STARTUP_TIMEOUT, KernelLedger, KernelRequest
+from autocoder.kernel.provisioner import ASKED_PREFIX, TIGHTENABLE
+from autocoder.languages import Language
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ def gateway_args(*, max_kernels: int = 32) -> list[str]:
     return [
         "--KernelRestarter.restart_limit=0",
         f"--KernelGatewayApp.max_kernels={max_kernels}",
-        "--KernelGatewayApp.kernel_websocket_connection_class=autocoder.gateway_ws.NoDelayChannels",
+        "--KernelGatewayApp.kernel_websocket_connection_class=autocoder.kernel.gateway_ws.NoDelayChannels",
         "--KernelGatewayApp.default_kernel_name=autocoder-sandbox",
     ]
 
@@ -69,9 +73,7 @@ class GatewayError(KernelStartError):
 
 def where(settings: Settings) -> str:
     """The gateway's URL without any credentials, for messages."""
-    parts = urlparse(settings.gateway_url or "")
-    host = parts.hostname or ""
-    return parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
+    return without_credentials(settings.gateway_url or "")
 
 
 def _headers(settings: Settings) -> dict[str, str]:
@@ -151,13 +153,11 @@ async def probe(settings: Settings) -> str | None:
 def asked_limits(settings: Settings) -> dict[str, str]:
     """This server's kernel limits, for autocoder's provisioner on the gateway: it applies those
     tighter than its own (a gateway passes on `KERNEL_*` variables only)."""
-    from autocoder.provisioner import ASKED_PREFIX, TIGHTENABLE
-
     return {ASKED_PREFIX + name.upper(): str(getattr(settings, name)) for name in TIGHTENABLE}
 
 
 class _Channels:
-    """The websocket to one remote kernel, shaped as the bits of a KernelClient we use."""
+    """The websocket to one remote kernel, as `KernelChannels`."""
 
     def __init__(self, ws: Any) -> None:
         self.ws = ws
@@ -252,9 +252,6 @@ class _Channels:
             self.iopub.put_nowait(None)
             self.shell.put_nowait(None)
 
-    def stop_channels(self) -> None:
-        """Closing is async; `_RemoteKernel.shutdown_kernel` does it."""
-
     async def close(self) -> None:
         for task in self.tasks:
             task.cancel()
@@ -305,9 +302,9 @@ async def reclaim(settings: Settings, kernel_ids: list[str]) -> list[str]:
 
 
 class _RemoteKernel:
-    """One kernel on the gateway, shaped as the bits of a KernelManager we use."""
+    """One kernel on the gateway, as a `KernelHandle`."""
 
-    def __init__(self, settings: Settings, ledger: kernel.KernelLedger | None = None) -> None:
+    def __init__(self, settings: Settings, ledger: KernelLedger | None = None) -> None:
         self.settings = settings
         self.ledger = ledger
         self.http = httpx.AsyncClient(
@@ -319,7 +316,23 @@ class _RemoteKernel:
         self.channels: _Channels | None = None
         self.checked = time.monotonic()
 
-    async def start(self) -> None:
+    async def start(self) -> _Channels:
+        try:
+            await asyncio.wait_for(self._start(), STARTUP_TIMEOUT)
+        except BaseException as e:
+            await asyncio.shield(self.stop())
+            if isinstance(e, asyncio.TimeoutError):
+                raise GatewayError(
+                    f"the kernel gateway at {where(self.settings)} did not start a kernel "
+                    f"within {STARTUP_TIMEOUT:g} s"
+                ) from None
+            if isinstance(e, Exception) and not isinstance(e, KernelStartError):
+                raise GatewayError(f"the kernel gateway at {where(self.settings)}: {e}") from e
+            raise
+        assert self.channels is not None
+        return self.channels
+
+    async def _start(self) -> None:
         s = self.settings
         try:
             response = await self.http.post(
@@ -398,11 +411,21 @@ class _RemoteKernel:
             return False
         return True
 
-    async def interrupt_kernel(self) -> None:
+    async def interrupt(self) -> None:
         if self.kernel_id is not None:
-            await self.http.post(f"/api/kernels/{quote(self.kernel_id)}/interrupt")
+            with contextlib.suppress(Exception):
+                await self.http.post(f"/api/kernels/{quote(self.kernel_id)}/interrupt")
 
-    async def shutdown_kernel(self, now: bool = True) -> None:
+    async def end_processes(self) -> None:
+        """Nothing to wait for here: the kernel's files are on the gateway's host, and
+        `stop()` deletes it."""
+
+    async def stop(self) -> None:
+        """Close the websocket and delete the kernel on the gateway, within 10 s in all."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._stop(), 10)
+
+    async def _stop(self) -> None:
         """Close the websocket and delete the kernel on the gateway; a gone kernel is fine."""
         channels, self.channels = self.channels, None
         try:
@@ -410,7 +433,7 @@ class _RemoteKernel:
                 await channels.close()
             if self.kernel_id is not None:
                 try:
-                    # Within KernelSession's 10 s for the whole shutdown.
+                    # Within the 10 s a local kernel has for its whole shutdown.
                     response = await self.http.delete(
                         f"/api/kernels/{quote(self.kernel_id)}", timeout=DELETE_TIMEOUT
                     )
@@ -451,47 +474,39 @@ class _RemoteKernel:
             )
         self.kernel_id = None
 
-
-class GatewaySession(kernel.KernelSession):
-    """A KernelSession whose kernel the gateway runs. Its files stay on the gateway's host."""
-
-    km: Any
-    kc: Any
-
-    def __init__(self, settings: Settings, *, ledger: kernel.KernelLedger | None = None) -> None:
-        super().__init__(settings)
-        self.workdir = None
-        self.ledger = ledger
-
-    async def start(self) -> None:
-        remote = _RemoteKernel(self.settings, self.ledger)
-        self.km = remote
-        kernel._live.add(self)
-        try:
-            await asyncio.wait_for(remote.start(), kernel.STARTUP_TIMEOUT)
-            self.kc = remote.channels
-        except BaseException as e:
-            await asyncio.shield(self._stop_kernel())
-            if isinstance(e, asyncio.TimeoutError):
-                raise GatewayError(
-                    f"the kernel gateway at {where(self.settings)} did not start a kernel "
-                    f"within {kernel.STARTUP_TIMEOUT:g} s"
-                ) from None
-            if isinstance(e, Exception) and not isinstance(e, KernelStartError):
-                raise GatewayError(f"the kernel gateway at {where(self.settings)}: {e}") from e
-            raise
-
-    @property
-    def kernel_id(self) -> str | None:
-        return self.km.kernel_id if self.km is not None else None
-
     def kernel_log(self, limit: int = 2000) -> str:
         return ""  # the kernel's stderr is in the gateway's log
 
     def exit_status(self) -> str:
-        gone = self.kc.gone if self.kc is not None else ""
+        gone = self.channels.gone if self.channels is not None else ""
         return f"the kernel on the gateway ended ({gone or 'its connection was lost'})"
 
     def kill_now(self) -> None:
-        if self.km is not None:
-            self.km.delete_now()
+        self.delete_now()
+
+
+class GatewayBackend:
+    """Kernels from AUTOCODER_GATEWAY_URL. It serves AUTOCODER_GATEWAY_KERNEL, a Python kernel:
+    other languages stay local."""
+
+    name = "gateway"
+    local_workdir = False
+
+    def why_not(self, language: Language, settings: Settings) -> str | None:
+        if not settings.gateway_url:
+            return "no AUTOCODER_GATEWAY_URL"
+        if not language.ipykernel:
+            return f"the gateway serves {settings.gateway_kernel}, a Python kernel"
+        return None
+
+    def check(self, settings: Settings) -> None:
+        check(settings)
+
+    async def probe(self, settings: Settings) -> str | None:
+        return await probe(settings)
+
+    async def reclaim(self, settings: Settings, kernel_ids: list[str]) -> list[str]:
+        return await reclaim(settings, kernel_ids)
+
+    def new(self, request: KernelRequest) -> _RemoteKernel:
+        return _RemoteKernel(request.settings, request.ledger)

@@ -4,15 +4,15 @@ A Jupyter server (Kernel Gateway, jupyter_server, Enterprise Gateway's local mod
 kernel with its own runtime dir, TCP on loopback and its own environment passed through. For
 autocoder's kernels that is unsafe: a kernel could read the others' connection files (their HMAC
 keys) and the server's secrets in its environment, and the launcher would hand the server's own
-runtime dir to a kernel's throwaway uid. This provisioner gives each kernel what `KernelSession`
-gives it locally: a runtime dir and a working dir of its own, IPC sockets inside that runtime
+runtime dir to a kernel's throwaway uid. This provisioner gives each kernel what `kernel.local`
+gives it here: a runtime dir and a working dir of its own, IPC sockets inside that runtime
 dir, and an environment built from scratch (`sandbox.kernel_env`) with the limits of the
 AUTOCODER_* settings of the server's environment. Both go when the kernel is shut down.
 
 A client may ask for tighter limits than the server's (`KERNEL_AUTOCODER_MEMORY_MB=512` in the
 `env` of `POST /api/kernels`, as a gateway passes on `KERNEL_*` variables), never looser ones.
 
-`KernelSession` makes those dirs itself (it places input files in the working dir and keeps
+`kernel.local` makes those dirs itself (it places input files in the working dir and keeps
 what the code wrote); the provisioner sees them already set and leaves them as they are.
 """
 
@@ -29,6 +29,7 @@ from jupyter_client.provisioning import LocalProvisioner
 
 from autocoder import sandbox
 from autocoder.config import Settings, load_settings
+from autocoder.kernel.leftovers import RUNTIME_PREFIX, owner_tag, workdirs_root
 
 
 class AutocoderProvisioner(LocalProvisioner):  # type: ignore[misc]
@@ -54,8 +55,6 @@ class AutocoderProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     def _own_dirs(self, km: Any, asked: dict[str, str]) -> dict[str, Any]:
         """A runtime and a working dir for this kernel (made once, kept across restarts)."""
-        from autocoder.kernel import RUNTIME_PREFIX, owner_tag, workdirs_root
-
         settings = load_settings(sandbox="bwrap" if "bwrap" in self.kernel_spec.argv else "none")
         settings = tightened(settings, asked)
         if self.made is None:

@@ -34,9 +34,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
-from autocoder import asserts, output_cap
 from autocoder.errors import ConfigError, SandboxUnavailable
-from autocoder.supervisor import die_with_parent, is_pipe
+from autocoder.inside import asserts, output_cap, supervisor
+from autocoder.inside.supervisor import die_with_parent, is_pipe
 
 if TYPE_CHECKING:  # pydantic-settings costs the launcher ~300 ms; it reads its env instead.
     from autocoder.config import Settings
@@ -167,7 +167,7 @@ def kernel_env(settings: Settings, workdir: Path, runtime_dir: Path) -> dict[str
     env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
     env.setdefault("PATH", os.defpath)
     env["HOME"] = str(runtime_dir / "home")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
         env["PYTHONUSERBASE"] = site.getuserbase()
     env["PYTHONUNBUFFERED"] = "1"
@@ -209,6 +209,14 @@ def install_line(found: tuple[str, str, str, str] | None) -> str:
     )
 
 
+def kernel_exec_lines(max_output_bytes: int | None = None) -> list[str]:
+    """IPython `exec_lines` that install autocoder's kernel modules (inside/asserts.py, and
+    inside/output_cap.py with the limit from AUTOCODER_MAX_OUTPUT_BYTES, set by kernel_env):
+    what a kernel image's ipython_kernel_config.py carries on a gateway (docs/scale.md)."""
+    found = (asserts.install_source(), output_cap.install_source(max_output_bytes))
+    return [install_line(install) for install in found]
+
+
 def _lifeline_line(fd: int) -> str:
     """An `exec_lines` entry: a kernel whose server is already gone exits before it serves.
 
@@ -229,12 +237,8 @@ def _lifeline_line(fd: int) -> str:
 
 
 def check_available(settings: Settings) -> None:
-    """Fail fast, in one line, when the configured sandbox cannot run here. Probes once per process."""
-    if settings.gateway_url:
-        from autocoder import gateway  # the kernels run there, confined on the gateway's host
-
-        gateway.check(settings)
-        return
+    """Fail fast, in one line, when the configured sandbox cannot run here. Probes once per
+    process. (Kernels from a gateway are confined there: kernel.gateway checks the gateway.)"""
     if settings.kernel_python is not None:
         _check_kernel_python(str(settings.kernel_python))
     if settings.sandbox == "none":
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     python = str(settings.kernel_python or sys.executable)
     lifeline = os.environ.get(LIFELINE_VAR, "")
     exec_lines = [_lifeline_line(int(lifeline))] if lifeline.isdigit() else []
-    exec_lines += [asserts.exec_line(), output_cap.exec_line()]
+    exec_lines += kernel_exec_lines()
     kernel = [
         *(python, "-m", "ipykernel_launcher", "-f", str(connection_file)),
         *(f"--IPKernelApp.exec_lines={line}" for line in exec_lines),
@@ -485,7 +489,7 @@ def _supervised(
     interrupt_fd: int | None = None,
 ) -> list[str]:
     """argv run under supervisor.py, with the standard library only (-I -S)."""
-    source = Path(__file__).with_name("supervisor.py").read_text(encoding="utf-8")
+    source = Path(supervisor.__file__).read_text(encoding="utf-8")
     cmd = [sys.executable, "-I", "-S", "-c", source]
     if interrupt_fd is not None:
         cmd += ["--interrupt-fd", str(interrupt_fd)]
@@ -930,7 +934,3 @@ def _sweep(parent: Path) -> None:
         if child.name[1:].isdigit() and not Path("/proc", child.name[1:]).exists():
             with contextlib.suppress(OSError):
                 child.rmdir()
-
-
-if __name__ == "__main__":
-    main()

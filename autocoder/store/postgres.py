@@ -31,11 +31,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autocoder.config import without_credentials
 from autocoder.errors import ConfigError, StoreUnavailable
 from autocoder.files import media_type
 from autocoder.notebook import is_valid_run_id, record_path
 from autocoder.records import ErrorKind, RunResult
-from autocoder.store import (
+from autocoder.store.base import (
     PROMPT_PREVIEW,
     RunSummary,
     StoredFile,
@@ -162,9 +163,7 @@ class PostgresStore:
         # The gateway this replica's kernels come from, as every replica names it (no token).
         self.gateway: str | None = None
         if settings.gateway_url:
-            from autocoder.gateway import where as gateway_where
-
-            self.gateway = gateway_where(settings)
+            self.gateway = without_credentials(settings.gateway_url)
         self._pool: ConnectionPool[Any] | None = None
         self._seen_dir_mtime: int | None = None
         # Local records known to be in the database as finished: not asked about again.

@@ -6,45 +6,38 @@ takes its run out of the index; one the index has not seen (written by the CLI, 
 cancelled mid-way) is read and added; a deleted or corrupt `runs.sqlite` is rebuilt.
 Every method here blocks (SQLite, file reads); async callers use `asyncio.to_thread`.
 
-`Store` is what the service asks of any run store; `open_store` picks the backend: this
-SQLite index by default, `autocoder.pgstore.PostgresStore` when AUTOCODER_DATABASE_URL is set.
-`stored_run` and `keep_lease` are how both doors (the API and `autocoder run`) use a store
-while runs happen.
+`SqliteStore` is the default `store.base.Store`; `store.postgres.PostgresStore` is the one
+replicas share.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sqlite3
-import stat as stat_mod
 import threading
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
-
-from autocoder.files import OpenedFile, open_beneath
-from autocoder.notebook import (
-    is_valid_run_id,
-    notebook_text,
-    record_path,
-    write_record,
+from autocoder.notebook import is_valid_run_id, record_path, write_record
+from autocoder.records import RunResult
+from autocoder.store.base import (
+    RunSummary,
+    StoredFile,
+    index_fields,
+    read_record,
+    rebuilt_notebook,
+    stored_output,
 )
-from autocoder.records import ErrorKind, RunResult
 
 if TYPE_CHECKING:
-    from autocoder.config import Settings
+    pass
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "runs.sqlite"
 LEGACY_DIR = "legacy"
 SCHEMA_VERSION = 2
-PROMPT_PREVIEW = 300
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -74,96 +67,7 @@ CREATE INDEX IF NOT EXISTS runs_by_status ON runs (
 """
 
 
-class RunSummary(BaseModel):
-    """One line of run history."""
-
-    run_id: str = Field(description="The run's id; `GET /runs/{run_id}` has the whole record.")
-    started_at: str = Field(description="When the run started (ISO 8601, UTC).")
-    status: Literal["success", "error"] = Field(description="How the run ended.")
-    error_kind: ErrorKind | None = Field(
-        None, description="Why the last attempt failed, if it did."
-    )
-    prompt: str = Field(description=f"The prompt, cut to {PROMPT_PREVIEW} characters.")
-    model: str = Field(description="The model that wrote the code.")
-    attempts: int = Field(description="How many attempts the run made.")
-    duration: float = Field(description="Seconds the whole run took.")
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """A run's notebook or produced file, as a store keeps it: a file on this machine, held
-    open by descriptor (see `files.open_beneath`; the caller closes it), or its bytes (a
-    shared store)."""
-
-    name: str
-    opened: OpenedFile | None = None
-    data: bytes | None = None
-
-
-class Store(Protocol):
-    """What the service needs of a run store, whichever backend keeps it.
-
-    Every method blocks; async callers use `asyncio.to_thread`. `lease` is how often the
-    service must call `heartbeat` (None: never, one process owns the store).
-    """
-
-    lease: float | None
-
-    @property
-    def where(self) -> str: ...
-
-    def open(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def begin(self, run_id: str, prompt: str, model: str) -> None: ...
-
-    def heartbeat(self) -> list[str]: ...
-
-    def kernel_started(self, kernel_id: str) -> None: ...
-
-    def kernels_ended(self, kernel_ids: list[str]) -> None: ...
-
-    def add(self, result: RunResult) -> None: ...
-
-    def index_record(self, run_id: str) -> RunResult | None: ...
-
-    def list(
-        self, *, limit: int, offset: int = 0, status: str | None = None, q: str = ""
-    ) -> tuple[list[RunSummary], int]: ...
-
-    def get(self, run_id: str) -> RunResult | None: ...
-
-    def notebook(self, run_id: str) -> StoredFile | None: ...
-
-    def output_file(self, run_id: str, name: str) -> StoredFile | None: ...
-
-
-def open_store(settings: Settings) -> Store:
-    """The store the settings name, not yet opened: PostgreSQL when AUTOCODER_DATABASE_URL is
-    set (ConfigError if psycopg is missing), else SQLite next to the notebooks."""
-    if settings.database_url is not None:
-        from autocoder.pgstore import PostgresStore
-
-        return PostgresStore(settings)
-    return RunStore(settings.notebooks_dir, settings.autofile_dir)
-
-
-def index_fields(result: RunResult) -> tuple[object, ...]:
-    """The columns every store's index keeps of a run, in one order for both backends."""
-    return (
-        result.run_id,
-        result.started_at,
-        result.status,
-        result.error_kind.value if result.error_kind else None,
-        result.prompt[:PROMPT_PREVIEW],
-        result.model,
-        len(result.attempts),
-        result.duration,
-    )
-
-
-class RunStore:
+class SqliteStore:
     """The index. Open it with `open()`, which also brings it up to date with the records.
 
     Each run's canonical record is `<notebooks>/.autocoder/records/<run-id>.json`, written once
@@ -185,6 +89,9 @@ class RunStore:
     @property
     def where(self) -> str:
         return str(self.path)
+
+    def check(self) -> None:
+        """Nothing to reach: the index is a file, made or rebuilt by `open()`."""
 
     def open(self) -> None:
         self.records_dir.mkdir(parents=True, exist_ok=True)
@@ -426,99 +333,3 @@ class RunStore:
         if self.autofile_dir is None:
             return None
         return stored_output(self.autofile_dir, run_id, name)
-
-
-def rebuilt_notebook(result: RunResult) -> StoredFile:
-    """The notebook as the run made it, rebuilt from its read-only record: a user editing or
-    deleting the notebook file changes nothing the API serves."""
-    name = Path(result.notebook).name or f"{result.run_id}.ipynb"
-    return StoredFile(name, data=notebook_text(result).encode())
-
-
-def stored_output(autofile_dir: Path, run_id: str, name: str) -> StoredFile | None:
-    """A file a run's code wrote, from the run's own directory, opened once."""
-    if not is_valid_run_id(run_id):
-        return None
-    opened = open_beneath(autofile_dir / run_id / "files", name)
-    return StoredFile(opened.name, opened=opened) if opened else None
-
-
-def stat_is_regular(st: os.stat_result) -> bool:
-    return stat_mod.S_ISREG(st.st_mode)
-
-
-def read_record(notebooks_dir: Path, run_id: str) -> tuple[RunResult, os.stat_result] | None:
-    """A run's record and its file's stat, or None when it has no valid one.
-
-    The id is the file's name, never what the file says: a record whose content names
-    another run is refused, and the log names the file only, never quotes its content.
-    """
-    path = record_path(notebooks_dir, run_id)
-    try:
-        stat = path.lstat()
-        if not stat_is_regular(stat):
-            raise ValueError("not a regular file")
-        result = RunResult.model_validate_json(path.read_bytes())
-        if result.run_id != run_id:
-            raise ValueError("its run id does not match its file name")
-    except (OSError, ValueError) as e:
-        if path.exists() or path.is_symlink():
-            reason = "unreadable" if isinstance(e, OSError) else "not a valid run record"
-            log.warning("skipping run record %s: %s", path.name, reason)
-        return None
-    return result, stat
-
-
-Reclaim = Callable[[list[str]], Awaitable[list[str]]]
-
-
-async def _index(store: Store, method: Callable[..., object], *args: Any) -> None:
-    """The index is a cache of the records: failing to update it never fails a run."""
-    try:
-        await asyncio.to_thread(method, *args)
-    except Exception:
-        log.exception("could not update the run index %s", store.where)
-
-
-async def stored_run(
-    store: Store, run_id: str, prompt: str, model: str, run: Callable[[], Awaitable[RunResult]]
-) -> RunResult:
-    """Run `run` as run `run_id` of `store`: begun (under a shared store's lease, so another
-    replica marks it interrupted should this process die), then stored once it ends. A
-    cancelled run was recorded by the runner; it is indexed from that record."""
-    await _index(store, store.begin, run_id, prompt, model)
-    try:
-        result = await run()
-    except asyncio.CancelledError:
-        await asyncio.shield(_index(store, store.index_record, run_id))
-        raise
-    await _index(store, store.add, result)
-    return result
-
-
-async def keep_lease(store: Store, reclaim: Reclaim | None = None) -> None:
-    """Heartbeat a shared store every third of its lease until cancelled (a store without a
-    lease returns at once). Kernels that replicas which died left on the gateway go to
-    `reclaim`, which deletes them and says which are gone; the rest come back at the next beat.
-    A failed beat or reclaim is logged and tried again then (the database or the gateway may be
-    back)."""
-    lease = store.lease
-    if lease is None:
-        return
-    while True:
-        await asyncio.sleep(lease / 3)
-        try:
-            kernels = await asyncio.to_thread(store.heartbeat)
-        except Exception as e:
-            log.warning("run store %s: heartbeat failed: %s", store.where, e)
-            continue
-        if not kernels:
-            continue
-        if reclaim is None:
-            log.warning("kernels of a replica that died left to reclaim: %s", ", ".join(kernels))
-            continue
-        try:
-            gone = await reclaim(kernels)
-            await asyncio.to_thread(store.kernels_ended, gone)
-        except Exception as e:
-            log.warning("could not reclaim kernels %s: %s", ", ".join(kernels), e)

@@ -40,7 +40,7 @@ from autocoder.errors import ConfigError
 from autocoder.files import FileRefused, FilesTooLarge, media_type, open_beneath
 from autocoder.records import Event, RunResult, SessionInfo
 from autocoder.sessions import Session
-from autocoder.store import StoredFile
+from autocoder.store.base import StoredFile
 
 router = APIRouter()  # auth.Guard checks the token before a body is read
 
@@ -83,7 +83,7 @@ async def create_session(given: SessionInputDep, service: ServiceDep) -> Session
     session = await service.sessions.create(
         timeout=given.req.timeout, model=given.req.model, inputs=given.files
     )
-    return await asyncio.to_thread(service.sessions.describe, session)
+    return _with_urls(await asyncio.to_thread(service.sessions.describe, session))
 
 
 @router.get("/sessions", summary="Sessions, newest first (closed ones included)")
@@ -103,7 +103,7 @@ async def list_sessions(
 )
 async def get_session(session_id: SessionId, service: ServiceDep) -> SessionInfo:
     session = service.sessions.find(session_id)
-    return await asyncio.to_thread(service.sessions.describe, session)
+    return _with_urls(await asyncio.to_thread(service.sessions.describe, session))
 
 
 @router.delete(
@@ -114,7 +114,7 @@ async def get_session(session_id: SessionId, service: ServiceDep) -> SessionInfo
 async def delete_session(session_id: SessionId, service: ServiceDep) -> SessionInfo:
     session = service.sessions.open_session(session_id)
     await service.sessions.end(session, "deleted")
-    return await asyncio.to_thread(service.sessions.describe, session)
+    return _with_urls(await asyncio.to_thread(service.sessions.describe, session))
 
 
 @router.post(
@@ -248,3 +248,13 @@ async def get_session_file(session_id: SessionId, name: FileName, service: Servi
     if opened is None:
         raise HTTPException(404, f"session {session_id!r} has no file {name!r}")
     return await download(StoredFile(opened.name, opened=opened), media_type(name))
+
+
+def _with_urls(info: SessionInfo) -> SessionInfo:
+    """A session's files are downloaded from the session (`GET /sessions/{id}/files/{name}`)."""
+    prefix = f"/runs/{info.session_id}/files/"
+    base = f"/sessions/{info.session_id}/files/"
+    info.files = [
+        f.model_copy(update={"url": base + f.url.removeprefix(prefix)}) for f in info.files
+    ]
+    return info

@@ -1,0 +1,222 @@
+"""Collecting a kernel's outputs as nbformat outputs, within a byte limit (head and tail)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from nbformat.v4 import output_from_msg
+
+from autocoder.inside import output_cap
+from autocoder.records import ErrorInfo, ErrorKind, Execution
+
+OutputCallback = Callable[[dict[str, Any]], None]
+
+
+class OutputCollector:
+    """Turns iopub messages into nbformat outputs, keeping at most `limit` bytes (head and tail).
+
+    Past the limit nothing more is stored except a bounded tail of the stream text. Our
+    kernels cut their output to the limit before sending it (output_cap): a message carrying
+    output_cap.CUT_KEY stands for that many bytes the server never received, and one carrying
+    LOST_KEY says output was lost in the kernel. This cap is the backstop for what bypasses it.
+    """
+
+    def __init__(self, limit: int, on_output: OutputCallback | None = None) -> None:
+        self.limit = limit
+        self.head_budget = limit // 2
+        self.tail_budget = limit - self.head_budget
+        self.outputs: list[dict[str, Any]] = []
+        self.tail = ""
+        self.tail_name = "stdout"
+        self.total = 0
+        self.dropped = 0
+        self.cut_at_source = False
+        self.lost = 0
+        # None until the output first goes over the limit; then what the head may still take.
+        self.head_room: int | None = None
+        self.error: ErrorInfo | None = None
+        self.on_output = on_output
+
+    @property
+    def over(self) -> bool:
+        return self.cut_at_source or self.total > self.limit
+
+    def add(self, msg: dict[str, Any]) -> None:
+        kind = msg["msg_type"]
+        content = msg["content"]
+        if kind == "clear_output":
+            if not self.over:
+                self.outputs.clear()
+            return
+        if kind not in {"stream", "display_data", "execute_result", "error", "update_display_data"}:
+            return
+        if kind == "update_display_data":
+            return
+        cut = content.get(output_cap.CUT_KEY)
+        if isinstance(cut, int) and cut > 0:
+            self.total += cut
+            self.dropped += cut
+            self.cut_at_source = True
+            self._close_head()
+            self.head_room = 0  # what follows comes after the gap
+            if kind == "stream":
+                return  # the kernel's own line about the cut; finish() says how much in all
+        lost = content.get(output_cap.LOST_KEY)
+        if isinstance(lost, int):
+            self.lost += max(lost, 1)
+        if kind == "error":
+            self.error = ErrorInfo(
+                ename=content.get("ename", ""),
+                evalue=content.get("evalue", ""),
+                traceback=list(content.get("traceback", [])),
+            )
+        if kind == "stream":
+            # nbformat would validate the whole text, however large, before it is cut.
+            out = {"output_type": "stream", "name": content["name"], "text": content["text"]}
+        else:
+            out = output_from_msg(msg)
+        size = _size(out)
+        self.total += size
+        if self.on_output is not None:
+            self.on_output(_preview(out))
+        # Up to the limit everything is kept; past it, the head and a tail of the stream text.
+        if kind == "error" or not self.over or isinstance(cut, int):
+            self._append(out)
+            return
+        self._close_head()
+        if kind == "stream":
+            self._cut_stream(out)
+        self.dropped += size
+
+    def _close_head(self) -> None:
+        """Over the limit: keep what fits in the head budget, stream text past it as the tail."""
+        if self.head_room is not None:
+            return
+        kept, self.outputs, self.head_room = self.outputs, [], self.head_budget
+        for out in kept:
+            if out["output_type"] == "error":
+                self.outputs.append(out)
+            elif out["output_type"] == "stream":
+                self._cut_stream(out)
+            elif self.head_room >= (size := _size(out)) and not self.tail:
+                self.outputs.append(out)
+                self.head_room -= size
+
+    def _cut_stream(self, out: dict[str, Any]) -> None:
+        assert self.head_room is not None
+        text = out["text"]
+        room = min(self.head_room, len(text)) if not self.tail else 0
+        if room:
+            self._append({**out, "text": text[:room]})
+            self.head_room -= room
+        # Slice before joining: one flushed message can be hundreds of MB.
+        text = text[max(room, len(text) - self.tail_budget) :]
+        if text:
+            self.tail = (self.tail + text)[-self.tail_budget :]
+            self.tail_name = out["name"]
+            self.head_room = 0
+
+    def _append(self, out: dict[str, Any]) -> None:
+        last = self.outputs[-1] if self.outputs else None
+        if (
+            out["output_type"] == "stream"
+            and last is not None
+            and last["output_type"] == "stream"
+            and last["name"] == out["name"]
+        ):
+            last["text"] += out["text"]
+        else:
+            self.outputs.append(out)
+
+    def execution(self, kind: ErrorKind | None, duration: float) -> Execution:
+        """What was collected, as the record of one execution."""
+        outputs = self.finish()
+        stdout, stderr, text = texts(outputs)
+        return Execution(
+            outputs=outputs,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            error=self.error,
+            kind=kind,
+            duration=duration,
+            truncated=self.over,
+            output_bytes=self.total,
+        )
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self.over:
+            cut = self.total - sum(_size(o) for o in self.outputs) - len(self.tail.encode())
+            self._append(
+                {
+                    "output_type": "stream",
+                    "name": self.tail_name,
+                    "text": f"\n... [{cut:,} bytes of output cut] ...\n",
+                }
+            )
+            if self.tail:
+                self._append({"output_type": "stream", "name": self.tail_name, "text": self.tail})
+        for out in self.outputs:
+            if out["output_type"] == "stream":
+                out["text"] = _join_crlf(out["text"])
+        return self.outputs
+
+
+def kind_of(outcome: str, collector: OutputCollector) -> ErrorKind | None:
+    """What an execution's end means, most telling first."""
+    if outcome == "died":
+        return ErrorKind.KERNEL_DIED
+    if collector.lost:
+        return ErrorKind.OUTPUT_LOST
+    if collector.over:
+        return ErrorKind.OUTPUT_LIMIT
+    if outcome == "timeout":
+        return ErrorKind.TIMEOUT
+    if collector.error is not None:
+        return ErrorKind.EXCEPTION
+    return None
+
+
+def _join_crlf(text: str) -> str:
+    return text.replace("\r\n", "\n")
+
+
+def _size(out: dict[str, Any]) -> int:
+    if out["output_type"] == "stream":
+        text = out["text"]
+        # isascii() is O(1); encoding a flood just to measure it would copy it once more.
+        return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+    data = out.get("data", {})
+    return sum(len(v) if isinstance(v, str) else len(str(v)) for v in data.values())
+
+
+def _preview(out: dict[str, Any]) -> dict[str, Any]:
+    """A small copy of an output for progress events (no large payloads)."""
+    if out["output_type"] == "stream":
+        return {"output_type": "stream", "name": out["name"], "text": out["text"][:4096]}
+    if out["output_type"] == "error":
+        return {"output_type": "error", "ename": out["ename"], "evalue": out["evalue"]}
+    plain = out.get("data", {}).get("text/plain", "")
+    return {
+        "output_type": out["output_type"],
+        "mimetypes": sorted(out.get("data", {})),
+        "text": plain[:4096] if isinstance(plain, str) else "",
+    }
+
+
+def texts(outputs: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """stdout, stderr and the answer text (stdout plus text/plain of results) of some outputs."""
+    stdout: list[str] = []
+    stderr: list[str] = []
+    text: list[str] = []
+    for out in outputs:
+        if out["output_type"] == "stream":
+            (stdout if out["name"] == "stdout" else stderr).append(out["text"])
+            if out["name"] == "stdout":
+                text.append(out["text"])
+        elif out["output_type"] in {"execute_result", "display_data"}:
+            plain = out.get("data", {}).get("text/plain")
+            if isinstance(plain, str):
+                text.append(plain if plain.endswith("\n") else plain + "\n")
+    return "".join(stdout), "".join(stderr), "".join(text)
