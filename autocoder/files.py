@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autocoder.config import Settings
+from autocoder.errors import AutocoderError
 from autocoder.records import RunFile
 
 PREVIEW_LINES = 5
@@ -39,7 +40,7 @@ DATA_PACKAGES = (
 )
 
 
-class FileRefused(ValueError):
+class FileRefused(AutocoderError, ValueError):
     """An input file that cannot be given to a run; the message names the file and the rule."""
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autocoder.errors import KernelStartError
+from autocoder.errors import AutocoderError, KernelStartError
 from autocoder.records import ErrorInfo
 
 if TYPE_CHECKING:
@@ -483,7 +483,7 @@ def installed(settings: Settings) -> list[str]:
     return [a.language for a in availability(settings) if a.available]
 
 
-class LanguageUnavailable(ValueError):
+class LanguageUnavailable(AutocoderError, ValueError):
     """An unknown language, or one this installation cannot run; the message names those it can."""
 
 

@@ -249,7 +249,7 @@ async def connect(settings: Settings) -> LLM:
         return OpenAIChat(
             base_url=base_url, api_key=settings.api_key, model=model, settings=settings
         )
-    from autocoder import local_model
+    from autocoder import local_model  # start-up time: the embedded model only when used
 
     server = local_model.get_server(settings)
     base_url = await server.ensure()

@@ -24,7 +24,7 @@ from autocoder.files import InputFile
 from autocoder.inside import asserts
 from autocoder.kernel.backend import KernelLedger
 from autocoder.kernel.output import OutputCallback
-from autocoder.kernel.pool import KernelProvider
+from autocoder.kernel.pool import KernelSource
 from autocoder.llm import LLM, Message, clean_traceback, cut_middle, extract_code
 from autocoder.notebook import notebook_path, write_atomic, write_notebook, write_record
 from autocoder.records import Attempt, ErrorKind, Event, Execution, RunResult
@@ -365,17 +365,17 @@ class Runner:
         self._llm = llm
         self._llm_lock = asyncio.Lock()
         self.ledger = ledger
-        self.kernels: ExecutorProvider[Any] = kernels or KernelProvider(settings, ledger=ledger)
+        self.kernels: ExecutorProvider[Any] = kernels or KernelSource(settings, ledger=ledger)
         self.policy = policy
         # Kernels of other languages start on demand, one provider each.
-        self._others: dict[str, KernelProvider] = {}
+        self._others: dict[str, KernelSource] = {}
 
     def provider(self, language: str) -> ExecutorProvider[Any]:
         """Who hands out kernels for `language` (Python's is the one the Runner was given)."""
         if language == "python":
             return self.kernels
         if language not in self._others:
-            self._others[language] = KernelProvider(
+            self._others[language] = KernelSource(
                 self.settings, language=language, ledger=self.ledger
             )
         return self._others[language]

@@ -48,7 +48,7 @@ from autocoder.errors import AutocoderError
 from autocoder.files import FileRefused, InputFile
 from autocoder.kernel.client import INTERRUPT_GRACE, Kernel
 from autocoder.kernel.output import OutputCallback
-from autocoder.kernel.pool import KernelProvider
+from autocoder.kernel.pool import KernelSource
 from autocoder.namespace import parse_probe, probe_code, task_with_names
 from autocoder.notebook import (
     KERNELSPEC,
@@ -190,7 +190,7 @@ class Session:
     """One open (or closed) session. `Sessions` owns it; its kernel is closed only by `close`."""
 
     def __init__(
-        self, settings: Settings, info: SessionInfo, root: Path, kernels: KernelProvider
+        self, settings: Settings, info: SessionInfo, root: Path, kernels: KernelSource
     ) -> None:
         self.settings = settings
         self.kernels = kernels
@@ -452,7 +452,7 @@ class Sessions:
     notebooks, the files in `<autofile>/sessions/<id>/files`. Use as `async with`.
     """
 
-    def __init__(self, settings: Settings, runner: Runner, kernels: KernelProvider) -> None:
+    def __init__(self, settings: Settings, runner: Runner, kernels: KernelSource) -> None:
         self.settings = settings
         self.runner = runner
         self.kernels = kernels

@@ -290,6 +290,8 @@ class KernelGateway:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> KernelGateway:
+        # Start-up time: this module imports nothing of autocoder at its top, so that a
+        # scripted model (a benchmark's, a test's) costs no kernel machinery.
         from autocoder.kernel.gateway import gateway_args
         from autocoder.kernel.local import install_kernelspecs
 

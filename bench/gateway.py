@@ -4,7 +4,7 @@ Starts a real Kernel Gateway on 127.0.0.1 as docs/scale.md runs it (autocoder's 
 provisioner, restart_limit=0, the no-delay websocket), and a second one with jupyter_server's
 stock websocket for the round trip. Interleaved, so every side sees the same machine load:
 
-- kernel start: `KernelProvider.acquire()` until the kernel answers;
+- kernel start: `KernelSource.acquire()` until the kernel answers;
 - round trip: `execute("print(1+1)")` on a started kernel;
 - interrupt: `while True: pass` interrupted at its deadline, until the kernel is idle again;
 - /run: a trivial `POST /run` through a real uvicorn with a ready pool (the scripted model
@@ -35,7 +35,7 @@ from pydantic import SecretStr
 from autocoder import api
 from autocoder.config import Settings, load_settings
 from autocoder.kernel.client import Kernel
-from autocoder.kernel.pool import KernelProvider
+from autocoder.kernel.pool import KernelSource
 from autocoder.testing import KernelGateway, ScriptedLLM, fenced
 
 LOOP_DEADLINE = 0.5
@@ -47,7 +47,7 @@ STOCK_WS = (
 
 async def start(settings: Settings) -> tuple[float, Kernel]:
     t = time.perf_counter()
-    session = await KernelProvider(settings).acquire()
+    session = await KernelSource(settings).acquire()
     return time.perf_counter() - t, session
 
 

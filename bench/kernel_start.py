@@ -26,7 +26,7 @@ from pathlib import Path
 from jupyter_client.manager import AsyncKernelManager
 
 from autocoder.config import Settings, load_settings
-from autocoder.kernel.pool import KernelProvider, new_kernel
+from autocoder.kernel.pool import KernelSource, new_kernel
 from autocoder.sandbox import KERNEL_ARGS
 
 IPYTHON_RESET = "get_ipython().reset(new_session=False)"
@@ -53,7 +53,7 @@ async def raw_start() -> float:
 
 async def autocoder_start(settings: Settings) -> float:
     """A kernel as a run gets one: the provider starts a confined Kernel."""
-    provider = KernelProvider(settings)
+    provider = KernelSource(settings)
     t = time.perf_counter()
     session = await provider.acquire()
     took = time.perf_counter() - t
@@ -98,7 +98,7 @@ async def main() -> None:
     print(f"sandbox={args.sandbox} repeat={args.repeat} python={sys.version.split()[0]}")
     print(f"{'kernel start':<34}{'median ms':>10}{'ratio':>8}")
     print(f"{'raw jupyter_client (floor)':<34}{ms(raw):>10.0f}{1:>7.2f}x")
-    print(f"{'autocoder KernelProvider.acquire()':<34}{ms(ours):>10.0f}{ms(ours) / ms(raw):>7.2f}x")
+    print(f"{'autocoder KernelSource.acquire()':<34}{ms(ours):>10.0f}{ms(ours) / ms(raw):>7.2f}x")
 
     imports: dict[str, list[float]] = {name: [] for name in LAUNCHER_IMPORTS}
     for _ in range(args.repeat):

@@ -19,8 +19,11 @@ from pydantic import SecretStr
 
 from autocoder import languages
 from autocoder.config import Settings
+from autocoder.errors import KernelStartError
+from autocoder.kernel.pool import KernelSource
 from autocoder.records import ErrorKind
 from autocoder.runner import Runner
+from autocoder.sessions import Sessions
 from autocoder.testing import KernelGateway, ScriptedLLM, fenced
 from tests.conftest import GATEWAY_KERNEL, LiveServer, autocoder_cmd, gateway_unavailable
 
@@ -247,3 +250,28 @@ class socket_closed:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+async def test_a_session_beside_the_gateway_is_refused_in_one_line_not_run_locally(
+    gw_settings: Settings, gateway: KernelGateway
+) -> None:
+    """A session keeps its files in a working directory here between prompts; a gateway's
+    kernels have none, so the session is refused, where it used to stay local silently."""
+    runner = Runner(gw_settings)
+    sessions = Sessions(gw_settings, runner, KernelSource(gw_settings))
+    await sessions.open()
+    try:
+        with pytest.raises(KernelStartError, match="gateway backend have none"):
+            await sessions.create()
+    finally:
+        await sessions.close()
+        await runner.close()
+    assert gateway.kernels() == []
+
+
+def test_the_websocket_class_gateways_were_configured_with_still_loads() -> None:
+    """Deployed gateways name `autocoder.gateway_ws.NoDelayChannels` (kept for one release)."""
+    from autocoder.gateway_ws import NoDelayChannels as old
+    from autocoder.kernel.gateway_ws import NoDelayChannels
+
+    assert old is NoDelayChannels

@@ -23,7 +23,7 @@ from autocoder import languages
 from autocoder.config import Settings
 from autocoder.kernel.client import Kernel
 from autocoder.kernel.leftovers import sweep_leftovers
-from autocoder.kernel.pool import KernelProvider, new_kernel
+from autocoder.kernel.pool import KernelSource, new_kernel
 from autocoder.records import ErrorKind
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM
@@ -120,7 +120,7 @@ def _needs(case: Case, settings: Settings) -> None:
             pytest.skip(f"{case.language}: {found.reason}")
 
 
-class Remembering(KernelProvider):
+class Remembering(KernelSource):
     """Starts kernels on demand, as the runner's own provider does, and keeps them to look at."""
 
     def __init__(self, settings: Settings, language: str) -> None:

@@ -103,11 +103,11 @@ def test_a_killed_server_leaves_no_kernel(
 
 ORPHANING_LAUNCHER = """
 import os, subprocess, sys
-from autocoder import sandbox
-made = sandbox.make_cgroups(f"k{os.getpid()}", sandbox.cgroup_limits(256, 16))
+from autocoder.sandbox import cgroups
+made = cgroups.make_cgroups(f"k{os.getpid()}", cgroups.cgroup_limits(256, 16))
 if not made:
     sys.exit(3)
-sandbox._remove_when_gone(made)
+cgroups.remove_when_gone(made)
 for d in made:
     (d / "cgroup.procs").write_text(str(os.getpid()))
 # bwrap's child, orphaned before its parent-death signal took: it would wait for ever.

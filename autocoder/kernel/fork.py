@@ -43,6 +43,7 @@ from autocoder.kernel.backend import KernelRequest
 from autocoder.kernel.leftovers import ZYGOTE_PREFIX, owner_tag, workdirs_root
 from autocoder.kernel.local import ExecBackend, LocalKernel
 from autocoder.languages import Language
+from autocoder.sandbox import cgroups
 
 log = logging.getLogger(__name__)
 
@@ -494,12 +495,12 @@ def _cgroups(settings: Settings, uid: int) -> tuple[list[str], list[int]]:
 
     Returns the dirs made and an open cgroup.procs of each, which the kernel's init writes the
     kernel and itself into while IPython starts, before the kernel serves."""
-    wanted = sandbox.cgroup_limits(settings.memory_mb, settings.max_processes + 1)
+    wanted = cgroups.cgroup_limits(settings.memory_mb, settings.max_processes + 1)
     # The kernel joins once IPython is up: what it allocated by then moves in with it.
     wanted["memory"]["memory.move_charge_at_immigrate"] = 1
     made: list[str] = []
     fds: list[int] = []
-    for mine in sandbox.make_cgroups(f"f{uid}", wanted):
+    for mine in cgroups.make_cgroups(f"f{uid}", wanted):
         made.append(str(mine))
         with contextlib.suppress(OSError):
             fds.append(os.open(mine / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))

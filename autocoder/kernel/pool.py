@@ -53,7 +53,7 @@ def check(settings: Settings) -> None:
     choose(settings).check(settings)
 
 
-class KernelProvider:
+class KernelSource:
     """Hands each run a started kernel that no other run has used. This one starts them on demand."""
 
     def __init__(
@@ -106,7 +106,7 @@ class KernelProvider:
         await asyncio.gather(*self._stopping, return_exceptions=True)
 
 
-class KernelPool(KernelProvider):
+class KernelPool(KernelSource):
     """Keeps `size` kernels started ahead of time and refills in the background.
 
     Kernels are never reused: a released kernel is shut down and a new one takes its place.
