@@ -114,8 +114,9 @@ async def cycle(settings: Settings, meter: CpuMeter, memory: bool) -> dict[str, 
         assert result.stdout == "1\n", result
         if memory:
             await asyncio.sleep(1.0)  # idle
-            assert session.km is not None and session.km.provisioner is not None
-            pids = tree(int(session.km.provisioner.pid or 0))  # type: ignore[attr-defined]
+            manager = session.km.manager  # type: ignore[union-attr]
+            assert manager is not None and manager.provisioner is not None
+            pids = tree(int(manager.provisioner.pid or 0))
             out["uss_tree"] = sum(uss(p) for p in pids)
             out["uss_kernel"] = uss(kernel_pid(pids))
     finally:

@@ -483,7 +483,7 @@ async def forked_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
     await forkserver.zygote_for(settings).ready()
     async with new_kernel(settings) as k:
         assert isinstance(process_of(k), forkserver.ForkedProcess)
-        assert k.workdir is not None and k.runtime_dir is not None
+        assert k.workdir is not None and k.km.runtime_dir is not None  # type: ignore[union-attr]
         yield ts.Box(k.km.manager, k.kc, k.workdir, k.km.runtime_dir)  # type: ignore[arg-type]
 
 
