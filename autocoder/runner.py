@@ -123,7 +123,7 @@ def system_prompt_for(settings: Settings, language: str = "python") -> str:
 
 
 class Executor(Protocol):
-    """Where code runs: a `KernelSession`, or the user's own shell for the magic."""
+    """Where code runs: a `kernel.client.Kernel`, or the user's own shell for the magic."""
 
     workdir: Path | None
 

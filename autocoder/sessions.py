@@ -190,10 +190,15 @@ class Session:
     """One open (or closed) session. `Sessions` owns it; its kernel is closed only by `close`."""
 
     def __init__(
-        self, settings: Settings, info: SessionInfo, root: Path, kernels: KernelSource
+        self,
+        settings: Settings,
+        info: SessionInfo,
+        root: Path,
+        kernels: KernelSource | None = None,
     ) -> None:
         self.settings = settings
-        self.kernels = kernels
+        # Where its kernel comes from: the pool of the Sessions that owns it.
+        self.kernels = kernels or KernelSource(settings)
         self.info = info
         self.root = root
         self.workdir = Path(info.workdir)

@@ -35,7 +35,7 @@ from autocoder.config import Settings, load_settings
 from autocoder.errors import SandboxUnavailable
 from tests.processes import alive
 
-REPO = Path(sandbox.__file__).resolve().parents[1]
+REPO = Path(sandbox.__file__).resolve().parents[2]
 SECRET = f"sk-sandbox-test-{uuid.uuid4().hex}"
 LIMITS = {"max_processes": 24, "max_file_mb": 8, "cpu_seconds": 120}
 
@@ -330,7 +330,7 @@ async def test_project_tree_and_home_are_read_only(box: Box) -> None:
                     wrote.append(path)
                 except OSError:
                     pass
-            print(json.dumps([wrote, os.path.exists({str(REPO / "autocoder" / "sandbox.py")!r})]))
+            print(json.dumps([wrote, os.path.exists({str(REPO / "autocoder" / "sandbox" / "__init__.py")!r})]))
             """)
         )
         assert result == [[], False], "the project's source must be neither writable nor visible"

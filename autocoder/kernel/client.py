@@ -21,7 +21,6 @@ from autocoder import languages
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
 from autocoder.kernel.backend import (
-    STARTUP_TIMEOUT,
     Backend,
     KernelChannels,
     KernelHandle,
@@ -34,8 +33,6 @@ from autocoder.records import ErrorInfo, Execution
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STARTUP_TIMEOUT", "Kernel", "OutputCallback", "OutputCollector"]
-
 INTERRUPT_GRACE = 2.0
 # A stream's cut note comes when the kernel's cell has ended (output_cap's post_execute), its
 # held tail right after: an interrupt then could land in the middle of sending that tail.
@@ -44,6 +41,7 @@ REPLY_TIMEOUT = 2.0
 SETTLE_QUIET = 0.05
 SETTLE_MAX = 1.0
 POLL_INTERVAL = 0.25
+
 _live: weakref.WeakSet[Kernel] = weakref.WeakSet()
 
 
@@ -60,7 +58,6 @@ class Kernel:
         backend: Backend,
         *,
         language: str = "python",
-        work_root: Path | None = None,
         workdir: Path | None = None,
         ledger: KernelLedger | None = None,
     ) -> None:
@@ -68,10 +65,9 @@ class Kernel:
         self.backend = backend
         self.language = languages.get(language)
         self.id = f"{owner_tag()}-{uuid.uuid4().hex[:12]}"
-        self.work_root = work_root or workdirs_root(settings)
         self.workdir: Path | None = None
         if backend.local_workdir:
-            self.workdir = (workdir or self.work_root / self.id).resolve()
+            self.workdir = (workdir or workdirs_root(settings) / self.id).resolve()
         self.ledger = ledger
         self.km: KernelHandle | None = None
         self.kc: KernelChannels | None = None

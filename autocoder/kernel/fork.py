@@ -81,7 +81,7 @@ def _roots(settings: Settings) -> list[str]:
 
 
 class ForkedProcess:
-    """The `process` of a forked kernel, as jupyter_client and KernelSession use a Popen.
+    """The `process` of a forked kernel, as jupyter_client and the local kernel use a Popen.
 
     Its pid is the init's, in the server's PID namespace (the kernel's namespace dies with it);
     how it ended comes from the zygote, over the connection the kernel was asked for on.
@@ -327,7 +327,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
     """Launches a kernel by asking the zygote to fork one, for jupyter_client's KernelManager.
 
     Everything after launch (poll, signals, kill, wait) goes through ForkedProcess, so
-    KernelSession's interrupt, timeout escalation, death detection and replace are unchanged.
+    the kernel's interrupt, timeout escalation, death detection and replace are unchanged.
     """
 
     settings: Any = AnyTrait(None)  # the server's Settings, given when it is made

@@ -1,6 +1,7 @@
 """The kernel websocket a gateway serving autocoder's kernels should use (runs in the gateway).
 
-`--KernelGatewayApp.kernel_websocket_connection_class=autocoder.gateway_ws.NoDelayChannels`
+`--KernelGatewayApp.kernel_websocket_connection_class=autocoder.kernel.gateway_ws.NoDelayChannels`
+(`autocoder.gateway_ws.NoDelayChannels`, its old name, works for one more release)
 
 Neither jupyter_server nor the gateway turns Nagle's algorithm off on the kernel websocket, so
 each small reply waits for the client's delayed ACK: `print(1+1)` measured 48 ms through the

@@ -64,7 +64,7 @@ class KernelSource:
         self.ledger = ledger
         self._stopping: set[asyncio.Task[None]] = set()
 
-    def session(self) -> Kernel:
+    def new(self) -> Kernel:
         """A new, unstarted kernel from the first backend that serves this language."""
         return new_kernel(self.settings, self.language, ledger=self.ledger)
 
@@ -88,17 +88,17 @@ class KernelSource:
         return Kernel(self.settings, backend, language=language, workdir=workdir)
 
     async def acquire(self) -> Kernel:
-        session = self.session()
-        await session.start()
-        return session
+        kernel = self.new()
+        await kernel.start()
+        return kernel
 
-    async def release(self, session: Kernel) -> None:
+    async def release(self, kernel: Kernel) -> None:
         """The kernel's processes end before this returns, so the run can keep what its code
         wrote; the rest of the teardown (channels, connection files, cgroups: ~8 ms, a
         gateway's DELETE: ~0.3 s) goes on while the run answers, and close() waits for it."""
-        if session.workdir is not None:
-            await session.end_processes()
-        task = asyncio.get_running_loop().create_task(session.shutdown())
+        if kernel.workdir is not None:
+            await kernel.end_processes()
+        task = asyncio.get_running_loop().create_task(kernel.shutdown())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
@@ -138,26 +138,26 @@ class KernelPool(KernelSource):
         task.add_done_callback(self._starting.discard)
 
     async def _start_one(self) -> None:
-        session = self.session()
+        kernel = self.new()
         try:
-            await session.start()
+            await kernel.start()
         except Exception as e:
             self.last_error = str(e)
             log.warning("pool: %s", e)
             return
         if self._closed:
-            await session.shutdown()
+            await kernel.shutdown()
         else:
             self.last_error = None
-            self._ready.put_nowait(session)
+            self._ready.put_nowait(kernel)
 
     async def acquire(self) -> Kernel:
         while not self._ready.empty():
-            session = self._ready.get_nowait()
+            kernel = self._ready.get_nowait()
             self._refill()
-            if await session.is_alive():
-                return session
-            await session.shutdown()
+            if await kernel.is_alive():
+                return kernel
+            await kernel.shutdown()
         self._refill()
         return await super().acquire()
 
