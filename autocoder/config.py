@@ -176,6 +176,14 @@ class Settings(BaseSettings):
     local_threads: int = Field(
         0, ge=0, description="CPU threads for the embedded model; 0 means all we may use."
     )
+    model_keep_alive: float = Field(
+        300.0,
+        ge=0,
+        le=86400,
+        description="Seconds the embedded model's server stays up with nothing using it, shared "
+        "by every autocoder process with this AUTOCODER_HOME; 0: each process starts its own "
+        "and stops it when it ends.",
+    )
 
     @field_validator("home", "notebooks_dir", "autofile_dir", "model_path", mode="after")
     @classmethod

@@ -249,9 +249,9 @@ async def connect(settings: Settings) -> LLM:
         return OpenAIChat(
             base_url=base_url, api_key=settings.api_key, model=model, settings=settings
         )
-    from autocoder import local_model  # start-up time: the embedded model only when used
+    from autocoder import keepalive  # the embedded model's code, only when it is used
 
-    server = local_model.get_server(settings)
+    server = keepalive.get_server(settings)
     base_url = await server.ensure()
     return OpenAIChat(
         base_url=base_url,

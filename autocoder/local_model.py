@@ -270,12 +270,12 @@ def _marker_matches(target: Path, model: ShippedModel) -> bool:
 
 
 def _write_marker(target: Path, model: ShippedModel) -> None:
-    _atomic_write_text(
+    write_atomic_text(
         _marker_path(target), json.dumps({"sha256": model.sha256, **_stat_key(target)})
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -494,7 +494,7 @@ def _threads(settings: Settings) -> tuple[int, int]:
     return max(1, cpus // 2), cpus
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """A short allow-list: llama_cpp.server reads HOST, PORT, CONFIG_FILE, API_KEY and every setting
     name from the environment, any of which could rebind it or lock us out; and no secrets."""
     keep = (
@@ -671,7 +671,7 @@ class LocalModelServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_child_env(),
+                env=child_env(),
                 cwd=self._settings.home,
                 start_new_session=True,
                 preexec_fn=_death_pact(),
@@ -778,7 +778,7 @@ def _run_file(settings: Settings, pid: int) -> Path:
 def _write_run_file(settings: Settings, pid: int, url: str, name: str, model_file: Path) -> None:
     path = _run_file(settings, pid)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(
+    write_atomic_text(
         path, json.dumps({"pid": pid, "url": url, "model": name, "file": str(model_file)})
     )
 

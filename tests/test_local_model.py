@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import io
@@ -369,6 +370,7 @@ def test_autocoder_run_answers_offline_with_the_embedded_model(
     """The README's first command on a machine with no key and no endpoint configured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODER_"))}
     env["AUTOCODER_HOME"] = str(real_home)
+    env["AUTOCODER_MODEL_KEEP_ALIVE"] = "0"  # its own server, ended with it
     proc = subprocess.run(
         [sys.executable, "-m", "autocoder", "run", "--json", "print the sum of 2 and 3"],
         env=env,
@@ -387,3 +389,60 @@ def test_autocoder_run_answers_offline_with_the_embedded_model(
     while servers_using(real_home) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert servers_using(real_home) == [], "the model server outlived autocoder"
+
+
+def keepers_using(home: Path) -> list[int]:
+    """autocoder.keepalive processes keeping a server for `home`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"autocoder.keepalive" in cmd and str(home).encode() in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_runs_share_one_warm_model_server_that_ends_once_idle(
+    real_home: Path, tmp_path: Path
+) -> None:
+    """Two `autocoder run`s at once and one after them use one server, which the first started
+    and which is gone once nobody has used it for AUTOCODER_MODEL_KEEP_ALIVE seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOCODER_"))}
+    env.update(AUTOCODER_HOME=str(real_home), AUTOCODER_MODEL_KEEP_ALIVE="30")
+    cmd = [sys.executable, "-m", "autocoder", "run", "--json", "print the sum of 2 and 3"]
+
+    def run_all(n: int) -> None:
+        procs = [
+            subprocess.Popen(
+                cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            for _ in range(n)
+        ]
+        for p in procs:
+            out, err = p.communicate(timeout=400)
+            assert p.returncode == 0, err.decode()
+            assert json.loads(out)["backend"] == "local"
+
+    try:
+        run_all(2)
+        servers = servers_using(real_home)
+        assert len(servers) == 1, "two runs at once must share one server"
+        assert len(keepers_using(real_home)) == 1
+        run_all(1)
+        assert servers_using(real_home) == servers, "a later run reuses the warm server"
+        assert local_model.model_info(settings_for(real_home))["running"] is True
+        # Nobody uses it now: it ends by itself after its idle time, keeper and all.
+        deadline = time.monotonic() + 120
+        while (
+            servers_using(real_home) or keepers_using(real_home)
+        ) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert servers_using(real_home) == [] and keepers_using(real_home) == []
+        assert not list((real_home / "run").glob("keeper-*.json"))
+    finally:
+        for pid in keepers_using(real_home) + servers_using(real_home):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
