@@ -105,6 +105,8 @@ async def _from_form(
     try:
         form = await request.form(max_files=s.max_files + 1, max_fields=len(fields) + 4)
     except StarletteHTTPException as e:
+        if e.status_code == 413:  # errors.BodyLimit's refusal, which says what the limit is
+            raise
         if "Too many files" in str(e.detail):
             raise HTTPException(
                 422, f"at most {s.max_files} files per run (AUTOCODER_MAX_FILES)"
