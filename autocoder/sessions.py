@@ -47,7 +47,7 @@ from autocoder import files as files_mod
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import AutocoderError
-from autocoder.files import FileRefused, InputFile
+from autocoder.files import InputFile
 from autocoder.kernel import INTERRUPT_GRACE, KernelSession, OutputCallback
 from autocoder.namespace import parse_probe, probe_code, task_with_names
 from autocoder.notebook import (
@@ -375,15 +375,12 @@ class Session:
         return [f.model_copy(update={"url": base + f.url.removeprefix(prefix)}) for f in found]
 
     def place(self, inputs: Sequence[InputFile]) -> None:
-        for f in inputs:
-            if (self.workdir / f.name).exists():
-                raise FileRefused(f"the session already has a file named {f.name!r}")
+        self.check_new_files(inputs)
         files_mod.place(inputs, self.workdir)
 
     def check_new_files(self, inputs: Sequence[InputFile]) -> None:
-        for f in inputs:
-            if (self.workdir / f.name).exists():
-                raise FileRefused(f"the session already has a file named {f.name!r}")
+        if inputs:
+            files_mod.check_free(inputs, self.workdir)
 
     # --- what the model is told ---------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -124,7 +125,7 @@ async def _from_form(
             else:
                 raise RequestValidationError([field_error(key, f"not a field of {where}")])
         _validated(data, model)  # a bad field is reported before any file is read
-        files = [InputFile(u.filename or "", await u.read()) for u in uploads]
+        files = [InputFile(_upload_name(u), await u.read()) for u in uploads]
     finally:
         await form.close()
     try:
@@ -134,6 +135,17 @@ async def _from_form(
     except FileRefused as e:
         raise RequestValidationError([field_error("files", str(e))]) from None
     return data, files
+
+
+def _upload_name(upload: UploadFile) -> str:
+    """The part's file name as sent. Starlette reads bytes that are not UTF-8 as Latin-1, a
+    different name that check_name cannot tell apart; here they stay undecodable (as lone
+    surrogates, the way Python spells such a name from disk) and check_name refuses them."""
+    disposition = dict(upload.headers.raw).get(b"content-disposition")
+    raw = parse_options_header(disposition)[1].get(b"filename") if disposition else None
+    if raw is None:
+        return upload.filename or ""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _form_value(key: str, value: str) -> Any:
