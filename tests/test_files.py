@@ -9,7 +9,6 @@ import base64
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from autocoder.config import Settings, load_settings
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
 from tests.conftest import SANDBOX, SECRET, LiveServer, autocoder_cmd
+from tests.venvs import venv_importing_ours
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -404,13 +404,9 @@ async def test_kernels_can_run_with_another_interpreter_under_the_sandbox(
     settings: Settings, llm: ScriptedLLM, tmp_path: Path
 ) -> None:
     env = tmp_path / "env"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)],
-        check=True,
-        timeout=60,
-    )
+    python = venv_importing_ours(env)
     llm.script(fenced("import sys\nprint(sys.prefix)"))
-    runner = Runner(settings.model_copy(update={"kernel_python": env / "bin" / "python"}))
+    runner = Runner(settings.model_copy(update={"kernel_python": python}))
     try:
         result = await runner.run("which python runs me?")
     finally:
