@@ -40,7 +40,7 @@ class RunInput:
 
 
 MULTIPART = "multipart/form-data"
-FORM_FIELDS = ("prompt", "max_attempts", "timeout", "model", "language")
+FORM_FIELDS = ("prompt", "max_attempts", "attempts", "timeout", "model", "language")
 # A form has no null: an optional field sent as JSON's `null` is one not given.
 FORM_NULLS = ("null",)
 
@@ -150,7 +150,7 @@ def _upload_name(upload: UploadFile) -> str:
 
 def _form_value(key: str, value: str) -> Any:
     """Form fields are text; the numbers /run takes are parsed here, strictly."""
-    if key == "max_attempts":
+    if key in {"max_attempts", "attempts"}:
         return int(value) if value.strip().lstrip("-").isdigit() else value
     if key == "timeout":
         try:
