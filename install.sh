@@ -99,11 +99,12 @@ fi
 echo "install.sh: autocoder installed for $("$python" -c 'import sys; print(sys.executable)')" >&2
 
 # Jupyter's own kernelspecs for the languages, which the run notebooks name (bash, deno, ir),
-# so that a notebook re-runs in JupyterLab. IRkernel's comes with the Debian package.
+# where any JupyterLab of this machine looks (not only this environment's): the system's data
+# dir for root, the user's otherwise. Each line says where one went.
 if [[ -n "$languages" ]]; then
-  "$python" -m bash_kernel.install --sys-prefix >/dev/null
-  if command -v deno >/dev/null 2>&1; then
-    deno jupyter --install --force >/dev/null 2>&1 || echo "install.sh: deno jupyter --install failed" >&2
-  fi
+  echo "install.sh: installing the kernelspecs the notebooks name, for JupyterLab:" >&2
+  where=()
+  [[ $(id -u) -ne 0 ]] && where=(--user)
+  "$python" -m autocoder kernels install --notebooks ${where[@]+"${where[@]}"} | sed 's/^/  /' >&2
   "$python" -m autocoder kernels list >&2
 fi

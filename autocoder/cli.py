@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -402,15 +403,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels_install(args: argparse.Namespace) -> int:
-    from autocoder.kernel import install_kernelspecs
+    """autocoder's kernelspecs, and the ones its notebooks name, where Jupyter finds them."""
+    from autocoder.kernel import install_kernelspecs, install_notebook_kernelspecs
 
+    settings = _settings(args)
     try:
-        installed = install_kernelspecs(user=args.user, prefix=args.prefix)
+        installed = (
+            [] if args.notebooks else install_kernelspecs(user=args.user, prefix=args.prefix)
+        )
+        for_notebooks = install_notebook_kernelspecs(settings, user=args.user, prefix=args.prefix)
     except OSError as e:
         where = f" under {args.prefix!r}" if args.prefix else ""
-        _fail(f"cannot install the kernelspecs{where}: {e.strerror or e}")
+        hint = " (or use --user)" if e.errno == errno.EACCES and not args.user else ""
+        _fail(f"cannot install the kernelspecs{where}: {e.strerror or e}{hint}")
     for path in installed:
         print(path)
+    for name, dest, why in for_notebooks:
+        print(f"{name:<8} {dest}" if dest else f"{name:<8} not installed: {why}")
     return EXIT_OK
 
 
@@ -520,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     install = ksub.add_parser("install", help="install them where Jupyter finds them")
     install.add_argument("--user", action="store_true", help="into the user's Jupyter data dir")
     install.add_argument("--prefix", help="into this prefix (e.g. sys.prefix of a venv)")
+    install.add_argument(
+        "--notebooks",
+        action="store_true",
+        help="only the kernelspecs the run notebooks name (bash, deno, ir), for a JupyterLab "
+        "outside this environment; not autocoder's own",
+    )
     install.set_defaults(func=cmd_kernels_install)
     klist = ksub.add_parser("list", help="which languages this installation can run, and why not")
     klist.add_argument("--json", action="store_true")

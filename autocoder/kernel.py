@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -103,6 +104,33 @@ def install_kernelspecs(*, user: bool = False, prefix: str | None = None) -> lis
         for spec in sorted(root.iterdir())
         if (spec / "kernel.json").is_file()
     ]
+
+
+def install_notebook_kernelspecs(
+    settings: Settings, *, user: bool = False, prefix: str | None = None
+) -> list[tuple[str, str | None, str]]:
+    """Install the kernelspecs the run notebooks name (`bash`, `deno`, `ir`) where Jupyter
+    finds them, for a JupyterLab outside this environment: (name, where it went or None, why
+    not). `python3` is left to each Jupyter, whose own it is (installing ours would replace it
+    in every notebook of that Jupyter)."""
+    ksm = KernelSpecManager()
+    done: list[tuple[str, str | None, str]] = []
+    for lang in languages.LANGUAGES:
+        name = lang.kernelspec["name"]
+        if any(name == d[0] for d in done):
+            continue
+        if lang is languages.PYTHON:
+            done.append((name, None, "each Jupyter has its own Python 3 kernel"))
+            continue
+        spec = languages.notebook_kernelspec(lang, settings)
+        if spec is None:
+            done.append((name, None, lang.missing(settings) or "not installed here"))
+            continue
+        with tempfile.TemporaryDirectory() as staged:
+            os.chmod(staged, 0o755)  # copied with its mode: readable by any user's Jupyter
+            Path(staged, "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+            done.append((name, ksm.install_kernel_spec(staged, name, user=user, prefix=prefix), ""))
+    return done
 
 
 def workdirs_root(settings: Settings) -> Path:
