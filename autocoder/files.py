@@ -57,6 +57,9 @@ SEPARATOR_LOOKALIKES = frozenset("\u2044\u2215\u2216\u29f5\u29f8\u29f9\u2571\u25
 # right-to-left override makes `evil\u202ecsv.exe` read as `evilexe.vsc`. Scripts and emoji
 # need the two zero-width joiners, which are kept.
 JOINERS = frozenset("\u200c\u200d")
+# Letters and symbols that draw as blank space (Hangul fillers, the blank Braille pattern): a
+# name of these and whitespace only is as blank as one of spaces.
+BLANKS = JOINERS | frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,8 @@ def check_name(name: str) -> str:
         size = len(name.encode())
     except UnicodeEncodeError:
         raise FileRefused(f"the file name {name!r} is not valid UTF-8") from None
-    if not name.strip():
-        raise FileRefused(f"the file name {name!r} is only whitespace")
+    if all(c.isspace() or c in BLANKS for c in name):
+        raise FileRefused(f"the file name {name!r} is blank: only whitespace or blank characters")
     if any(unicodedata.category(c) in {"Cc", "Zl", "Zp"} for c in name):
         raise FileRefused(f"the file name {name!r} contains control characters")
     hidden = next((c for c in name if unicodedata.category(c) == "Cf" and c not in JOINERS), "")

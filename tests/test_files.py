@@ -197,6 +197,7 @@ BAD_UPLOADS: list[tuple[str, dict[str, Any], int, str]] = [
     ("a fullwidth backslash", {"raw": "a\uff3cb.csv"}, 422, "looks like a path separator"),
     ("a fullwidth dot", {"raw": "\uff0ebashrc"}, 422, "dot"),
     ("three spaces", {"raw": "   "}, 422, "only whitespace"),
+    ("Hangul fillers", {"raw": "\u3164\u3164"}, 422, "only whitespace"),
     ("a trailing space", {"raw": "sales.csv "}, 422, "ends with whitespace"),
     ("a name that is not UTF-8", {"raw": b"caf\xe9.csv"}, 422, "not valid UTF-8"),
 ]
