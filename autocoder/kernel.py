@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -104,6 +105,33 @@ def install_kernelspecs(*, user: bool = False, prefix: str | None = None) -> lis
         for spec in sorted(root.iterdir())
         if (spec / "kernel.json").is_file()
     ]
+
+
+def install_notebook_kernelspecs(
+    settings: Settings, *, user: bool = False, prefix: str | None = None
+) -> list[tuple[str, str | None, str]]:
+    """Install the kernelspecs the run notebooks name (`bash`, `deno`, `ir`) where Jupyter
+    finds them, for a JupyterLab outside this environment: (name, where it went or None, why
+    not). `python3` is left to each Jupyter, whose own it is (installing ours would replace it
+    in every notebook of that Jupyter)."""
+    ksm = KernelSpecManager()
+    done: list[tuple[str, str | None, str]] = []
+    for lang in languages.LANGUAGES:
+        name = lang.kernelspec["name"]
+        if any(name == d[0] for d in done):
+            continue
+        if lang is languages.PYTHON:
+            done.append((name, None, "each Jupyter has its own Python 3 kernel"))
+            continue
+        spec = languages.notebook_kernelspec(lang, settings)
+        if spec is None:
+            done.append((name, None, lang.missing(settings) or "not installed here"))
+            continue
+        with tempfile.TemporaryDirectory() as staged:
+            os.chmod(staged, 0o755)  # copied with its mode: readable by any user's Jupyter
+            Path(staged, "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+            done.append((name, ksm.install_kernel_spec(staged, name, user=user, prefix=prefix), ""))
+    return done
 
 
 def workdirs_root(settings: Settings) -> Path:
@@ -227,6 +255,8 @@ class OutputCollector:
         if isinstance(lost, int):
             self.lost += max(lost, 1)
         if kind == "error":
+            content = without_unknown_source(content)
+            msg = {**msg, "content": content}
             self.error = ErrorInfo(
                 ename=content.get("ename", ""),
                 evalue=content.get("evalue", ""),
@@ -364,6 +394,29 @@ def _preview(out: dict[str, Any]) -> dict[str, Any]:
         "mimetypes": sorted(out.get("data", {})),
         "text": plain[:4096] if isinstance(plain, str) else "",
     }
+
+
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+# What IPython shows for the source of a compiled frame (pandas' Cython ones): a line per frame
+# that says nothing. The frame's own line (file, line, function) is kept.
+_NO_SOURCE = re.compile(
+    r"\s*(?:-*>)?\s*\d*\s*'Could not get source, probably due dynamically evaluated source code\.'\s*"
+)
+
+
+def without_unknown_source(content: dict[str, Any]) -> dict[str, Any]:
+    """An error's content without IPython's "Could not get source" lines, before the page,
+    the notebook or the model sees its traceback."""
+    entries = content.get("traceback")
+    if not entries or not any("Could not get source" in str(e) for e in entries):
+        return content
+    kept = [
+        "\n".join(
+            line for line in str(e).split("\n") if not _NO_SOURCE.fullmatch(_SGR.sub("", line))
+        )
+        for e in entries
+    ]
+    return {**content, "traceback": kept}
 
 
 def texts(outputs: list[dict[str, Any]]) -> tuple[str, str, str]:
@@ -593,6 +646,7 @@ class KernelSession:
                 continue
             content = msg.get("content", {})
             if content.get("status") == "error":
+                content = without_unknown_source(content)
                 collector.error = ErrorInfo(
                     ename=str(content.get("ename", "") or "Error"),
                     evalue=str(content.get("evalue", "")),

@@ -45,7 +45,7 @@ from autocoder import files as files_mod
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import AutocoderError
-from autocoder.files import FileRefused, InputFile
+from autocoder.files import InputFile
 from autocoder.kernel import INTERRUPT_GRACE, KernelSession, OutputCallback
 from autocoder.namespace import parse_probe, probe_code, task_with_names
 from autocoder.notebook import (
@@ -366,15 +366,12 @@ class Session:
         return [f.model_copy(update={"url": base + f.url.removeprefix(prefix)}) for f in found]
 
     def place(self, inputs: Sequence[InputFile]) -> None:
-        for f in inputs:
-            if os.path.lexists(self.workdir / f.name):
-                raise FileRefused(f"the session already has a file named {f.name!r}")
+        self.check_new_files(inputs)
         files_mod.place(inputs, self.workdir)
 
     def check_new_files(self, inputs: Sequence[InputFile]) -> None:
-        for f in inputs:
-            if os.path.lexists(self.workdir / f.name):
-                raise FileRefused(f"the session already has a file named {f.name!r}")
+        if inputs:
+            files_mod.check_free(inputs, self.workdir)
 
     # --- what the model is told ---------------------------------------------------------------
 

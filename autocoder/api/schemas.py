@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autocoder.records import RunResult, SessionInfo
 from autocoder.store import RunSummary
@@ -33,8 +33,10 @@ class RunRequest(BaseModel):
     max_attempts: int | None = Field(
         None,
         ge=1,
+        # The CLI's flag is --attempts and the web form says "Attempts": that name is taken too.
+        validation_alias=AliasChoices("max_attempts", "attempts"),
         description="Attempts before giving up. Default AUTOCODER_MAX_ATTEMPTS; "
-        "at most AUTOCODER_MAX_REQUEST_ATTEMPTS.",
+        "at most AUTOCODER_MAX_REQUEST_ATTEMPTS. Also taken as `attempts`.",
     )
     timeout: float | None = Field(
         None,
@@ -56,6 +58,13 @@ class RunRequest(BaseModel):
         "`bash`, `javascript`, `typescript` or `r`, as far as this server has their kernels "
         "(`GET /languages`). Sessions run Python only.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_attempts" in data and "attempts" in data:
+            raise ValueError("give max_attempts or attempts (the same field), not both")
+        return data
 
     @field_validator("max_attempts", mode="before")
     @classmethod
