@@ -23,6 +23,7 @@ class ErrorKind(str, Enum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     MISSING_MODULE = "missing_module"
+    DISK_LIMIT = "disk_limit"
 
 
 class ErrorInfo(BaseModel):
@@ -116,7 +117,7 @@ class RunResult(BaseModel):
     )
     error_kind: ErrorKind | None = Field(
         default=None,
-        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, output_lost (the kernel could not send some of the output, so the attempt cannot count as a success), unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled, interrupted (the server running it stopped before it finished, as another replica found: PostgreSQL store only).",
+        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, output_lost (the kernel could not send some of the output, so the attempt cannot count as a success), unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled, interrupted (the server running it stopped before it finished, as another replica found: PostgreSQL store only), disk_limit (the code filled its working directory: AUTOCODER_MAX_RUN_DISK_MB).",
     )
     run_id: str = Field(
         description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."
@@ -154,6 +155,11 @@ class RunResult(BaseModel):
     duration: float = Field(default=0.0, description="Seconds the whole run took.")
     session_id: str = Field(
         default="", description="The session this run was part of (`POST /sessions/{id}/run`)."
+    )
+    notice: str = Field(
+        default="",
+        description="What was left out of this record to keep it, for lack of disk space: "
+        "files the code wrote, or outputs.",
     )
 
 
