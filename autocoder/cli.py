@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from autocoder import __version__, files, languages, sandbox
+from autocoder import __version__, disk, files, languages, sandbox
 from autocoder.config import Settings, load_settings, prepare_dirs, writable_dir
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.records import ErrorKind, Event, RunResult
@@ -190,6 +190,8 @@ def _print_result(result: RunResult) -> None:
         print(f"files:    {result.workdir}")
         for f in result.files:
             print(f"          {f.name} ({f.size:,} bytes, {f.media_type})")
+    if result.notice:
+        print(f"note:     {result.notice}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -216,6 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except files.FileRefused as e:
         _fail(str(e))
     prepare_dirs(settings)
+    disk.check_room(settings)
     progress = Progress(not args.quiet)
     sandbox.check_available(settings)
     sweep_leftovers(workdirs_root(settings))

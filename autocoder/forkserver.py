@@ -61,6 +61,9 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+MOVE_MOUNT_F_EMPTY_PATH = 4
+AT_FDCWD = -100
+SYS_MOVE_MOUNT = 429  # the same number on every architecture
 PR_SET_PDEATHSIG = 1
 CGROUP_JOIN_TIMEOUT = 30.0
 
@@ -123,6 +126,21 @@ def _mount(
     )
 
 
+def _move_mount(libc: Any, fd: int, target: str) -> None:
+    """Attach a detached mount (the server's clone of a disk budget) at `target`."""
+    _check(
+        libc.syscall(
+            ctypes.c_long(SYS_MOVE_MOUNT),
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_int(AT_FDCWD),
+            target.encode(),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        ),
+        f"move_mount {target}",
+    )
+
+
 def _mirror(status: int) -> int:
     """An exit code that says how a child ended: its code, or 128 + the signal that killed it."""
     if os.WIFSIGNALED(status):
@@ -144,11 +162,13 @@ def _makedirs(path: str) -> None:
             os.mkdir(here, 0o755)
 
 
-def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
+def _view(libc: Any, req: dict[str, Any], roots: list[str], mounts: dict[str, int]) -> None:
     """The kernel's file system: its own workdir and runtime dir, fresh /tmp, /dev/shm and home.
 
     The zygote sees every run's dirs under `roots`; a tmpfs over each root hides them all, and
-    the kernel's two dirs are bound back through fds opened before.
+    the kernel's two dirs are bound back through fds opened before. A dir the server capped
+    (a disk budget, mounted after the zygote started, so not in its view) comes in `mounts`
+    instead, as a clone of the server's mount, attached at its path.
     """
     uid, size = req["uid"], req["tmpfs_bytes"]
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
@@ -157,7 +177,10 @@ def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
         path = req[key]
         if os.path.realpath(path) != path or not _under(path, roots):
             raise OSError(errno.EPERM, f"{path} is not a directory under {roots}")
-        fds[key] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        if path not in mounts:
+            fds[path] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    if not set(mounts) <= {req["workdir"], req["runtime_dir"]}:
+        raise OSError(errno.EPERM, "a mount for another path than the kernel's two dirs")
     hidden = sorted({r for r in roots if not _under(r, ["/tmp"])})
     # The interpreter and its packages may live under what is covered (a venv in /tmp): they
     # are bound back, read-only, as bwrap binds them after its tmpfs mounts.
@@ -182,9 +205,13 @@ def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
             MS_NOSUID | MS_NODEV,
             f"mode={mode},uid={owner},gid={owner},size={size}",
         )
-    for key, fd in fds.items():
-        _makedirs(req[key])
-        _mount(libc, f"/proc/self/fd/{fd}", req[key], None, MS_BIND)
+    for path, fd in fds.items():
+        _makedirs(path)
+        _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND)
+        os.close(fd)
+    for path, fd in mounts.items():
+        _makedirs(path)
+        _move_mount(libc, fd, path)
         os.close(fd)
     for path, fd in python.items():
         _makedirs(path)
@@ -329,9 +356,14 @@ def _init(
         # The credentials carry this process's pid (1 here); the server reads its own view.
         creds = struct.pack("iII", os.getpid(), 0, 0)
         conn.sendmsg([b"forked\n"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
-        stderr_fd, cgroup_fds = fds[0], fds[1:]
+        # The server's fds: stderr, a clone of each capped dir (req["mounts"]), the cgroups.
+        stderr_fd, rest = fds[0], fds[1:]
+        if len(rest) < len(req["mounts"]):
+            raise OSError(errno.EINVAL, "fewer mounts sent than the request names")
+        mounts = dict(zip(req["mounts"], rest[: len(req["mounts"])], strict=True))
+        cgroup_fds = rest[len(req["mounts"]) :]
         low = 3  # every other fd closed: the zygote's listener, its other kernels' connections
-        for fd in sorted({stderr_fd, *cgroup_fds, conn.fileno()}):
+        for fd in sorted({stderr_fd, *mounts.values(), *cgroup_fds, conn.fileno()}):
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, 1 << 16)
@@ -342,7 +374,7 @@ def _init(
         _check(libc.unshare(flags), "unshare")
         if not req["allow_network"]:
             _loopback_up()
-        _view(libc, req, roots)
+        _view(libc, req, roots, mounts)
         _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         libc.sethostname(b"sandbox", 7)
         joined_r, joined_w = os.pipe()
@@ -1173,6 +1205,9 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         from pathlib import Path
 
         sandbox.hand_over([Path(workdir), Path(runtime_dir)], uid)
+        # The disk budgets on the kernel's dirs were mounted after the zygote made its view.
+        mounts = [p for p in (workdir, runtime_dir) if os.path.ismount(p)]
+        mount_fds = _clones(mounts)
         stderr: Any = kwargs.get("stderr")
         stderr_fd = (
             stderr.fileno() if hasattr(stderr, "fileno") else os.open(os.devnull, os.O_WRONLY)
@@ -1183,6 +1218,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         request = {
             "workdir": workdir,
             "runtime_dir": runtime_dir,
+            "mounts": mounts,
             "connection_file": connection_file,
             "uid": uid,
             "home": sandbox.SANDBOX_HOME,
@@ -1205,9 +1241,9 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
             "installs": _installs(settings.max_output_bytes),
         }
         try:
-            self._forked = await zygote.fork(request, [stderr_fd, *cgroup_fds])
+            self._forked = await zygote.fork(request, [stderr_fd, *mount_fds, *cgroup_fds])
         finally:
-            for fd in cgroup_fds:
+            for fd in (*mount_fds, *cgroup_fds):
                 os.close(fd)
             if not hasattr(stderr, "fileno"):
                 os.close(stderr_fd)
@@ -1258,6 +1294,26 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
                 break
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _clones(paths: list[str]) -> list[int]:
+    """A detached clone of the mount on each path, for the kernel's init to attach; a clone
+    that cannot be made fails the fork (the kernel is exec'd instead, and bwrap binds the
+    mount as it is), never a kernel that writes beneath its budget."""
+    from pathlib import Path
+
+    from autocoder import disk
+    from autocoder.errors import KernelStartError
+
+    fds: list[int] = []
+    try:
+        for path in paths:
+            fds.append(disk.clone(Path(path)))
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        raise KernelStartError(f"cannot hand the kernel its capped directory: {e}") from e
+    return fds
 
 
 def _members(cgroups: list[str]) -> list[int]:

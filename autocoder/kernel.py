@@ -16,7 +16,6 @@ import logging
 import os
 import queue
 import re
-import shutil
 import signal
 import stat
 import subprocess
@@ -34,7 +33,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from jupyter_client.manager import AsyncKernelManager, _get_future
 from nbformat.v4 import output_from_msg
 
-from autocoder import forkserver, languages, output_cap, sandbox
+from autocoder import disk, forkserver, languages, output_cap, sandbox
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
 from autocoder.files import open_beneath
@@ -451,6 +450,9 @@ class KernelSession:
         self.km: AsyncKernelManager | None = None
         self.kc: Any = None
         self.restarts = 0
+        # Whether this session mounted the disk budget on its workdir (a session's own
+        # directory has one already, which the session keeps).
+        self._confined = False
 
     async def __aenter__(self) -> KernelSession:
         await self.start()
@@ -464,7 +466,10 @@ class KernelSession:
         sandbox.check_available(self.settings)
         assert self.workdir is not None
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._confined = disk.confine_workdir(self.settings, self.workdir) or self._confined
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
+        # The kernel writes its sockets there (and its stderr goes there): capped as well.
+        disk.confine(self.runtime_dir, disk.RUNTIME_DIR_BYTES)
         km = _Manager(
             kernel_spec_manager=_OwnSpecs(kernel_dirs=[str(kernels_dir())]),
             kernel_name=self.language.kernel_name(self.settings),
@@ -597,6 +602,8 @@ class KernelSession:
             )
             await self.replace()
         kind = _kind(outcome, collector)
+        if kind is ErrorKind.EXCEPTION and disk.full(self.workdir):
+            kind = ErrorKind.DISK_LIMIT
         return collector.execution(kind, time.monotonic() - start)
 
     async def _drain(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
@@ -719,12 +726,21 @@ class KernelSession:
             _kill_hard(km)
 
     async def shutdown(self) -> None:
-        """Stop the kernel; its workdir goes too when nothing was written there."""
+        """Stop the kernel; its workdir goes too when nothing was written there (files written
+        to its disk budget are copied to the disk, unless the caller took the workdir)."""
         await self._stop_kernel()
-        self._drop_empty_workdir()
+        await asyncio.to_thread(self._drop_empty_workdir)
+
+    def release_workdir(self) -> None:
+        """The caller takes the workdir as it is, its disk budget included (`disk.keep`): this
+        session will not touch it again."""
+        self._confined = False
 
     def _drop_empty_workdir(self) -> None:
         if self.workdir is not None:
+            if self._confined:
+                self._confined = False
+                disk.settle(self.workdir)  # a plain directory on the disk from here on
             with contextlib.suppress(OSError):
                 self.workdir.rmdir()
 
@@ -740,7 +756,7 @@ class KernelSession:
             except Exception:
                 _kill_hard(km)
         if runtime is not None:
-            shutil.rmtree(runtime, ignore_errors=True)
+            disk.remove(runtime)
         _live.discard(self)
 
     def kill_now(self) -> None:
@@ -748,7 +764,7 @@ class KernelSession:
         if self.km is not None:
             _kill_hard(self.km)
         if self.runtime_dir is not None:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            disk.remove(self.runtime_dir)
 
 
 def _fork_start(settings: Settings, language: languages.Language) -> bool:
@@ -847,7 +863,7 @@ def sweep_leftovers(work_root: Path | None = None) -> Swept:
     if work_root is not None and work_root.is_dir():
         dirs |= {d for d in work_root.iterdir() if _owner_gone(d.name) and _ours(d)}
     for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+        disk.remove(d)  # a budget is unmounted first: its files go with it
         swept.dirs += not d.exists()
     if swept.processes or swept.dirs:
         log.warning(
@@ -970,11 +986,13 @@ class KernelProvider:
         return session
 
     async def release(self, session: KernelSession) -> None:
-        """The kernel's processes end before this returns, so the run can keep what its code
-        wrote; the rest of the teardown (channels, connection files, cgroups: ~8 ms, a
-        gateway's DELETE: ~0.3 s) goes on while the run answers, and close() waits for it."""
+        """The kernel's processes end before this returns, and its workdir (its disk budget
+        included) is the caller's from then on, so the run can keep what its code wrote; the
+        rest of the teardown (channels, connection files, cgroups: ~8 ms, a gateway's DELETE:
+        ~0.3 s) goes on while the run answers, and close() waits for it."""
         if session.workdir is not None:
             await session.end_processes()
+            session.release_workdir()
         task = asyncio.get_running_loop().create_task(session.shutdown())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from autocoder.errors import DiskFull
 from autocoder.files import OpenedFile, open_beneath
 from autocoder.notebook import (
     is_valid_run_id,
@@ -192,6 +193,12 @@ class RunStore:
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                # Not a broken index: one rebuilt now would be as empty as the disk is full.
+                raise DiskFull(
+                    f"cannot open the run index {str(self.path)!r}: the disk holding it is "
+                    "full; free some space there and try again"
+                ) from e
             self._db = self._rebuild(e)
         self.sync()
 

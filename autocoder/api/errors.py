@@ -15,12 +15,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autocoder.api.admission import Busy
 from autocoder.api.auth import Guard
-from autocoder.errors import AutocoderError, ConfigError, KernelStartError, StoreUnavailable
+from autocoder.errors import (
+    AutocoderError,
+    ConfigError,
+    DiskFull,
+    KernelStartError,
+    StoreUnavailable,
+)
 from autocoder.sessions import SessionBusy, SessionGone, SessionsFull
 
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads it, but the access log says what happened
+INSUFFICIENT_STORAGE = 507
 
 
 class ClientGone(Exception):
@@ -115,6 +122,8 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 async def _our_fault(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AutocoderError)
     status = 503 if isinstance(exc, KernelStartError | StoreUnavailable) else 500
+    if isinstance(exc, DiskFull):
+        status = INSUFFICIENT_STORAGE
     log.error("%s %s failed: %s", request.method, request.url.path, exc)
     headers = {"Retry-After": "5"} if isinstance(exc, StoreUnavailable) else None
     return JSONResponse({"detail": fault_message(exc)}, status_code=status, headers=headers)

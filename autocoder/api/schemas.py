@@ -161,7 +161,8 @@ class Health(BaseModel):
     """Whether the service can take runs; answered without touching a kernel or the model."""
 
     status: Literal["ok", "degraded"] = Field(
-        description="`degraded` (HTTP 503) when the pool cannot start kernels."
+        description="`degraded` (HTTP 503) when the pool cannot start kernels, or the disk "
+        "holding the records is low (`disk_error`)."
     )
     version: str = Field(description="autocoder's version.")
     kernels_ready: int = Field(description="Pre-started kernels waiting for a run.")
@@ -185,6 +186,17 @@ class Health(BaseModel):
     max_queued_runs: int = Field(description="AUTOCODER_MAX_QUEUED_RUNS.")
     sessions_open: int = Field(0, description="Sessions open, each keeping a kernel.")
     max_sessions: int = Field(0, description="AUTOCODER_MAX_SESSIONS.")
+    disk_free_mb: float = Field(
+        0.0,
+        description="Megabytes free on the fuller of the disks holding the records "
+        "(AUTOCODER_NOTEBOOKS_DIR, AUTOCODER_AUTOFILE_DIR).",
+    )
+    disk_error: str | None = Field(
+        None,
+        description="Why that disk is a problem, naming the directory: low (less free than "
+        "one run may write, AUTOCODER_MAX_RUN_DISK_MB, and its record), or full (runs are "
+        "refused with 507).",
+    )
 
 
 class ErrorBody(BaseModel):
