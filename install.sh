@@ -33,7 +33,7 @@ apt_install() {
 
 if ! command -v bwrap >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
-    echo "install.sh: installing bubblewrap (the sandbox) with apt-get" >&2
+    echo "install.sh: installing bubblewrap (the sandbox) with apt-get (under a minute)" >&2
     apt_install bubblewrap
   else
     echo "install.sh: bubblewrap (bwrap) is missing and apt-get is not here; install it, or set AUTOCODER_SANDBOX=none to run code unconfined" >&2
@@ -43,7 +43,7 @@ fi
 # The web page's tests drive the system's Chromium (Playwright never downloads a browser).
 if [[ "$extras" == *test* ]] && ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
-    echo "install.sh: installing chromium (the web page's browser tests) with apt-get" >&2
+    echo "install.sh: installing chromium (the web page's browser tests) with apt-get (1-2 minutes)" >&2
     apt_install chromium
   else
     echo "install.sh: chromium is missing and apt-get is not here; the browser tests (tests/test_web.py -m browser) will be skipped" >&2
@@ -54,7 +54,7 @@ fi
 if [[ "$extras" == *test* ]] && ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null \
   && ! command -v postgres >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
-    echo "install.sh: installing postgresql (the PostgreSQL run store's tests) with apt-get" >&2
+    echo "install.sh: installing postgresql (the PostgreSQL run store's tests) with apt-get (under a minute)" >&2
     apt_install postgresql
   else
     echo "install.sh: PostgreSQL is missing and apt-get is not here; tests/test_postgres.py will be skipped" >&2
@@ -66,8 +66,16 @@ fi
 # the process, and the embedded model's server dies with a general protection fault at its
 # first completion. A portable AVX2 build runs everywhere x86_64 has AVX2 and loses little for
 # a 0.5B model. Set CMAKE_ARGS yourself to choose another build.
-if [[ "$(uname -m)" == "x86_64" && -z "${CMAKE_ARGS:-}" ]]; then
-  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+# Only what the embedded model's server loads is built: llama-cpp-python 0.3.36 already leaves
+# llama.cpp's tests, examples, tools and server out (LLAMA_BUILD_* follow LLAMA_STANDALONE,
+# off under add_subdirectory) but builds mtmd, the multimodal library, which a text model never
+# loads (LLAVA_BUILD=OFF: 127 files compiled instead of 178). pip keeps the wheel it built and
+# reuses it whatever CMAKE_ARGS say.
+if [[ -z "${CMAKE_ARGS:-}" ]]; then
+  export CMAKE_ARGS="-DLLAVA_BUILD=OFF"
+  if [[ "$(uname -m)" == "x86_64" ]]; then
+    CMAKE_ARGS+=" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+  fi
 fi
 
 python="${PYTHON:-python3}"
@@ -77,17 +85,17 @@ command -v "$python" >/dev/null 2>&1 || python=python
 if [[ -n "$languages" ]]; then
   if command -v apt-get >/dev/null 2>&1; then
     if ! command -v R >/dev/null 2>&1 || [[ ! -d /usr/lib/R/site-library/IRkernel ]]; then
-      echo "install.sh: installing R and IRkernel with apt-get" >&2
+      echo "install.sh: installing R and IRkernel with apt-get (1-2 minutes)" >&2
       apt_install r-base-core r-cran-irkernel
     fi
     if ! command -v npm >/dev/null 2>&1; then
-      echo "install.sh: installing npm with apt-get (for Deno)" >&2
+      echo "install.sh: installing npm with apt-get, for Deno (under a minute)" >&2
       apt_install npm
     fi
   fi
   if ! command -v deno >/dev/null 2>&1; then
     if command -v npm >/dev/null 2>&1; then
-      echo "install.sh: installing Deno (JavaScript/TypeScript) with npm" >&2
+      echo "install.sh: installing Deno (JavaScript/TypeScript) with npm (under a minute)" >&2
       timeout 600 $sudo npm install -g --no-fund --no-audit --loglevel=error deno >/dev/null
     else
       echo "install.sh: npm is missing; JavaScript/TypeScript will not be available" >&2
@@ -95,15 +103,33 @@ if [[ -n "$languages" ]]; then
   fi
 fi
 
-"$python" -m pip install --disable-pip-version-check -q -e ".${extras}"
-echo "install.sh: autocoder installed for $("$python" -c 'import sys; print(sys.executable)')" >&2
+# pip -q says nothing while llama.cpp compiles: a line before, and one a minute while it works.
+if "$python" -c "import llama_cpp" >/dev/null 2>&1; then
+  echo "install.sh: updating autocoder with pip (under a minute when its packages are there)" >&2
+else
+  echo "install.sh: installing autocoder and its Python packages with pip: about 3 minutes, and the first time on this machine 4-12 more on 2 cores to compile llama.cpp for the embedded model (quiet while it compiles)" >&2
+fi
+started=$SECONDS
+"$python" -m pip install --disable-pip-version-check -q -e ".${extras}" &
+pip_pid=$!
+next=60
+while kill -0 "$pip_pid" 2>/dev/null; do
+  sleep 1
+  if (( SECONDS - started >= next )) && kill -0 "$pip_pid" 2>/dev/null; then
+    echo "install.sh: pip is still working ($(( (SECONDS - started) / 60 )) min so far)" >&2
+    next=$(( next + 60 ))
+  fi
+done
+wait "$pip_pid"
+echo "install.sh: autocoder installed for $("$python" -c 'import sys; print(sys.executable)') in $(( SECONDS - started )) s" >&2
 
 # Jupyter's own kernelspecs for the languages, which the run notebooks name (bash, deno, ir),
-# so that a notebook re-runs in JupyterLab. IRkernel's comes with the Debian package.
+# where any JupyterLab of this machine looks (not only this environment's): the system's data
+# dir for root, the user's otherwise. Each line says where one went.
 if [[ -n "$languages" ]]; then
-  "$python" -m bash_kernel.install --sys-prefix >/dev/null
-  if command -v deno >/dev/null 2>&1; then
-    deno jupyter --install --force >/dev/null 2>&1 || echo "install.sh: deno jupyter --install failed" >&2
-  fi
+  echo "install.sh: installing the kernelspecs the notebooks name, for JupyterLab:" >&2
+  where=()
+  [[ $(id -u) -ne 0 ]] && where=(--user)
+  "$python" -m autocoder kernels install --notebooks ${where[@]+"${where[@]}"} | sed 's/^/  /' >&2
   "$python" -m autocoder kernels list >&2
 fi

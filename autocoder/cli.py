@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from autocoder import __version__, files, languages
+from autocoder import __version__, disk, files, languages
 from autocoder.config import Settings, load_settings, prepare_dirs, writable_dir
 from autocoder.errors import AutocoderError, ConfigError
 from autocoder.records import ErrorKind, Event, RunResult
@@ -130,6 +132,43 @@ def _read_prompt(words: Sequence[str]) -> str:
     return text.strip()
 
 
+def _shown(result: RunResult, text: str) -> str:
+    """The answer's text as a terminal can show it: each image the code displayed becomes a
+    line saying so and where it is, in place of its text (a plot's is only
+    `<Figure size 640x480 with 1 Axes>`)."""
+    if not any(_image(out) for out in result.outputs):
+        return text
+    parts = []
+    for out in result.outputs:
+        if out.get("output_type") == "stream" and out.get("name") == "stdout":
+            parts.append(str(out.get("text", "")))
+        elif out.get("output_type") in {"display_data", "execute_result"}:
+            image = _image(out)
+            plain = out.get("data", {}).get("text/plain")
+            if image:
+                parts.append(f"[image: {image}, in the notebook {result.notebook}]\n")
+            elif isinstance(plain, str):
+                parts.append(plain if plain.endswith("\n") else plain + "\n")
+    return "".join(parts)
+
+
+def _image(out: dict[str, Any]) -> str:
+    """`PNG, 534x413 px` for an output that carries an image (its size when its header says)."""
+    data = out.get("data") or {}
+    kind = next((k for k in data if isinstance(k, str) and k.startswith("image/")), "")
+    if not kind:
+        return ""
+    name = kind.removeprefix("image/").split("+")[0].upper()
+    try:
+        head = base64.b64decode(str(data[kind])[:32])
+    except ValueError:
+        return name
+    if kind == "image/png" and head[12:16] == b"IHDR":
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        return f"{name}, {width}x{height} px"
+    return name
+
+
 def _print_result(result: RunResult) -> None:
     rule = "─" * 60
     last = result.attempts[-1] if result.attempts else None
@@ -138,18 +177,20 @@ def _print_result(result: RunResult) -> None:
         print(result.code.rstrip("\n"))
     if result.status == "success":
         print(f"{rule}\noutput\n{rule}")
-        print(result.output.rstrip("\n"))
+        print(_shown(result, result.output).rstrip("\n"))
     else:
         print(f"{rule}\nerror after {len(result.attempts)} attempt(s)\n{rule}")
         print(result.error.rstrip("\n"))
         if last is not None and last.output.strip():
-            print(f"{rule}\noutput\n{rule}\n{last.output.rstrip()}")
+            print(f"{rule}\noutput\n{rule}\n{_shown(result, last.output).rstrip()}")
     print(rule)
     print(f"notebook: {result.notebook}")
     if result.workdir:
         print(f"files:    {result.workdir}")
         for f in result.files:
             print(f"          {f.name} ({f.size:,} bytes, {f.media_type})")
+    if result.notice:
+        print(f"note:     {result.notice}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -173,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except files.FileRefused as e:
         _fail(str(e))
     prepare_dirs(settings)
+    disk.check_room(settings)
     progress = Progress(not args.quiet)
 
     async def go() -> RunResult:
@@ -210,7 +252,7 @@ def _print_turn(result: RunResult) -> None:
         print("─" * 60)
     if result.status == "success":
         if result.output.strip():
-            print(result.output.rstrip("\n"))
+            print(_shown(result, result.output).rstrip("\n"))
     else:
         last = (result.error or "it failed").strip().splitlines()
         print(f"failed ({result.error_kind.value if result.error_kind else 'error'}): {last[-1]}")
@@ -339,15 +381,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels_install(args: argparse.Namespace) -> int:
-    from autocoder.kernel.local import install_kernelspecs  # start-up time, as in cmd_run
+    """autocoder's kernelspecs, and the ones its notebooks name, where Jupyter finds them."""
+    # Start-up time, as in cmd_run.
+    from autocoder.kernel.local import install_kernelspecs, install_notebook_kernelspecs
 
+    settings = _settings(args)
     try:
-        installed = install_kernelspecs(user=args.user, prefix=args.prefix)
+        installed = (
+            [] if args.notebooks else install_kernelspecs(user=args.user, prefix=args.prefix)
+        )
+        for_notebooks = install_notebook_kernelspecs(settings, user=args.user, prefix=args.prefix)
     except OSError as e:
         where = f" under {args.prefix!r}" if args.prefix else ""
-        _fail(f"cannot install the kernelspecs{where}: {e.strerror or e}")
+        hint = " (or use --user)" if e.errno == errno.EACCES and not args.user else ""
+        _fail(f"cannot install the kernelspecs{where}: {e.strerror or e}{hint}")
     for path in installed:
         print(path)
+    for name, dest, why in for_notebooks:
+        print(f"{name:<8} {dest}" if dest else f"{name:<8} not installed: {why}")
     return EXIT_OK
 
 
@@ -457,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     install = ksub.add_parser("install", help="install them where Jupyter finds them")
     install.add_argument("--user", action="store_true", help="into the user's Jupyter data dir")
     install.add_argument("--prefix", help="into this prefix (e.g. sys.prefix of a venv)")
+    install.add_argument(
+        "--notebooks",
+        action="store_true",
+        help="only the kernelspecs the run notebooks name (bash, deno, ir), for a JupyterLab "
+        "outside this environment; not autocoder's own",
+    )
     install.set_defaults(func=cmd_kernels_install)
     klist = ksub.add_parser("list", help="which languages this installation can run, and why not")
     klist.add_argument("--json", action="store_true")

@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     max_processes: int = Field(64, ge=4, le=1 << 30)
     max_open_files: int = Field(256, ge=32, le=1 << 30)
     max_file_mb: int = Field(256, ge=1, le=1 << 30)
+    max_run_disk_mb: int = Field(
+        512,
+        ge=0,
+        le=1 << 30,
+        description="Megabytes a run's (or a session's) working directory may hold: a "
+        "size-capped tmpfs, so what the code writes there counts against its memory too; "
+        "0: no cap (see docs/security.md).",
+    )
     allow_network: bool = False
 
     # Remote kernels: every run's kernel from a Jupyter Kernel or Enterprise Gateway.

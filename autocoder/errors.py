@@ -25,3 +25,7 @@ class SandboxUnavailable(KernelStartError):
 
 class StoreUnavailable(AutocoderError, ConnectionError):
     """The shared run store (PostgreSQL) cannot be reached or did not answer in time."""
+
+
+class DiskFull(AutocoderError, OSError):
+    """The disk holding the run records has no room for one more; the message names the directory."""

@@ -4,12 +4,14 @@ model) and what it leaves behind (listed, served without ever leaving the run's 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import mimetypes
 import os
 import stat
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from autocoder.records import RunFile
 PREVIEW_LINES = 5
 PREVIEW_LINE_CHARS = 200
 MAX_LISTED = 200
+MAX_SCANNED = 10_000
 TEXT_SUFFIXES = {".csv", ".tsv", ".txt", ".json", ".jsonl", ".md", ".xml", ".yaml", ".yml"}
 
 # What a data user reaches for, in the order the model is told about them. Only those that
@@ -48,29 +51,73 @@ class FilesTooLarge(FileRefused):
     """Over AUTOCODER_MAX_UPLOAD_MB (HTTP 413 rather than 422)."""
 
 
+# Characters that draw as `/` or `\\` and that NFKC does not map to them (it does map the
+# fullwidth and small forms, U+FF0F, U+FF3C, U+FE68).
+SEPARATOR_LOOKALIKES = frozenset("\u2044\u2215\u2216\u29f5\u29f8\u29f9\u2571\u2572")
+# Format characters (Unicode category Cf) draw as nothing or reorder what follows: a
+# right-to-left override makes `evil\u202ecsv.exe` read as `evilexe.vsc`. Scripts and emoji
+# need the two zero-width joiners, which are kept.
+JOINERS = frozenset("\u200c\u200d")
+# Letters and symbols that draw as blank space (Hangul fillers, the blank Braille pattern): a
+# name of these and whitespace only is as blank as one of spaces.
+BLANKS = JOINERS | frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
 @dataclass(frozen=True)
 class InputFile:
-    """A file the user gives a run, already read (its size is bounded by the upload limits)."""
+    """A file the user gives a run, already read (its size is bounded by the upload limits).
+
+    The name is kept in NFC, the form keyboards type: the same name sent in NFD (as macOS
+    spells many) is the same file, under the name a prompt would use."""
 
     name: str
     data: bytes
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", unicodedata.normalize("NFC", self.name))
+
+
+def name_key(name: str) -> str:
+    """What two names that look alike have in common: compatibility forms and case folded
+    (`A.csv`, `a.csv` and `Ａ.csv` are one name to a reader, and to macOS or Windows)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
 
 def check_name(name: str) -> str:
     """A plain file name or FileRefused. Names are refused, never rewritten: a silently renamed
-    file would not be where the user's prompt says it is."""
+    file would not be where the user's prompt says it is (NFC is the one form kept)."""
     if not name:
         raise FileRefused("a file has no name")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise FileRefused(f"the file name {name!r} contains control characters")
-    if "/" in name or "\\" in name:
-        raise FileRefused(f"the file name {name!r} contains a path separator; give a plain name")
-    if name.startswith("."):
-        raise FileRefused(f"the file name {name!r} starts with a dot")
     try:
         size = len(name.encode())
     except UnicodeEncodeError:
         raise FileRefused(f"the file name {name!r} is not valid UTF-8") from None
+    if all(c.isspace() or c in BLANKS for c in name):
+        raise FileRefused(f"the file name {name!r} is blank: only whitespace or blank characters")
+    if any(unicodedata.category(c) in {"Cc", "Zl", "Zp"} for c in name):
+        raise FileRefused(f"the file name {name!r} contains control characters")
+    hidden = next((c for c in name if unicodedata.category(c) == "Cf" and c not in JOINERS), "")
+    if hidden:
+        raise FileRefused(
+            f"the file name {name!r} contains an invisible formatting character "
+            f"(U+{ord(hidden):04X}) that hides how it reads"
+        )
+    if name != name.strip():
+        raise FileRefused(f"the file name {name!r} starts or ends with whitespace")
+    if "/" in name or "\\" in name:
+        raise FileRefused(f"the file name {name!r} contains a path separator; give a plain name")
+    compat = unicodedata.normalize("NFKC", name)
+    lookalike = next((c for c in name if c in SEPARATOR_LOOKALIKES), "") or next(
+        (c for c in name if unicodedata.normalize("NFKC", c) in {"/", "\\"}), ""
+    )
+    if lookalike or "/" in compat or "\\" in compat:
+        code = f" (U+{ord(lookalike):04X})" if lookalike else ""
+        raise FileRefused(
+            f"the file name {name!r} contains a character that looks like a path "
+            f"separator{code}; give a plain name"
+        )
+    if name.startswith(".") or compat.startswith("."):
+        raise FileRefused(f"the file name {name!r} starts with a dot")
     if size > 255:
         raise FileRefused(f"the file name {name[:40]!r}... is longer than 255 bytes")
     return name
@@ -82,14 +129,20 @@ def check_inputs(files: Sequence[InputFile], settings: Settings) -> None:
         raise FileRefused(
             f"{len(files)} files given; at most {settings.max_files} (AUTOCODER_MAX_FILES)"
         )
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     limit = settings.max_upload_mb * 1024 * 1024
     total = 0
     for f in files:
         check_name(f.name)
-        if f.name in seen:
-            raise FileRefused(f"two files are named {f.name!r}")
-        seen.add(f.name)
+        other = seen.get(name_key(f.name))
+        if other is not None:
+            raise FileRefused(
+                f"two files are named {f.name!r}"
+                if other == f.name
+                else f"the file names {other!r} and {f.name!r} differ only in case or form; "
+                "give names that differ"
+            )
+        seen[name_key(f.name)] = f.name
         if not f.data:
             raise FileRefused(f"the file {f.name!r} is empty")
         if len(f.data) > limit:
@@ -101,6 +154,23 @@ def check_inputs(files: Sequence[InputFile], settings: Settings) -> None:
         raise FilesTooLarge(
             f"the files add up to over {settings.max_upload_mb} MB (AUTOCODER_MAX_UPLOAD_MB)"
         )
+
+
+def check_free(inputs: Sequence[InputFile], directory: Path) -> None:
+    """FileRefused if an input's name is taken in `directory` (a session's), compared as
+    check_inputs compares names. Only the first MAX_SCANNED entries are compared beyond the
+    exact name, so that a directory of a million files cannot stall the caller."""
+    keys = {name_key(f.name): f.name for f in inputs}
+    for f in inputs:
+        if os.path.lexists(directory / f.name):
+            raise FileRefused(f"the session already has a file named {f.name!r}")
+    with os.scandir(directory) as entries:
+        for entry in itertools.islice(entries, MAX_SCANNED):
+            if name_key(entry.name) in keys:
+                raise FileRefused(
+                    f"the session already has a file named {entry.name!r}, which differs from "
+                    f"{keys[name_key(entry.name)]!r} only in case or form"
+                )
 
 
 def read_local(paths: Iterable[str | Path], settings: Settings) -> list[InputFile]:

@@ -483,6 +483,30 @@ def installed(settings: Settings) -> list[str]:
     return [a.language for a in availability(settings) if a.available]
 
 
+def notebook_kernelspec(lang: Language, settings: Settings) -> dict[str, Any] | None:
+    """The Jupyter kernelspec a run notebook of `lang` names (`bash`, `deno`, `ir`), as the
+    language's own kernel: the argv after `--` in autocoder's unconfined kernelspec, with the
+    program made absolute, so that a Jupyter outside this environment starts the same kernel.
+    None when that kernel is not installed here. Python's (`python3`) is every Jupyter's own."""
+    if lang is PYTHON or lang.missing(settings) is not None:
+        return None
+    shipped = json.loads((kernels_dir() / f"autocoder-{lang.kernel}" / "kernel.json").read_text())
+    program, *args = shipped["argv"][shipped["argv"].index("--") + 1 :]
+    if program == "python":
+        program = str(settings.kernel_python or sys.executable)
+    else:
+        program = shutil.which(program) or program
+    spec: dict[str, Any] = {
+        "argv": [program, *args],
+        "display_name": lang.kernelspec["display_name"],
+        "language": lang.kernelspec["language"],
+        "interrupt_mode": shipped.get("interrupt_mode", "signal"),
+    }
+    if shipped.get("env"):
+        spec["env"] = shipped["env"]
+    return spec
+
+
 class LanguageUnavailable(AutocoderError, ValueError):
     """An unknown language, or one this installation cannot run; the message names those it can."""
 

@@ -23,6 +23,7 @@ class ErrorKind(str, Enum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     MISSING_MODULE = "missing_module"
+    DISK_LIMIT = "disk_limit"
 
 
 class ErrorInfo(BaseModel):
@@ -116,7 +117,7 @@ class RunResult(BaseModel):
     )
     error_kind: ErrorKind | None = Field(
         default=None,
-        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, output_lost (the kernel could not send some of the output, so the attempt cannot count as a success), unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled, interrupted (the server running it stopped before it finished, as another replica found: PostgreSQL store only).",
+        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, output_lost (the kernel could not send some of the output, so the attempt cannot count as a success), unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled, interrupted (the server running it stopped before it finished, as another replica found: PostgreSQL store only), disk_limit (the code filled its working directory: AUTOCODER_MAX_RUN_DISK_MB).",
     )
     run_id: str = Field(
         description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."
@@ -157,6 +158,11 @@ class RunResult(BaseModel):
     )
     timeout: float | None = Field(
         default=None, description="Seconds each attempt's code could run (AUTOCODER_TIMEOUT)."
+    )
+    notice: str = Field(
+        default="",
+        description="What was left out of this record to keep it, for lack of disk space: "
+        "files the code wrote, or outputs.",
     )
 
 

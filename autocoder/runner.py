@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from autocoder import files, languages
+from autocoder import disk, files, languages
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
-from autocoder.errors import ConfigError, LLMError
+from autocoder.errors import ConfigError, DiskFull, LLMError
 from autocoder.files import InputFile
 from autocoder.inside import asserts
 from autocoder.kernel.backend import KernelLedger
@@ -82,6 +82,11 @@ def _what_went_wrong(attempt: Attempt, timeout: float) -> str:
     if kind is ErrorKind.OUTPUT_LIMIT:
         return (
             f"The code printed far too much output and was stopped. Print only the answer.{shown}"
+        )
+    if kind is ErrorKind.DISK_LIMIT:
+        return (
+            f"The code ran out of disk space: {attempt.error.splitlines()[-1]}. Write less: keep "
+            f"data in memory, and write only the files the task asks for.{shown}"
         )
     if kind is ErrorKind.OUTPUT_LOST:
         return (
@@ -424,6 +429,8 @@ class Runner:
         """
         lang = languages.get(language)
         files.check_inputs(inputs, self.settings)
+        if record:
+            await asyncio.to_thread(disk.check_room, self.settings)
         settings = self.settings.model_copy(
             update={
                 k: v
@@ -482,6 +489,7 @@ class _Run:
         self.model = ""
         self.backend = ""
         self.language = languages.PYTHON
+        self.notice = ""
 
     async def emit(self, type_: Any, attempt: int | None = None, **data: Any) -> None:
         if self.on_event is None:
@@ -519,6 +527,11 @@ class _Run:
             error_kind, error = ErrorKind.CANCELLED, "the run was cancelled"
             self._keep_cancelled_attempt(error)
             await asyncio.shield(self._finish(error_kind, error))
+            raise
+        except DiskFull:
+            self.record = False  # nothing of it is kept: no file without its record
+            await asyncio.shield(self._release())
+            await asyncio.to_thread(self._forget)
             raise
         except BaseException:
             # Our own failure (a kernel that cannot start, say): no record, but no leak either.
@@ -567,7 +580,12 @@ class _Run:
         if code and self.record:
             attempt.filename = str(self.code_dir / f"generated_code_{number}{lang.suffix}")
             # In a thread: its fsync waits on the disk, and the loop serves every other run.
-            await asyncio.to_thread(write_atomic, Path(attempt.filename), code)
+            try:
+                await asyncio.to_thread(write_atomic, Path(attempt.filename), code)
+            except OSError as e:
+                if disk.no_space(e):  # nor would its record fit: the run ends here
+                    raise self._disk_full(self.settings.autofile_dir) from e
+                raise
         await self.emit(
             "code_generated",
             number,
@@ -652,6 +670,9 @@ class _Run:
             )
         elif result.kind is ErrorKind.OUTPUT_LOST:
             attempt.error = "part of the output was lost in the kernel: it could not be sent"
+        elif result.kind is ErrorKind.DISK_LIMIT:
+            said = clean_traceback(result.error.traceback) if result.error else ""
+            attempt.error = f"{said}\n{disk.budget_words(self.settings)}".lstrip("\n")
         elif result.kind is ErrorKind.KERNEL_DIED:
             detail = result.error.evalue if result.error else ""
             attempt.error = "kernel died" + (f": {detail}" if detail else "")
@@ -681,25 +702,83 @@ class _Run:
         if kernel is not None:
             await self.kernels.release(kernel)
             if kernel.workdir is not None:
-                self._keep_workdir(kernel.workdir)
+                # In a thread: a budget's files are copied to the disk.
+                await asyncio.to_thread(self._keep_workdir, kernel.workdir)
 
     def _keep_workdir(self, workdir: Path) -> None:
-        """Files the code wrote stay with the run's record; an empty directory is dropped."""
+        """Files the code wrote stay with the run's record, as far as the disk keeps room for
+        the record beside them (the record says what was left out); an empty directory goes."""
         try:
-            if not self.record or not any(workdir.iterdir()):
-                shutil.rmtree(workdir, ignore_errors=True)
+            if not self.record:
+                disk.remove(workdir)
                 return
             target = self.code_dir / "files"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(workdir), str(target))
-            self.workdir = str(target)
-            self.files = files.list_outputs(target, self.run_id, (f.name for f in self.inputs))
+            # Room for this record (every attempt's output, in the record and the notebook)
+            # and for the records of runs going on beside it.
+            reserve = disk.RECORD_ROOM + 2 * self.settings.max_output_bytes * len(self.attempts)
+            kept = disk.keep(workdir, target, reserve)
+            self.notice = kept.words(self.settings.autofile_dir.resolve())
+            if kept.kept:
+                self.workdir = str(target)
+                self.files = files.list_outputs(target, self.run_id, (f.name for f in self.inputs))
         except OSError:
             pass
 
     def _write(self, result: RunResult, path: Path) -> None:
-        write_notebook(result, path)
-        write_record(result, self.settings.notebooks_dir)
+        """The notebook and the record. Should the disk be full, the run's own files go first,
+        then its outputs (the record says so); a run that still cannot be recorded leaves
+        nothing behind and ends as DiskFull."""
+        making_room = [self._drop_files, self._drop_outputs]
+        while True:
+            try:
+                write_notebook(result, path)
+                write_record(result, self.settings.notebooks_dir)
+                return
+            except OSError as e:
+                if not disk.no_space(e):
+                    raise
+                if not making_room:
+                    self._forget(path)
+                    raise self._disk_full(self.settings.notebooks_dir) from e
+            making_room.pop(0)(result)
+
+    def _drop_files(self, result: RunResult) -> None:
+        if not result.workdir:
+            return
+        disk.remove(Path(result.workdir))
+        result.workdir, result.files = "", []
+        self.workdir, self.files = "", []
+        result.notice = _joined(
+            result.notice,
+            "The files the code wrote were removed to make room for this record (the disk "
+            "was full).",
+        )
+
+    def _drop_outputs(self, result: RunResult) -> None:
+        for attempt in result.attempts:
+            attempt.outputs = []
+            attempt.output = cut_middle(attempt.output, FEEDBACK_CHARS)
+            attempt.stderr = cut_middle(attempt.stderr, FEEDBACK_CHARS)
+        result.outputs = []
+        result.output = cut_middle(result.output, FEEDBACK_CHARS)
+        result.notice = _joined(
+            result.notice,
+            f"The outputs were left out of this record and cut to {FEEDBACK_CHARS:,} "
+            "characters of text to make room for it (the disk was full).",
+        )
+
+    def _forget(self, notebook: Path | None = None) -> None:
+        """Remove what a run that cannot be recorded wrote: nothing would point at it."""
+        shutil.rmtree(self.code_dir, ignore_errors=True)
+        if notebook is not None:
+            notebook.unlink(missing_ok=True)
+
+    def _disk_full(self, where: Path) -> DiskFull:
+        return DiskFull(
+            f"run {self.run_id} could not be recorded: the disk holding {str(where.resolve())!r} "
+            f"is full ({disk.megabytes(disk.free_bytes(where))} free); free some space there "
+            "and run it again"
+        )
 
     async def _finish(self, error_kind: ErrorKind | None, error: str) -> RunResult:
         await self._release()
@@ -727,6 +806,7 @@ class _Run:
             duration=time.monotonic() - self.started,
             session_id=self.session_id,
             timeout=self.settings.timeout,
+            notice=self.notice,
         )
         if self.record:
             # Absolute, so a reader finds it whatever directory they are in.
@@ -736,3 +816,7 @@ class _Run:
             await asyncio.to_thread(self._write, result, path)
         await self.emit("run_finished", **result.model_dump(mode="json", exclude={"attempts"}))
         return result
+
+
+def _joined(*sentences: str) -> str:
+    return " ".join(s for s in sentences if s)

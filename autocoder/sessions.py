@@ -33,7 +33,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,12 @@ from typing import Any
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from autocoder import disk
 from autocoder import files as files_mod
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import AutocoderError
-from autocoder.files import FileRefused, InputFile
+from autocoder.files import InputFile
 from autocoder.kernel.client import INTERRUPT_GRACE, Kernel
 from autocoder.kernel.output import OutputCallback
 from autocoder.kernel.pool import KernelSource
@@ -342,9 +343,23 @@ class Session:
                             os.chown(name, owner, owner, dir_fd=dir_fd, follow_symlinks=False)
 
     async def close(self) -> None:
+        await self.stop_kernel()
+        await asyncio.to_thread(self.settle_files)
+
+    async def stop_kernel(self) -> None:
+        """The kernel only: its working directory stays as it is, for the next one."""
         kernel, self.kernel = self.kernel, None
         if kernel is not None:
             await kernel.shutdown()
+
+    def settle_files(self) -> None:
+        """Its files from its disk budget (a tmpfs) to the disk, where a closed session keeps
+        them; as many as leave room for the records, smallest first."""
+        kept = disk.settle(self.workdir)
+        if kept.dropped:
+            log.warning(
+                "session %s: %s", self.info.session_id, kept.words(self.settings.autofile_dir)
+            )
 
     # --- files --------------------------------------------------------------------------------
 
@@ -376,9 +391,11 @@ class Session:
         for rel in changed[: files_mod.MAX_LISTED]:
             dest = target / rel
             # The session's kernel is alive and may be swapping names: copied by descriptor.
-            with contextlib.suppress(OSError):
+            try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 files_mod.copy_beneath(self.workdir, rel, dest)
+            except OSError:
+                dest.unlink(missing_ok=True)  # never half a file (a full disk)
         return target
 
     def list_files(self) -> list[RunFile]:
@@ -386,15 +403,12 @@ class Session:
         return files_mod.list_outputs(self.workdir, self.info.session_id)
 
     def place(self, inputs: Sequence[InputFile]) -> None:
-        for f in inputs:
-            if os.path.lexists(self.workdir / f.name):
-                raise FileRefused(f"the session already has a file named {f.name!r}")
+        self.check_new_files(inputs)
         files_mod.place(inputs, self.workdir)
 
     def check_new_files(self, inputs: Sequence[InputFile]) -> None:
-        for f in inputs:
-            if os.path.lexists(self.workdir / f.name):
-                raise FileRefused(f"the session already has a file named {f.name!r}")
+        if inputs:
+            files_mod.check_free(inputs, self.workdir)
 
     # --- what the model is told ---------------------------------------------------------------
 
@@ -491,6 +505,8 @@ class Sessions:
                 continue
             session = Session(self.settings, info, self.files_root / info.session_id, self.kernels)
             if info.status == "open":
+                # A server killed with it open left its files in their disk budget.
+                session.settle_files()
                 info.status = "closed"
                 info.closed_at = _iso(time.time())
                 info.closed_reason = "server_restart"
@@ -531,6 +547,7 @@ class Sessions:
         files_mod.check_inputs(inputs, self.settings)
         if self._closing:
             raise SessionsFull("the server is shutting down", retry_after=5)
+        await asyncio.to_thread(disk.check_room, self.settings)
         if self.settings.max_sessions == 0:
             raise SessionsFull(
                 "this server keeps no sessions (AUTOCODER_MAX_SESSIONS=0); use POST /run",
@@ -563,6 +580,8 @@ class Sessions:
             session.created = session.last_used = now
             session.touch()
             await asyncio.to_thread(session.workdir.mkdir, parents=True, exist_ok=True)
+            # One disk budget for the session's whole life, whichever kernels it has.
+            await asyncio.to_thread(disk.confine_workdir, self.settings, session.workdir)
             if inputs:
                 await asyncio.to_thread(files_mod.place, inputs, session.workdir)
             try:
@@ -686,7 +705,7 @@ class Sessions:
 
     async def _revive(self, session: Session) -> None:
         """The kernel stopped between prompts (it ran out of CPU time, say): a fresh one."""
-        await session.close()
+        await session.stop_kernel()
         await session.start()
         await session.state_lost("the session's kernel had stopped since the last prompt")
 
@@ -768,14 +787,30 @@ class Sessions:
 
     def _save(self, session: Session) -> None:
         info = session.info.model_copy(update={"files": []})
-        write_atomic(self.records_dir / f"{info.session_id}.json", info.model_dump_json(indent=1))
+        with _unless_disk_full(session):
+            write_atomic(
+                self.records_dir / f"{info.session_id}.json", info.model_dump_json(indent=1)
+            )
 
     def _write(self, session: Session) -> None:
         self._save(session)
         results = [self._read_result(run.run_id) for run in session.info.runs]
         nb = build_session_notebook(session.info, results)
         nbformat.validate(nb)
-        write_atomic(Path(session.info.notebook), nbformat.writes(nb))
+        with _unless_disk_full(session):
+            write_atomic(Path(session.info.notebook), nbformat.writes(nb))
+
+
+@contextlib.contextmanager
+def _unless_disk_full(session: Session) -> Iterator[None]:
+    """A session's record and notebook are written again after each run: one that finds the
+    disk full is said in the log, and its runs' own records answer for them meanwhile."""
+    try:
+        yield
+    except OSError as e:
+        if not disk.no_space(e):
+            raise
+        log.warning("session %s: its record was not updated: %s", session.info.session_id, e)
 
 
 def _closed_message(info: SessionInfo) -> str:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
-from autocoder import api
+from autocoder import api, disk
 from autocoder.api.app import server_options
 from autocoder.config import Settings, load_settings
 from autocoder.runner import Runner
@@ -66,6 +66,16 @@ def kernel_pids() -> list[int]:
     return pids
 
 
+def mounts_under(root: str | Path) -> list[str]:
+    """Mount points below `root`, outermost first."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if Path(point).is_relative_to(root):
+            found.append(point)
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_kernel_left_behind() -> Iterator[None]:
     yield
@@ -74,6 +84,10 @@ def no_kernel_left_behind() -> Iterator[None]:
         time.sleep(0.2)
     left = kernel_pids()
     if not left:
+        # Disk budgets that servers the tests SIGKILLed left mounted (a next server's sweep
+        # would unmount them).
+        for point in reversed(mounts_under(SUITE_TMP)):
+            disk.unmount(Path(point))
         shutil.rmtree(SUITE_TMP, ignore_errors=True)
     assert left == [], "kernel processes outlived the test suite"
 

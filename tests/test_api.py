@@ -140,6 +140,24 @@ def test_a_run_whose_attempts_all_fail_is_still_http_200(
     assert {"filename", "code", "output", "run_id", "notebook", "duration"} <= body.keys()
 
 
+def test_attempts_is_taken_by_the_name_the_cli_and_the_form_use(
+    client: httpx.Client, llm: ScriptedLLM
+) -> None:
+    """`--attempts` on the command line, "Attempts" on the page: `attempts` in the body too."""
+    for body in (
+        {"json": {"prompt": "fail", "attempts": 2}},
+        {"files": {"prompt": (None, "fail"), "attempts": (None, "2")}},
+    ):
+        llm.script(*[fenced("raise ValueError('nope')")] * 3)
+        r = client.post("/run", **body)  # type: ignore[arg-type]
+        assert r.status_code == 200, r.text
+        assert len(r.json()["attempts"]) == 2 and len(llm.requests) == 2, body
+    both = client.post("/run", json={"prompt": "x", "attempts": 1, "max_attempts": 2})
+    assert both.status_code == 422 and "not both" in both.json()["message"]
+    over = client.post("/run", json={"prompt": "x", "attempts": 1000})
+    assert over.status_code == 422 and "AUTOCODER_MAX_REQUEST_ATTEMPTS" in over.text
+
+
 def test_history_and_notebook_download_survive_a_restart(
     client: httpx.Client, llm: ScriptedLLM, live: LiveServer, tmp_path: Path
 ) -> None:

@@ -5,16 +5,22 @@ A real uvicorn (LiveServer or `autocoder serve`), real kernels, the scripted mod
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import requests
 from fastapi.testclient import TestClient
 
 from autocoder import api
@@ -238,6 +244,91 @@ def test_shutdown_turns_queued_requests_away_at_once(
     assert "shutting down" in queued[0].json()["detail"]
     assert took < 10, (took, log)  # grace 1 s + cancel; a run given the slot would take 60 s
     assert proc.returncode == 0, log
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies over the limit
+
+
+FORM = {"prompt": "sum it"}
+
+
+def _by_httpx(url: str, files: list[tuple[str, bytes]]) -> tuple[int, str]:
+    r = httpx.post(url, data=FORM, files=[("files", f) for f in files], timeout=60)
+    return r.status_code, r.text
+
+
+def _by_requests(url: str, files: list[tuple[str, bytes]]) -> tuple[int, str]:
+    r = requests.post(url, data=FORM, files=[("files", f) for f in files], timeout=60)
+    return r.status_code, r.text
+
+
+def _by_urllib(url: str, files: list[tuple[str, bytes]]) -> tuple[int, str]:
+    boundary = "autocoder-test-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'
+        f"{FORM['prompt']}\r\n".encode()
+    ]
+    for name, data in files:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"'
+        parts.append(f"{head}\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    request = urllib.request.Request(
+        url,
+        data=b"".join(parts),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _by_curl(url: str, paths: list[Path], *extra: str) -> tuple[int, str]:
+    args = ["-F", f"prompt={FORM['prompt']}", *(a for p in paths for a in ("-F", f"files=@{p}"))]
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "60", *extra, *args, "-w", "\n%{http_code}", url],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr  # a reset is curl's exit 55 or 56
+    body, _, status = out.stdout.rpartition("\n")
+    return int(status), body
+
+
+def test_uploads_over_the_limit_get_their_413_in_every_client(
+    tmp_path: Path, llm: ScriptedLLM
+) -> None:
+    """A 26 MB file, or three of 10 MB, against AUTOCODER_MAX_UPLOAD_MB=25: httpx, requests,
+    urllib and curl all read the 413 and its message. (The server used to close on a client
+    still sending, which then saw a connection reset.)"""
+    mb = 1024 * 1024
+    one = [("big.csv", b"1,2,3\n" * (26 * mb // 6 + 1))]
+    three = [(f"part{i}.csv", b"4,5,6\n" * (10 * mb // 6 + 1)) for i in range(3)]
+    paths = []
+    for name, data in one + three:
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    with LiveServer(make_settings(tmp_path, llm, max_upload_mb=25)) as live:
+        url = f"{live.url}/run"
+        answers: dict[str, Any] = {}
+        for files, what in ((one, "one file"), (three, "three files")):
+            answers[f"httpx, {what}"] = partial(_by_httpx, url, files)
+            answers[f"requests, {what}"] = partial(_by_requests, url, files)
+            answers[f"urllib, {what}"] = partial(_by_urllib, url, files)
+        if shutil.which("curl"):
+            answers["curl"] = partial(_by_curl, url, paths[:1])  # it asks Expect: 100-continue
+            answers["curl, no Expect"] = partial(_by_curl, url, paths[:1], "-H", "Expect:")
+            answers["curl, three files"] = partial(_by_curl, url, paths[1:], "-H", "Expect:")
+        for client, post in answers.items():
+            for _ in range(3):
+                status, body = post()
+                assert status == 413, (client, status, body)
+                assert "AUTOCODER_MAX_UPLOAD_MB" in json.loads(body)["detail"], (client, body)
+        assert live.health()["status"] == "ok"
+    assert llm.requests == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,30 @@ def test_run_prints_code_output_and_where_the_notebook_went(
         f"-write-a-function-that-returns-the-n-th-fibonacci-{run_id[16:]}.ipynb"
     )
     assert (tmp_path / "autofile" / run_id / "generated_code_2.py").resolve().exists()
+
+
+def test_a_plot_is_said_to_be_an_image_and_where_it_is(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A terminal shows no plot, and its text alone (`<Figure size 640x480 with 1 Axes>`)
+    does not say one was made."""
+    pytest.importorskip("matplotlib")
+    llm.script(
+        fenced("import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nplt.show()\nprint('plotted')")
+    )
+    proc = run_cli(["run", "plot the first three squares"], cli_env, tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    notebook = next((tmp_path / "notebooks").glob("*.ipynb")).resolve()
+    assert "<Figure size" not in proc.stdout
+    shown = re.search(r"^\[image: PNG, (\d+)x(\d+) px, in the notebook (.+)\]$", proc.stdout, re.M)
+    assert shown and shown[3] == str(notebook), proc.stdout
+    assert int(shown[1]) > 100 and int(shown[2]) > 100  # the PNG's own size
+    assert "plotted" in proc.stdout
+    # --json stays the API's contract: the output as the kernel gave it.
+    llm.script(fenced("import matplotlib.pyplot as plt\nplt.plot([1])\nplt.show()"))
+    as_json = run_cli(["run", "--json", "plot one point"], cli_env, tmp_path)
+    assert "<Figure size 640x480" in json.loads(as_json.stdout)["output"]
 
 
 def test_a_fix_that_deletes_the_failing_check_is_reported_as_unchecked(

@@ -9,7 +9,6 @@ import base64
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from autocoder.config import Settings, load_settings
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
 from tests.conftest import SANDBOX, SECRET, LiveServer, autocoder_cmd
+from tests.venvs import venv_importing_ours
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,14 +176,38 @@ BAD_UPLOADS: list[tuple[str, dict[str, Any], int, str]] = [
         "two files",
     ),
     ("an unknown field", {"files": [("files", ("a.csv", b"1"))], "extra": "x"}, 422, ""),
+    # Names that look alike, or hide what they are (issue 29).
+    (
+        "one name in NFC and NFD",
+        {"files": [("files", ("caf\u00e9.csv", b"1")), ("files", ("cafe\u0301.csv", b"2"))]},
+        422,
+        "two files are named 'caf\u00e9.csv'",
+    ),
+    (
+        "A.csv beside a.csv",
+        {"files": [("files", ("A.csv", b"1")), ("files", ("a.csv", b"2"))]},
+        422,
+        "differ only in case",
+    ),
+    ("a right-to-left override", {"raw": "evil\u202ecsv.exe"}, 422, "U+202E"),
+    ("a left-to-right isolate", {"raw": "a\u2066b.csv"}, 422, "U+2066"),
+    ("a zero-width space", {"raw": "a\u200b.csv"}, 422, "U+200B"),
+    ("a fullwidth solidus", {"raw": "etc\uff0fpasswd"}, 422, "looks like a path separator"),
+    ("a division slash", {"raw": "etc\u2215passwd"}, 422, "looks like a path separator"),
+    ("a fullwidth backslash", {"raw": "a\uff3cb.csv"}, 422, "looks like a path separator"),
+    ("a fullwidth dot", {"raw": "\uff0ebashrc"}, 422, "dot"),
+    ("three spaces", {"raw": "   "}, 422, "only whitespace"),
+    ("Hangul fillers", {"raw": "\u3164\u3164"}, 422, "only whitespace"),
+    ("a trailing space", {"raw": "sales.csv "}, 422, "ends with whitespace"),
+    ("a name that is not UTF-8", {"raw": b"caf\xe9.csv"}, 422, "not valid UTF-8"),
 ]
 
 
-def multipart_with_name(filename: str) -> bytes:
+def multipart_with_name(filename: str | bytes) -> bytes:
     return (
         b'--B\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nread it\r\n'
         b'--B\r\nContent-Disposition: form-data; name="files"; filename="'
-        + filename.encode()
+        + (filename if isinstance(filename, bytes) else filename.encode())
         + b'"\r\nContent-Type: text/csv\r\n\r\nx\r\n--B--\r\n'
     )
 
@@ -215,6 +239,23 @@ def test_bad_uploads_get_a_4xx_that_names_the_rule_and_start_no_run(
     assert says in r.text
     assert llm.requests == []
     assert sorted(p.name for p in live.settings.notebooks_dir.iterdir()) == before
+
+
+def test_a_name_sent_in_nfd_is_stored_in_nfc_the_form_a_prompt_types(
+    client: httpx.Client, llm: ScriptedLLM
+) -> None:
+    """macOS spells many names in NFD; the prompt (and the model) spell them in NFC."""
+    llm.script(fenced("print(open('caf\u00e9.csv').read().strip())"))
+    r = client.post(
+        "/run",
+        data={"prompt": "print caf\u00e9.csv"},
+        files=[("files", ("cafe\u0301.csv", b"espresso\n"))],
+    )
+    result = r.json()
+    assert r.status_code == 200 and result["status"] == "success", r.text
+    assert result["output"].strip() == "espresso"
+    told = user_message(llm.requests[0])
+    assert "caf\u00e9.csv" in told and "cafe\u0301" not in told
 
 
 def test_a_multipart_body_cut_off_midway_starts_no_run(live: LiveServer, llm: ScriptedLLM) -> None:
@@ -364,13 +405,9 @@ async def test_kernels_can_run_with_another_interpreter_under_the_sandbox(
     settings: Settings, llm: ScriptedLLM, tmp_path: Path
 ) -> None:
     env = tmp_path / "env"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)],
-        check=True,
-        timeout=60,
-    )
+    python = venv_importing_ours(env)
     llm.script(fenced("import sys\nprint(sys.prefix)"))
-    runner = Runner(settings.model_copy(update={"kernel_python": env / "bin" / "python"}))
+    runner = Runner(settings.model_copy(update={"kernel_python": python}))
     try:
         result = await runner.run("which python runs me?")
     finally:

@@ -32,6 +32,7 @@ from autocoder.kernel.client import Kernel
 from autocoder.kernel.pool import new_kernel
 from autocoder.records import ErrorKind
 from tests.processes import alive, processes_naming
+from tests.venvs import venv_importing_ours
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -422,12 +423,7 @@ def test_a_server_in_a_venv_under_tmp_forks_kernels_that_import_from_it(
     """A forked kernel's fresh /tmp must not hide the interpreter's own packages from it."""
     venv = Path(tempfile.mkdtemp(dir="/tmp")) / "venv"
     try:
-        subprocess.run(
-            [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-            check=True,
-            timeout=60,
-        )
-        python = venv / "bin" / "python"
+        python = venv_importing_ours(venv)
         site = subprocess.run(
             [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             capture_output=True,

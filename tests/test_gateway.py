@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -170,7 +171,8 @@ async def test_an_unconfined_kernel_on_the_gateway_shares_nothing_with_it(
         "here = Path(get_connection_file()).parent\n"
         "print(json.dumps([str(here), sorted(p.name for p in here.glob('*.json')), "
         "os.getcwd(), 'GATEWAY_SECRET' in os.environ, 'KG_AUTH_TOKEN' in os.environ, "
-        "resource.getrlimit(resource.RLIMIT_AS)[0] >> 20, resource.getrlimit(resource.RLIMIT_CPU)[0]]))"
+        "resource.getrlimit(resource.RLIMIT_AS)[0] >> 20, resource.getrlimit(resource.RLIMIT_CPU)[0], "
+        "(os.statvfs('.').f_blocks * os.statvfs('.').f_frsize) >> 20]))"
     )
     llm.script(fenced(probe))
     asked = {"gateway_kernel": "autocoder-python", "memory_mb": 512, "cpu_seconds": 10**6}
@@ -181,12 +183,14 @@ async def test_an_unconfined_kernel_on_the_gateway_shares_nothing_with_it(
         await runner.close()
 
     assert result.status == "success", result.error
-    runtime, files, cwd, secret, token, memory_mb, cpu_seconds = json.loads(result.output)
+    runtime, files, cwd, secret, token, memory_mb, cpu_seconds, disk_mb = json.loads(result.output)
     assert Path(runtime).name.startswith("ac-") and Path(runtime) != gateway.root / "runtime"
     assert files == ["kernel.json"]  # no other kernel's connection file (HMAC key) beside it
     assert Path(cwd).is_relative_to(gateway.root / "autofile" / ".work")
     assert not secret and not token  # neither the gateway's environment nor its token
     assert (memory_mb, cpu_seconds) == (512, 300)  # ours tighter, the gateway's own looser
+    if os.geteuid() == 0:  # its working dir is a disk budget of the gateway's own settings
+        assert disk_mb == 512
     assert not Path(runtime).exists() and not Path(cwd).exists()  # both went with the kernel
 
 

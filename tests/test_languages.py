@@ -17,6 +17,7 @@ import httpx
 import nbformat
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 from autocoder import languages
@@ -247,6 +248,42 @@ def test_an_unknown_or_missing_language_is_refused_naming_those_installed(
         bad = httpx.post(f"{live.url}/run", json={"prompt": "hi", "language": "cobol"}, timeout=30)
         assert bad.status_code == 422
         assert "python" in bad.text and "cobol" in bad.text
+
+
+def test_kernels_install_puts_what_notebooks_name_where_a_jupyter_outside_finds_it(
+    case: Case, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A JupyterLab outside autocoder's environment reads the user's (or the system's) data
+    dir, not the venv's: there it finds the notebook's kernelspec, and it runs the code."""
+    data = tmp_path / "jupyter-data"
+    done = subprocess.run(
+        [*autocoder_cmd(), "kernels", "install", "--user", "--notebooks"],
+        env={**cli_env, "JUPYTER_DATA_DIR": str(data)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    name = languages.get(case.language).kernelspec["name"]
+    assert done.returncode == 0, done.stderr
+    assert f"{name:<8} {data / 'kernels' / name}" in done.stdout.splitlines()
+    assert "python3  not installed: each Jupyter has its own" in done.stdout
+
+    # That Jupyter: only the user's data dir, and a PATH without this environment's bin.
+    outside = KernelManager(
+        kernel_name=name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(data / "kernels")])
+    )
+    lang = languages.get(case.language)
+    # Deno prints after it says it is idle, which nbclient does not wait for: it writes instead.
+    code = 'Deno.writeTextFileSync("printed", String(1 + 2))' if lang.late_output else case.fixed
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nb.metadata.kernelspec = dict(lang.kernelspec)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    NotebookClient(nb, km=outside, timeout=60, startup_timeout=60).execute(env=env, cwd=tmp_path)
+    if lang.late_output:
+        printed = (tmp_path / "printed").read_text()
+    else:
+        printed = "".join(o.get("text", "") for o in nb.cells[0].outputs)
+    assert printed.strip() == case.fixed_prints, nb.cells[0].outputs
 
 
 @pytest.mark.parametrize("language", ["python", "r"])

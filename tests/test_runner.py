@@ -71,6 +71,30 @@ async def test_a_traceback_goes_back_to_the_model(runner: Runner, llm: ScriptedL
     assert Path(result.filename).name == "generated_code_2.py"
 
 
+NO_SOURCE = "Could not get source"
+
+
+async def test_a_traceback_through_pandas_carries_no_could_not_get_source_lines(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    """IPython stands that line in for each compiled (Cython) frame: it says nothing, so
+    neither the page (the outputs), the notebook nor the model gets it; the frames stay."""
+    pytest.importorskip("pandas")
+    llm.script(
+        fenced("import pandas as pd\ndf = pd.DataFrame({'a': [1]})\nprint(df['b'])"),
+        fenced("print('no b')"),
+    )
+    result = await runner.run("print column b")
+
+    first = result.attempts[0]
+    assert first.ename == "KeyError" and "KeyError: 'b'" in first.error
+    assert "index.pyx" in first.error  # the compiled frame is still named
+    assert NO_SOURCE not in first.error
+    assert NO_SOURCE not in json.dumps(first.outputs)
+    assert NO_SOURCE not in json.dumps(llm.requests[1]["messages"])
+    assert NO_SOURCE not in Path(result.notebook).read_text()
+
+
 async def test_a_syntax_error_never_reaches_the_kernel(runner: Runner, llm: ScriptedLLM) -> None:
     llm.script(fenced("open('ran.txt', 'w').write('x')\nprint('oops'"), fenced("print('fixed')"))
     result = await runner.run("print something")

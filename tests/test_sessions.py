@@ -130,6 +130,15 @@ def test_files_sent_with_a_prompt_join_the_session_and_each_run_keeps_what_it_wr
         files=[("files", ("more.csv", b"a\n3\n", "text/csv"))],
     )
     assert again.status_code == 422 and "already has a file named 'more.csv'" in again.text
+    # A name that differs only in case (or in Unicode form) is the same name to a reader.
+    for name in ("More.csv", "SUMMARY.TXT", "ｍｏｒｅ.csv"):
+        alike = client.post(
+            f"/sessions/{sid}/run",
+            data={"prompt": "again"},
+            files=[("files", (name, b"a\n3\n", "text/csv"))],
+        )
+        assert alike.status_code == 422 and "only in case or form" in alike.text, name
+    assert len(llm.requests) == 1
 
 
 def test_the_session_notebook_replays_to_the_same_outputs(

@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,7 +40,7 @@ class RunInput:
 
 
 MULTIPART = "multipart/form-data"
-FORM_FIELDS = ("prompt", "max_attempts", "timeout", "model", "language")
+FORM_FIELDS = ("prompt", "max_attempts", "attempts", "timeout", "model", "language")
 # A form has no null: an optional field sent as JSON's `null` is one not given.
 FORM_NULLS = ("null",)
 
@@ -105,6 +106,8 @@ async def _from_form(
     try:
         form = await request.form(max_files=s.max_files + 1, max_fields=len(fields) + 4)
     except StarletteHTTPException as e:
+        if e.status_code == 413:  # errors.BodyLimit's refusal, which says what the limit is
+            raise
         if "Too many files" in str(e.detail):
             raise HTTPException(
                 422, f"at most {s.max_files} files per run (AUTOCODER_MAX_FILES)"
@@ -122,7 +125,7 @@ async def _from_form(
             else:
                 raise RequestValidationError([field_error(key, f"not a field of {where}")])
         _validated(data, model)  # a bad field is reported before any file is read
-        files = [InputFile(u.filename or "", await u.read()) for u in uploads]
+        files = [InputFile(_upload_name(u), await u.read()) for u in uploads]
     finally:
         await form.close()
     try:
@@ -134,9 +137,20 @@ async def _from_form(
     return data, files
 
 
+def _upload_name(upload: UploadFile) -> str:
+    """The part's file name as sent. Starlette reads bytes that are not UTF-8 as Latin-1, a
+    different name that check_name cannot tell apart; here they stay undecodable (as lone
+    surrogates, the way Python spells such a name from disk) and check_name refuses them."""
+    disposition = dict(upload.headers.raw).get(b"content-disposition")
+    raw = parse_options_header(disposition)[1].get(b"filename") if disposition else None
+    if raw is None:
+        return upload.filename or ""
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def _form_value(key: str, value: str) -> Any:
     """Form fields are text; the numbers /run takes are parsed here, strictly."""
-    if key == "max_attempts":
+    if key in {"max_attempts", "attempts"}:
         return int(value) if value.strip().lstrip("-").isdigit() else value
     if key == "timeout":
         try:

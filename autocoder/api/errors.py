@@ -15,12 +15,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autocoder.api.admission import Busy
 from autocoder.api.auth import Guard
-from autocoder.errors import AutocoderError, ConfigError, KernelStartError, StoreUnavailable
+from autocoder.errors import (
+    AutocoderError,
+    ConfigError,
+    DiskFull,
+    KernelStartError,
+    StoreUnavailable,
+)
 from autocoder.sessions import SessionBusy, SessionGone, SessionsFull
 
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads it, but the access log says what happened
+INSUFFICIENT_STORAGE = 507
 
 
 class ClientGone(Exception):
@@ -115,13 +122,26 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 async def _our_fault(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AutocoderError)
     status = 503 if isinstance(exc, KernelStartError | StoreUnavailable) else 500
+    if isinstance(exc, DiskFull):
+        status = INSUFFICIENT_STORAGE
     log.error("%s %s failed: %s", request.method, request.url.path, exc)
     headers = {"Retry-After": "5"} if isinstance(exc, StoreUnavailable) else None
     return JSONResponse({"detail": fault_message(exc)}, status_code=status, headers=headers)
 
 
+# How much of a refused body is read (and dropped) before the 413 is sent. A client that is
+# still sending when the server closes gets a connection reset, not the answer (urllib always,
+# the others when the reset lands before they read); past this, or AUTOCODER_BODY_TIMEOUT, it
+# does. Reading costs no memory: a valid upload (held while it is checked) costs more.
+DRAIN_BYTES = 256 * 1024 * 1024
+
+
 class BodyLimit:
-    """Refuse a request body bigger than any valid run request, before it is read into memory."""
+    """Refuse a request body bigger than any valid request, before it is read into memory.
+
+    The 413 goes out once the client has sent the rest of its body, read and dropped up to
+    DRAIN_BYTES, so that every client sees it; a client that asked `Expect: 100-continue`
+    (curl) is answered before it sends anything."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -133,11 +153,17 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"").startswith(b"multipart/form-data"):
+        multipart = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        if multipart:
             limit = getattr(state, "multipart_limit", limit)
+        service = getattr(state, "service", None)
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            await _too_large(limit)(scope, receive, send)
+            waits = headers.get(b"expect", b"").lower() == b"100-continue"
+            if not waits and int(declared) <= DRAIN_BYTES:
+                await _drain(receive, DRAIN_BYTES)
+            refusal = {"detail": _too_large(limit, multipart, service)}
+            await JSONResponse(refusal, status_code=413)(scope, receive, send)
             return
         seen = 0
 
@@ -146,14 +172,36 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise HTTPException(413, f"the request body is over {limit:,} bytes")
+                if message.get("more_body"):
+                    await _drain(receive, DRAIN_BYTES)
+                raise HTTPException(413, _too_large(limit, multipart, service))
             return message
 
         await self.app(scope, counted, send)
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"detail": f"the request body is over {limit:,} bytes"}, status_code=413)
+async def _drain(receive: Receive, bound: int) -> None:
+    """Read and drop the rest of a request's body, up to `bound` bytes (or a disconnect)."""
+    read = 0
+    while read <= bound:
+        message = await receive()
+        read += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
+def _too_large(limit: int, multipart: bool, service: Any) -> str:
+    """The 413's message, naming the setting that bounds what the body carries."""
+    detail = f"the request body is over {limit:,} bytes"
+    if service is not None:
+        s = service.settings
+        detail += (
+            f"; a run's files may add up to {s.max_upload_mb} MB (AUTOCODER_MAX_UPLOAD_MB)"
+            if multipart
+            else f"; a prompt may have {s.max_prompt_chars:,} characters "
+            "(AUTOCODER_MAX_PROMPT_CHARS)"
+        )
+    return detail
 
 
 def install(app: FastAPI) -> None:

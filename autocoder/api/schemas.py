@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autocoder.records import RunResult, SessionInfo
 from autocoder.store.base import RunSummary
@@ -33,8 +33,10 @@ class RunRequest(BaseModel):
     max_attempts: int | None = Field(
         None,
         ge=1,
+        # The CLI's flag is --attempts and the web form says "Attempts": that name is taken too.
+        validation_alias=AliasChoices("max_attempts", "attempts"),
         description="Attempts before giving up. Default AUTOCODER_MAX_ATTEMPTS; "
-        "at most AUTOCODER_MAX_REQUEST_ATTEMPTS.",
+        "at most AUTOCODER_MAX_REQUEST_ATTEMPTS. Also taken as `attempts`.",
     )
     timeout: float | None = Field(
         None,
@@ -56,6 +58,13 @@ class RunRequest(BaseModel):
         "`bash`, `javascript`, `typescript` or `r`, as far as this server has their kernels "
         "(`GET /languages`). Sessions run Python only.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_attempts" in data and "attempts" in data:
+            raise ValueError("give max_attempts or attempts (the same field), not both")
+        return data
 
     @field_validator("max_attempts", mode="before")
     @classmethod
@@ -152,7 +161,8 @@ class Health(BaseModel):
     """Whether the service can take runs; answered without touching a kernel or the model."""
 
     status: Literal["ok", "degraded"] = Field(
-        description="`degraded` (HTTP 503) when the pool cannot start kernels."
+        description="`degraded` (HTTP 503) when the pool cannot start kernels, or the disk "
+        "holding the records is low (`disk_error`)."
     )
     version: str = Field(description="autocoder's version.")
     kernels_ready: int = Field(description="Pre-started kernels waiting for a run.")
@@ -176,6 +186,17 @@ class Health(BaseModel):
     max_queued_runs: int = Field(description="AUTOCODER_MAX_QUEUED_RUNS.")
     sessions_open: int = Field(0, description="Sessions open, each keeping a kernel.")
     max_sessions: int = Field(0, description="AUTOCODER_MAX_SESSIONS.")
+    disk_free_mb: float = Field(
+        0.0,
+        description="Megabytes free on the fuller of the disks holding the records "
+        "(AUTOCODER_NOTEBOOKS_DIR, AUTOCODER_AUTOFILE_DIR).",
+    )
+    disk_error: str | None = Field(
+        None,
+        description="Why that disk is a problem, naming the directory: low (less free than "
+        "one run may write, AUTOCODER_MAX_RUN_DISK_MB, and its record), or full (runs are "
+        "refused with 507).",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -156,7 +156,8 @@ def install(shell: Any) -> None:
 
 def install_source() -> tuple[str, str, str, str]:
     """(module name, file name, source, the call that installs it) for a fresh kernel: what
-    `exec_line()` wraps, and what a forked kernel finds defined in the zygote, then calls."""
+    `sandbox.install_line()` wraps, and what a forked kernel finds defined in the zygote, then
+    calls."""
     with open(__file__, encoding="utf-8") as f:
         source = f.read()
     return "autocoder_asserts", "<autocoder asserts>", source, "install(get_ipython())"

@@ -57,6 +57,9 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+MOVE_MOUNT_F_EMPTY_PATH = 4
+AT_FDCWD = -100
+SYS_MOVE_MOUNT = 429  # the same number on every architecture
 PR_SET_PDEATHSIG = 1
 CGROUP_JOIN_TIMEOUT = 30.0
 
@@ -119,6 +122,21 @@ def _mount(
     )
 
 
+def _move_mount(libc: Any, fd: int, target: str) -> None:
+    """Attach a detached mount (the server's clone of a disk budget) at `target`."""
+    _check(
+        libc.syscall(
+            ctypes.c_long(SYS_MOVE_MOUNT),
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_int(AT_FDCWD),
+            target.encode(),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        ),
+        f"move_mount {target}",
+    )
+
+
 def _mirror(status: int) -> int:
     """An exit code that says how a child ended: its code, or 128 + the signal that killed it."""
     if os.WIFSIGNALED(status):
@@ -140,11 +158,13 @@ def _makedirs(path: str) -> None:
             os.mkdir(here, 0o755)
 
 
-def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
+def _view(libc: Any, req: dict[str, Any], roots: list[str], mounts: dict[str, int]) -> None:
     """The kernel's file system: its own workdir and runtime dir, fresh /tmp, /dev/shm and home.
 
     The zygote sees every run's dirs under `roots`; a tmpfs over each root hides them all, and
-    the kernel's two dirs are bound back through fds opened before.
+    the kernel's two dirs are bound back through fds opened before. A dir the server capped
+    (a disk budget, mounted after the zygote started, so not in its view) comes in `mounts`
+    instead, as a clone of the server's mount, attached at its path.
     """
     uid, size = req["uid"], req["tmpfs_bytes"]
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
@@ -153,7 +173,10 @@ def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
         path = req[key]
         if os.path.realpath(path) != path or not _under(path, roots):
             raise OSError(errno.EPERM, f"{path} is not a directory under {roots}")
-        fds[key] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        if path not in mounts:
+            fds[path] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    if not set(mounts) <= {req["workdir"], req["runtime_dir"]}:
+        raise OSError(errno.EPERM, "a mount for another path than the kernel's two dirs")
     hidden = sorted({r for r in roots if not _under(r, ["/tmp"])})
     # The interpreter and its packages may live under what is covered (a venv in /tmp): they
     # are bound back, read-only, as bwrap binds them after its tmpfs mounts.
@@ -178,9 +201,13 @@ def _view(libc: Any, req: dict[str, Any], roots: list[str]) -> None:
             MS_NOSUID | MS_NODEV,
             f"mode={mode},uid={owner},gid={owner},size={size}",
         )
-    for key, fd in fds.items():
-        _makedirs(req[key])
-        _mount(libc, f"/proc/self/fd/{fd}", req[key], None, MS_BIND)
+    for path, fd in fds.items():
+        _makedirs(path)
+        _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND)
+        os.close(fd)
+    for path, fd in mounts.items():
+        _makedirs(path)
+        _move_mount(libc, fd, path)
         os.close(fd)
     for path, fd in python.items():
         _makedirs(path)
@@ -325,9 +352,14 @@ def _init(
         # The credentials carry this process's pid (1 here); the server reads its own view.
         creds = struct.pack("iII", os.getpid(), 0, 0)
         conn.sendmsg([b"forked\n"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
-        stderr_fd, cgroup_fds = fds[0], fds[1:]
+        # The server's fds: stderr, a clone of each capped dir (req["mounts"]), the cgroups.
+        stderr_fd, rest = fds[0], fds[1:]
+        if len(rest) < len(req["mounts"]):
+            raise OSError(errno.EINVAL, "fewer mounts sent than the request names")
+        mounts = dict(zip(req["mounts"], rest[: len(req["mounts"])], strict=True))
+        cgroup_fds = rest[len(req["mounts"]) :]
         low = 3  # every other fd closed: the zygote's listener, its other kernels' connections
-        for fd in sorted({stderr_fd, *cgroup_fds, conn.fileno()}):
+        for fd in sorted({stderr_fd, *mounts.values(), *cgroup_fds, conn.fileno()}):
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, 1 << 16)
@@ -338,7 +370,7 @@ def _init(
         _check(libc.unshare(flags), "unshare")
         if not req["allow_network"]:
             _loopback_up()
-        _view(libc, req, roots)
+        _view(libc, req, roots, mounts)
         _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         libc.sethostname(b"sandbox", 7)
         joined_r, joined_w = os.pipe()

@@ -8,6 +8,7 @@ never shared between runs; the pool keeps some started ahead of time so a run do
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -17,7 +18,7 @@ import uuid
 import weakref
 from pathlib import Path
 
-from autocoder import languages
+from autocoder import disk, languages
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
 from autocoder.kernel.backend import (
@@ -28,8 +29,13 @@ from autocoder.kernel.backend import (
     KernelRequest,
 )
 from autocoder.kernel.leftovers import owner_tag, workdirs_root
-from autocoder.kernel.output import OutputCallback, OutputCollector, kind_of
-from autocoder.records import ErrorInfo, Execution
+from autocoder.kernel.output import (
+    OutputCallback,
+    OutputCollector,
+    kind_of,
+    without_unknown_source,
+)
+from autocoder.records import ErrorInfo, ErrorKind, Execution
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,9 @@ class Kernel:
         self.km: KernelHandle | None = None
         self.kc: KernelChannels | None = None
         self.restarts = 0
+        # Whether this kernel mounted the disk budget on its workdir (a session's own
+        # directory has one already, which the session keeps).
+        self._confined = False
 
     async def __aenter__(self) -> Kernel:
         await self.start()
@@ -82,6 +91,9 @@ class Kernel:
 
     async def start(self) -> None:
         """Start the kernel and wait until it answers, or raise KernelStartError."""
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._confined = disk.confine_workdir(self.settings, self.workdir) or self._confined
         request = KernelRequest(self.settings, self.language, self.id, self.workdir, self.ledger)
         self.km = self.backend.new(request)
         _live.add(self)
@@ -138,6 +150,8 @@ class Kernel:
             )
             await self.replace()
         kind = kind_of(outcome, collector)
+        if kind is ErrorKind.EXCEPTION and disk.full(self.workdir):
+            kind = ErrorKind.DISK_LIMIT
         return collector.execution(kind, time.monotonic() - start)
 
     async def _drain(self, msg_id: str, collector: OutputCollector, deadline: float) -> str:
@@ -193,6 +207,7 @@ class Kernel:
                 continue
             content = msg.get("content", {})
             if content.get("status") == "error":
+                content = without_unknown_source(content)
                 collector.error = ErrorInfo(
                     ename=str(content.get("ename", "") or "Error"),
                     evalue=str(content.get("evalue", "")),
@@ -242,12 +257,21 @@ class Kernel:
             await self.km.end_processes()
 
     async def shutdown(self) -> None:
-        """Stop the kernel; its workdir goes too when nothing was written there."""
+        """Stop the kernel; its workdir goes too when nothing was written there (files written
+        to its disk budget are copied to the disk, unless the caller took the workdir)."""
         await self._stop_kernel()
-        self._drop_empty_workdir()
+        await asyncio.to_thread(self._drop_empty_workdir)
+
+    def release_workdir(self) -> None:
+        """The caller takes the workdir as it is, its disk budget included (`disk.keep`): this
+        kernel will not touch it again."""
+        self._confined = False
 
     def _drop_empty_workdir(self) -> None:
         if self.workdir is not None:
+            if self._confined:
+                self._confined = False
+                disk.settle(self.workdir)  # a plain directory on the disk from here on
             with contextlib.suppress(OSError):
                 self.workdir.rmdir()
 

@@ -34,7 +34,7 @@ from typing import Any
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Any as AnyTrait
 
-from autocoder import sandbox
+from autocoder import disk, sandbox
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
 from autocoder.inside import asserts, output_cap
@@ -363,6 +363,9 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         connection_file = os.path.realpath(self.parent.connection_file)
         uid = _allocate_uid()
         sandbox.hand_over([Path(workdir), Path(runtime_dir)], uid)
+        # The disk budgets on the kernel's dirs were mounted after the zygote made its view.
+        mounts = [p for p in (workdir, runtime_dir) if os.path.ismount(p)]
+        mount_fds = _clones(mounts)
         stderr: Any = kwargs.get("stderr")
         stderr_fd = (
             stderr.fileno() if hasattr(stderr, "fileno") else os.open(os.devnull, os.O_WRONLY)
@@ -373,6 +376,7 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
         request = {
             "workdir": workdir,
             "runtime_dir": runtime_dir,
+            "mounts": mounts,
             "connection_file": connection_file,
             "uid": uid,
             "home": sandbox.SANDBOX_HOME,
@@ -395,9 +399,9 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
             "installs": _installs(settings.max_output_bytes),
         }
         try:
-            self._forked = await zygote.fork(request, [stderr_fd, *cgroup_fds])
+            self._forked = await zygote.fork(request, [stderr_fd, *mount_fds, *cgroup_fds])
         finally:
-            for fd in cgroup_fds:
+            for fd in (*mount_fds, *cgroup_fds):
                 os.close(fd)
             if not hasattr(stderr, "fileno"):
                 os.close(stderr_fd)
@@ -446,6 +450,21 @@ class ForkProvisioner(LocalProvisioner):  # type: ignore[misc]
                 break
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _clones(paths: list[str]) -> list[int]:
+    """A detached clone of the mount on each path, for the kernel's init to attach; a clone
+    that cannot be made fails the fork (the kernel is exec'd instead, and bwrap binds the
+    mount as it is), never a kernel that writes beneath its budget."""
+    fds: list[int] = []
+    try:
+        for path in paths:
+            fds.append(disk.clone(Path(path)))
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        raise KernelStartError(f"cannot hand the kernel its capped directory: {e}") from e
+    return fds
 
 
 def _members(cgroups: list[str]) -> list[int]:

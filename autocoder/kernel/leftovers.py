@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import signal
 import stat
 import tempfile
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from autocoder import sandbox
+from autocoder import disk, sandbox
 from autocoder.config import Settings
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ def sweep_leftovers(work_root: Path | None = None) -> Swept:
     if work_root is not None and work_root.is_dir():
         dirs |= {d for d in work_root.iterdir() if _owner_gone(d.name) and _ours(d)}
     for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+        disk.remove(d)  # a budget is unmounted first: its files go with it
         swept.dirs += not d.exists()
     if swept.processes or swept.dirs:
         log.warning(

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -26,7 +26,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from jupyter_client.manager import AsyncKernelManager, _get_future
 from jupyter_client.provisioning import KernelProvisionerBase
 
-from autocoder import languages, sandbox
+from autocoder import disk, languages, sandbox
 from autocoder.config import Settings
 from autocoder.errors import KernelStartError
 from autocoder.files import open_beneath
@@ -52,6 +52,33 @@ def install_kernelspecs(*, user: bool = False, prefix: str | None = None) -> lis
         for spec in sorted(root.iterdir())
         if (spec / "kernel.json").is_file()
     ]
+
+
+def install_notebook_kernelspecs(
+    settings: Settings, *, user: bool = False, prefix: str | None = None
+) -> list[tuple[str, str | None, str]]:
+    """Install the kernelspecs the run notebooks name (`bash`, `deno`, `ir`) where Jupyter
+    finds them, for a JupyterLab outside this environment: (name, where it went or None, why
+    not). `python3` is left to each Jupyter, whose own it is (installing ours would replace it
+    in every notebook of that Jupyter)."""
+    ksm = KernelSpecManager()
+    done: list[tuple[str, str | None, str]] = []
+    for lang in languages.LANGUAGES:
+        name = lang.kernelspec["name"]
+        if any(name == d[0] for d in done):
+            continue
+        if lang is languages.PYTHON:
+            done.append((name, None, "each Jupyter has its own Python 3 kernel"))
+            continue
+        spec = languages.notebook_kernelspec(lang, settings)
+        if spec is None:
+            done.append((name, None, lang.missing(settings) or "not installed here"))
+            continue
+        with tempfile.TemporaryDirectory() as staged:
+            os.chmod(staged, 0o755)  # copied with its mode: readable by any user's Jupyter
+            Path(staged, "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+            done.append((name, ksm.install_kernel_spec(staged, name, user=user, prefix=prefix), ""))
+    return done
 
 
 def _without_pause(method: Any) -> Any:
@@ -136,6 +163,8 @@ class LocalKernel:
         assert r.workdir is not None
         r.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
+        # The kernel writes its sockets there (and its stderr goes there): capped as well.
+        disk.confine(self.runtime_dir, disk.RUNTIME_DIR_BYTES)
         km = _Manager(
             kernel_spec_manager=_OwnSpecs(kernel_dirs=[str(kernels_dir())]),
             kernel_name=r.language.kernel_name(r.settings),
@@ -280,14 +309,14 @@ class LocalKernel:
             except Exception:
                 _kill_hard(km)
         if runtime is not None:
-            shutil.rmtree(runtime, ignore_errors=True)
+            disk.remove(runtime)
 
     def kill_now(self) -> None:
         """Synchronous last resort at interpreter exit or on a signal."""
         if self.manager is not None:
             _kill_hard(self.manager)
         if self.runtime_dir is not None:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            disk.remove(self.runtime_dir)
 
 
 def _kill_hard(km: AsyncKernelManager) -> None:

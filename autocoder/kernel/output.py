@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,8 @@ class OutputCollector:
         if isinstance(lost, int):
             self.lost += max(lost, 1)
         if kind == "error":
+            content = without_unknown_source(content)
+            msg = {**msg, "content": content}
             self.error = ErrorInfo(
                 ename=content.get("ename", ""),
                 evalue=content.get("evalue", ""),
@@ -203,6 +206,29 @@ def _preview(out: dict[str, Any]) -> dict[str, Any]:
         "mimetypes": sorted(out.get("data", {})),
         "text": plain[:4096] if isinstance(plain, str) else "",
     }
+
+
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+# What IPython shows for the source of a compiled frame (pandas' Cython ones): a line per frame
+# that says nothing. The frame's own line (file, line, function) is kept.
+_NO_SOURCE = re.compile(
+    r"\s*(?:-*>)?\s*\d*\s*'Could not get source, probably due dynamically evaluated source code\.'\s*"
+)
+
+
+def without_unknown_source(content: dict[str, Any]) -> dict[str, Any]:
+    """An error's content without IPython's "Could not get source" lines, before the page,
+    the notebook or the model sees its traceback."""
+    entries = content.get("traceback")
+    if not entries or not any("Could not get source" in str(e) for e in entries):
+        return content
+    kept = [
+        "\n".join(
+            line for line in str(e).split("\n") if not _NO_SOURCE.fullmatch(_SGR.sub("", line))
+        )
+        for e in entries
+    ]
+    return {**content, "traceback": kept}
 
 
 def texts(outputs: list[dict[str, Any]]) -> tuple[str, str, str]:

@@ -93,11 +93,13 @@ class KernelSource:
         return kernel
 
     async def release(self, kernel: Kernel) -> None:
-        """The kernel's processes end before this returns, so the run can keep what its code
-        wrote; the rest of the teardown (channels, connection files, cgroups: ~8 ms, a
-        gateway's DELETE: ~0.3 s) goes on while the run answers, and close() waits for it."""
+        """The kernel's processes end before this returns, and its workdir (its disk budget
+        included) is the caller's from then on, so the run can keep what its code wrote; the
+        rest of the teardown (channels, connection files, cgroups: ~8 ms, a gateway's DELETE:
+        ~0.3 s) goes on while the run answers, and close() waits for it."""
         if kernel.workdir is not None:
             await kernel.end_processes()
+            kernel.release_workdir()
         task = asyncio.get_running_loop().create_task(kernel.shutdown())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)

@@ -7,7 +7,8 @@ keys) and the server's secrets in its environment, and the launcher would hand t
 runtime dir to a kernel's throwaway uid. This provisioner gives each kernel what `kernel.local`
 gives it here: a runtime dir and a working dir of its own, IPC sockets inside that runtime
 dir, and an environment built from scratch (`sandbox.kernel_env`) with the limits of the
-AUTOCODER_* settings of the server's environment. Both go when the kernel is shut down.
+AUTOCODER_* settings of the server's environment, each dir capped as a local kernel's is
+(`disk`). Both go when the kernel is shut down.
 
 A client may ask for tighter limits than the server's (`KERNEL_AUTOCODER_MEMORY_MB=512` in the
 `env` of `POST /api/kernels`, as a gateway passes on `KERNEL_*` variables), never looser ones.
@@ -19,7 +20,6 @@ what the code wrote); the provisioner sees them already set and leaves them as t
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
 
-from autocoder import sandbox
+from autocoder import disk, sandbox
 from autocoder.config import Settings, load_settings
 from autocoder.kernel.leftovers import RUNTIME_PREFIX, owner_tag, workdirs_root
 
@@ -61,6 +61,9 @@ class AutocoderProvisioner(LocalProvisioner):  # type: ignore[misc]
             runtime = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{owner_tag()}-"))
             workdir = (workdirs_root(settings) / f"{owner_tag()}-{uuid.uuid4().hex[:12]}").resolve()
             workdir.mkdir(parents=True, mode=0o700)
+            # The same disk budgets as a local kernel's (they go with the kernel).
+            disk.confine(runtime, disk.RUNTIME_DIR_BYTES)
+            disk.confine_workdir(settings, workdir)
             self.made = [runtime, workdir]
         runtime, workdir = self.made
         km.transport = "ipc"
@@ -77,7 +80,7 @@ class AutocoderProvisioner(LocalProvisioner):  # type: ignore[misc]
         await super().cleanup(restart=restart)
         if not restart and self.made is not None:
             for d in self.made:
-                shutil.rmtree(d, ignore_errors=True)
+                disk.remove(d)
             self.made = None
 
 

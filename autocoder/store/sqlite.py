@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autocoder.errors import DiskFull
 from autocoder.notebook import is_valid_run_id, record_path, write_record
 from autocoder.records import RunResult
 from autocoder.store.base import (
@@ -99,6 +100,12 @@ class SqliteStore:
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                # Not a broken index: one rebuilt now would be as empty as the disk is full.
+                raise DiskFull(
+                    f"cannot open the run index {str(self.path)!r}: the disk holding it is "
+                    "full; free some space there and try again"
+                ) from e
             self._db = self._rebuild(e)
         self.sync()
 

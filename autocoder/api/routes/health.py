@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import urlparse
 
 from fastapi import APIRouter, Response
 
-from autocoder import __version__
+from autocoder import __version__, disk
 from autocoder.api.deps import ServiceDep
 from autocoder.api.schemas import Health
 from autocoder.config import DEFAULT_OPENAI_URL
@@ -16,7 +17,12 @@ router = APIRouter()
 
 @router.get(
     "/health",
-    responses={503: {"model": Health, "description": "Degraded: kernels cannot be started."}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "Degraded: kernels cannot be started, or the disk is low.",
+        }
+    },
     summary="Is the service ready (kernels, model endpoint)? No token needed",
 )
 async def health(service: ServiceDep, response: Response) -> Health:
@@ -24,8 +30,11 @@ async def health(service: ServiceDep, response: Response) -> Health:
     pool = service.pool
     # A remote gateway is asked each time: kernels started there earlier say nothing of now.
     problem = await pool.check()
-    degraded = problem is not None or (
-        pool.size > 0 and pool.ready == 0 and pool.last_error is not None
+    free, disk_error = await asyncio.to_thread(disk.low_disk, s)
+    degraded = (
+        problem is not None
+        or disk_error is not None
+        or (pool.size > 0 and pool.ready == 0 and pool.last_error is not None)
     )
     if degraded:
         response.status_code = 503
@@ -45,6 +54,8 @@ async def health(service: ServiceDep, response: Response) -> Health:
         max_queued_runs=s.max_queued_runs,
         sessions_open=service.sessions.open_count,
         max_sessions=s.max_sessions,
+        disk_free_mb=round(free / disk.MIB, 1),
+        disk_error=disk_error,
     )
 
 

@@ -52,6 +52,7 @@ _RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Too many runs in progress and waiting; see Retry-After.",
     },
     503: {"model": ErrorBody, "description": "No run slot came free in time; see Retry-After."},
+    507: {"model": ErrorBody, "description": "The disk holding the records is full."},
 }
 _STREAM_DOC = (
     "Events, each `event: <type>` with `data:` a JSON object `{type, run_id, attempt, data}`: "

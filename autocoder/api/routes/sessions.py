@@ -71,6 +71,7 @@ _GONE: dict[int | str, dict[str, Any]] = {
             "model": ErrorBody,
             "description": "AUTOCODER_MAX_SESSIONS are open; see Retry-After.",
         },
+        507: {"model": ErrorBody, "description": "The disk holding the records is full."},
     },
     summary="Open a session: one sandboxed kernel and working directory kept between prompts",
     description="The session's kernel keeps variables, imports and files from one prompt to "
@@ -134,6 +135,7 @@ async def delete_session(session_id: SessionId, service: ServiceDep) -> SessionI
             "description": "Too many runs in progress and waiting; see Retry-After.",
         },
         503: {"model": ErrorBody, "description": "No run slot came free in time; see Retry-After."},
+        507: {"model": ErrorBody, "description": "The disk holding the records is full."},
     },
     summary="Run a prompt in a session: the code sees what earlier prompts left",
     description="The same fields as `POST /run` (JSON, or multipart/form-data with `files` "
