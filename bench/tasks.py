@@ -16,6 +16,7 @@ in its `workdir`. Every run is counted as one of:
     python bench/tasks.py                                   # every task, the default model
     python bench/tasks.py --tasks region_revenue,iso_week   # some tasks (names or globs)
     python bench/tasks.py --category data --limit 5
+    python bench/tasks.py --every 2                         # every other task: a subset
     python bench/tasks.py --models 0.5b --models 1.5b --ks 1,4 --out /tmp/tasks.jsonl
     python bench/tasks.py --list
 
@@ -145,8 +146,12 @@ def embedded_unavailable(key: str) -> str | None:
     return None
 
 
-def select(names: Sequence[str], categories: Sequence[str], limit: int | None) -> list[Task]:
-    """The tasks named (names or glob patterns) and in the categories given, in catalog order."""
+def select(
+    names: Sequence[str], categories: Sequence[str], limit: int | None, every: int = 1
+) -> list[Task]:
+    """The tasks named (names or glob patterns) and in the categories given, in catalog order;
+    with `every`, one in so many of them (the first, then every so many: the catalog is in
+    category order, so each category keeps its share)."""
     chosen = [
         t
         for t in TASKS
@@ -156,6 +161,7 @@ def select(names: Sequence[str], categories: Sequence[str], limit: int | None) -
     unknown = [n for n in names if not any(fnmatch.fnmatchcase(t.name, n) for t in TASKS)]
     if unknown:
         raise SystemExit(f"tasks.py: no task matches {unknown} (see --list)")
+    chosen = chosen[::every]
     return chosen[:limit] if limit is not None else chosen
 
 
@@ -327,6 +333,10 @@ def summary(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(rows)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -334,6 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--category", action="append", default=[], choices=CATEGORIES)
     parser.add_argument("--limit", type=int, default=None, help="only the first N tasks chosen")
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one task in N of those chosen (a subset with every category's share)",
+    )
     parser.add_argument(
         "--models",
         action="append",
@@ -352,7 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     names = [n.strip() for entry in args.tasks for n in entry.split(",") if n.strip()]
-    tasks = select(names, args.category, args.limit)
+    if args.every < 1:
+        raise SystemExit("tasks.py: --every takes a whole number >= 1")
+    tasks = select(names, args.category, args.limit, args.every)
     if args.list:
         for t in tasks:
             print(f"{t.category:<12} {t.name:<26} {t.prompt}")
@@ -372,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"work dir {work}",
         flush=True,
     )
+    # SIGTERM (how a background run is stopped) ends it as Ctrl-C does: the CLI run under way
+    # is stopped too, and the figures of the runs finished are printed.
+    signal.signal(signal.SIGTERM, _interrupt)
     outcomes: list[Outcome] = []
     out = args.out.open("w") if args.out else None
     try:
