@@ -95,6 +95,8 @@ class Outcome:
     output: str = ""
     code: str = ""
     notebook: str = ""
+    workdir: str = ""
+    files: list[str] | None = None
     stderr: str = ""
 
 
@@ -267,6 +269,8 @@ def run_task(
     outcome.output = (result.get("output") or "")[-4000:]
     outcome.code = result.get("code") or ""
     outcome.notebook = result.get("notebook") or ""
+    outcome.workdir = result.get("workdir") or ""
+    outcome.files = [f["name"] for f in result.get("files") or []]
     return outcome
 
 

@@ -124,6 +124,21 @@ RESTATED = [
         """,
     ),
     (
+        "roman_numerals",
+        """
+        def roman(n):
+            values = [(1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
+                      (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")]
+            out = ""
+            for value, s in values:
+                count, n = divmod(n, value)
+                out += s * count
+            return out
+        for n in (1994, 2024, 3999):
+            print(roman(n))
+        """,
+    ),
+    (
         "word_frequency",
         """
         import re

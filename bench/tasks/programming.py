@@ -122,6 +122,10 @@ ROMAN = {1994: "MCMXCIV", 2024: "MMXXIV", 3999: "MMMCMXCIX"}
 
 
 def check_roman(answer: Answer) -> Verdict:
+    """Each year beside its numeral, or the numerals alone in the order the years were asked."""
+    alone = re.findall(r"(?<![\w])[MDCLXVI]+(?![\w])", answer.output)
+    if alone == list(ROMAN.values()):
+        return PASS
     for year, numeral in ROMAN.items():
         if not any(
             year in numbers(line) and mentions(line, numeral) for line in lines(answer.output)
