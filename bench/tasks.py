@@ -19,6 +19,7 @@ in its `workdir`. Every run is counted as one of:
     python bench/tasks.py --every 2                         # every other task: a subset
     python bench/tasks.py --models 0.5b --models 1.5b --ks 1,4 --out /tmp/tasks.jsonl
     python bench/tasks.py --list
+    python bench/tasks.py --rejudge /tmp/tasks.jsonl        # judge recorded runs again
 
 A model is `0.5b` or `1.5b` (the embedded model, AUTOCODER_LOCAL_MODEL; OPENAI_* are
 removed from its runs) or `endpoint` / `endpoint:NAME` (the OpenAI-compatible endpoint that
@@ -337,6 +338,27 @@ def summary(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(rows)
 
 
+def rejudge(path: Path) -> list[Outcome]:
+    """The runs of an `--out` file, judged again by the current checkers (after a checker is
+    fixed, no model needs to run again). A run that recorded no workdir is judged on its output
+    alone, except that a task about written files keeps its recorded verdict."""
+    by_name = {t.name: t for t in TASKS}
+    outcomes = []
+    for line in path.read_text().splitlines():
+        o = Outcome(**json.loads(line))
+        if o.kind != "no_result" and (o.workdir or o.category != "files"):
+            files = [{"name": name} for name in o.files or []]
+            result = {"status": o.status, "error_kind": o.error_kind, "output": o.output}
+            kind, right, why = judge(
+                by_name[o.task], {**result, "workdir": o.workdir, "files": files}
+            )
+            if kind != o.kind:
+                print(f"{o.model} K={o.k} {o.task}: {KIND_TITLES[o.kind]} -> {KIND_TITLES[kind]}")
+            o.kind, o.right, o.why = kind, right, why
+        outcomes.append(o)
+    return outcomes
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -370,7 +392,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="write one JSON line per run")
     parser.add_argument("--list", action="store_true", help="list the tasks and exit")
+    parser.add_argument(
+        "--rejudge",
+        type=Path,
+        default=None,
+        metavar="F",
+        help="judge the runs an earlier --out F recorded with today's checkers; run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.rejudge:
+        print(summary(rejudge(args.rejudge)))
+        return 0
 
     names = [n.strip() for entry in args.tasks for n in entry.split(",") if n.strip()]
     if args.every < 1:

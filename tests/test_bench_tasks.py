@@ -6,7 +6,9 @@ one chart also go through the real CLI with the scripted model, as bench/tasks.p
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import sys
 import textwrap
 from collections import Counter
@@ -287,3 +289,7 @@ def test_through_the_cli_the_reference_is_correct_and_the_wrong_code_a_wrong_suc
     assert (wrong.kind, wrong.status) == ("wrong", "success"), wrong
     table = runner_script.summary(outcomes)
     assert "1/2" in table and "WRONG success" in table
+
+    recorded = tmp_path / "runs.jsonl"
+    recorded.write_text("".join(json.dumps(dataclasses.asdict(o)) + "\n" for o in outcomes))
+    assert [o.kind for o in runner_script.rejudge(recorded)] == ["correct", "wrong"]
