@@ -143,6 +143,9 @@ class KeptServer:
         return None
 
     def _start_keeper(self, info_path: Path) -> dict[str, Any]:
+        # Here, not in the keeper: a missing file or package is this process's clear error,
+        # and the model's first assembly shows its progress to the user who waits for it.
+        local_model.ready_model_file(self._settings)
         fields = {f: str(getattr(self._settings, f)) for f in KEEPER_FIELDS}
         fields["model_path"] = str(self._settings.model_path or "")
         fields["model_keep_alive"] = str(self._settings.model_keep_alive)

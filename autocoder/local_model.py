@@ -555,6 +555,21 @@ def _check_port_free(port: int) -> None:
             ) from None
 
 
+def ready_model_file(
+    settings: Settings,
+    *,
+    catalog: Mapping[str, ShippedModel] = SHIPPED_MODELS,
+    locate: ChunkLocator = installed_chunk,
+) -> Path:
+    """The checked model file, once llama.cpp's server is known to be installed: what must
+    hold before a server is started (ConfigError naming the fix otherwise)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError(
+            f"the embedded model needs llama.cpp's server: pip install '{LLAMA_CPP_REQUIREMENT}'"
+        )
+    return ensure_model_file(settings, catalog=catalog, locate=locate)
+
+
 class LocalModelServer:
     """One llama.cpp server child process: started on first `ensure()`, restarted if it died, stopped by
     `close()` or at interpreter exit, and killed by the kernel if this process dies without either.
@@ -637,11 +652,7 @@ class LocalModelServer:
             _stop(dead, self._stop_timeout)
             _run_file(self._settings, dead.pid).unlink(missing_ok=True)
             self._log_note(f"server pid {dead.pid} exited with {dead.returncode}; restarting")
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise ConfigError(
-                f"the embedded model needs llama.cpp's server: pip install '{LLAMA_CPP_REQUIREMENT}'"
-            )
-        model_file = ensure_model_file(self._settings, catalog=self._catalog, locate=self._locate)
+        model_file = ready_model_file(self._settings, catalog=self._catalog, locate=self._locate)
         attempts = 1 if self._port else 3
         for attempt in range(attempts):
             try:
