@@ -245,3 +245,76 @@ def importable_packages(python: str | None = None) -> tuple[str, ...]:
         return tuple(json.loads(out.stdout)) if out.returncode == 0 else ()
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return ()
+
+
+# --- Reading what a run left, never following a link ---------------------------------------
+# Paths under a run's directory may have been made by its code: every component is opened
+# relative to its parent's descriptor with O_NOFOLLOW, and only a regular file is read.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO put where a file was must not hang the open (it fails the S_ISREG check).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_beneath(root: Path, name: str) -> int | None:
+    """A read-only descriptor of the regular file `name` (`/`-separated) inside `root`, or
+    None: no `..`, and no symlink followed, `root` itself included. The caller closes it."""
+    parts = name.split("/")
+    if not name or any(p in {"", ".", ".."} or "\x00" in p for p in parts):
+        return None
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        found = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        if stat.S_ISREG(os.fstat(found).st_mode):
+            os.set_blocking(found, True)
+            return found
+    except OSError:
+        pass
+    os.close(found)
+    return None
+
+
+def names_beneath(root: Path, limit: int = MAX_LISTED) -> list[str]:
+    """The regular files under `root` (`/`-separated, sorted), walked by descriptor without
+    following a symlink; at most `limit`."""
+    found: list[str] = []
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except OSError:
+        return found
+    _walk(fd, "", found, limit)
+    return found
+
+
+def _walk(fd: int, prefix: str, found: list[str], limit: int) -> None:
+    """Closes `fd`."""
+    try:
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if len(found) >= limit:
+                return
+            rel = prefix + entry.name
+            if entry.is_file(follow_symlinks=False):
+                found.append(rel)
+            elif entry.is_dir(follow_symlinks=False):
+                try:
+                    inner = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    continue
+                _walk(inner, rel + "/", found, limit)
+    except OSError:
+        return
+    finally:
+        os.close(fd)

@@ -152,6 +152,9 @@ class RunResult(BaseModel):
     )
     started_at: str = Field(default="", description="When the run started (ISO 8601, UTC).")
     duration: float = Field(default=0.0, description="Seconds the whole run took.")
+    timeout: float | None = Field(
+        default=None, description="Seconds each attempt's code was allowed to run."
+    )
     session_id: str = Field(
         default="", description="The session this run was part of (`POST /sessions/{id}/run`)."
     )
@@ -160,6 +163,7 @@ class RunResult(BaseModel):
 EventType = Literal[
     "run_started",
     "attempt_started",
+    "token",
     "code_generated",
     "output",
     "attempt_finished",

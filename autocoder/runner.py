@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from autocoder import asserts, files, languages
+from autocoder import asserts, bundle, files, languages
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, LLMError
@@ -493,7 +493,12 @@ class _Run:
             await result
 
     async def go(self) -> RunResult:
-        await self.emit("run_started", prompt=self.prompt, max_attempts=self.settings.max_attempts)
+        await self.emit(
+            "run_started",
+            prompt=self.prompt,
+            max_attempts=self.settings.max_attempts,
+            timeout=self.settings.timeout,
+        )
         error_kind: ErrorKind | None = None
         error = ""
         try:
@@ -528,6 +533,16 @@ class _Run:
             raise
         return await asyncio.shield(self._finish(error_kind, error))
 
+    def _tokens(self, number: int) -> llm_mod.OnToken | None:
+        """The model's reply as it is written, as `token` events (when anyone listens)."""
+        if self.on_event is None:
+            return None
+
+        async def on_token(text: str) -> None:
+            await self.emit("token", number, text=text)
+
+        return on_token
+
     def _keep_cancelled_attempt(self, error: str) -> None:
         """The attempt a cancel interrupted is part of the record: its code ran (its file is
         on disk) and its output may have been streamed already."""
@@ -551,6 +566,7 @@ class _Run:
             temperature=temperature,
             max_tokens=self.settings.max_tokens,
             model=self.model_override,
+            on_token=self._tokens(number),
         )
         self.model = completion.model or self.model
         lang = self.language
@@ -702,6 +718,7 @@ class _Run:
     def _write(self, result: RunResult, path: Path) -> None:
         write_notebook(result, path, timeout=self.settings.timeout)
         write_record(result, self.settings.notebooks_dir)
+        bundle.write_run_folder(result, path, self.inputs)
 
     async def _finish(self, error_kind: ErrorKind | None, error: str) -> RunResult:
         await self._release()
@@ -727,6 +744,7 @@ class _Run:
             outputs=last.outputs if last else [],
             started_at=self.started_at,
             duration=time.monotonic() - self.started,
+            timeout=self.settings.timeout,
             session_id=self.session_id,
         )
         if self.record:
