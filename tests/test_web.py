@@ -480,6 +480,31 @@ def test_a_reload_reopens_the_session_and_it_goes_on(tab: Tab, llm: ScriptedLLM)
 
 @pytest.mark.browser
 @needs_browser
+def test_a_second_tab_on_the_session_sees_the_running_prompt_and_can_stop_it(
+    browser: Any, tab: Tab, llm: ScriptedLLM
+) -> None:
+    llm.script(fenced("import time\nprint('working', flush=True)\ntime.sleep(100)"))
+    first = tab.open("/")
+    turn = tab.send("work for a long time", attempts=1, timeout=110)
+    turn.locator(".outputs", has_text="working").wait_for()
+    other = Tab(browser, tab.base)
+    try:
+        page = other.open("/?session=" + first.locator("#session-label").inner_text())
+        page.locator(".status", has_text="still running").wait_for()
+        page.click("#stop")
+        page.locator(".turn .prompt-text", has_text="work for a long time").wait_for()
+        assert page.locator(".turn .status").inner_text().startswith("stopped after")
+        assert page.locator("#send").is_enabled() and page.locator("#stop").is_hidden()
+    finally:
+        other.context.close()
+    # The tab that sent it sees it end the same way.
+    turn.locator(".status.bad").wait_for()
+    assert turn.locator(".status").inner_text().startswith("stopped after")
+    assert other.outside == [] and other.dialogs == []
+
+
+@pytest.mark.browser
+@needs_browser
 def test_a_timeout_reads_as_a_timeout_not_as_an_interrupt(
     tab: Tab, llm: ScriptedLLM, tmp_path: Path
 ) -> None:

@@ -216,10 +216,12 @@
       }
       // The stream carries previews; the result has the last attempt's outputs in full.
       const outs = view.current && view.current.querySelector(".outputs");
-      if (outs && (d.outputs || []).length) {
-        outs.replaceChildren(...d.outputs.map(output));
+      // A timeout's interrupt is not the code's error (records made before it was left out kept it).
+      const full = (d.outputs || []).filter((o) => d.error_kind !== "timeout" || o.output_type !== "error");
+      if (outs && full.length) {
+        outs.replaceChildren(...full.map(output));
         const twice = view.current.querySelector(":scope > pre.error");
-        if (twice && d.outputs.some((o) => o.output_type === "error")) twice.remove();
+        if (twice && full.some((o) => o.output_type === "error")) twice.remove();
       }
       const ok = d.status === "success";
       const said = ok ? "success" : d.error_kind === "cancelled" ? "stopped" : d.status;

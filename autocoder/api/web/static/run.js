@@ -17,6 +17,8 @@
         " · in all " + seconds(a.duration) + (a.model ? " · " + a.model : "") }));
     box.append(AC.code(a.code || "(the model wrote no code)"));
     const outs = el("div", { class: "outputs" });
+    // A timeout's interrupt is not the code's error (records made before it was left out kept it).
+    if (a.error_kind === "timeout") outputs = outputs.filter((o) => o.output_type !== "error");
     if (last && outputs.length) {
       for (const o of outputs) outs.append(AC.output(o));
     } else {
