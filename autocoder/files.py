@@ -267,6 +267,11 @@ def walk_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
         return
 
 
+def names_beneath(root: Path, limit: int = MAX_LISTED) -> list[str]:
+    """The regular files under `root` (`/`-separated), walked by descriptor; at most `limit`."""
+    return [rel for rel, _ in itertools.islice(walk_files(root), limit)]
+
+
 def list_outputs(files_dir: Path, run_id: str, inputs: Iterable[str] = ()) -> list[RunFile]:
     """The regular files a run left (symlinks and inputs left as given are not listed)."""
     skip = set(inputs)

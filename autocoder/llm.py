@@ -6,10 +6,12 @@ import abc
 import ipaddress
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import httpx
 import openai
 
 from autocoder.config import DEFAULT_OPENAI_URL, Settings
@@ -27,6 +29,8 @@ and do not use the network unless the task asks for it."""
 DEFAULT_REMOTE_MODEL = "gpt-4o-mini"
 
 Message = dict[str, str]
+# Called with each piece of the reply as the model writes it.
+OnToken = Callable[[str], Awaitable[None]]
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
@@ -115,8 +119,11 @@ class LLM(abc.ABC):
         temperature: float,
         max_tokens: int,
         model: str | None = None,
+        on_token: OnToken | None = None,
     ) -> Completion:
-        """Return the model's reply or raise LLMError / ConfigError."""
+        """Return the model's reply or raise LLMError / ConfigError. With `on_token`, the
+        reply is also handed over piece by piece as it is written (a model that cannot
+        stream may hand it over whole, once)."""
 
     async def resolve_model(self) -> str:
         """The model's name, asking the endpoint when it was not configured."""
@@ -180,8 +187,11 @@ class OpenAIChat(LLM):
         temperature: float,
         max_tokens: int,
         model: str | None = None,
+        on_token: OnToken | None = None,
     ) -> Completion:
         model = model or await self.resolve_model()
+        if on_token is not None:
+            return await self._stream(messages, temperature, max_tokens, model, on_token)
         start = time.monotonic()
         try:
             reply: Any = await self.client.chat.completions.create(
@@ -201,6 +211,65 @@ class OpenAIChat(LLM):
             model=reply.model or model,
             duration=time.monotonic() - start,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        )
+
+    async def _stream(
+        self,
+        messages: list[Message],
+        temperature: float,
+        max_tokens: int,
+        model: str,
+        on_token: OnToken,
+    ) -> Completion:
+        """The reply as server-sent chunks, each handed to `on_token` as it arrives.
+
+        The usage is asked for (`stream_options`); a server that ignores it (llama.cpp's
+        sends one chunk per token) is counted by its chunks. The client's timeout then
+        bounds each wait for the next chunk, not the whole reply.
+        """
+        start = time.monotonic()
+        pieces: list[str] = []
+        chunks = 0
+        tokens = 0
+        answered = ""
+        seen_choice = False
+        try:
+            stream: Any = await self.client.chat.completions.create(  # type: ignore[call-overload]
+                model=model,
+                messages=messages,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async with stream:
+                async for chunk in stream:
+                    answered = chunk.model or answered
+                    usage = getattr(chunk, "usage", None)
+                    if usage is not None:
+                        tokens = getattr(usage, "completion_tokens", 0) or tokens
+                    if not chunk.choices:
+                        continue
+                    seen_choice = True
+                    piece = chunk.choices[0].delta.content
+                    if piece:
+                        chunks += 1
+                        pieces.append(piece)
+                        await on_token(piece)
+        except openai.APIError as e:
+            raise self._translate(e) from e
+        except httpx.HTTPError as e:  # the connection broke off mid-reply
+            raise LLMError(
+                f"the model endpoint {self.base_url} (OPENAI_BASE_URL) broke off its reply: "
+                f"{_short(str(e) or type(e).__name__)}"
+            ) from e
+        if not seen_choice:
+            raise LLMError(f"the model endpoint {self.base_url} answered with no choices")
+        return Completion(
+            text="".join(pieces),
+            model=answered or model,
+            duration=time.monotonic() - start,
+            completion_tokens=tokens or chunks,
         )
 
     def _translate(self, e: openai.APIError) -> Exception:

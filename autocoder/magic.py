@@ -793,7 +793,7 @@ class AutocoderMagics(Magics):
         status = Status(record)
 
         async def on_event(event: Event) -> None:
-            if event.type != "output":
+            if event.type not in ("output", "token"):
                 await main.call(lambda: status.show(event))
 
         async def go() -> RunResult:

@@ -17,6 +17,7 @@ import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -28,15 +29,16 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "langua
 RUN_ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyz-")
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Replace `path` with `data` all at once: readers see the old file or the new, never half."""
+def write_atomic(path: Path, data: str | bytes, *, mode: int | None = None) -> None:
+    """Replace `path` with `data` all at once: readers see the old file or the new, never half.
+    The file gets `mode`, or the mode a plain open() would give it (the umask applied)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file 0600; give it the mode a plain open() would (umask applied).
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            # mkstemp makes the file 0600.
+            os.fchmod(f.fileno(), 0o666 & ~_umask() if mode is None else mode)
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
@@ -112,6 +114,23 @@ def notebook_name(run_id: str, prompt: str = "") -> str:
     if stamped:
         return f"{stamped.group(1)}-{slug}-{stamped.group(2)}.ipynb"
     return f"{run_id}-{slug}.ipynb"
+
+
+FILES_SUFFIX = "_files"
+
+
+def files_folder(notebook: str | Path) -> str:
+    """The folder beside a notebook that holds its run's files (`<name>_files`, as nbconvert
+    names the folder of a notebook's resources): what the run was given and what it wrote."""
+    return Path(notebook).stem + FILES_SUFFIX
+
+
+def setup_cell(language: str, folder: str) -> Any:
+    """The first code cell of a notebook whose code works with files: it enters the folder
+    beside the notebook, as a Jupyter kernel starts in the notebook's own folder."""
+    cell = new_code_cell(languages.get(language).enter_dir(folder))
+    cell.metadata["autocoder"] = {"setup": "files", "folder": folder}
+    return cell
 
 
 def notebook_path(notebooks_dir: Path, run_id: str, prompt: str = "") -> Path:
@@ -402,13 +421,17 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "files": [f.model_dump() for f in result.files],
     }
     nb.cells.append(summary_cell(result, timeout=timeout))
+    # A run that was given files or wrote some has them in a folder beside its notebook.
+    folder = files_folder(result.notebook) if result.workdir and result.notebook else None
+    if folder:
+        nb.cells.append(setup_cell(result.language, folder))
     for i, attempt in enumerate(result.attempts, 1):
         if i == len(result.attempts) and not attempt.outputs:
             # A record keeps only the last attempt's outputs, as the result's.
             attempt = attempt.model_copy(update={"outputs": result.outputs})
         nb.cells.extend(attempt_cells(attempt, len(result.attempts), timeout))
     if result.files:
-        nb.cells.append(files_cell(result))
+        nb.cells.append(files_cell(result, folder))
     if result.status != "success":
         nb.cells.extend(failed_cells(result, timeout=timeout))
     for i, cell in enumerate(nb.cells):
@@ -416,11 +439,16 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
     return nb
 
 
-def files_cell(result: RunResult) -> Any:
-    """A markdown list of the files the code wrote, linked by their download URL."""
+def files_cell(result: RunResult, folder: str | None = None) -> Any:
+    """A markdown list of the files the code wrote, linked by their path relative to the
+    notebook (inside `folder`), which any Jupyter front end opens from where the notebook is;
+    a root-relative `/runs/...` link would go to that front end's own server instead."""
     lines = ["**Files the code wrote**", ""]
     for f in result.files:
-        lines.append(f"- [`{f.name}`]({f.url}) · {f.size:,} bytes · {f.media_type}")
+        link = quote(f"{folder}/{f.name}") if folder else f.url
+        lines.append(f"- [`{f.name}`]({link}) · {f.size:,} bytes · {f.media_type}")
+    if folder:
+        lines += ["", f"In the folder `{folder}` beside this notebook."]
     if result.workdir:
         lines += ["", f"Kept on the server in `{result.workdir}`."]
     return new_markdown_cell("\n".join(lines))

@@ -169,6 +169,7 @@ class RunResult(BaseModel):
 EventType = Literal[
     "run_started",
     "attempt_started",
+    "token",
     "code_generated",
     "output",
     "attempt_finished",

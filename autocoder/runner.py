@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from autocoder import asserts, disk, files, languages
+from autocoder import asserts, bundle, disk, files, languages
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, DiskFull, LLMError
@@ -501,7 +501,12 @@ class _Run:
             await result
 
     async def go(self) -> RunResult:
-        await self.emit("run_started", prompt=self.prompt, max_attempts=self.settings.max_attempts)
+        await self.emit(
+            "run_started",
+            prompt=self.prompt,
+            max_attempts=self.settings.max_attempts,
+            timeout=self.settings.timeout,
+        )
         error_kind: ErrorKind | None = None
         error = ""
         try:
@@ -541,6 +546,16 @@ class _Run:
             raise
         return await asyncio.shield(self._finish(error_kind, error))
 
+    def _tokens(self, number: int) -> llm_mod.OnToken | None:
+        """The model's reply as it is written, as `token` events (when anyone listens)."""
+        if self.on_event is None:
+            return None
+
+        async def on_token(text: str) -> None:
+            await self.emit("token", number, text=text)
+
+        return on_token
+
     def _keep_cancelled_attempt(self, error: str) -> None:
         """The attempt a cancel interrupted is part of the record: its code ran (its file is
         on disk) and its output may have been streamed already."""
@@ -564,6 +579,7 @@ class _Run:
             temperature=temperature,
             max_tokens=self.settings.max_tokens,
             model=self.model_override,
+            on_token=self._tokens(number),
         )
         self.model = completion.model or self.model
         lang = self.language
@@ -735,7 +751,7 @@ class _Run:
             try:
                 write_notebook(result, path)
                 write_record(result, self.settings.notebooks_dir)
-                return
+                break
             except OSError as e:
                 if not disk.no_space(e):
                     raise
@@ -743,6 +759,7 @@ class _Run:
                     self._forget(path)
                     raise self._disk_full(self.settings.notebooks_dir) from e
             making_room.pop(0)(result)
+        bundle.write_run_folder(result, path, self.inputs)  # best effort: logs a full disk
 
     def _drop_files(self, result: RunResult) -> None:
         if not result.workdir:

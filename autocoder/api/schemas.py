@@ -277,3 +277,11 @@ class SessionPage(BaseModel):
     total: int = Field(description="How many sessions there are, on all pages.")
     limit: int = Field(description="The page size asked for.")
     offset: int = Field(description="How many newer sessions were skipped.")
+
+
+class CancelAccepted(BaseModel):
+    """A run asked to stop: its stream (if any) ends with `run_finished`, status `error`,
+    error_kind `cancelled`, once its kernel is interrupted and the run is recorded."""
+
+    run_id: str = Field(description="The run that is being stopped.")
+    detail: str = Field(description="What happens next.")

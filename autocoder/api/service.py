@@ -44,6 +44,8 @@ class Service:
     admission: Admission
     sessions: Sessions
     runs: set[asyncio.Task[RunResult]] = field(default_factory=set)
+    # The runs in progress by id, for a client that asks to stop one.
+    running: dict[str, asyncio.Task[RunResult]] = field(default_factory=dict)
     draining: bool = False
     # Given the kernels a dead replica left (a shared store's heartbeat finds them), whoever
     # can reach them (the gateway) deletes them and says which are gone.
@@ -71,7 +73,18 @@ class Service:
         task.add_done_callback(lambda _: slot.release())
         self.runs.add(task)
         task.add_done_callback(self.runs.discard)
+        self.running[run_id] = task
+        task.add_done_callback(lambda _: self.running.pop(run_id, None))
         return Job(run_id, task)
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a run in progress as a client hang-up does (its kernel interrupted, the run
+        recorded as cancelled); False when no run of that id is in progress here."""
+        task = self.running.get(run_id)
+        if task is None or task.done():
+            return False
+        cancel_once(task)
+        return True
 
     async def _run(
         self,
@@ -102,6 +115,13 @@ class Service:
                 inputs=files,
             ),
         )
+
+    async def stopped_result(self, run_id: str) -> RunResult | None:
+        """The record of a run a client stopped (`cancel`), as its request's answer; None when
+        the server's shutdown cancelled it instead (that request gets a 503)."""
+        if self.draining:
+            return None
+        return await asyncio.to_thread(self.store.get, run_id)
 
     async def keep_lease(self) -> None:
         """Heartbeat a shared store until cancelled, reclaiming dead replicas' kernels."""

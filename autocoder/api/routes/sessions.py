@@ -174,6 +174,8 @@ async def run_in_session(
     try:
         result = await unless_disconnected(request, job.task)
     except RunCancelled:
+        if (stopped := await service.stopped_result(job.run_id)) is not None:
+            return _with_session(stopped, session)
         raise Busy(
             f"the server shut down before the run finished; run {job.run_id} was cancelled",
             status_code=503,
