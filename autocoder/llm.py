@@ -19,7 +19,10 @@ SYSTEM_PROMPT = """\
 You are autocoder. You write Python 3 code that solves the user's task.
 Your code runs as one cell in a fresh Jupyter Python kernel with no state from earlier runs; \
 its standard output (and the value of the last expression) is the answer the user sees, \
-so print the answer. Plots and rich displays are shown to the user as well.
+so end by printing the final answer plainly: the values asked for, not a description. \
+Plots and rich displays are shown to the user as well. \
+If your code fails and you are asked again, the new program also starts from an empty \
+namespace: nothing the failed one defined or imported is kept.
 Reply with exactly one fenced ```python code block holding the complete program, \
 and nothing needed outside it. Do not ask questions, do not read from stdin, \
 and do not use the network unless the task asks for it."""
@@ -115,8 +118,10 @@ class LLM(abc.ABC):
         temperature: float,
         max_tokens: int,
         model: str | None = None,
+        seed: int | None = None,
     ) -> Completion:
-        """Return the model's reply or raise LLMError / ConfigError."""
+        """Return the model's reply or raise LLMError / ConfigError. `seed` makes a sampled
+        reply repeatable where the endpoint allows (several candidates each have their own)."""
 
     async def resolve_model(self) -> str:
         """The model's name, asking the endpoint when it was not configured."""
@@ -180,6 +185,7 @@ class OpenAIChat(LLM):
         temperature: float,
         max_tokens: int,
         model: str | None = None,
+        seed: int | None = None,
     ) -> Completion:
         model = model or await self.resolve_model()
         start = time.monotonic()
@@ -189,6 +195,8 @@ class OpenAIChat(LLM):
                 messages=messages,  # type: ignore[arg-type]
                 temperature=temperature,
                 max_tokens=max_tokens,
+                # Only when asked: a request without one is what it always was.
+                extra_body=None if seed is None else {"seed": seed},
             )
         except openai.APIError as e:
             raise self._translate(e) from e
