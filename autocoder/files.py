@@ -219,7 +219,7 @@ def views(names, limit):
             try:
                 found[name] = view(name, limit)
             except Exception as e:
-                found[name] = f"reading it with pandas fails: {type(e).__name__}: {str(e)[:200]}"
+                found[name] = f"reading it fails: {type(e).__name__}: {str(e)[:200]}"
     return found
 """
 
