@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import ast
 import ipaddress
 import re
 import time
@@ -20,9 +21,7 @@ You are autocoder. You write Python 3 code that solves the user's task.
 Your code runs as one cell in a fresh Jupyter Python kernel with no state from earlier runs; \
 its standard output (and the value of the last expression) is the answer the user sees, \
 so end by printing the final answer plainly: the values asked for, not a description. \
-Plots and rich displays are shown to the user as well. \
-If your code fails and you are asked again, the new program also starts from an empty \
-namespace: nothing the failed one defined or imported is kept.
+Plots and rich displays are shown to the user as well.
 Reply with exactly one fenced ```python code block holding the complete program, \
 and nothing needed outside it. Do not ask questions, do not read from stdin, \
 and do not use the network unless the task asks for it."""
@@ -63,14 +62,25 @@ def extract_code(
 
 
 def _looks_like_prose(text: str) -> bool:
+    """Prose, or a bare value (`4`, `'Saturday'`): a model sampled with some temperature often
+    answers the question instead of writing a program, and a value that "runs" computed nothing."""
     if not text:
         return True
     try:
-        compile(text, "<reply>", "exec")
-    except SyntaxError:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
         first = text.splitlines()[0]
         return not any(ch in first for ch in "=()[]:#") and len(text.split()) > 3
-    return False
+    return _is_bare_value(tree)
+
+
+def _is_bare_value(tree: ast.Module) -> bool:
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        return False
+    value = tree.body[0].value
+    if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub | ast.UAdd):
+        value = value.operand
+    return isinstance(value, ast.Constant)
 
 
 def strip_ansi(text: str) -> str:
