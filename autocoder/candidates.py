@@ -116,12 +116,14 @@ class Produced:
     rich: tuple[str, ...] = ()
     files: tuple[tuple[str, str], ...] = ()
 
-    def describe(self) -> str:
-        """A short phrase for the user: what it printed (its first line), and its files."""
-        first = self.text.split("\n", 1)[0] if self.text else ""
+    def describe(self, output: str) -> str:
+        """A short phrase for the user: what it printed (the first line of `output`, as the
+        code printed it), and what it made."""
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        first = lines[0] if lines else ""
         if len(first) > SHOWN_CHARS:
             first = first[: SHOWN_CHARS - 1] + "…"
-        said = f"printed {first!r}" + (" …" if "\n" in self.text else "") if first else ""
+        said = f"printed {first!r}" + (" …" if len(lines) > 1 else "") if first else ""
         made = [kind for kind, _ in self.files] + list(self.rich)
         parts = [said] if said else []
         if made:
@@ -245,7 +247,7 @@ def disagreement(
     for group in result.groups[1:]:
         key = produced_by[group[0]]
         assert key is not None
-        parts.append(f"{who(group)} {key.describe()}")
+        parts.append(f"{who(group)} {key.describe(drawn[group[0]].output)}")
     failed = [i for i, key in enumerate(produced_by) if key is None]
     if failed:
         parts.append(f"{who(failed)} failed")
