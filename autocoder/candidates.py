@@ -251,5 +251,5 @@ def disagreement(
     failed = [i for i, key in enumerate(produced_by) if key is None]
     if failed:
         parts.append(f"{who(failed)} failed")
-    head = f"not sure: only {result.agreement} of {result.drawn} candidates produced this answer"
+    head = f"only {result.agreement} of {result.drawn} candidates produced this answer"
     return head + ("; " + "; ".join(parts) if parts else "") + ". Check it before relying on it."

@@ -263,7 +263,9 @@ def _fence(text: str, lang: str = "") -> str:
 def agree_line(attempt: Attempt) -> str:
     """`4 of 5 candidates agree`: how many of an attempt's candidates produced its answer."""
     drawn = 1 + len(attempt.others)
-    agree = sum(1 for a in (attempt, *attempt.others) if a.group == 1) if attempt.group == 1 else 0
+    if attempt.group != 1:
+        return f"none of {drawn} candidates ran cleanly"
+    agree = sum(1 for a in (attempt, *attempt.others) if a.group == 1)
     return f"{agree} of {drawn} candidates agree"
 
 
@@ -330,7 +332,7 @@ def candidates_cell(attempt: Attempt, timeout: float | None) -> Any:
             verdict = f"a different result (group {other.group})"
         else:
             verdict = said(other, timeout)
-        body.append(f"**Candidate {other.candidate}** — {md_escape(verdict)}")
+        body.append(f"**Candidate {other.candidate}** — {verdict}")
         if other.code:
             body.append(_fence(other.code, fences))
         if other.output:
