@@ -16,7 +16,9 @@ rule of how many, how they are sampled, grouped and judged is here:
   attempt at once: a retry, told what went wrong, is the better next step.
 - Sampled: the first as the retry policy asks (greedy on a first attempt); the others at
   SAMPLE_TEMPERATURE at least, each with its own seed, so they differ, and a rerun of the same
-  prompt draws the same ones.
+  prompt draws the same ones. 0.4 rather than 0.7: with the embedded 0.5B model, on the same
+  tasks side by side, both gave the same answers and verdicts, and 0.4 generated 30% fewer
+  tokens (0.7's samples ramble).
 - Grouped by what they produced (`Produced`): what they printed and the text of their results,
   normalised (`normalise`); the kinds of their rich outputs (a plot is an image/png whatever its
   pixels); the files they wrote, text files by normalised content and others by kind. File
@@ -25,10 +27,13 @@ rule of how many, how they are sampled, grouped and judged is here:
 - The answer is the largest group of those that ran cleanly; between groups of one size, the
   one whose first member was drawn first. Its first member's code, output and files are the
   attempt's.
-- Certain (`Tally.certain`) when at least two agree and they are more than half of those that
-  ran cleanly. Otherwise the run reports `uncertain`, with the answer and the alternatives.
-  A single candidate is certain as before: with nothing to compare, running cleanly is all
-  there is to go on.
+- Certain (`Tally.certain`) when at least two agree and no other group is as large. A small
+  model's wrong programs are mostly wrong each in its own way, so a wrong answer seldom
+  gathers two votes while a right one does; requiring a majority of all that ran cleanly
+  instead let that scatter outvote a right answer (37.78 against 180, 55.56 and 37.7778: two of
+  four, an honest answer reported as uncertain). Otherwise the run reports `uncertain`, with
+  the answer and the alternatives. A single candidate is certain as before: with nothing to
+  compare, running cleanly is all there is to go on.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from autocoder.records import Attempt
 
 LOCAL_CANDIDATES = 5
 FIRST_ROUND = 2
-SAMPLE_TEMPERATURE = 0.7
+SAMPLE_TEMPERATURE = 0.4
 MAX_COMPARED_FILES = 50
 MAX_COMPARED_BYTES = 8 << 20
 SHOWN_CHARS = 60
@@ -217,7 +222,8 @@ class Tally:
     def certain(self) -> bool:
         if self.drawn == 1:
             return self.clean == 1
-        return self.agreement >= 2 and 2 * self.agreement > self.clean
+        runner_up = len(self.groups[1]) if len(self.groups) > 1 else 0
+        return self.agreement >= 2 and self.agreement > runner_up
 
 
 def tally(produced_by: Sequence[Produced | None]) -> Tally:

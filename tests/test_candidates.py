@@ -18,7 +18,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from autocoder.candidates import Produced, normalise, tally
+from autocoder.candidates import SAMPLE_TEMPERATURE, Produced, normalise, tally
 from autocoder.config import Settings
 from autocoder.notebook import record_path
 from autocoder.records import ErrorKind, Event, RunResult
@@ -69,7 +69,12 @@ def test_the_largest_group_answers_and_a_tie_goes_to_the_first_drawn() -> None:
 
     tie = tally([a, b, b, a])
     assert tie.chosen == 0 and tie.agreement == 2
-    assert not tie.certain  # two of four is no majority
+    assert not tie.certain  # as many say something else
+
+    c, d = Produced("c"), Produced("d")
+    scattered = tally([a, b, c, a, d])
+    assert scattered.chosen == 0 and scattered.certain  # the others are wrong each its own way
+    assert not tally([a, b, c, d]).certain  # no two agree
 
     failures_do_not_vote = tally([None, b, None, b])
     assert failures_do_not_vote.chosen == 1 and failures_do_not_vote.certain
@@ -112,7 +117,9 @@ async def test_the_answer_most_candidates_agree_on_is_chosen(
     # The first two disagreed, so three more were drawn; each sampled with its own seed.
     assert seeds(llm) == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
     temperatures = {r["seed"] % 100: r["temperature"] for r in llm.requests}
-    assert temperatures[1] == 0.0 and all(temperatures[c] >= 0.7 for c in (2, 3, 4, 5))
+    assert temperatures[1] == 0.0 and all(
+        temperatures[c] >= SAMPLE_TEMPERATURE > 0 for c in (2, 3, 4, 5)
+    )
     # The answer's files are the run's; the other candidates' directories are gone.
     assert [f.name for f in result.files] == ["answer.txt"]
     assert (Path(result.workdir) / "answer.txt").read_text() == "42"
