@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import ast
 import ipaddress
 import re
 import time
@@ -21,7 +22,8 @@ SYSTEM_PROMPT = """\
 You are autocoder. You write Python 3 code that solves the user's task.
 Your code runs as one cell in a fresh Jupyter Python kernel with no state from earlier runs; \
 its standard output (and the value of the last expression) is the answer the user sees, \
-so print the answer. Plots and rich displays are shown to the user as well.
+so end by printing the final answer plainly: the values asked for, not a description. \
+Plots and rich displays are shown to the user as well.
 Reply with exactly one fenced ```python code block holding the complete program, \
 and nothing needed outside it. Do not ask questions, do not read from stdin, \
 and do not use the network unless the task asks for it."""
@@ -64,14 +66,25 @@ def extract_code(
 
 
 def _looks_like_prose(text: str) -> bool:
+    """Prose, or a bare value (`4`, `'Saturday'`): a model sampled with some temperature often
+    answers the question instead of writing a program, and a value that "runs" computed nothing."""
     if not text:
         return True
     try:
-        compile(text, "<reply>", "exec")
-    except SyntaxError:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
         first = text.splitlines()[0]
         return not any(ch in first for ch in "=()[]:#") and len(text.split()) > 3
-    return False
+    return _is_bare_value(tree)
+
+
+def _is_bare_value(tree: ast.Module) -> bool:
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        return False
+    value = tree.body[0].value
+    if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub | ast.UAdd):
+        value = value.operand
+    return isinstance(value, ast.Constant)
 
 
 def strip_ansi(text: str) -> str:
@@ -120,10 +133,12 @@ class LLM(abc.ABC):
         max_tokens: int,
         model: str | None = None,
         on_token: OnToken | None = None,
+        seed: int | None = None,
     ) -> Completion:
         """Return the model's reply or raise LLMError / ConfigError. With `on_token`, the
         reply is also handed over piece by piece as it is written (a model that cannot
-        stream may hand it over whole, once)."""
+        stream may hand it over whole, once). `seed` makes a sampled reply repeatable where
+        the endpoint allows (several candidates each have their own)."""
 
     async def resolve_model(self) -> str:
         """The model's name, asking the endpoint when it was not configured."""
@@ -188,10 +203,11 @@ class OpenAIChat(LLM):
         max_tokens: int,
         model: str | None = None,
         on_token: OnToken | None = None,
+        seed: int | None = None,
     ) -> Completion:
         model = model or await self.resolve_model()
         if on_token is not None:
-            return await self._stream(messages, temperature, max_tokens, model, on_token)
+            return await self._stream(messages, temperature, max_tokens, model, on_token, seed)
         start = time.monotonic()
         try:
             reply: Any = await self.client.chat.completions.create(
@@ -199,6 +215,8 @@ class OpenAIChat(LLM):
                 messages=messages,  # type: ignore[arg-type]
                 temperature=temperature,
                 max_tokens=max_tokens,
+                # Only when asked: a request without one is what it always was.
+                extra_body=None if seed is None else {"seed": seed},
             )
         except openai.APIError as e:
             raise self._translate(e) from e
@@ -220,6 +238,7 @@ class OpenAIChat(LLM):
         max_tokens: int,
         model: str,
         on_token: OnToken,
+        seed: int | None = None,
     ) -> Completion:
         """The reply as server-sent chunks, each handed to `on_token` as it arrives.
 
@@ -241,6 +260,7 @@ class OpenAIChat(LLM):
                 max_tokens=max_tokens,
                 stream=True,
                 stream_options={"include_usage": True},
+                extra_body=None if seed is None else {"seed": seed},
             )
             async with stream:
                 async for chunk in stream:

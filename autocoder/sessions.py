@@ -145,6 +145,8 @@ def _lost_notice(why: str) -> str:
 class SessionKernels:
     """The executor provider a session's run uses: the session's kernel, every time."""
 
+    fresh = False  # the session's state: one candidate per attempt
+
     def __init__(self, session: Session) -> None:
         self.session = session
 

@@ -501,3 +501,34 @@ def test_frames_of_autocoders_own_kernel_code_are_dropped_from_any_traceback() -
     ]
     # The syntax check's label for the user's own code is not a frame of ours.
     assert without_own_frames(['  File "<autocoder>", line 3']) == ['  File "<autocoder>", line 3']
+
+
+async def test_a_retry_is_told_it_starts_from_scratch(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(
+        fenced("import math\nx = 2\n1 / 0"), fenced("print(math.sqrt(x))"), fenced("print(1)")
+    )
+    await runner.run("x")
+
+    said = llm.requests[1]["messages"][-1]["content"]
+    assert "nothing the failed program defined or imported is kept" in said
+
+
+async def test_the_same_error_twice_starts_afresh_from_the_task(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    """Another patch of a program that keeps failing the same way would likely fail again."""
+    llm.script(
+        fenced("print(total)"),
+        fenced("print(total + 0)"),
+        fenced("total = 3\nprint(total)"),
+    )
+    result = await runner.run("print the total")
+
+    assert result.status == "success" and len(result.attempts) == 3
+    third = llm.requests[2]
+    assert [m["role"] for m in third["messages"]] == ["system", "user"]
+    asked = third["messages"][-1]["content"]
+    assert asked.startswith("print the total\n\n")
+    assert "kept failing" in asked and "NameError: name 'total' is not defined" in asked
+    assert "print(total + 0)" not in asked  # no earlier code to patch
+    assert third["temperature"] > 0

@@ -326,6 +326,19 @@ def test_history_search_and_filter(tab: Tab, live: LiveServer, llm: ScriptedLLM)
 
 @pytest.mark.browser
 @needs_browser
+def test_a_runs_page_says_how_many_candidates_agree(
+    tab: Tab, live: LiveServer, llm: ScriptedLLM
+) -> None:
+    seeds = {101: "print('ok')", 102: "print('no')", 103: "print('ok')"}
+    llm.responder = lambda body: fenced(seeds[body["seed"]])
+    r = httpx.post(f"{live.url}/run", json={"prompt": "ok?", "candidates": 3}, timeout=60)
+    page = tab.open(f"/history/{r.json()['run_id']}")
+    page.locator("#run .agreement").wait_for()
+    assert page.locator("#run .agreement").inner_text() == "2 of 3 candidates agree"
+
+
+@pytest.mark.browser
+@needs_browser
 def test_with_a_token_the_history_shows_only_after_it_is_given(
     browser: Any, guarded: LiveServer, llm: ScriptedLLM
 ) -> None:

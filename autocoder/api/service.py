@@ -96,7 +96,7 @@ class Service:
     ) -> RunResult:
         run: Callable[..., Any] = self.runner.run
         if session is None:
-            run = partial(run, language=req.language or "python")
+            run = partial(run, language=req.language or "python", candidates=req.candidates)
         else:
             run = partial(self.sessions.run, session)
         return await stored_run(

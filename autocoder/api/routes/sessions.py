@@ -156,6 +156,16 @@ async def run_in_session(
         raise RequestValidationError(
             [field_error("language", "a session's kernel is Python; use POST /run for others")]
         )
+    if given.req.candidates not in (None, 1):
+        raise RequestValidationError(
+            [
+                field_error(
+                    "candidates",
+                    "a session's kernel keeps state, so its runs draw one candidate; "
+                    "use POST /run for more",
+                )
+            ]
+        )
     sessions = service.sessions
     try:
         session = sessions.claim(known.info.session_id, given.files)

@@ -50,6 +50,8 @@
       el("h2", {}, "Run ", el("code", { text: r.run_id })),
       el("p", { class: "prompt-text", text: r.prompt }),
       el("p", { class: "status " + (ok ? "ok" : "bad"), text: r.status + (r.error_kind ? " (" + r.error_kind + ")" : "") }),
+      // How sure the answer is: how many of the last attempt's candidates produced it.
+      ...(r.candidates > 1 ? [el("p", { class: "agreement", text: r.agreement + " of " + r.candidates + " candidates agree" })] : []),
       el("p", { class: "muted" }, "started " + when(r.started_at) + " · " + seconds(r.duration) +
         " · " + r.attempts.length + " attempt(s)" + (r.model ? " · model " + r.model : ""),
         ...(r.session_id ? [" · session ", el("a", { href: "/?session=" + encodeURIComponent(r.session_id), class: "session-link", text: r.session_id })] : [])),
