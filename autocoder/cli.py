@@ -45,12 +45,19 @@ class Progress:
             self.say(f"attempt {n}/{d['max_attempts']}: generating…")
         elif event.type == "code_generated":
             lines = len(d["code"].splitlines())
+            which = f"attempt {n}" + (f", candidate {d['candidate']}" if d["candidate"] > 1 else "")
             self.say(
-                f"attempt {n}: {d['model']} wrote {lines} line(s) in {d['llm_duration']:.1f} s; running…"
+                f"{which}: {d['model']} wrote {lines} line(s) in {d['llm_duration']:.1f} s; running…"
             )
         elif event.type == "attempt_finished":
+            others = d.get("others") or []
+            if others:
+                agree = 1 + sum(1 for o in others if o["group"] == 1) if d["group"] == 1 else 0
+                self.say(f"attempt {n}: {agree} of {1 + len(others)} candidates agree")
             if d["status"] == "success":
                 self.say(f"attempt {n}: succeeded in {d['duration']:.1f} s")
+            elif d["error_kind"] == ErrorKind.UNCERTAIN.value:
+                self.say(f"attempt {n}: not sure: the candidates disagree")
             else:
                 detail = (d.get("error") or "").splitlines()
                 what = d.get("ename") or (detail[0].rstrip(":") if detail else "")
@@ -66,6 +73,7 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 FLAG_SETTINGS = {
     "timeout": "timeout",
     "attempts": "max_attempts",
+    "candidates": "candidates",
     "model": "model",
     "notebooks_dir": "notebooks_dir",
     "autofile_dir": "autofile_dir",
@@ -178,12 +186,18 @@ def _print_result(result: RunResult) -> None:
     if result.status == "success":
         print(f"{rule}\noutput\n{rule}")
         print(_shown(result, result.output).rstrip("\n"))
+    elif result.error_kind is ErrorKind.UNCERTAIN:
+        print(f"{rule}\noutput (not sure of it)\n{rule}")
+        print(result.output.rstrip("\n"))
+        print(f"{rule}\n{result.error.rstrip()}")
     else:
         print(f"{rule}\nerror after {len(result.attempts)} attempt(s)\n{rule}")
         print(result.error.rstrip("\n"))
         if last is not None and last.output.strip():
             print(f"{rule}\noutput\n{rule}\n{_shown(result, last.output).rstrip()}")
     print(rule)
+    if result.candidates > 1:
+        print(f"{result.agreement} of {result.candidates} candidates agree")
     print(f"notebook: {result.notebook}")
     if result.workdir:
         print(f"files:    {result.workdir}")
@@ -481,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate and run code for a prompt")
     run.add_argument("prompt", nargs="*", help="the task; asked for interactively when omitted")
     run.add_argument("--json", action="store_true", help="print the result as the API's JSON")
+    run.add_argument(
+        "--candidates",
+        type=int,
+        metavar="K",
+        help="programs drawn per attempt, each run in a fresh kernel; the answer is the result "
+        "most agree on (AUTOCODER_CANDIDATES; default 5 for the embedded model, 1 for an endpoint)",
+    )
     run.add_argument(
         "--language",
         "-l",

@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     # The run loop.
     timeout: float = Field(10.0, gt=0, description="Seconds one attempt's code may run.")
     max_attempts: int = Field(5, ge=1, le=50)
+    candidates: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Programs drawn per attempt, each run in a fresh kernel; the answer is "
+        "the result most of them agree on (see candidates.py). 0: 5 for the embedded model "
+        "(2 first, more only when those disagree), 1 for a model endpoint.",
+    )
     max_output_bytes: int = Field(1_000_000, ge=1024, description="Output kept per attempt.")
     notebooks_dir: Path = Path("notebooks")
     autofile_dir: Path = Path("autofile")
@@ -127,6 +135,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(20_000, ge=1)
     max_request_attempts: int = Field(10, ge=1)
     max_request_timeout: float = Field(120.0, gt=0)
+    max_request_candidates: int = Field(
+        8, ge=1, le=16, description="The most candidates one request may ask for."
+    )
     queue_timeout: float = Field(
         60.0, gt=0, description="Seconds a request may wait for a run slot before it gets 503."
     )

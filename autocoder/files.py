@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,17 +214,120 @@ def place(files: Sequence[InputFile], workdir: Path) -> None:
         os.close(dir_fd)
 
 
-def describe(files: Sequence[InputFile]) -> str:
-    """What the model is told about the inputs: names, sizes, and the first lines of text."""
+def describe(files: Sequence[InputFile], views: Mapping[str, str] | None = None) -> str:
+    """What the model is told about the inputs: names, sizes, and what pandas makes of a data
+    file (`views`, read in the run's kernel: see `view_code`), else its first lines of text."""
     if not files:
         return ""
+    views = views or {}
     parts = ["The working directory holds these files (read them by these names):"]
     for f in files:
         parts.append(f"- {f.name} ({_size(len(f.data))})")
+        view = views.get(f.name)
+        if view:
+            parts.append("\n".join("    " + line for line in view.splitlines()))
+            continue
         head = _head(f)
         if head:
             parts.append("  first lines:\n" + "\n".join("    " + line for line in head))
     return "\n".join(parts)
+
+
+VIEW_CHARS = 1500
+VIEW_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".xlsx", ".xls", ".parquet"}
+VIEW_MARK = "autocoder-views:"
+# Runs in the run's own sandboxed kernel, under its limits, before the model is asked: a
+# hostile file can only fail or time out there. It binds nothing in the kernel's namespace
+# (its names live in exec's own dict); pandas stays imported, which the code asked for next
+# would do anyway. It prints one line: the mark, then {name: view} as JSON.
+_VIEW = r"""
+import csv, json, warnings
+
+def view(name, limit):
+    import pandas as pd
+
+    suffix = name.rsplit(".", 1)[-1].lower()
+    extra = ""
+    if suffix in ("csv", "tsv"):
+        sep = "\t" if suffix == "tsv" else ","
+        call = f"pd.read_csv({name!r}" + (", sep='\\t')" if sep == "\t" else ")")
+        try:
+            df = pd.read_csv(name, sep=sep)
+            if df.shape[1] == 1:
+                with open(name, newline="", errors="replace") as f:
+                    other = csv.Sniffer().sniff(f.read(65536), delimiters=",;\t|").delimiter
+                if other != sep:
+                    df, call = pd.read_csv(name, sep=other), f"pd.read_csv({name!r}, sep={other!r})"
+        except csv.Error:
+            pass
+    elif suffix in ("json", "jsonl"):
+        lines = suffix == "jsonl"
+        call = f"pd.read_json({name!r}" + (", lines=True)" if lines else ")")
+        if not lines:
+            with open(name, errors="replace") as f:
+                data = json.load(f)
+            if isinstance(data, dict):
+                extra = f"json.load gives a dict with keys {list(data)[:20]}\n"
+            elif isinstance(data, list):
+                first = data[0] if data else None
+                keys = f" with keys {list(first)[:20]}" if isinstance(first, dict) else ""
+                extra = f"json.load gives a list of {len(data)} {type(first).__name__}{keys}\n"
+        df = pd.read_json(name, lines=lines)
+    elif suffix in ("xlsx", "xls"):
+        call = f"pd.read_excel({name!r})"
+        df = pd.read_excel(name)
+    else:
+        call = f"pd.read_parquet({name!r})"
+        df = pd.read_parquet(name)
+    types = ", ".join(f"{c} ({t})" for c, t in df.dtypes.astype(str).items())
+    with pd.option_context("display.width", 120, "display.max_columns", 12,
+                           "display.max_colwidth", 30):
+        head = df.head(5).to_string()
+    text = (f"{extra}{call} gives {df.shape[0]} rows x {df.shape[1]} columns: {types}\n"
+            f"first rows:\n{head}")
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+def views(names, limit):
+    found = {}
+    try:
+        import pandas  # noqa: F401
+    except Exception:
+        return found
+    for name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                found[name] = view(name, limit)
+            except Exception as e:
+                found[name] = f"reading it fails: {type(e).__name__}: {str(e)[:200]}"
+    return found
+"""
+
+
+def view_code(files: Sequence[InputFile]) -> str | None:
+    """Code that prints what pandas makes of the data files among `files` (None if none is)."""
+    names = [f.name for f in files if Path(f.name).suffix.lower() in VIEW_SUFFIXES]
+    if not names:
+        return None
+    body = _VIEW + f"print({VIEW_MARK!r} + json.dumps(views({names!r}, {VIEW_CHARS})))\n"
+    return f"exec({body!r}, {{}})"
+
+
+def parse_views(output: str) -> dict[str, str]:
+    """The views `view_code` printed ({} when it printed none, or nothing readable)."""
+    for line in reversed(output.splitlines()):
+        if line.startswith(VIEW_MARK):
+            try:
+                found = json.loads(line[len(VIEW_MARK) :])
+            except ValueError:
+                return {}
+            if isinstance(found, dict):
+                return {
+                    str(k): str(v)[: VIEW_CHARS + 200]
+                    for k, v in found.items()
+                    if isinstance(v, str)
+                }
+    return {}
 
 
 def _head(f: InputFile) -> list[str]:
@@ -266,6 +369,11 @@ def walk_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                     yield (rel_dir / fname).as_posix(), st
     except OSError:
         return
+
+
+def names_beneath(root: Path, limit: int = MAX_LISTED) -> list[str]:
+    """The regular files under `root` (`/`-separated), walked by descriptor; at most `limit`."""
+    return [rel for rel, _ in itertools.islice(walk_files(root), limit)]
 
 
 def list_outputs(files_dir: Path, run_id: str, inputs: Iterable[str] = ()) -> list[RunFile]:

@@ -66,6 +66,9 @@ class Language:
     # AUTOCODER_GATEWAY_KERNEL; other kernels are exec'd on the server's host.
     ipykernel: bool = False
     fail: Callable[[str], str] = field(default=lambda message: f"raise RuntimeError({message!r})")
+    # A cell that makes the folder `name` (beside the notebook) the working directory, and
+    # does nothing when it is not there (run twice, or from inside the folder already).
+    enter_dir: Callable[[str], str] = field(default=lambda name: _python_enter(name))
 
     # The kernelspecs under bwrap and unconfined, when they are not autocoder-<kernel>[-sandbox].
     kernel_names: tuple[str, str] | None = None
@@ -84,6 +87,13 @@ def kernels_dir() -> Path:
         if (candidate / "autocoder-sandbox" / "kernel.json").is_file():
             return candidate
     raise KernelStartError(f"autocoder's kernelspecs are missing (looked in {here / 'kernels'})")
+
+
+_ENTER_WHY = "the files this notebook's code reads and writes are in the folder beside it"
+
+
+def _python_enter(name: str) -> str:
+    return f"# {_ENTER_WHY}\nimport os\n\nif os.path.isdir({name!r}):\n    os.chdir({name!r})"
 
 
 def _scrubbed_env() -> dict[str, str]:
@@ -340,6 +350,9 @@ BASH = Language(
     wrap=_bash_wrap,
     clean_error=_bash_error,
     fail=lambda message: f"echo {_sh_quote(message)} >&2\nfalse",
+    enter_dir=lambda name: (
+        f"# {_ENTER_WHY}\nif [ -d {_sh_quote(name)} ]; then cd {_sh_quote(name)}; fi"
+    ),
 )
 
 _DENO_INFO = {
@@ -375,6 +388,9 @@ JAVASCRIPT = Language(
     missing=_deno_missing,
     late_output=True,
     fail=lambda message: f"throw new Error({json.dumps(message)});",
+    enter_dir=lambda name: (
+        f"// {_ENTER_WHY}\ntry {{\n  Deno.chdir({json.dumps(name)});\n}} catch {{\n  // not there\n}}"
+    ),
 )
 
 TYPESCRIPT = Language(
@@ -396,6 +412,9 @@ TYPESCRIPT = Language(
     missing=_deno_missing,
     late_output=True,
     fail=lambda message: f"throw new Error({json.dumps(message)});",
+    enter_dir=lambda name: (
+        f"// {_ENTER_WHY}\ntry {{\n  Deno.chdir({json.dumps(name)});\n}} catch {{\n  // not there\n}}"
+    ),
 )
 
 R = Language(
@@ -425,6 +444,9 @@ R = Language(
     reset_code="rm(list = ls(all.names = TRUE))",
     clean_error=_r_error,
     fail=lambda message: f"stop({json.dumps(message)})",
+    enter_dir=lambda name: (
+        f"# {_ENTER_WHY}\nif (dir.exists({json.dumps(name)})) setwd({json.dumps(name)})"
+    ),
 )
 
 LANGUAGES: tuple[Language, ...] = (PYTHON, BASH, JAVASCRIPT, TYPESCRIPT, R)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import abc
+import ast
 import ipaddress
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import httpx
 import openai
 
 from autocoder.config import DEFAULT_OPENAI_URL, Settings
@@ -19,7 +22,8 @@ SYSTEM_PROMPT = """\
 You are autocoder. You write Python 3 code that solves the user's task.
 Your code runs as one cell in a fresh Jupyter Python kernel with no state from earlier runs; \
 its standard output (and the value of the last expression) is the answer the user sees, \
-so print the answer. Plots and rich displays are shown to the user as well.
+so end by printing the final answer plainly: the values asked for, not a description. \
+Plots and rich displays are shown to the user as well.
 Reply with exactly one fenced ```python code block holding the complete program, \
 and nothing needed outside it. Do not ask questions, do not read from stdin, \
 and do not use the network unless the task asks for it."""
@@ -27,6 +31,8 @@ and do not use the network unless the task asks for it."""
 DEFAULT_REMOTE_MODEL = "gpt-4o-mini"
 
 Message = dict[str, str]
+# Called with each piece of the reply as the model writes it.
+OnToken = Callable[[str], Awaitable[None]]
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
@@ -60,14 +66,25 @@ def extract_code(
 
 
 def _looks_like_prose(text: str) -> bool:
+    """Prose, or a bare value (`4`, `'Saturday'`): a model sampled with some temperature often
+    answers the question instead of writing a program, and a value that "runs" computed nothing."""
     if not text:
         return True
     try:
-        compile(text, "<reply>", "exec")
-    except SyntaxError:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
         first = text.splitlines()[0]
         return not any(ch in first for ch in "=()[]:#") and len(text.split()) > 3
-    return False
+    return _is_bare_value(tree)
+
+
+def _is_bare_value(tree: ast.Module) -> bool:
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        return False
+    value = tree.body[0].value
+    if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub | ast.UAdd):
+        value = value.operand
+    return isinstance(value, ast.Constant)
 
 
 def strip_ansi(text: str) -> str:
@@ -115,8 +132,13 @@ class LLM(abc.ABC):
         temperature: float,
         max_tokens: int,
         model: str | None = None,
+        on_token: OnToken | None = None,
+        seed: int | None = None,
     ) -> Completion:
-        """Return the model's reply or raise LLMError / ConfigError."""
+        """Return the model's reply or raise LLMError / ConfigError. With `on_token`, the
+        reply is also handed over piece by piece as it is written (a model that cannot
+        stream may hand it over whole, once). `seed` makes a sampled reply repeatable where
+        the endpoint allows (several candidates each have their own)."""
 
     async def resolve_model(self) -> str:
         """The model's name, asking the endpoint when it was not configured."""
@@ -180,8 +202,12 @@ class OpenAIChat(LLM):
         temperature: float,
         max_tokens: int,
         model: str | None = None,
+        on_token: OnToken | None = None,
+        seed: int | None = None,
     ) -> Completion:
         model = model or await self.resolve_model()
+        if on_token is not None:
+            return await self._stream(messages, temperature, max_tokens, model, on_token, seed)
         start = time.monotonic()
         try:
             reply: Any = await self.client.chat.completions.create(
@@ -189,6 +215,8 @@ class OpenAIChat(LLM):
                 messages=messages,  # type: ignore[arg-type]
                 temperature=temperature,
                 max_tokens=max_tokens,
+                # Only when asked: a request without one is what it always was.
+                extra_body=None if seed is None else {"seed": seed},
             )
         except openai.APIError as e:
             raise self._translate(e) from e
@@ -201,6 +229,67 @@ class OpenAIChat(LLM):
             model=reply.model or model,
             duration=time.monotonic() - start,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        )
+
+    async def _stream(
+        self,
+        messages: list[Message],
+        temperature: float,
+        max_tokens: int,
+        model: str,
+        on_token: OnToken,
+        seed: int | None = None,
+    ) -> Completion:
+        """The reply as server-sent chunks, each handed to `on_token` as it arrives.
+
+        The usage is asked for (`stream_options`); a server that ignores it (llama.cpp's
+        sends one chunk per token) is counted by its chunks. The client's timeout then
+        bounds each wait for the next chunk, not the whole reply.
+        """
+        start = time.monotonic()
+        pieces: list[str] = []
+        chunks = 0
+        tokens = 0
+        answered = ""
+        seen_choice = False
+        try:
+            stream: Any = await self.client.chat.completions.create(  # type: ignore[call-overload]
+                model=model,
+                messages=messages,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=None if seed is None else {"seed": seed},
+            )
+            async with stream:
+                async for chunk in stream:
+                    answered = chunk.model or answered
+                    usage = getattr(chunk, "usage", None)
+                    if usage is not None:
+                        tokens = getattr(usage, "completion_tokens", 0) or tokens
+                    if not chunk.choices:
+                        continue
+                    seen_choice = True
+                    piece = chunk.choices[0].delta.content
+                    if piece:
+                        chunks += 1
+                        pieces.append(piece)
+                        await on_token(piece)
+        except openai.APIError as e:
+            raise self._translate(e) from e
+        except httpx.HTTPError as e:  # the connection broke off mid-reply
+            raise LLMError(
+                f"the model endpoint {self.base_url} (OPENAI_BASE_URL) broke off its reply: "
+                f"{_short(str(e) or type(e).__name__)}"
+            ) from e
+        if not seen_choice:
+            raise LLMError(f"the model endpoint {self.base_url} answered with no choices")
+        return Completion(
+            text="".join(pieces),
+            model=answered or model,
+            duration=time.monotonic() - start,
+            completion_tokens=tokens or chunks,
         )
 
     def _translate(self, e: openai.APIError) -> Exception:

@@ -17,6 +17,7 @@ import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -28,15 +29,16 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "langua
 RUN_ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyz-")
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Replace `path` with `data` all at once: readers see the old file or the new, never half."""
+def write_atomic(path: Path, data: str | bytes, *, mode: int | None = None) -> None:
+    """Replace `path` with `data` all at once: readers see the old file or the new, never half.
+    The file gets `mode`, or the mode a plain open() would give it (the umask applied)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file 0600; give it the mode a plain open() would (umask applied).
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            # mkstemp makes the file 0600.
+            os.fchmod(f.fileno(), 0o666 & ~_umask() if mode is None else mode)
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
@@ -112,6 +114,23 @@ def notebook_name(run_id: str, prompt: str = "") -> str:
     if stamped:
         return f"{stamped.group(1)}-{slug}-{stamped.group(2)}.ipynb"
     return f"{run_id}-{slug}.ipynb"
+
+
+FILES_SUFFIX = "_files"
+
+
+def files_folder(notebook: str | Path) -> str:
+    """The folder beside a notebook that holds its run's files (`<name>_files`, as nbconvert
+    names the folder of a notebook's resources): what the run was given and what it wrote."""
+    return Path(notebook).stem + FILES_SUFFIX
+
+
+def setup_cell(language: str, folder: str) -> Any:
+    """The first code cell of a notebook whose code works with files: it enters the folder
+    beside the notebook, as a Jupyter kernel starts in the notebook's own folder."""
+    cell = new_code_cell(languages.get(language).enter_dir(folder))
+    cell.metadata["autocoder"] = {"setup": "files", "folder": folder}
+    return cell
 
 
 def notebook_path(notebooks_dir: Path, run_id: str, prompt: str = "") -> Path:
@@ -234,6 +253,8 @@ def said(attempt: Attempt, timeout: float | None) -> str:
         return f"stopped after {limit} (timeout)"
     if kind is ErrorKind.EMPTY:
         return "no code in the model's reply (empty)"
+    if kind is ErrorKind.UNCERTAIN:
+        return f"not sure (uncertain): {agree_line(attempt)}"
     name = kind.value if kind else "error"
     last = error_line(attempt.error) or attempt.ename or ""
     return f"failed ({name})" + (f": `{last}`" if last else "")
@@ -258,15 +279,28 @@ def _fence(text: str, lang: str = "") -> str:
     return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
 
 
+def agree_line(attempt: Attempt) -> str:
+    """`4 of 5 candidates agree`: how many of an attempt's candidates produced its answer."""
+    drawn = 1 + len(attempt.others)
+    if attempt.group != 1:
+        return f"none of {drawn} candidates ran cleanly"
+    agree = sum(1 for a in (attempt, *attempt.others) if a.group == 1)
+    return f"{agree} of {drawn} candidates agree"
+
+
 def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[Any]:
-    """A failed attempt is history (markdown, never executed); the success is a code cell.
+    """A failed attempt is history (markdown, never executed); the answer is a code cell.
 
     JupyterLab honours no skip tags, so only cells that are meant to run may be code cells:
-    Run All then runs the answer and nothing else, in every front end. The success is the
-    notebook's first execution, `[1]`, and so are its results.
+    Run All then runs the answer and nothing else, in every front end. The answer is the
+    notebook's first execution, `[1]`, and so are its results. An uncertain answer is one too
+    (the run's last cell, which fails, says why it is not to be trusted). An attempt's other
+    candidates follow it, collapsed, as failed attempts are.
     """
     kind = attempt.error_kind.value if attempt.error_kind else None
     heading = f"**Attempt {attempt.number}/{total}** — {said(attempt, timeout)}"
+    if attempt.others and attempt.status == "success":
+        heading += f" · {agree_line(attempt)}"
     heading += f" · {attempt.duration:.2f} s"
     meta: dict[str, Any] = {
         "autocoder": {
@@ -279,9 +313,12 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[A
             "model": attempt.model,
             "truncated": attempt.truncated,
             "filename": attempt.filename,
+            "candidate": attempt.candidate,
+            "candidates": 1 + len(attempt.others),
         }
     }
-    if attempt.status == "error":
+    others = [candidates_cell(attempt, timeout)] if attempt.others else []
+    if attempt.status == "error" and attempt.error_kind is not ErrorKind.UNCERTAIN:
         # Markdown is not rendered inside <summary>: its line is HTML, escaped.
         plain = f"{said(attempt, timeout).replace('`', '')} · {attempt.duration:.2f} s"
         summary = f"<b>Attempt {attempt.number}/{total}</b> — {html.escape(plain)}"
@@ -294,11 +331,44 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[A
         if error:
             body.append("Error:\n\n" + _fence(cap_traceback(error)))
         body.append("</details>")
-        return [new_markdown_cell("\n\n".join(body), metadata=meta)]
+        return [new_markdown_cell("\n\n".join(body), metadata=meta), *others]
     cell = new_code_cell(source=attempt.code.rstrip("\n"), metadata=meta)
     cell.execution_count = 1
     cell.outputs = [notebook_output(o, execution_count=1) for o in attempt.outputs]
-    return [new_markdown_cell(heading), cell]
+    return [new_markdown_cell(heading), cell, *others]
+
+
+def candidates_cell(attempt: Attempt, timeout: float | None) -> Any:
+    """An attempt's other candidates, collapsed: each one's code, output or error, and whether
+    it produced the attempt's answer."""
+    plain = f"{agree_line(attempt)}; the others of attempt {attempt.number}"
+    body = [f"<details><summary>{html.escape(plain)}</summary>\n"]
+    fences = languages.get(attempt.language).fences[0]
+    for other in attempt.others:
+        if other.group == 1:
+            verdict = "same result as the answer"
+        elif other.group:
+            verdict = f"a different result (group {other.group})"
+        else:
+            verdict = said(other, timeout)
+        body.append(f"**Candidate {other.candidate}** — {verdict}")
+        if other.code:
+            body.append(_fence(other.code, fences))
+        if other.output:
+            body.append("Output:\n\n" + _fence(cap_text(other.output)))
+        if other.status == "error" and other.error:
+            body.append("Error:\n\n" + _fence(cap_traceback(other.error)))
+    body.append("</details>")
+    meta = {
+        "autocoder": {
+            "attempt": attempt.number,
+            "candidates": [
+                {"candidate": o.candidate, "group": o.group, "status": o.status}
+                for o in attempt.others
+            ],
+        }
+    }
+    return new_markdown_cell("\n\n".join(body), metadata=meta)
 
 
 def notebook_output(output: dict[str, Any], *, execution_count: int | None) -> Any:
@@ -329,11 +399,19 @@ def title_of(result: RunResult) -> str:
 def summary_cell(result: RunResult, *, timeout: float | None = None) -> Any:
     """The title, the prompt, and how the run went: status, attempts, model, time, each attempt."""
     status = "succeeded" if result.status == "success" else "failed"
+    if result.error_kind is ErrorKind.UNCERTAIN:
+        status = "not sure"
     intro = f"# {md_escape(title_of(result))}\n\n**Prompt**\n\n" + "\n".join(
         "> " + md_escape(line) for line in result.prompt.splitlines() or [""]
     )
     intro += (
-        f"\n\n**{status.capitalize()}** after {len(result.attempts)} attempt(s) · model "
+        f"\n\n**{status.capitalize()}** after {len(result.attempts)} attempt(s)"
+        + (
+            f" · {result.agreement} of {result.candidates} candidates agree"
+            if result.candidates > 1
+            else ""
+        )
+        + " · model "
         f"`{result.model or '?'}` ({result.backend or '?'}) · {result.duration:.2f} s · "
         f"started {result.started_at} · run `{result.run_id}`"
     )
@@ -358,10 +436,14 @@ def failed_cells(result: RunResult, *, timeout: float | None = None) -> list[Any
     else:
         why = error_line(result.error or "no attempt succeeded")
     plain = why.replace("`", "")
+    if result.error_kind is ErrorKind.UNCERTAIN:
+        # The whole of it: the alternatives are named there.
+        said_all = md_escape(result.error)
+        heading = f"**This run is not sure of its answer** ({kind}): {said_all}"
+    else:
+        heading = f"**This run failed** ({kind}) after {len(result.attempts)} attempt(s): {why}"
     return [
-        new_markdown_cell(
-            f"**This run failed** ({kind}) after {len(result.attempts)} attempt(s): {why}"
-        ),
+        new_markdown_cell(heading),
         new_code_cell(
             languages.get(result.language).fail(f"autocoder run {result.run_id} failed: {plain}")
         ),
@@ -395,6 +477,8 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "error_kind": result.error_kind.value if result.error_kind else None,
         "error": result.error,
         "attempts": len(result.attempts),
+        "candidates": result.candidates,
+        "agreement": result.agreement,
         "started_at": result.started_at,
         "duration": round(result.duration, 4),
         "filename": result.filename,
@@ -402,13 +486,17 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "files": [f.model_dump() for f in result.files],
     }
     nb.cells.append(summary_cell(result, timeout=timeout))
+    # A run that was given files or wrote some has them in a folder beside its notebook.
+    folder = files_folder(result.notebook) if result.workdir and result.notebook else None
+    if folder:
+        nb.cells.append(setup_cell(result.language, folder))
     for i, attempt in enumerate(result.attempts, 1):
         if i == len(result.attempts) and not attempt.outputs:
             # A record keeps only the last attempt's outputs, as the result's.
             attempt = attempt.model_copy(update={"outputs": result.outputs})
         nb.cells.extend(attempt_cells(attempt, len(result.attempts), timeout))
     if result.files:
-        nb.cells.append(files_cell(result))
+        nb.cells.append(files_cell(result, folder))
     if result.status != "success":
         nb.cells.extend(failed_cells(result, timeout=timeout))
     for i, cell in enumerate(nb.cells):
@@ -416,11 +504,16 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
     return nb
 
 
-def files_cell(result: RunResult) -> Any:
-    """A markdown list of the files the code wrote, linked by their download URL."""
+def files_cell(result: RunResult, folder: str | None = None) -> Any:
+    """A markdown list of the files the code wrote, linked by their path relative to the
+    notebook (inside `folder`), which any Jupyter front end opens from where the notebook is;
+    a root-relative `/runs/...` link would go to that front end's own server instead."""
     lines = ["**Files the code wrote**", ""]
     for f in result.files:
-        lines.append(f"- [`{f.name}`]({f.url}) · {f.size:,} bytes · {f.media_type}")
+        link = quote(f"{folder}/{f.name}") if folder else f.url
+        lines.append(f"- [`{f.name}`]({link}) · {f.size:,} bytes · {f.media_type}")
+    if folder:
+        lines += ["", f"In the folder `{folder}` beside this notebook."]
     if result.workdir:
         lines += ["", f"Kept on the server in `{result.workdir}`."]
     return new_markdown_cell("\n".join(lines))

@@ -24,6 +24,7 @@ class ErrorKind(str, Enum):
     INTERRUPTED = "interrupted"
     MISSING_MODULE = "missing_module"
     DISK_LIMIT = "disk_limit"
+    UNCERTAIN = "uncertain"
 
 
 class ErrorInfo(BaseModel):
@@ -98,13 +99,31 @@ class Attempt(BaseModel):
         description="In a session: that the session's state was lost during this attempt "
         "(its kernel died, or was restarted after a timeout), and what that means.",
     )
+    candidate: int = Field(
+        default=1,
+        description="Which of its attempt's candidates this is (1 unless several programs "
+        "were drawn for the attempt: AUTOCODER_CANDIDATES).",
+    )
+    group: int = Field(
+        default=0,
+        description="Which group of candidates that produced the same result this one is in: "
+        "1 is the group the attempt's answer came from, 2 the next largest, and so on; 0 when "
+        "its code did not run cleanly.",
+    )
+    temperature: float = Field(default=0.0, description="The temperature it was sampled at.")
+    others: list[Attempt] = Field(
+        default_factory=list,
+        description="The attempt's other candidates, in the order they were drawn, each with "
+        "its group. This attempt's own fields are those of its chosen candidate (the first "
+        "of the largest group that ran cleanly, else the first drawn).",
+    )
 
 
 class RunResult(BaseModel):
     """The original AutoCoder contract (status, filename, code, output, error) plus the record."""
 
     status: Literal["success", "error"] = Field(
-        description="`success` when an attempt's code ran cleanly; `error` when every attempt failed or the model endpoint did (still HTTP 200)."
+        description="`success` when an attempt's code ran cleanly (and, with several candidates, enough of them agreed); `error` when every attempt failed, the candidates disagreed (`uncertain`), or the model endpoint failed (still HTTP 200)."
     )
     filename: str = Field(default="", description="The last attempt's code file.")
     code: str = Field(default="", description="The last attempt's code.")
@@ -117,7 +136,7 @@ class RunResult(BaseModel):
     )
     error_kind: ErrorKind | None = Field(
         default=None,
-        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, output_lost (the kernel could not send some of the output, so the attempt cannot count as a success), unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled, interrupted (the server running it stopped before it finished, as another replica found: PostgreSQL store only), disk_limit (the code filled its working directory: AUTOCODER_MAX_RUN_DISK_MB).",
+        description="The kind of that failure: syntax, exception, missing_module (an import of a package the kernel does not have), timeout, kernel_died, empty (no code in the reply), output_limit, output_lost (the kernel could not send some of the output, so the attempt cannot count as a success), unchecked (ran clean only by dropping every assert after an earlier attempt failed one), llm (the model endpoint failed), cancelled, interrupted (the server running it stopped before it finished, as another replica found: PostgreSQL store only), uncertain (the code ran, but too few of the attempt's candidates produced the same result: `code` and `output` are those of the largest group, and `error` names the others), disk_limit (the code filled its working directory: AUTOCODER_MAX_RUN_DISK_MB).",
     )
     run_id: str = Field(
         description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."
@@ -164,11 +183,22 @@ class RunResult(BaseModel):
         description="What was left out of this record to keep it, for lack of disk space: "
         "files the code wrote, or outputs.",
     )
+    candidates: int = Field(
+        default=0,
+        description="How many programs the last attempt drew and ran, each in a fresh kernel "
+        "(AUTOCODER_CANDIDATES; 1 in a session).",
+    )
+    agreement: int = Field(
+        default=0,
+        description="How many of them produced the answer given (the same output and files); "
+        "0 when none ran cleanly. `agreement` of `candidates` agree.",
+    )
 
 
 EventType = Literal[
     "run_started",
     "attempt_started",
+    "token",
     "code_generated",
     "output",
     "attempt_finished",

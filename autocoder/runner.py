@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from autocoder import disk, files, languages
+from autocoder import bundle, candidates, disk, files, languages
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, DiskFull, LLMError
@@ -30,6 +30,9 @@ from autocoder.notebook import notebook_path, write_atomic, write_notebook, writ
 from autocoder.records import Attempt, ErrorKind, Event, Execution, RunResult
 
 FEEDBACK_CHARS = 4000
+# Said with every retry: a small model otherwise reuses a name its failed program defined.
+FROM_SCRATCH = " It runs from scratch: nothing the failed program defined or imported is kept."
+VIEW_TIMEOUT = 20.0
 _NO_MODULE = re.compile(r"No module named '([^'.]+)")
 EventSink = Callable[[Event], Awaitable[None] | None]
 
@@ -150,7 +153,14 @@ E = TypeVar("E", bound=Executor)
 
 
 class ExecutorProvider(Protocol[E]):
-    """Hands out executors no other run has used, and takes them back."""
+    """Hands out executors no other run has used, and takes them back.
+
+    `fresh`: each executor is a new kernel with nothing in it, and any number can be had at
+    once, so an attempt's candidates can each run in their own. A session's kernel, or the
+    user's shell, keeps state: there a run draws one candidate per attempt.
+    """
+
+    fresh: bool
 
     async def acquire(self) -> E: ...
 
@@ -194,7 +204,8 @@ class Conversation:
                 {
                     "role": "user",
                     "content": feedback(attempt, settings.timeout)
-                    + "\n\nFix the problem and reply with the complete corrected program.",
+                    + "\n\nFix the problem and reply with the complete corrected program."
+                    + FROM_SCRATCH,
                 }
             )
         return messages, 0.0 if not history else self.retry_temperature
@@ -230,8 +241,13 @@ class Regenerate:
     def advice(self, hint: str) -> str:
         """What follows the task on a retry."""
         if not hint:
-            return "A previous attempt at this task failed. Write a correct solution."
-        return f"A previous attempt at this task failed with:\n{hint}\nWrite a correct solution."
+            return (
+                "A previous attempt at this task failed. Write a correct solution." + FROM_SCRATCH
+            )
+        return (
+            f"A previous attempt at this task failed with:\n{hint}\nWrite a correct solution."
+            + FROM_SCRATCH
+        )
 
 
 @dataclass
@@ -252,7 +268,7 @@ class Reconsider(Regenerate):
             "The mistake may be in the solution or in one of its own checks (an assert whose "
             "expected value is wrong). Work out the correct result by hand, then write a "
             "correct solution with asserts that check it. Use only expected values you are "
-            "sure of, such as examples given in the task."
+            "sure of, such as examples given in the task." + FROM_SCRATCH
         )
 
 
@@ -285,7 +301,7 @@ class Review(Reconsider):
                 "Decide which part is wrong: the solution, or the check that failed (its "
                 "expected value worked out badly). If the check is wrong, correct or remove it "
                 "and keep the solution; otherwise fix the solution. "
-                "Reply with the complete program.",
+                "Reply with the complete program." + FROM_SCRATCH,
             },
         ]
         return messages, self.review_temperature
@@ -354,6 +370,63 @@ def dropped_checks(history: list[Attempt], code: str) -> Attempt | None:
     return None if asserts.has_checks(tree) else failed
 
 
+CHANGE_COURSE_TEMPERATURE = 0.8
+
+
+def repeated_failure(history: list[Attempt]) -> bool:
+    """Whether the last two attempts failed the same way (same kind, same last line): the
+    model is patching a program that keeps failing. An unchecked run is not a failure of its
+    code, and its own remedy (add checks) is asked for elsewhere."""
+    if len(history) < 2:
+        return False
+    a, b = history[-2], history[-1]
+    return (
+        a.status == b.status == "error"
+        and a.error_kind is b.error_kind
+        and a.error_kind not in {ErrorKind.UNCHECKED, ErrorKind.UNCERTAIN}
+        and _last_line(a.error) == _last_line(b.error)
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def change_course(
+    task: str, last: Attempt, settings: Settings, system: str
+) -> tuple[list[Message], float]:
+    """A fresh start from the task, sampled, saying what kept failing so it is not done again
+    (no earlier code is shown: the model would patch it once more)."""
+    said = _last_line(feedback(last, settings.timeout))
+    content = (
+        f"{task}\n\nEarlier programs for this task kept failing with the same error:\n{said}\n"
+        "Write a new program from scratch that solves the task another way. It runs on its own, "
+        "in a fresh namespace: import and define everything it uses."
+    )
+    messages: list[Message] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": content},
+    ]
+    return messages, CHANGE_COURSE_TEMPERATURE
+
+
+def agreement(attempt: Attempt | None) -> int:
+    """How many of the attempt's candidates produced its answer (0: none ran cleanly)."""
+    if attempt is None or attempt.group != 1:
+        return 0
+    return 1 + sum(1 for other in attempt.others if other.group == 1)
+
+
+@dataclass
+class _Drawn:
+    """A candidate that has run, what it produced (None unless it ran cleanly), and where."""
+
+    attempt: Attempt
+    produced: candidates.Produced | None
+    workdir: Path | None
+
+
 class Runner:
     """Runs prompts to completion. One Runner can serve many concurrent runs."""
 
@@ -414,6 +487,7 @@ class Runner:
         kernels: ExecutorProvider[Any] | None = None,
         session_id: str = "",
         language: str = "python",
+        candidates: int | None = None,
     ) -> RunResult:
         """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
 
@@ -426,6 +500,8 @@ class Runner:
         A session passes its own `kernels` (the same kernel for each of its runs) and its
         `session_id`, which the record carries. `language` is one of languages.NAMES that
         this installation runs (languages.resolve checks that; doors call it first).
+        `candidates` is how many programs each attempt draws (default AUTOCODER_CANDIDATES;
+        see candidates.py); a run whose kernels keep state (a session's, the magic's) draws one.
         """
         lang = languages.get(language)
         files.check_inputs(inputs, self.settings)
@@ -447,8 +523,7 @@ class Runner:
         run.system_prompt = system_prompt
         run.inputs = list(inputs)
         run.task = task or prompt
-        if inputs:
-            run.task = f"{run.task}\n\n{files.describe(inputs)}"
+        run.asked_candidates = candidates
         return await run.go()
 
 
@@ -479,7 +554,6 @@ class _Run:
         self.task = prompt
         self.files: list[Any] = []
         self.attempts: list[Attempt] = []
-        self.current: Attempt | None = None
         self.kernel: Executor | None = None
         self.kernel_task: asyncio.Task[Executor] | None = None
         self.workdir = ""
@@ -490,6 +564,17 @@ class _Run:
         self.backend = ""
         self.language = languages.PYTHON
         self.notice = ""
+        self.asked_candidates: int | None = None
+        self.k = 1
+        # The embedded model's server answers one request at a time and queues the rest,
+        # their wait counted against AUTOCODER_LLM_TIMEOUT: its candidates are asked in turn.
+        self.gate = asyncio.Semaphore(1)
+        # The candidates of the attempt under way, as they are drawn (a cancel keeps them).
+        self.drawing: list[Attempt] = []
+        # With several candidates each has its own kernel; their working directories wait
+        # here until the attempt's answer is known (its directory is kept with the run).
+        self.candidate_dirs: list[Path] = []
+        self.answer_dir: Path | None = None
 
     async def emit(self, type_: Any, attempt: int | None = None, **data: Any) -> None:
         if self.on_event is None:
@@ -499,7 +584,12 @@ class _Run:
             await result
 
     async def go(self) -> RunResult:
-        await self.emit("run_started", prompt=self.prompt, max_attempts=self.settings.max_attempts)
+        await self.emit(
+            "run_started",
+            prompt=self.prompt,
+            max_attempts=self.settings.max_attempts,
+            timeout=self.settings.timeout,
+        )
         error_kind: ErrorKind | None = None
         error = ""
         try:
@@ -508,15 +598,26 @@ class _Run:
             self.backend = model.backend
             # The kernel starts while the model thinks.
             self.kernel_task = asyncio.create_task(self.kernels.acquire())
+            if self.kernels.fresh:
+                self.k = candidates.how_many(
+                    self.asked_candidates, self.settings.candidates, model.backend
+                )
+            if model.backend != "local":
+                self.gate = asyncio.Semaphore(self.k)
+            await self.describe_inputs()
             policy = self.runner.policy or choose_policy(self.settings, model.backend)
             for number in range(1, self.settings.max_attempts + 1):
                 attempt = await self.attempt(number, model, policy)
                 self.attempts.append(attempt)
-                self.current = None
                 await self.emit(
-                    "attempt_finished", number, **attempt.model_dump(mode="json", exclude={"reply"})
+                    "attempt_finished",
+                    number,
+                    **attempt.model_dump(
+                        mode="json", exclude={"reply": True, "others": {"__all__": {"reply"}}}
+                    ),
                 )
-                if attempt.status == "success":
+                # An uncertain answer already had its candidates: more would not settle it.
+                if attempt.status == "success" or attempt.error_kind is ErrorKind.UNCERTAIN:
                     break
         except (LLMError, ConfigError) as e:
             error_kind, error = ErrorKind.LLM, str(e)
@@ -539,35 +640,202 @@ class _Run:
             raise
         return await asyncio.shield(self._finish(error_kind, error))
 
+    def _tokens(self, number: int) -> llm_mod.OnToken | None:
+        """The model's reply as it is written, as `token` events (when anyone listens)."""
+        if self.on_event is None:
+            return None
+
+        async def on_token(text: str) -> None:
+            await self.emit("token", number, text=text)
+
+        return on_token
+
     def _keep_cancelled_attempt(self, error: str) -> None:
         """The attempt a cancel interrupted is part of the record: its code ran (its file is
-        on disk) and its output may have been streamed already."""
-        attempt, self.current = self.current, None
-        if attempt is None:
+        on disk) and its output may have been streamed already; so are its other candidates."""
+        drawn, self.drawing = self.drawing, []
+        if not drawn:
             return
+        for candidate in drawn:
+            if candidate.status == "error" and candidate.error_kind is None:
+                candidate.error_kind = ErrorKind.CANCELLED
+                candidate.error = error
+        attempt = drawn[0]
+        attempt.others = drawn[1:]
         attempt.status = "error"
         attempt.error_kind = ErrorKind.CANCELLED
         attempt.error = error
         attempt.duration = time.monotonic() - self.current_started
         self.attempts.append(attempt)
 
+    async def describe_inputs(self) -> None:
+        """Tell the model about the inputs: in a fresh Python kernel, with what pandas makes of
+        the data files, read there (under the sandbox's limits, never in this process), while
+        the model has not been asked yet; elsewhere by their first lines."""
+        if not self.inputs:
+            return
+        views: dict[str, str] = {}
+        code = files.view_code(self.inputs) if self.language is languages.PYTHON else None
+        if code and self.kernels.fresh:
+            kernel = await self.get_kernel()
+            seen = await kernel.execute(
+                code, timeout=min(self.settings.timeout, VIEW_TIMEOUT), max_output_bytes=1 << 16
+            )
+            views = files.parse_views(seen.text)
+            await kernel.reset()
+        self.task = f"{self.task}\n\n{files.describe(self.inputs, views)}"
+
     async def attempt(self, number: int, model: LLM, policy: RetryPolicy) -> Attempt:
-        await self.emit("attempt_started", number, max_attempts=self.settings.max_attempts)
-        start = self.current_started = time.monotonic()
-        messages, temperature = policy.request(
-            self.task, self.attempts, self.settings, self.system_prompt
+        await self.emit(
+            "attempt_started", number, max_attempts=self.settings.max_attempts, candidates=self.k
         )
+        start = self.current_started = time.monotonic()
+        messages, temperature = self.request(policy)
+        if self.k == 1:
+            attempt = await self.write(number, 1, messages, temperature, model)
+            if attempt.error_kind is None:
+                kernel = await self.get_kernel()
+                if number > 1:
+                    await kernel.reset()
+                await self.run_code(attempt, kernel, stream=True)
+            attempt.group = 1 if attempt.status == "success" else 0
+        else:
+            attempt = await self.draw_candidates(number, messages, temperature, model)
+        self.drawing = []
+        attempt.duration = time.monotonic() - start
+        return attempt
+
+    def request(self, policy: RetryPolicy) -> tuple[list[Message], float]:
+        """What the model is asked next: the policy's request, unless the last two attempts
+        failed the same way, when another patch would likely fail again: then a fresh start."""
+        if repeated_failure(self.attempts):
+            return change_course(self.task, self.attempts[-1], self.settings, self.system_prompt)
+        return policy.request(self.task, self.attempts, self.settings, self.system_prompt)
+
+    async def draw_candidates(
+        self, number: int, messages: list[Message], temperature: float, model: LLM
+    ) -> Attempt:
+        """The attempt's candidates, each in its own kernel: a first round, and the rest only
+        when the first does not settle it; the answer is the result most of them produced."""
+        first = candidates.first_round(self.k)
+        drawn = await self.draw(number, range(1, first + 1), messages, temperature, model)
+        tally = candidates.tally([d.produced for d in drawn])
+        if not tally.settled() and first < self.k:
+            more = range(first + 1, self.k + 1)
+            drawn += await self.draw(number, more, messages, temperature, model)
+            tally = candidates.tally([d.produced for d in drawn])
+        for group, members in enumerate(tally.groups, 1):
+            for i in members:
+                drawn[i].attempt.group = group
+        chosen = drawn[tally.chosen]
+        attempt = chosen.attempt
+        attempt.others = [d.attempt for d in drawn if d is not chosen]
+        if tally.clean and not tally.certain:
+            attempt.status = "error"
+            attempt.error_kind = ErrorKind.UNCERTAIN
+            attempt.error = candidates.disagreement(
+                tally, [d.attempt for d in drawn], [d.produced for d in drawn]
+            )
+        # The answer's files stay with the run (until a later attempt answers instead).
+        self.answer_dir = chosen.workdir
+        await asyncio.to_thread(self._drop_candidate_dirs, keep=chosen.workdir)
+        return attempt
+
+    async def draw(
+        self,
+        number: int,
+        indices: range,
+        messages: list[Message],
+        temperature: float,
+        model: LLM,
+    ) -> list[_Drawn]:
+        tasks = [
+            asyncio.create_task(self.own_candidate(number, i, messages, temperature, model))
+            for i in indices
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def own_candidate(
+        self, number: int, index: int, messages: list[Message], temperature: float, model: LLM
+    ) -> _Drawn:
+        """One candidate in a kernel of its own: the kernel starts while the model writes
+        the code, and its processes end as soon as the code has run, before what it wrote is
+        read (nothing can change it then)."""
+        getting: asyncio.Task[Executor] | None = None
+        kernel: Executor | None = None
+        try:
+            async with self.gate:
+                getting = asyncio.create_task(self.fresh_kernel(adopt=number == 1 and index == 1))
+                attempt = await self.write(number, index, messages, temperature, model)
+            if attempt.error_kind is None:
+                kernel = await getting
+                await self.run_code(attempt, kernel, stream=index == 1)
+        finally:
+            if getting is not None and kernel is None:
+                # A kernel still starting is let finish, then shut down (see _release).
+                with contextlib.suppress(BaseException):
+                    kernel = await getting
+            if kernel is not None:
+                await asyncio.shield(self.kernels.release(kernel))
+        attempt.duration = time.monotonic() - self.current_started
+        workdir = kernel.workdir if kernel is not None else None
+        produced = None
+        if attempt.status == "success":
+            names = [f.name for f in self.inputs]
+            produced = await asyncio.to_thread(candidates.produced, attempt.outputs, workdir, names)
+        return _Drawn(attempt, produced, workdir)
+
+    async def fresh_kernel(self, *, adopt: bool) -> Executor:
+        """A kernel of one candidate's own, its inputs in place: the first candidate of a run
+        takes the kernel the run started with (it may have read the inputs already)."""
+        if adopt and (self.kernel is not None or self.kernel_task is not None):
+            kernel = await self.get_kernel()
+            self.kernel = self.kernel_task = None
+        else:
+            kernel = await self.kernels.acquire()
+            try:
+                if self.inputs and kernel.workdir is not None:
+                    await asyncio.to_thread(files.place, self.inputs, kernel.workdir)
+            except BaseException:
+                await asyncio.shield(self.kernels.release(kernel))
+                raise
+        if kernel.workdir is not None:
+            self.candidate_dirs.append(kernel.workdir)
+        return kernel
+
+    def _drop_candidate_dirs(self, keep: Path | None = None) -> None:
+        """Candidates' working directories, all but `keep`, once their kernels have ended."""
+        for workdir in self.candidate_dirs:
+            if workdir != keep:
+                disk.remove(workdir)  # a budget's tmpfs is unmounted first
+        self.candidate_dirs = [keep] if keep is not None else []
+
+    async def write(
+        self, number: int, index: int, messages: list[Message], temperature: float, model: LLM
+    ) -> Attempt:
+        """Ask the model for one candidate and check its code without running it: an attempt
+        whose `error_kind` is still None is ready to run."""
+        temperature, seed = candidates.sampling(number, index, temperature, self.k)
         completion = await model.complete(
             messages,
             temperature=temperature,
             max_tokens=self.settings.max_tokens,
             model=self.model_override,
+            on_token=self._tokens(number) if index == 0 else None,
+            seed=seed,
         )
         self.model = completion.model or self.model
         lang = self.language
         code = extract_code(completion.text, lang.fences, any_fence=lang is not languages.PYTHON)
         attempt = Attempt(
             number=number,
+            candidate=index,
             status="error",
             language=lang.name,
             code=code,
@@ -575,10 +843,13 @@ class _Run:
             llm_duration=completion.duration,
             tokens=completion.completion_tokens,
             model=self.model,
+            temperature=temperature,
         )
-        self.current = attempt
+        self.drawing.append(attempt)
+        self.drawing.sort(key=lambda a: a.candidate)
         if code and self.record:
-            attempt.filename = str(self.code_dir / f"generated_code_{number}{lang.suffix}")
+            name = f"generated_code_{number}" + (f"_{index}" if index > 1 else "")
+            attempt.filename = str(self.code_dir / f"{name}{lang.suffix}")
             # In a thread: its fsync waits on the disk, and the loop serves every other run.
             try:
                 await asyncio.to_thread(write_atomic, Path(attempt.filename), code)
@@ -593,6 +864,7 @@ class _Run:
             model=self.model,
             llm_duration=completion.duration,
             tokens=completion.completion_tokens,
+            candidate=index,
         )
         if not code:
             attempt.error_kind = ErrorKind.EMPTY
@@ -606,23 +878,21 @@ class _Run:
             attempt.ename = syntax.ename
             attempt.error = "\n".join(syntax.traceback)
             attempt.outputs = [{"output_type": "error", **syntax.model_dump()}]
-        else:
-            await self.execute(attempt, number)
-            if attempt.status == "success" and (failed := dropped_checks(self.attempts, code)):
-                attempt.status = "error"
-                attempt.error_kind = ErrorKind.UNCHECKED
-                attempt.error = (
-                    f"the code has no asserts left; attempt {failed.number}'s assert failed:\n"
-                    + "\n".join(failed.error.splitlines()[-3:])
-                )
-        attempt.duration = time.monotonic() - start
         return attempt
 
-    async def execute(self, attempt: Attempt, number: int) -> None:
-        kernel = await self.get_kernel()
-        if number > 1:
-            await kernel.reset()
+    async def run_code(self, attempt: Attempt, kernel: Executor, *, stream: bool) -> None:
+        """Run a candidate's code; only one candidate per attempt streams its output."""
+        await self.execute(attempt, kernel, stream)
+        if attempt.status == "success" and (failed := dropped_checks(self.attempts, attempt.code)):
+            attempt.status = "error"
+            attempt.error_kind = ErrorKind.UNCHECKED
+            attempt.error = (
+                f"the code has no asserts left; attempt {failed.number}'s assert failed:\n"
+                + "\n".join(failed.error.splitlines()[-3:])
+            )
 
+    async def execute(self, attempt: Attempt, kernel: Executor, stream: bool) -> None:
+        number = attempt.number
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Future[Any]] = set()
 
@@ -638,7 +908,7 @@ class _Run:
                 attempt.outputs.append(out)
                 if out.get("output_type") == "stream" and out.get("name") == "stdout":
                     attempt.output += text
-            if self.on_event is not None:
+            if stream and self.on_event is not None:
                 fut = asyncio.ensure_future(self.emit("output", number, **out), loop=loop)
                 pending.add(fut)
                 fut.add_done_callback(pending.discard)
@@ -704,6 +974,12 @@ class _Run:
             if kernel.workdir is not None:
                 # In a thread: a budget's files are copied to the disk.
                 await asyncio.to_thread(self._keep_workdir, kernel.workdir)
+        if self.candidate_dirs:
+            # Several candidates: their kernels have ended; the answer's directory is kept.
+            answer, self.answer_dir = self.answer_dir, None
+            await asyncio.to_thread(self._drop_candidate_dirs, keep=answer)
+            if answer is not None:
+                await asyncio.to_thread(self._keep_workdir, answer)
 
     def _keep_workdir(self, workdir: Path) -> None:
         """Files the code wrote stay with the run's record, as far as the disk keeps room for
@@ -733,7 +1009,7 @@ class _Run:
             try:
                 write_notebook(result, path)
                 write_record(result, self.settings.notebooks_dir)
-                return
+                break
             except OSError as e:
                 if not disk.no_space(e):
                     raise
@@ -741,6 +1017,7 @@ class _Run:
                     self._forget(path)
                     raise self._disk_full(self.settings.notebooks_dir) from e
             making_room.pop(0)(result)
+        bundle.write_run_folder(result, path, self.inputs)  # best effort: logs a full disk
 
     def _drop_files(self, result: RunResult) -> None:
         if not result.workdir:
@@ -807,6 +1084,8 @@ class _Run:
             session_id=self.session_id,
             timeout=self.settings.timeout,
             notice=self.notice,
+            candidates=1 + len(last.others) if last else 0,
+            agreement=agreement(last),
         )
         if self.record:
             # Absolute, so a reader finds it whatever directory they are in.

@@ -41,7 +41,7 @@ from typing import Any
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from autocoder import disk
+from autocoder import bundle, disk
 from autocoder import files as files_mod
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
@@ -57,6 +57,7 @@ from autocoder.notebook import (
     md_escape,
     notebook_output,
     record_path,
+    setup_cell,
     write_atomic,
 )
 from autocoder.records import (
@@ -145,6 +146,8 @@ def _lost_notice(why: str) -> str:
 
 class SessionKernels:
     """The executor provider a session's run uses: the session's kernel, every time."""
+
+    fresh = False  # the session's state: one candidate per attempt
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -584,6 +587,7 @@ class Sessions:
             await asyncio.to_thread(disk.confine_workdir, self.settings, session.workdir)
             if inputs:
                 await asyncio.to_thread(files_mod.place, inputs, session.workdir)
+                await asyncio.to_thread(bundle.keep_inputs_beside, session.notebook_path(), inputs)
             try:
                 await session.start()
             except BaseException:
@@ -670,6 +674,7 @@ class Sessions:
                 await self._revive(session)
             if inputs:
                 await asyncio.to_thread(session.place, inputs)
+                await asyncio.to_thread(bundle.keep_inputs_beside, session.notebook_path(), inputs)
             # What the run's code makes or changes from here on is the run's own files.
             await asyncio.to_thread(session.note_files)
             names = await session.names()
@@ -795,7 +800,10 @@ class Sessions:
     def _write(self, session: Session) -> None:
         self._save(session)
         results = [self._read_result(run.run_id) for run in session.info.runs]
-        nb = build_session_notebook(session.info, results)
+        beside = bundle.folder_beside(session.notebook_path())
+        nb = build_session_notebook(
+            session.info, results, files_folder=beside.name if beside.is_dir() else None
+        )
         nbformat.validate(nb)
         with _unless_disk_full(session):
             write_atomic(Path(session.info.notebook), nbformat.writes(nb))
@@ -828,13 +836,14 @@ def _closed_message(info: SessionInfo) -> str:
 
 
 def build_session_notebook(
-    info: SessionInfo, results: Sequence[RunResult | None]
+    info: SessionInfo, results: Sequence[RunResult | None], files_folder: str | None = None
 ) -> nbformat.NotebookNode:
     """The session as one story: each prompt, then the code that worked with its outputs.
 
     Failed prompts are markdown (their changes were undone); where the state was lost a
-    `%reset -f` cell stands, so Restart & Run All, in a kernel whose working directory holds
-    the session's files, reproduces the session's final state.
+    `%reset -f` cell stands, so Restart & Run All reproduces the session's final state. A
+    session given files has them in `files_folder` beside the notebook, and the first code
+    cell enters it, as Jupyter starts the kernel in the notebook's folder.
     """
     nb = new_notebook()
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
@@ -846,14 +855,22 @@ def build_session_notebook(
         "runs": [run.run_id for run in info.runs],
         "workdir": info.workdir,
     }
+    where = (
+        f"the files the session was given are in the folder `{files_folder}` beside this "
+        "notebook, and the first cell makes it the working directory"
+        if files_folder
+        else f"run them in a kernel whose working directory holds the session's files "
+        f"(`{info.workdir}`)"
+    )
     nb.cells.append(
         new_markdown_cell(
             f"# Session `{info.session_id}`\n\nOpened {info.created_at} · {len(info.runs)} "
-            f"prompt(s). Each prompt is followed by the code that did it; run all cells in a "
-            f"kernel whose working directory holds the session's files (`{info.workdir}`) to "
-            "get back to where the session ended."
+            f"prompt(s). Each prompt is followed by the code that did it; Run All gets back to "
+            f"where the session ended ({where})."
         )
     )
+    if files_folder:
+        nb.cells.append(setup_cell("python", files_folder))
     count = 0
     for number, (run, result) in enumerate(zip(info.runs, results, strict=False), 1):
         quoted = "\n".join("> " + md_escape(line) for line in run.prompt.splitlines() or [""])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -32,11 +33,25 @@ MODEL = "scripted-model"
 
 @dataclass
 class Reply:
-    """One scripted answer: content, or an HTTP error status, after an optional delay."""
+    """One scripted answer: content, or an HTTP error status, after an optional delay.
+
+    Asked to stream (`"stream": true`), the server sends the content a word at a time, as
+    chat completion chunks; with `resume` set it stops halfway until that event is set (at
+    most RESUME_WAIT seconds), so a test can look at a reply while it is being written.
+    """
 
     content: str = ""
     status: int = 200
     delay: float = 0.0
+    resume: threading.Event | None = None
+
+
+RESUME_WAIT = 60.0
+
+
+def pieces(text: str) -> list[str]:
+    """Text cut the way a model streams it: a word and the space before it at a time."""
+    return re.findall(r"\s*\S+|\s+", text)
 
 
 ReplyFn = Callable[[dict[str, Any]], "str | Reply"]
@@ -92,6 +107,43 @@ class ScriptedLLM:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _chunk(self, payload: dict[str, Any] | str) -> None:
+                data = payload if isinstance(payload, str) else json.dumps(payload)
+                event = f"data: {data}\n\n".encode()
+                self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                self.wfile.flush()
+
+            def _stream(self, body: dict[str, Any], reply: Reply) -> None:
+                """The reply as OpenAI's streaming API sends one: server-sent chunks."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                base = {
+                    "id": f"chatcmpl-{len(owner.requests)}",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": body.get("model", MODEL),
+                }
+                parts = pieces(reply.content)
+                half = len(parts) // 2
+                for i, piece in enumerate(parts):
+                    if i == half and reply.resume is not None:
+                        reply.resume.wait(RESUME_WAIT)
+                    delta = {"content": piece, **({"role": "assistant"} if i == 0 else {})}
+                    choice = {"index": 0, "delta": delta, "finish_reason": None}
+                    self._chunk({**base, "choices": [choice]})
+                done = {"index": 0, "delta": {}, "finish_reason": "stop"}
+                self._chunk({**base, "choices": [done]})
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    # As the reply without streaming counts it.
+                    tokens = max(1, len(reply.content) // 4)
+                    usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": 2}
+                    self._chunk({**base, "choices": [], "usage": usage})
+                self._chunk("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
                     data = [{"id": m, "object": "model", "owned_by": "tests"} for m in owner.models]
@@ -124,6 +176,9 @@ class ScriptedLLM:
                     self._send(
                         reply.status, {"error": {"message": reply.content or "scripted error"}}
                     )
+                    return
+                if body.get("stream"):
+                    self._stream(body, reply)
                     return
                 self._send(
                     200,

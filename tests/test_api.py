@@ -218,8 +218,16 @@ def test_a_streamed_run_tells_its_story(client: httpx.Client, llm: ScriptedLLM) 
     with client.stream("POST", "/run/stream", json={"prompt": "stream it"}) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = list(events_of(r.iter_lines()))
+        streamed = list(events_of(r.iter_lines()))
 
+    # The model's reply arrives as it is written, before the code taken from it.
+    tokens = [e for e in streamed if e["event"] == "token"]
+    names = [e["event"] for e in streamed]
+    first_code = names.index("code_generated")
+    assert names[2] == "token" and names[first_code - 1] == "token" and len(tokens) > 3
+    written = "".join(e["data"]["data"]["text"] for e in tokens if e["data"]["attempt"] == 1)
+    assert written == fenced("1/0")
+    events = [e for e in streamed if e["event"] != "token"]
     per_attempt = ["attempt_started", "code_generated", "output", "attempt_finished"]
     assert [e["event"] for e in events] == [
         "run_started",
@@ -345,6 +353,57 @@ def test_closing_a_stream_cancels_its_run(
     assert record["attempts"] == [] or record["attempts"][-1]["code"].startswith("import time")
     assert time.monotonic() - start < 20
     live.wait_for("the run to end", lambda: live.health()["runs_running"] == 0)
+
+
+def test_a_run_stopped_by_request_ends_its_stream_as_cancelled(
+    live: LiveServer, client: httpx.Client, llm: ScriptedLLM
+) -> None:
+    llm.script(
+        fenced("import time\nprint('working', flush=True)\ntime.sleep(100)"),
+        fenced("import time\ntime.sleep(100)"),
+    )
+    with client.stream(
+        "POST", "/run/stream", json={"prompt": "work, then be stopped", "timeout": 110}
+    ) as r:
+        events = events_of(r.iter_lines())
+        for event in events:
+            if event["event"] == "run_started":
+                run_id = event["data"]["run_id"]
+            if event["event"] == "output":
+                break
+        stopped = client.post(f"/runs/{run_id}/cancel")
+        assert stopped.status_code == 202 and stopped.json()["run_id"] == run_id
+        rest = [e["event"] for e in events]
+    assert rest[-1] == "run_finished"
+    record = client.get(f"/runs/{run_id}").json()
+    assert record["status"] == "error" and record["error_kind"] == "cancelled"
+    assert record["attempts"][0]["output"] == "working\n"
+    assert client.post(f"/runs/{run_id}/cancel").status_code == 404
+
+    # A prompt sent without streaming, stopped from elsewhere (its session names the run in
+    # progress), is answered with the run's record.
+    sid = client.post("/sessions", json={}).json()["session_id"]
+    try:
+
+        def stop_it() -> None:
+            running = live.wait_for(
+                "the prompt to start",
+                lambda: client.get(f"/sessions/{sid}").json()["running"],
+                timeout=60,
+            )
+            assert client.post(f"/runs/{running}/cancel").status_code == 202
+
+        stopper = threading.Thread(target=stop_it)
+        stopper.start()
+        answer = client.post(
+            f"/sessions/{sid}/run", json={"prompt": "sleep, then be stopped", "timeout": 110}
+        )
+        stopper.join(60)
+        assert answer.status_code == 200
+        assert answer.json()["error_kind"] == "cancelled" and answer.json()["session_id"] == sid
+    finally:
+        client.delete(f"/sessions/{sid}")
+    live.wait_for("the runs to end", lambda: live.health()["runs_running"] == 0)
 
 
 def test_beyond_the_queue_requests_get_429_and_then_503_with_retry_after(

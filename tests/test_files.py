@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import nbformat
 import pytest
 
 from autocoder.config import Settings, load_settings
+from autocoder.files import InputFile
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
 from tests.conftest import SANDBOX, SECRET, LiveServer, autocoder_cmd
@@ -89,9 +91,10 @@ def test_a_csv_posted_as_multipart_comes_back_as_a_summary_and_a_plot(
     assert result["status"] == "success", result["error"]
     assert "2024-01" in result["output"] and "150" in result["output"]
 
-    # The model was told the file's name, size and first lines, and what it can import.
+    # The model was told the file's name, size and what pandas sees in it, and what it can import.
     asked = llm.requests[0]
-    assert "sales.csv" in user_message(asked) and "month,revenue" in user_message(asked)
+    assert "sales.csv" in user_message(asked)
+    assert re.search(r"month \((object|str)\), revenue \(int64\)", user_message(asked))
     assert "pandas" in asked["messages"][0]["content"]
 
     listed = {f["name"]: f for f in result["files"]}
@@ -123,6 +126,40 @@ def test_a_csv_posted_as_multipart_comes_back_as_a_summary_and_a_plot(
     # The record served later says the same.
     again = client.get(f"/runs/{result['run_id']}").json()
     assert {f["name"] for f in again["files"]} == {"summary.csv", "revenue.png"}
+
+
+async def test_the_model_is_told_what_pandas_sees_in_each_data_file(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    """Read in the run's own sandboxed kernel before the model is asked; the code then starts
+    from an empty namespace all the same."""
+    inputs = [
+        InputFile("sales.csv", SALES),
+        InputFile("semi.csv", b"city;people\nOslo;700000\nBergen;290000\n"),
+        InputFile("orders.json", b'[{"id": 1, "total": 9.5}, {"id": 2, "total": 3.0}]'),
+        InputFile("broken.json", b'{"id": 1,'),
+        InputFile("notes.txt", b"remember the milk\n"),
+    ]
+    names = "('view', 'views', 'csv', 'json', 'warnings', 'pandas', 'pd', 'found')"
+    llm.script(fenced(f"print([n for n in {names} if n in dir()])"))
+    result = await runner.run("what is in these files?", inputs=inputs)
+
+    told = user_message(llm.requests[0])
+    # (pandas 3 calls a column of text `str`, earlier ones `object`)
+    assert re.search(
+        r"pd.read_csv\('sales.csv'\) gives 4 rows x 2 columns: month \((object|str)\), revenue "
+        r"\(int64\)",
+        told,
+    )
+    assert "2024-02       70" in told  # its first rows, as pandas prints them
+    assert "pd.read_csv('semi.csv', sep=';') gives 2 rows x 2 columns" in told
+    assert "json.load gives a list of 2 dict with keys ['id', 'total']" in told
+    assert (
+        "pd.read_json('orders.json') gives 2 rows x 2 columns: id (int64), total (float64)" in told
+    )
+    assert "broken.json" in told and "reading it fails: JSONDecodeError" in told
+    assert "remember the milk" in told  # not a data file: its first lines, as before
+    assert result.output == "[]\n"
 
 
 def test_the_input_is_read_only_for_the_code(client: httpx.Client, llm: ScriptedLLM) -> None:

@@ -50,6 +50,15 @@ def test_a_reply_that_is_only_prose_has_no_code() -> None:
     assert extract_code("   ") == ""
 
 
+def test_a_reply_that_is_only_a_value_has_no_code() -> None:
+    """The model answered instead of writing a program: nothing was computed."""
+    assert (
+        extract_code("4") == "" and extract_code("-2.5") == "" and extract_code("'Saturday'") == ""
+    )
+    assert extract_code("```python\n4\n```") == "4\n"  # fenced, it is what the model wrote as code
+    assert extract_code("2 + 2") == "2 + 2\n"
+
+
 def test_clean_traceback_strips_ansi_colours() -> None:
     tb = [
         "\x1b[0;31m---------------------------------------------------------------------------\x1b[0m",

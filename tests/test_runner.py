@@ -425,3 +425,110 @@ async def test_a_deep_recursion_stays_a_short_notebook(runner: Runner, llm: Scri
     assert len(history.source.splitlines()) < 150
     assert "ValueError: bottom" in history.source
     assert_prompt_numbers_agree(nb)
+
+
+async def test_the_reply_streams_as_token_events_before_its_code(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    llm.script(fenced("print('written as it streams')"))
+    events: list[Event] = []
+    result = await runner.run("stream the reply", on_event=events.append)
+    names = [e.type for e in events]
+    tokens = [e for e in events if e.type == "token"]
+    assert len(tokens) > 3 and all(e.attempt == 1 for e in tokens)
+    assert names.index("attempt_started") < names.index("token") < names.index("code_generated")
+    assert max(i for i, n in enumerate(names) if n == "token") < names.index("code_generated")
+    assert "".join(e.data["text"] for e in tokens) == result.attempts[0].reply
+    assert result.attempts[0].tokens > 0 and result.output == "written as it streams\n"
+    assert llm.requests[-1]["stream"] is True
+    # Nobody listening: the model is asked for the whole reply at once.
+    llm.script(fenced("print(1)"))
+    await runner.run("no listener")
+    assert "stream" not in llm.requests[-1]
+
+
+async def test_a_timeout_is_no_keyboard_interrupt_and_no_frame_of_ours_reaches_anyone(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    llm.script(
+        fenced("print('spinning', flush=True)\nwhile True:\n    pass"),
+        # Code that interrupts itself: its KeyboardInterrupt is its own error, and it is raised
+        # from the output cap's signal handler inside the kernel, which must not show.
+        fenced("import os, signal\nos.kill(os.getpid(), signal.SIGINT)"),
+        fenced("print('done')"),
+    )
+    events: list[Event] = []
+    result = await runner.run("spin", max_attempts=3, timeout=1, on_event=events.append)
+    timed_out, interrupted, done = result.attempts
+    assert timed_out.error_kind is ErrorKind.TIMEOUT and done.status == "success"
+    # The interrupt that stopped the code at its time limit is ours: neither streamed nor kept.
+    assert [e.data["output_type"] for e in events if e.type == "output" and e.attempt == 1] == [
+        "stream"
+    ]
+    assert [o["output_type"] for o in timed_out.outputs] == ["stream"]
+    assert interrupted.ename == "KeyboardInterrupt" and "os.kill" in interrupted.error
+    seen = json.dumps([e.model_dump(mode="json") for e in events]) + result.model_dump_json()
+    told = json.dumps(llm.requests)
+    nb = Path(result.notebook).read_text()
+    for text in (seen, told, nb):
+        assert "<autocoder " not in text and "on_sigint" not in text and "SendGuard" not in text
+
+
+def test_frames_of_autocoders_own_kernel_code_are_dropped_from_any_traceback() -> None:
+    from autocoder.kernel.output import without_own_frames
+
+    ipython = [
+        "KeyboardInterrupt     Traceback (most recent call last)",
+        "Cell In[1], line 2\n----> 2 os.kill(os.getpid(), signal.SIGINT)",
+        "File \x1b[0;32m<autocoder output cap>:260\x1b[0m, in SendGuard.on_sigint(self)\n"
+        "--> 260 raise KeyboardInterrupt",
+        "KeyboardInterrupt: ",
+    ]
+    assert without_own_frames(ipython) == [ipython[0], ipython[1], ipython[3]]
+    plain = (
+        "Traceback (most recent call last):\n"
+        '  File "<stdin>", line 1, in <module>\n'
+        "    work()\n"
+        '  File "<autocoder asserts>", line 40, in explain\n'
+        "    raise AssertionError(message)\n"
+        "AssertionError: f(3) is 4"
+    )
+    assert without_own_frames([plain]) == [
+        "Traceback (most recent call last):\n"
+        '  File "<stdin>", line 1, in <module>\n'
+        "    work()\n"
+        "AssertionError: f(3) is 4"
+    ]
+    # The syntax check's label for the user's own code is not a frame of ours.
+    assert without_own_frames(['  File "<autocoder>", line 3']) == ['  File "<autocoder>", line 3']
+
+
+async def test_a_retry_is_told_it_starts_from_scratch(runner: Runner, llm: ScriptedLLM) -> None:
+    llm.script(
+        fenced("import math\nx = 2\n1 / 0"), fenced("print(math.sqrt(x))"), fenced("print(1)")
+    )
+    await runner.run("x")
+
+    said = llm.requests[1]["messages"][-1]["content"]
+    assert "nothing the failed program defined or imported is kept" in said
+
+
+async def test_the_same_error_twice_starts_afresh_from_the_task(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    """Another patch of a program that keeps failing the same way would likely fail again."""
+    llm.script(
+        fenced("print(total)"),
+        fenced("print(total + 0)"),
+        fenced("total = 3\nprint(total)"),
+    )
+    result = await runner.run("print the total")
+
+    assert result.status == "success" and len(result.attempts) == 3
+    third = llm.requests[2]
+    assert [m["role"] for m in third["messages"]] == ["system", "user"]
+    asked = third["messages"][-1]["content"]
+    assert asked.startswith("print the total\n\n")
+    assert "kept failing" in asked and "NameError: name 'total' is not defined" in asked
+    assert "print(total + 0)" not in asked  # no earlier code to patch
+    assert third["temperature"] > 0

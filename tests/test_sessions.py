@@ -162,7 +162,9 @@ def test_the_session_notebook_replays_to_the_same_outputs(
     assert r.status_code == 200
     nb = nbformat.reads(r.text, as_version=4)
     nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
+    # First the cell that enters the folder beside the notebook, which holds sales.csv.
+    setup, *code = [c for c in nb.cells if c.cell_type == "code"]
+    assert setup.metadata.autocoder == {"setup": "files", "folder": f"{sid}_files"}
     assert [c.source for c in code] == [
         LOAD,
         "df['double'] = df['amount'] * 2\nprint(df['double'].tolist())",
@@ -173,14 +175,15 @@ def test_the_session_notebook_replays_to_the_same_outputs(
 
     saved = [[o.get("text") for o in c.outputs] for c in code]
     replay = nbformat.reads(r.text, as_version=4)
+    # As JupyterLab runs it: from the notebook's own folder.
     NotebookClient(
         replay,
         timeout=60,
         kernel_name="python3",
-        resources={"metadata": {"path": session["workdir"]}},
+        resources={"metadata": {"path": str(Path(session["notebook"]).parent)}},
     ).execute()
     replayed = [[o.get("text") for o in c.outputs] for c in replay.cells if c.cell_type == "code"]
-    assert replayed == saved == [["3 rows\n"], ["[20, 40, 24]\n"], ["total 42\n"]]
+    assert replayed[1:] == saved == [["3 rows\n"], ["[20, 40, 24]\n"], ["total 42\n"]]
 
 
 def test_a_timeout_is_reported_and_the_next_prompt_still_has_the_data(
@@ -427,7 +430,10 @@ def test_chat_keeps_the_data_between_prompts_and_prints_the_notebook(
     assert code == 0, shown
     path = Path(tmp_path, shown.split("session notebook: ")[1].split()[0])
     nb = nbformat.read(path, as_version=4)
-    assert [c.source for c in nb.cells if c.cell_type == "code"] == [LOAD, TOTAL]
+    setup, *code = [c for c in nb.cells if c.cell_type == "code"]
+    assert setup.metadata.autocoder.setup == "files"  # it enters the folder with sales.csv
+    assert [c.source for c in code] == [LOAD, TOTAL]
+    assert (path.with_name(path.stem + "_files") / "sales.csv").read_bytes() == SALES
     assert (tmp_path / "home" / "chat_history").read_text().splitlines()[-3:] == [
         "load sales.csv into df",
         "wait for a minute",

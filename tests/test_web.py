@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from autocoder.testing import ScriptedLLM, fenced
+from autocoder.testing import Reply, ScriptedLLM, fenced
 from tests.conftest import LiveServer
 from tests.test_api import make_settings
 
@@ -96,17 +97,32 @@ class Tab:
         self.page.goto(self.base + path)
         return self.page
 
-    def ask(self, prompt: str, attempts: int | None = None) -> Any:
+    def ask(self, prompt: str, attempts: int | None = None, timeout: float | None = None) -> Any:
         """Type a prompt on the run page and wait for its final status."""
+        turn = self.send(prompt, attempts, timeout)
+        turn.locator(".status.ok, .status.bad").wait_for()
+        return turn
+
+    def send(self, prompt: str, attempts: int | None = None, timeout: float | None = None) -> Any:
+        """Type a prompt on the run page and send it; its turn, as it starts."""
         page = self.page
         turns = page.locator(".turn").count()
         page.fill("#prompt", prompt)
         if attempts:
             page.fill("#max_attempts", str(attempts))
+        if timeout:
+            page.fill("#timeout", f"{timeout:g}")
         page.click("#send")
-        turn = page.locator(".turn").nth(turns)
-        turn.locator(".status.ok, .status.bad").wait_for()
-        return turn
+        return page.locator(".turn").nth(turns)
+
+
+def close_sessions(server: LiveServer) -> None:
+    """Each tab opens a session, which keeps a kernel: closed after the test, as a user would,
+    so the server's AUTOCODER_MAX_SESSIONS is never the limit a later test meets."""
+    listed = httpx.get(f"{server.url}/sessions", params={"limit": 100}, timeout=30).json()
+    for s in listed["sessions"]:
+        if s["status"] == "open":
+            httpx.delete(f"{server.url}/sessions/{s['session_id']}", timeout=60)
 
 
 @pytest.fixture
@@ -114,6 +130,7 @@ def tab(browser: Any, live: LiveServer) -> Iterator[Tab]:
     t = Tab(browser, live.url)
     yield t
     t.context.close()
+    close_sessions(live)
     assert t.outside == [], "the page asked for something beyond 127.0.0.1"
     assert t.dialogs == [], "a script from a prompt or an output ran"
 
@@ -144,6 +161,11 @@ def test_the_pages_scripts_never_write_html() -> None:
             "innerHTML" not in text and "outerHTML" not in text and "insertAdjacentHTML" not in text
         )
         assert "eval(" not in text and "document.write" not in text
+
+
+def test_the_shipped_redoc_asks_no_cdn() -> None:
+    bundle = (STATIC / "vendor" / "redoc" / "redoc.standalone.js").read_text()
+    assert "cdn." not in bundle and "logo-mini.svg" not in bundle
 
 
 def test_docs_use_local_assets_only(live: LiveServer) -> None:
@@ -180,12 +202,20 @@ def test_token_server_serves_the_shell_but_not_the_history(guarded: LiveServer) 
 @pytest.mark.browser
 @needs_browser
 def test_docs_render_offline(tab: Tab) -> None:
+    refused: list[str] = []
+    tab.page.on(
+        "console",
+        lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     page = tab.open("/docs")
     page.locator(".swagger-ui .info .title").wait_for()
     assert "autocoder" in page.locator(".swagger-ui .info .title").inner_text()
     page.locator(".opblock-summary-path", has_text="/run").first.wait_for()
     page = tab.open("/redoc")
     page.locator("h1", has_text="autocoder").first.wait_for()
+    page.locator("a", has_text="API docs by Redocly").wait_for()
+    assert page.locator("img").evaluate_all("imgs => imgs.map(i => i.src)") == []
+    assert refused == [], "the docs asked for something their CSP refuses"
 
 
 @pytest.mark.browser
@@ -224,7 +254,7 @@ def test_a_failed_attempt_shows_its_traceback_and_the_retry(
     assert "ZeroDivisionError" in page.locator("#run .attempt").nth(0).inner_text()
     assert "ran cleanly" in page.locator("#run .attempt").nth(1).inner_text()
     with page.expect_download() as info:
-        page.locator("a.download", has_text="notebook").click()
+        page.get_by_role("link", name="notebook", exact=True).click()
     saved = tmp_path / "run.ipynb"
     info.value.save_as(saved)
     assert '"cells"' in saved.read_text()
@@ -296,6 +326,19 @@ def test_history_search_and_filter(tab: Tab, live: LiveServer, llm: ScriptedLLM)
 
 @pytest.mark.browser
 @needs_browser
+def test_a_runs_page_says_how_many_candidates_agree(
+    tab: Tab, live: LiveServer, llm: ScriptedLLM
+) -> None:
+    seeds = {101: "print('ok')", 102: "print('no')", 103: "print('ok')"}
+    llm.responder = lambda body: fenced(seeds[body["seed"]])
+    r = httpx.post(f"{live.url}/run", json={"prompt": "ok?", "candidates": 3}, timeout=60)
+    page = tab.open(f"/history/{r.json()['run_id']}")
+    page.locator("#run .agreement").wait_for()
+    assert page.locator("#run .agreement").inner_text() == "2 of 3 candidates agree"
+
+
+@pytest.mark.browser
+@needs_browser
 def test_with_a_token_the_history_shows_only_after_it_is_given(
     browser: Any, guarded: LiveServer, llm: ScriptedLLM
 ) -> None:
@@ -320,3 +363,265 @@ def test_with_a_token_the_history_shows_only_after_it_is_given(
     finally:
         t.context.close()
     assert t.outside == [] and t.dialogs == []
+
+
+# --- a page that keeps up (tokens, Stop, keys, resuming, timeouts, phones) ------------
+
+
+@pytest.mark.browser
+@needs_browser
+def test_the_models_reply_shows_as_it_is_written(tab: Tab, llm: ScriptedLLM) -> None:
+    resume = threading.Event()
+    llm.script(Reply(fenced("print('streamed')"), resume=resume))
+    tab.open("/")
+    try:
+        turn = tab.send("print streamed")
+        # Half the reply is written and the model is still at it: the page shows that half.
+        turn.locator("pre.reply", has_text="Here is the code").wait_for()
+        assert turn.locator("pre.code").count() == 0
+        assert "the model is writing" in turn.locator(".attempt").inner_text()
+    finally:
+        resume.set()
+    turn.locator(".status.ok").wait_for()
+    assert turn.locator("pre.reply").count() == 0  # the code replaces the raw reply
+    assert "print('streamed')" in turn.locator("pre.code").inner_text()
+    said = turn.locator(".attempt-status").inner_text()
+    # Model time and run time, apart.
+    assert said.startswith("ran cleanly · model ") and " · code " in said and "tokens" in said
+
+
+AT_BOTTOM = "innerHeight + scrollY >= document.documentElement.scrollHeight - 2"
+
+
+@pytest.mark.browser
+@needs_browser
+def test_the_page_follows_the_stream_unless_scrolled_up(tab: Tab, llm: ScriptedLLM) -> None:
+    lines = fenced("print('\\n'.join(map(str, range(60))))")
+    resume = threading.Event()
+    llm.script(lines, Reply(lines, resume=resume))
+    page = tab.open("/")
+    page.set_viewport_size({"width": 800, "height": 500})
+    tab.ask("print sixty lines")
+    assert page.evaluate(AT_BOTTOM)
+    try:
+        turn = tab.send("print them again")
+        turn.locator("pre.reply").wait_for()
+        page.mouse.wheel(0, -100_000)  # the user scrolls up to read
+        page.wait_for_function("scrollY === 0")
+    finally:
+        resume.set()
+    turn.locator(".status.ok").wait_for()
+    assert page.evaluate("scrollY") == 0
+
+
+@pytest.mark.browser
+@needs_browser
+def test_stop_interrupts_the_code_and_the_run_is_recorded_cancelled(
+    tab: Tab, live: LiveServer, llm: ScriptedLLM
+) -> None:
+    llm.script(
+        fenced("import time\nprint('working', flush=True)\ntime.sleep(100)"),
+        fenced("print('still here')"),
+    )
+    page = tab.open("/")
+    assert page.locator("#stop").is_hidden()
+    turn = tab.send("work for a long time", attempts=1, timeout=110)
+    turn.locator(".outputs", has_text="working").wait_for()
+    page.click("#stop")
+    turn.locator(".status.bad").wait_for()
+    assert turn.locator(".status").inner_text().startswith("stopped after")
+    assert "stopped (cancelled)" in turn.locator(".attempt-status").inner_text()
+    assert page.locator("#stop").is_hidden() and page.locator("#send").is_enabled()
+    run_id = turn.locator(".status a").get_attribute("href").rsplit("/", 1)[1]
+    record = httpx.get(f"{live.url}/runs/{run_id}").json()
+    assert record["status"] == "error" and record["error_kind"] == "cancelled"
+    # The kernel was interrupted, not left sleeping: the session takes the next prompt.
+    assert "still here" in tab.ask("say you are still here").locator(".outputs").inner_text()
+
+
+@pytest.mark.browser
+@needs_browser
+def test_ctrl_enter_and_cmd_enter_send_the_prompt(tab: Tab, llm: ScriptedLLM) -> None:
+    llm.script(fenced("print('by ctrl')"), fenced("print('by cmd')"))
+    page = tab.open("/")
+    for key, said in (("Control+Enter", "by ctrl"), ("Meta+Enter", "by cmd")):
+        turns = page.locator(".turn").count()
+        page.fill("#prompt", f"say {said}")
+        page.press("#prompt", key)
+        turn = page.locator(".turn").nth(turns)
+        turn.locator(".status.ok").wait_for()
+        assert said in turn.locator(".outputs").inner_text()
+
+
+@pytest.mark.browser
+@needs_browser
+def test_a_reload_reopens_the_session_and_it_goes_on(tab: Tab, llm: ScriptedLLM) -> None:
+    llm.script(fenced("x = 41\nprint('first', x)"), fenced("print('then', x + 1)"))
+    page = tab.open("/")
+    tab.ask("set x to 41")
+    session_id = page.locator("#session-label").inner_text()
+    assert page.url.endswith(f"/?session={session_id}")
+    page.reload()
+    first = page.locator(".turn").first
+    first.locator(".status.ok").wait_for()
+    assert first.locator(".prompt-text").inner_text() == "set x to 41"
+    assert "first 41" in first.locator(".outputs").inner_text()
+    assert page.locator("#session-label").inner_text() == session_id
+    # The same kernel: the variable is still there.
+    assert "then 42" in tab.ask("add one to x").locator(".outputs").inner_text()
+
+    # History links the session back to this page, with both turns.
+    page = tab.open("/history")
+    row = page.locator(f"#sessions tr[data-session-id='{session_id}']")
+    row.locator("a.session-open", has_text="continue").click()
+    page.locator(".turn").nth(1).locator(".status.ok").wait_for()
+    assert page.locator(".turn .prompt-text").all_inner_texts() == ["set x to 41", "add one to x"]
+
+    # Once closed, its link still shows its turns; the next prompt opens a new session.
+    httpx.delete(f"{tab.base}/sessions/{session_id}", timeout=60)
+    page = tab.open(f"/?session={session_id}")
+    page.locator("#notice", has_text="This session is closed").wait_for()
+    assert page.locator(".turn").count() == 2
+    llm.script(fenced("print('fresh')"))
+    page.fill("#prompt", "start afresh")
+    page.click("#send")
+    page.locator(".turn", has_text="start afresh").locator(".status.ok").wait_for()
+    assert page.locator(".turn .prompt-text").all_inner_texts() == ["start afresh"]
+    assert "fresh" in page.locator(".turn .outputs").inner_text()
+    assert session_id not in page.url and "?session=session-" in page.url
+
+
+@pytest.mark.browser
+@needs_browser
+def test_a_second_tab_on_the_session_sees_the_running_prompt_and_can_stop_it(
+    browser: Any, tab: Tab, llm: ScriptedLLM
+) -> None:
+    llm.script(fenced("import time\nprint('working', flush=True)\ntime.sleep(100)"))
+    first = tab.open("/")
+    turn = tab.send("work for a long time", attempts=1, timeout=110)
+    turn.locator(".outputs", has_text="working").wait_for()
+    other = Tab(browser, tab.base)
+    try:
+        page = other.open("/?session=" + first.locator("#session-label").inner_text())
+        page.locator(".status", has_text="still running").wait_for()
+        page.click("#stop")
+        page.locator(".turn .prompt-text", has_text="work for a long time").wait_for()
+        assert page.locator(".turn .status").inner_text().startswith("stopped after")
+        assert page.locator("#send").is_enabled() and page.locator("#stop").is_hidden()
+    finally:
+        other.context.close()
+    # The tab that sent it sees it end the same way.
+    turn.locator(".status.bad").wait_for()
+    assert turn.locator(".status").inner_text().startswith("stopped after")
+    assert other.outside == [] and other.dialogs == []
+
+
+@pytest.mark.browser
+@needs_browser
+def test_a_timeout_reads_as_a_timeout_not_as_an_interrupt(
+    tab: Tab, llm: ScriptedLLM, tmp_path: Path
+) -> None:
+    llm.script(fenced("print('spinning', flush=True)\nwhile True:\n    pass"))
+    tab.open("/")
+    turn = tab.ask("spin forever", attempts=1, timeout=1)
+    assert "stopped after 1 s (timeout)" in turn.locator(".attempt-status").inner_text()
+    shown = turn.inner_text()
+    for word in ("KeyboardInterrupt", "SendGuard", "on_sigint", "autocoder output cap"):
+        assert word not in shown
+    assert turn.locator(".traceback, pre.error").count() == 0
+    assert "spinning" in turn.locator(".outputs").inner_text()
+    tab.page.screenshot(path=str(tmp_path / "timeout.png"), full_page=True)
+    # The run's own page says the same.
+    turn.locator("a", has_text="open the run").click()
+    tab.page.locator("#run .attempt").first.wait_for()
+    said = tab.page.locator("#run .attempt").inner_text()
+    assert "stopped after 1 s (timeout)" in said and "KeyboardInterrupt" not in said
+
+
+@pytest.mark.browser
+@needs_browser
+def test_with_a_token_downloads_keep_the_servers_file_names(
+    browser: Any, guarded: LiveServer, llm: ScriptedLLM
+) -> None:
+    llm.script(fenced("open('made.txt', 'w').write('made')\nprint('ok')"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    run = httpx.post(
+        f"{guarded.url}/run", json={"prompt": "make a file"}, headers=auth, timeout=60
+    ).json()
+    stem = Path(run["notebook"]).stem
+    t = Tab(browser, guarded.url)
+    try:
+        page = t.open(f"/history/{run['run_id']}")
+        page.fill("#token-input", TOKEN)
+        page.click("#token-form button")
+        page.locator("#run .attempt").first.wait_for()
+        for label, name in (
+            ("notebook", f"{stem}.ipynb"),
+            ("made.txt (4 bytes)", "made.txt"),
+            ("notebook with its files (.zip)", f"{stem}.zip"),
+        ):
+            with page.expect_download() as info:
+                page.get_by_role("link", name=label, exact=True).click()
+            assert info.value.suggested_filename == name
+    finally:
+        t.context.close()
+    assert t.outside == [] and t.dialogs == []
+
+
+@pytest.mark.browser
+@needs_browser
+def test_history_fits_a_phone_screen(
+    browser: Any, live: LiveServer, llm: ScriptedLLM, tmp_path: Path
+) -> None:
+    llm.script(fenced("print('ok')"))
+    prompt = "summarise_the_quarterly_revenue_by_region_and_product_line " * 3
+    httpx.post(f"{live.url}/run", json={"prompt": prompt}, timeout=60)
+    session = httpx.post(f"{live.url}/sessions", json={}, timeout=60).json()
+    httpx.delete(f"{live.url}/sessions/{session['session_id']}", timeout=60)
+    t = Tab(browser, live.url)
+    try:
+        page = t.page
+        page.set_viewport_size({"width": 390, "height": 844})
+        t.open("/history")
+        page.locator("#runs .run-row").first.wait_for()
+        page.locator("#sessions .session-row").first.wait_for()
+        width = page.evaluate("document.documentElement.scrollWidth")
+        page.screenshot(path=str(tmp_path / "history-390.png"), full_page=True)
+        assert width <= 390, f"the page is {width} px wide on a 390 px screen"
+    finally:
+        t.context.close()
+
+
+CONTRAST = """
+(sel) => {
+  const lum = (rgb) => {
+    const [r, g, b] = rgb.map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const parse = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = parse(getComputedStyle(el).backgroundColor);
+      if (c.length === 3 || c[3] > 0) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  return [...document.querySelectorAll(sel)].filter((el) => el.textContent.trim()).map((el) => {
+    const a = lum(parse(getComputedStyle(el).color).slice(0, 3)), b = lum(background(el));
+    return [el.className, (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+  });
+}
+"""
+
+
+@pytest.mark.browser
+@needs_browser
+def test_grey_text_is_readable(tab: Tab, live: LiveServer, llm: ScriptedLLM) -> None:
+    llm.script(fenced("# a comment\nprint('ok')"))
+    run = httpx.post(f"{live.url}/run", json={"prompt": "comment"}, timeout=60).json()
+    page = tab.open(f"/history/{run['run_id']}")
+    page.locator("#run .attempt").first.wait_for()
+    found = page.evaluate(CONTRAST, ".muted, pre.code .c")
+    assert {c for c, _ in found} >= {"muted", "c"}
+    low = [(c, round(r, 2)) for c, r in found if r < 4.5]
+    assert low == [], "grey text below WCAG AA's 4.5:1"

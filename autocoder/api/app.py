@@ -115,6 +115,7 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     request["prompt"]["maxLength"] = settings.max_prompt_chars
     request["prompt"]["pattern"] = r"\S"  # not blank (the model's validator says so in words)
     _bound(request["max_attempts"], "maximum", settings.max_request_attempts)
+    _bound(request["candidates"], "maximum", settings.max_request_candidates)
     _bound(request["timeout"], "maximum", settings.max_request_timeout)
     for choice in request["language"].get("anyOf", [request["language"]]):
         if choice.get("type") == "string":  # the languages this server has kernels for

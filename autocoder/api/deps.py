@@ -40,7 +40,7 @@ class RunInput:
 
 
 MULTIPART = "multipart/form-data"
-FORM_FIELDS = ("prompt", "max_attempts", "attempts", "timeout", "model", "language")
+FORM_FIELDS = ("prompt", "max_attempts", "attempts", "timeout", "model", "language", "candidates")
 # A form has no null: an optional field sent as JSON's `null` is one not given.
 FORM_NULLS = ("null",)
 
@@ -98,7 +98,7 @@ async def _from_form(
     request: Request,
     service: Service,
     fields: tuple[str, ...] = FORM_FIELDS,
-    where: str = "/run (prompt, max_attempts, timeout, model, and `files` parts)",
+    where: str = "/run (prompt, max_attempts, timeout, model, language, candidates, and `files` parts)",
     model: type[BaseModel] = RunRequest,
 ) -> tuple[dict[str, Any], list[InputFile]]:
     """The form's fields (not yet validated) and its files (checked)."""
@@ -150,7 +150,7 @@ def _upload_name(upload: UploadFile) -> str:
 
 def _form_value(key: str, value: str) -> Any:
     """Form fields are text; the numbers /run takes are parsed here, strictly."""
-    if key in {"max_attempts", "attempts"}:
+    if key in {"max_attempts", "attempts", "candidates"}:
         return int(value) if value.strip().lstrip("-").isdigit() else value
     if key == "timeout":
         try:
@@ -177,6 +177,13 @@ def checked_request(req: RunRequest, service: Service) -> RunRequest:
             field_error(
                 "max_attempts",
                 f"at most {s.max_request_attempts} attempts (AUTOCODER_MAX_REQUEST_ATTEMPTS)",
+            )
+        )
+    if req.candidates is not None and req.candidates > s.max_request_candidates:
+        errors.append(
+            field_error(
+                "candidates",
+                f"at most {s.max_request_candidates} candidates (AUTOCODER_MAX_REQUEST_CANDIDATES)",
             )
         )
     if req.timeout is not None and req.timeout > s.max_request_timeout:

@@ -50,6 +50,14 @@ class RunRequest(BaseModel):
         max_length=200,
         description="The model to ask, by the endpoint's name for it. Default AUTOCODER_MODEL.",
     )
+    candidates: int | None = Field(
+        None,
+        ge=1,
+        description="Programs drawn per attempt, each run in a fresh kernel; the answer is the "
+        "result most of them agree on, and too little agreement makes the run `uncertain`. "
+        "Default AUTOCODER_CANDIDATES (5 for the embedded model, 1 for a model endpoint); at "
+        "most AUTOCODER_MAX_REQUEST_CANDIDATES. A session's run draws one.",
+    )
     language: str | None = Field(
         None,
         min_length=1,
@@ -66,7 +74,7 @@ class RunRequest(BaseModel):
             raise ValueError("give max_attempts or attempts (the same field), not both")
         return data
 
-    @field_validator("max_attempts", mode="before")
+    @field_validator("max_attempts", "candidates", mode="before")
     @classmethod
     def _integral(cls, value: object) -> object:
         """JSON Schema counts 2.0 as an integer, and so do we."""
@@ -127,6 +135,11 @@ def session_run_components(components: dict[str, Any]) -> dict[str, Any]:
     for name in ("RunRequest", "RunUpload"):
         session = copy.deepcopy(components[name])
         session["title"] = "Session" + name
+        session["properties"]["candidates"] = {
+            **session["properties"]["candidates"],
+            "anyOf": [{"type": "integer", "enum": [1]}, {"type": "null"}],
+            "description": "A session's kernel keeps state: its runs draw one candidate.",
+        }
         session["properties"]["language"] = {
             **session["properties"]["language"],
             "anyOf": [{"type": "string", "enum": ["python"]}, {"type": "null"}],
@@ -277,3 +290,11 @@ class SessionPage(BaseModel):
     total: int = Field(description="How many sessions there are, on all pages.")
     limit: int = Field(description="The page size asked for.")
     offset: int = Field(description="How many newer sessions were skipped.")
+
+
+class CancelAccepted(BaseModel):
+    """A run asked to stop: its stream (if any) ends with `run_finished`, status `error`,
+    error_kind `cancelled`, once its kernel is interrupted and the run is recorded."""
+
+    run_id: str = Field(description="The run that is being stopped.")
+    detail: str = Field(description="What happens next.")

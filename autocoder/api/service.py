@@ -40,6 +40,8 @@ class Service:
     engine: Engine
     admission: Admission
     runs: set[asyncio.Task[RunResult]] = field(default_factory=set)
+    # The runs in progress by id, for a client that asks to stop one.
+    running: dict[str, asyncio.Task[RunResult]] = field(default_factory=dict)
     draining: bool = False
 
     @property
@@ -80,7 +82,18 @@ class Service:
         task.add_done_callback(lambda _: slot.release())
         self.runs.add(task)
         task.add_done_callback(self.runs.discard)
+        self.running[run_id] = task
+        task.add_done_callback(lambda _: self.running.pop(run_id, None))
         return Job(run_id, task)
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a run in progress as a client hang-up does (its kernel interrupted, the run
+        recorded as cancelled); False when no run of that id is in progress here."""
+        task = self.running.get(run_id)
+        if task is None or task.done():
+            return False
+        cancel_once(task)
+        return True
 
     async def _run(
         self,
@@ -90,7 +103,11 @@ class Service:
         files: Sequence[InputFile] = (),
         session: Session | None = None,
     ) -> RunResult:
-        language = {} if session is not None else {"language": req.language or "python"}
+        options = (
+            {}
+            if session is not None
+            else {"language": req.language or "python", "candidates": req.candidates}
+        )
         return await self.engine.run(
             req.prompt,
             run_id=run_id,
@@ -101,8 +118,15 @@ class Service:
             model=req.model,
             on_event=on_event,
             inputs=files,
-            **language,
+            **options,
         )
+
+    async def stopped_result(self, run_id: str) -> RunResult | None:
+        """The record of a run a client stopped (`cancel`), as its request's answer; None when
+        the server's shutdown cancelled it instead (that request gets a 503)."""
+        if self.draining:
+            return None
+        return await asyncio.to_thread(self.store.get, run_id)
 
     async def drain(self, grace: float) -> None:
         """Take no new runs; give those running `grace` seconds, then cancel them. A cancelled

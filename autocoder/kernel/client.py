@@ -138,6 +138,7 @@ class Kernel:
         if outcome == "idle" and collector.error is None:
             await self._reply_error(msg_id, collector)
         if outcome in {"timeout", "cut"}:
+            collector.stopped = True
             await self.interrupt()
             if await self._drain(msg_id, collector, time.monotonic() + INTERRUPT_GRACE) != "idle":
                 await self.replace()

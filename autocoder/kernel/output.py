@@ -38,6 +38,10 @@ class OutputCollector:
         self.head_room: int | None = None
         self.error: ErrorInfo | None = None
         self.on_output = on_output
+        # Set once autocoder interrupted the code itself (a timeout, a flood): the
+        # KeyboardInterrupt that follows is ours, not an output of the code. It is neither
+        # streamed nor kept among the outputs; `error` still says the interrupt took.
+        self.stopped = False
 
     @property
     def over(self) -> bool:
@@ -68,12 +72,15 @@ class OutputCollector:
             self.lost += max(lost, 1)
         if kind == "error":
             content = without_unknown_source(content)
+            content = {**content, "traceback": without_own_frames(content.get("traceback", []))}
             msg = {**msg, "content": content}
             self.error = ErrorInfo(
                 ename=content.get("ename", ""),
                 evalue=content.get("evalue", ""),
-                traceback=list(content.get("traceback", [])),
+                traceback=list(content["traceback"]),
             )
+            if self.stopped:
+                return
         if kind == "stream":
             # nbformat would validate the whole text, however large, before it is cut.
             out = {"output_type": "stream", "name": content["name"], "text": content["text"]}
@@ -164,6 +171,43 @@ class OutputCollector:
             if out["output_type"] == "stream":
                 out["text"] = _join_crlf(out["text"])
         return self.outputs
+
+
+_OWN_FRAME = re.compile(r"^\s*File \"?<autocoder ")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def without_own_frames(traceback: list[str]) -> list[str]:
+    """A traceback without the frames of autocoder's own code in the kernel (the output cap's
+    interrupt guard, the assert explainer): they say nothing about the user's code, to the
+    user or to the model. IPython sends one frame per entry; a plain Python traceback, one
+    entry of many frames, is filtered line by line."""
+    kept = []
+    for entry in traceback:
+        if not isinstance(entry, str):
+            kept.append(entry)
+            continue
+        if _OWN_FRAME.match(_ANSI.sub("", entry)):
+            continue
+        if "<autocoder " in entry and "\n" in entry:
+            entry = _drop_plain_frames(entry)
+        kept.append(entry)
+    return kept
+
+
+def _drop_plain_frames(text: str) -> str:
+    """`  File "<autocoder …>", line N, in f` and the lines indented under it, dropped."""
+    out: list[str] = []
+    skipping = False
+    for line in text.split("\n"):
+        plain = _ANSI.sub("", line)
+        if plain.startswith("  File "):
+            skipping = bool(_OWN_FRAME.match(plain))
+        elif not plain.startswith("    "):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "\n".join(out)
 
 
 def kind_of(outcome: str, collector: OutputCollector) -> ErrorKind | None:

@@ -56,6 +56,8 @@ def check(settings: Settings) -> None:
 class KernelSource:
     """Hands each run a started kernel that no other run has used. This one starts them on demand."""
 
+    fresh = True  # every kernel is new: a run's candidates can each have their own
+
     def __init__(
         self, settings: Settings, language: str = "python", *, ledger: KernelLedger | None = None
     ) -> None:

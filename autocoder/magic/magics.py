@@ -84,9 +84,6 @@ Do not ask questions, do not read from stdin, and do not use the network unless 
 asks for it."""
 
 
-# --- The main thread and the background loop -------------------------------------------------
-
-
 class Status:
     """One line per attempt in the cell, updated in place; runs on the main thread."""
 
@@ -415,7 +412,7 @@ class AutocoderMagics(Magics):
         status = Status(record)
 
         async def on_event(event: Event) -> None:
-            if event.type != "output":
+            if event.type not in ("output", "token"):
                 await main.call(lambda: status.show(event))
 
         async def go() -> RunResult:

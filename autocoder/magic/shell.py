@@ -381,6 +381,8 @@ class ShellExecutor:
 class OneShell:
     """The executor provider of one `%autocoder` call: always the same shell, never shut down."""
 
+    fresh = False  # the user's namespace: one candidate per attempt
+
     def __init__(self, executor: ShellExecutor) -> None:
         self.executor = executor
 

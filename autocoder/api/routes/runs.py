@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Annotated, Any, Literal
+import errno
+from collections.abc import Iterator
+from typing import IO, Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 
-from autocoder import languages
+from autocoder import bundle, languages
 from autocoder.api.admission import Busy
 from autocoder.api.deps import (
     PageLimit,
@@ -21,9 +23,15 @@ from autocoder.api.deps import (
     ServiceDep,
     field_error,
 )
-from autocoder.api.downloads import download
+from autocoder.api.downloads import attachment, download
 from autocoder.api.errors import RunCancelled
-from autocoder.api.schemas import ErrorBody, LanguageInfo, RunPage, run_request_body
+from autocoder.api.schemas import (
+    CancelAccepted,
+    ErrorBody,
+    LanguageInfo,
+    RunPage,
+    run_request_body,
+)
 from autocoder.api.service import Service
 from autocoder.api.streaming import (
     KEEPALIVE_SECONDS,
@@ -56,7 +64,9 @@ _RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _STREAM_DOC = (
     "Events, each `event: <type>` with `data:` a JSON object `{type, run_id, attempt, data}`: "
-    "`run_started`; per attempt `attempt_started`, `code_generated` (the code), `output` "
+    "`run_started` (with `max_attempts` and `timeout`); per attempt `attempt_started`, "
+    "`token` (each piece of the model's reply as it is written, in `data.text`), "
+    "`code_generated` (the code), `output` "
     "(each output as it appears; errors have `output_type: error`), `attempt_finished` (its "
     "status, error and error_kind); and `run_finished`, whose data is the result without the "
     "attempts. A failure of the server itself ends the stream with `server_error`. A comment "
@@ -84,6 +94,8 @@ async def run(given: RunInputDep, request: Request, service: ServiceDep) -> Any:
     try:
         return await unless_disconnected(request, job.task)
     except RunCancelled:
+        if (stopped := await service.stopped_result(job.run_id)) is not None:
+            return stopped
         raise Busy(
             f"the server shut down before the run finished; run {job.run_id} was cancelled",
             status_code=503,
@@ -180,3 +192,61 @@ async def get_notebook(run_id: RunId, service: ServiceDep) -> Response:
     if stored is None:
         raise HTTPException(404, f"no run {run_id!r}")
     return await download(stored, IPYNB_MEDIA_TYPE)
+
+
+@router.get(
+    "/runs/{run_id}/bundle",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "A zip of the run's notebook (`<name>.ipynb`) and the folder beside "
+            "it (`<name>_files/`: the files the run was given and those its code wrote). "
+            "Unpacked anywhere, the notebook re-runs: its first cell enters that folder.",
+            "content": {bundle.ZIP_MEDIA_TYPE: {}},
+        },
+        404: {"model": ErrorBody, "description": "No such run."},
+        507: {"model": ErrorBody, "description": "No disk space to build the zip."},
+    },
+    summary="Download a run as one zip: its notebook with its input and output files",
+)
+async def get_bundle(run_id: RunId, service: ServiceDep) -> StreamingResponse:
+    try:
+        made = await asyncio.to_thread(
+            bundle.zip_run, service.store, service.settings.autofile_dir, run_id
+        )
+    except OSError as e:
+        if e.errno in {errno.ENOSPC, errno.EDQUOT}:
+            raise HTTPException(507, "no disk space left to build the zip; retry later") from e
+        raise
+    if made is None:
+        raise HTTPException(404, f"no run {run_id!r}")
+    spool, name = made
+    return StreamingResponse(
+        _read_through(spool),
+        media_type=bundle.ZIP_MEDIA_TYPE,
+        headers={"content-disposition": attachment(name)},
+    )
+
+
+def _read_through(spool: IO[bytes]) -> Iterator[bytes]:
+    """The spooled zip in chunks (Starlette iterates this in a thread), then closed."""
+    try:
+        while chunk := spool.read(1 << 16):
+            yield chunk
+    finally:
+        spool.close()
+
+
+@router.post(
+    "/runs/{run_id}/cancel",
+    status_code=202,
+    responses={404: {"model": ErrorBody, "description": "No run of that id is in progress."}},
+    summary="Stop a run in progress: its kernel is interrupted, the run recorded as cancelled",
+    description="The same as the client of the run hanging up, for a client that wants to "
+    "stay and see the run end: its stream, if it has one, ends with `run_finished` "
+    "(status `error`, error_kind `cancelled`), and `GET /runs/{run_id}` has the record.",
+)
+async def cancel_run(run_id: RunId, service: ServiceDep) -> CancelAccepted:
+    if not service.cancel(run_id):
+        raise HTTPException(404, f"run {run_id!r} is not in progress (finished, or unknown)")
+    return CancelAccepted(run_id=run_id, detail="stopping: the run ends as cancelled")

@@ -156,6 +156,16 @@ async def run_in_session(
         raise RequestValidationError(
             [field_error("language", "a session's kernel is Python; use POST /run for others")]
         )
+    if given.req.candidates not in (None, 1):
+        raise RequestValidationError(
+            [
+                field_error(
+                    "candidates",
+                    "a session's kernel keeps state, so its runs draw one candidate; "
+                    "use POST /run for more",
+                )
+            ]
+        )
     sessions = service.sessions
     try:
         session = sessions.claim(known.info.session_id, given.files)
@@ -174,6 +184,8 @@ async def run_in_session(
     try:
         result = await unless_disconnected(request, job.task)
     except RunCancelled:
+        if (stopped := await service.stopped_result(job.run_id)) is not None:
+            return _with_session(stopped, session)
         raise Busy(
             f"the server shut down before the run finished; run {job.run_id} was cancelled",
             status_code=503,

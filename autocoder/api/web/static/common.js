@@ -161,16 +161,30 @@ const AC = (() => {
     return el("pre", { class: "out muted", text: "(" + Object.keys(data).join(", ") + ")" });
   }
 
-  // A download that carries the token: fetched, then saved from a blob.
+  // A download that carries the token: fetched, then saved from a blob under the name the
+  // server gives it (Content-Disposition), as the plain link would be.
   function download(label, path, filename) {
     const a = el("a", { href: path, class: "download", download: filename || "" }, label);
     a.addEventListener("click", async (e) => {
       if (!token()) return;  // the plain link works without a token
       e.preventDefault();
       const resp = await api(path, {}, () => a.click());
-      saveBlob(await resp.blob(), filename || path.split("/").pop());
+      const named = servedName(resp.headers.get("Content-Disposition"));
+      saveBlob(await resp.blob(), named || filename || path.split("/").pop());
     });
     return a;
+  }
+
+  // The file name of a Content-Disposition header: filename*=utf-8''… first, then filename="…".
+  function servedName(header) {
+    if (!header) return "";
+    const star = /filename\*\s*=\s*[^']*'[^']*'([^;]+)/i.exec(header);
+    if (star) {
+      try { return decodeURIComponent(star[1].trim()); } catch (_) { /* fall through */ }
+    }
+    const plain = /filename\s*=\s*"((?:\\.|[^"\\])*)"|filename\s*=\s*([^;]+)/i.exec(header);
+    if (!plain) return "";
+    return (plain[1] !== undefined ? plain[1].replace(/\\(.)/g, "$1") : plain[2].trim());
   }
 
   function saveBlob(blob, filename) {
@@ -194,5 +208,5 @@ const AC = (() => {
   function seconds(v) { return (Number(v) || 0).toFixed(2) + " s"; }
   function when(iso) { return iso ? String(iso).replace("T", " ").replace(/\.\d+/, "").replace("+00:00", "Z") : ""; }
 
-  return { api, askToken, code, download, el, notice, output, Refused, seconds, stream, stripAnsi, textDownload, token, when };
+  return { api, askToken, code, download, el, notice, output, Refused, seconds, servedName, stream, stripAnsi, textDownload, token, when };
 })();

@@ -29,9 +29,9 @@
       el("td", { text: when(r.started_at) }),
       el("td", { class: r.status === "success" ? "ok" : "bad", text: r.status + (r.error_kind ? " (" + r.error_kind + ")" : "") }),
       el("td", {}, el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "prompt-link", text: r.prompt })),
-      el("td", { text: r.model || "" }),
-      el("td", { text: String(r.attempts) }),
-      el("td", { text: (Number(r.duration) || 0).toFixed(1) }),
+      el("td", { "data-label": "model", text: r.model || "" }),
+      el("td", { "data-label": "attempts", text: String(r.attempts) }),
+      el("td", { "data-label": "seconds", text: (Number(r.duration) || 0).toFixed(1) }),
     )));
     if (!page.runs.length) body.append(el("tr", {}, el("td", { colspan: "6", class: "muted", text: "No runs match." })));
     pager("runs", page.total);
@@ -44,12 +44,15 @@
     const body = document.querySelector("#sessions tbody");
     body.replaceChildren(...page.sessions.map((s) => {
       const prompts = el("td", {});
-      for (const r of s.runs) {
-        prompts.append(el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "session-prompt", text: r.prompt }), " ");
-      }
-      return el("tr", { class: "session-row" },
+      s.runs.forEach((r, i) => {
+        if (i) prompts.append(" · ");
+        prompts.append(el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "session-prompt", text: r.prompt }));
+      });
+      const open = el("a", { href: "/?session=" + encodeURIComponent(s.session_id), class: "session-open" },
+        s.status === "open" ? "continue" : "view");
+      return el("tr", { class: "session-row", "data-session-id": s.session_id },
         el("td", { text: when(s.created_at) }),
-        el("td", { text: s.status + (s.closed_reason ? " (" + s.closed_reason + ")" : "") }),
+        el("td", {}, s.status + (s.closed_reason ? " (" + s.closed_reason + ")" : "") + " · ", open),
         prompts,
         el("td", {}, AC.download("notebook", "/sessions/" + encodeURIComponent(s.session_id) + "/notebook", s.session_id + ".ipynb")),
       );
