@@ -17,6 +17,7 @@ What the run's directory holds is read by descriptor, never following a link its
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from autocoder import files
+from autocoder import disk, files
 from autocoder.files import InputFile
 from autocoder.notebook import files_folder, write_atomic
 from autocoder.records import RunResult
@@ -48,23 +49,38 @@ def write_inputs(folder: Path, inputs: Sequence[InputFile]) -> None:
         write_atomic(folder / files.check_name(f.name), f.data, mode=0o444)
 
 
-def write_run_folder(result: RunResult, notebook: Path, inputs: Sequence[InputFile]) -> None:
+def write_run_folder(
+    result: RunResult, notebook: Path, inputs: Sequence[InputFile], reserve: int = 0
+) -> None:
     """The folder beside a run's notebook, for a run that kept files (`result.workdir`): its
     inputs as given, then what its code wrote, copied from the run's directory by descriptor.
-    Best effort: a folder that cannot be written (a full disk) is logged and left out; the
-    record and the notebook are what count, and the bundle is made without it."""
+    Best effort: these are copies, so a file is left out when the disk would keep less than
+    `reserve` bytes free after it (room for the next run), and a folder that cannot be
+    written is logged; the record and the notebook are what count."""
     if not result.workdir:
         return
     folder = folder_beside(notebook)
+    left_out = 0
     try:
         write_inputs(folder, inputs)
         given = {f.name for f in inputs}
         kept = Path(result.workdir)
-        for name in files.names_beneath(kept):
-            if name not in given:
-                _copy_beneath(kept, name, folder / name)
+        for name, st in itertools.islice(files.walk_files(kept), files.MAX_LISTED):
+            if name in given:
+                continue
+            if disk.free_bytes(folder) - st.st_size < reserve:
+                left_out += 1
+                continue
+            _copy_beneath(kept, name, folder / name)
     except OSError as e:
         log.warning("run %s: the files beside its notebook were not written: %s", result.run_id, e)
+    if left_out:
+        log.warning(
+            "run %s: %d file(s) not copied beside its notebook, to keep room on the disk "
+            "(the run's own copies are kept)",
+            result.run_id,
+            left_out,
+        )
 
 
 def keep_inputs_beside(notebook: Path, inputs: Sequence[InputFile]) -> None:

@@ -39,15 +39,13 @@ rule of how many, how they are sampled, grouped and judged is here:
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autocoder.files import TEXT_SUFFIXES, media_type
+from autocoder.files import TEXT_SUFFIXES, media_type, open_beneath, walk_files
 from autocoder.records import Attempt
 
 LOCAL_CANDIDATES = 5
@@ -89,6 +87,12 @@ _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
 _NUMPY_SCALAR = re.compile(r"\bnp\.[a-z_]+\d*\(([^()]*)\)")
 _FLOAT = re.compile(r"(?<![\w.])-?(?:\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)(?![\w.])")
 _SPACES = re.compile(r"\s+")
+# A plot's own repr, as IPython shows the last expression of plotting code: it says only that a
+# plot was made, which the plot itself says (`<Figure size 640x480 with 1 Axes>`,
+# `[<matplotlib.lines.Line2D at 0x7f…>]`, `Text(0.5, 1.0, 'Sine')`).
+_PLOT_REPR = re.compile(
+    r"^(\[?<(figure size|matplotlib\.|axessubplot|axes:)[^\n]*>\]?|text\([^\n]*\))$"
+)
 
 
 def _number(match: re.Match[str]) -> str:
@@ -110,7 +114,7 @@ def normalise(text: str) -> str:
     text = _ADDRESS.sub("0x", text)
     text = _FLOAT.sub(_number, text)
     lines = (_SPACES.sub(" ", line).strip() for line in text.lower().split("\n"))
-    return "\n".join(line for line in lines if line)
+    return "\n".join(line for line in lines if line and not _PLOT_REPR.match(line))
 
 
 @dataclass(frozen=True)
@@ -160,33 +164,24 @@ def produced(
 
 def _files(workdir: Path, inputs: set[str]) -> tuple[tuple[str, str], ...]:
     found: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(workdir, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath, name)
-            rel = path.relative_to(workdir).as_posix()
-            try:
-                st = path.lstat()
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode) or (rel in inputs and not st.st_mode & 0o222):
-                continue
-            found.append((media_type(rel), _digest(path, st.st_size)))
-            if len(found) >= MAX_COMPARED_FILES:
-                return tuple(sorted(found))
+    for rel, st in walk_files(workdir):
+        if rel in inputs and not st.st_mode & 0o222:
+            continue
+        found.append((media_type(rel), _digest(workdir, rel, st.st_size)))
+        if len(found) >= MAX_COMPARED_FILES:
+            break
     return tuple(sorted(found))
 
 
-def _digest(path: Path, size: int) -> str:
+def _digest(workdir: Path, rel: str, size: int) -> str:
     """A text file's normalised content, hashed; '' for any other file (compared by kind)."""
-    if path.suffix.lower() not in TEXT_SUFFIXES or size > MAX_COMPARED_BYTES:
+    if Path(rel).suffix.lower() not in TEXT_SUFFIXES or size > MAX_COMPARED_BYTES:
         return ""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_COMPARED_BYTES)
-    except OSError:
+    opened = open_beneath(workdir, rel)
+    if opened is None:
         return ""
+    with opened:
+        data = opened.read()[:MAX_COMPARED_BYTES]
     text = normalise(data.decode("utf-8", "replace"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

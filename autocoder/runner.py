@@ -827,7 +827,7 @@ class _Run:
             temperature=temperature,
             max_tokens=self.settings.max_tokens,
             model=self.model_override,
-            on_token=self._tokens(number) if index == 0 else None,
+            on_token=self._tokens(number) if index == 1 else None,  # the first candidate only
             seed=seed,
         )
         self.model = completion.model or self.model
@@ -1017,7 +1017,9 @@ class _Run:
                     self._forget(path)
                     raise self._disk_full(self.settings.notebooks_dir) from e
             making_room.pop(0)(result)
-        bundle.write_run_folder(result, path, self.inputs)  # best effort: logs a full disk
+        # Copies, for the notebook to re-run where it is: never at the cost of the next run.
+        room = disk.budget_bytes(self.settings) + disk.RECORD_ROOM
+        bundle.write_run_folder(result, path, self.inputs, reserve=room)
 
     def _drop_files(self, result: RunResult) -> None:
         if not result.workdir:

@@ -301,3 +301,13 @@ def test_the_cli_says_how_sure_it_is(
     assert "candidate 2 printed 'b'" in proc.stdout
     assert "attempt 1, candidate 3:" in proc.stderr
     assert "attempt 1: not sure: the candidates disagree" in proc.stderr
+
+
+def test_a_plots_own_repr_is_no_answer_of_its_own() -> None:
+    """Two programs drawing the same plot agree whether or not IPython echoed the figure."""
+    from autocoder.candidates import normalise
+
+    echoed = "<Figure size 640x480 with 1 Axes>\n[<matplotlib.lines.Line2D at 0x7f3a2b1c0d90>]\n"
+    assert normalise(echoed) == normalise("") == ""
+    assert normalise("Text(0.5, 1.0, 'Sine wave')\nmax 1.0\n") == "max 1"
+    assert normalise("<Figure is my word>\n") != ""  # only the repr's own shapes go
