@@ -227,9 +227,10 @@ def tally(produced_by: Sequence[Produced | None]) -> Tally:
     for i, key in enumerate(produced_by):
         if key is not None:
             groups.setdefault(key, []).append(i)
-    # Largest first; between equals, the one drawn first (dicts keep first-seen order).
-    ordered = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
-    return Tally(len(produced_by), tuple(tuple(g) for g in ordered))
+    # Largest first; between equals, one that produced something (a program that printed and
+    # made nothing answers nothing), then the one drawn first.
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0] == Produced(""), kv[1][0]))
+    return Tally(len(produced_by), tuple(tuple(g) for _, g in ordered))
 
 
 def disagreement(

@@ -6,6 +6,7 @@ candidate), so a test says what every candidate writes whatever order the reques
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Callable, Iterator
@@ -303,6 +304,36 @@ def test_the_cli_says_how_sure_it_is(
     assert "attempt 1: not sure: the candidates disagree" in proc.stderr
 
 
+async def test_a_cancelled_run_keeps_its_candidates_and_frees_their_kernels(
+    runner: Runner, llm: ScriptedLLM, settings: Settings
+) -> None:
+    sleepy = "import time\nprint('started', flush=True)\ntime.sleep(60)"
+    llm.responder = by_candidate({(1, 1): sleepy, (1, 2): sleepy})
+    outputs: list[Event] = []
+    both_running = asyncio.Event()
+
+    def on_event(event: Event) -> None:
+        outputs.append(event)
+        if sum(e.type == "code_generated" for e in outputs) == 2:
+            both_running.set()
+
+    run = asyncio.create_task(runner.run("sleep", candidates=2, on_event=on_event))
+    await asyncio.wait_for(both_running.wait(), 60)
+    await asyncio.sleep(0.5)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    run_id = outputs[0].run_id
+    record = RunResult.model_validate_json(record_path(settings.notebooks_dir, run_id).read_text())
+    (attempt,) = record.attempts
+    assert record.error_kind is ErrorKind.CANCELLED and attempt.candidate == 1
+    assert [(o.candidate, o.error_kind) for o in attempt.others] == [(2, ErrorKind.CANCELLED)]
+    assert record.candidates == 2 and record.agreement == 0
+    work = settings.autofile_dir / ".work"
+    assert not work.exists() or list(work.iterdir()) == []
+
+
 def test_a_plots_own_repr_is_no_answer_of_its_own() -> None:
     """Two programs drawing the same plot agree whether or not IPython echoed the figure."""
     from autocoder.candidates import normalise
@@ -311,3 +342,12 @@ def test_a_plots_own_repr_is_no_answer_of_its_own() -> None:
     assert normalise(echoed) == normalise("") == ""
     assert normalise("Text(0.5, 1.0, 'Sine wave')\nmax 1.0\n") == "max 1"
     assert normalise("<Figure is my word>\n") != ""  # only the repr's own shapes go
+
+
+def test_between_equal_groups_a_program_that_produced_nothing_does_not_answer() -> None:
+    from autocoder.candidates import Produced, tally
+
+    silent, plot = Produced(""), Produced("", ("image/png",))
+    assert tally([None, silent, None, None, plot]).chosen == 4
+    assert tally([None, plot, None, None, silent]).chosen == 1
+    assert tally([silent, silent, plot]).chosen == 0  # the larger group still wins
