@@ -80,6 +80,19 @@ def _read(path: Path) -> dict[str, Any] | None:
     return info if b"autocoder.keepalive" in cmdline else None
 
 
+def keeper_pids(home: Path) -> list[int]:
+    """The keepers running for `home` (their command line names it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"autocoder.keepalive" in cmd and str(home).encode() in cmd:
+            found.append(int(proc.name))
+    return found
+
+
 class KeptServer:
     """The shared server as one process uses it: `ensure()` gives its base URL, holding a
     lease until `close()` (or this process's end); the same face as `LocalModelServer`."""

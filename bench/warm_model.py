@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from autocoder.keepalive import keeper_pids
+
 
 def run_once(env: dict[str, str], prompt: str, cwd: Path) -> float:
     start = time.perf_counter()
@@ -34,18 +36,6 @@ def run_once(env: dict[str, str], prompt: str, cwd: Path) -> float:
     if proc.returncode not in (0, 1):
         sys.exit(f"autocoder run failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
     return took
-
-
-def keepers(home: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if proc.name.isdigit() and b"autocoder.keepalive" in cmd and str(home).encode() in cmd:
-            found.append(int(proc.name))
-    return found
 
 
 def main() -> None:
@@ -72,7 +62,7 @@ def main() -> None:
                 own.append(run_once(cold, args.prompt, root))
                 shared.append(run_once(warm, args.prompt, root))
         finally:
-            for pid in keepers(home):
+            for pid in keeper_pids(home):
                 os.kill(pid, signal.SIGTERM)
     load = os.getloadavg()[0]
     own_p50, shared_p50 = statistics.median(own), statistics.median(shared)

@@ -27,6 +27,7 @@ import pytest
 from autocoder import local_model
 from autocoder.config import Settings
 from autocoder.errors import ConfigError
+from autocoder.keepalive import keeper_pids
 from autocoder.local_model import (
     Chunk,
     LocalModelServer,
@@ -391,19 +392,6 @@ def test_autocoder_run_answers_offline_with_the_embedded_model(
     assert servers_using(real_home) == [], "the model server outlived autocoder"
 
 
-def keepers_using(home: Path) -> list[int]:
-    """autocoder.keepalive processes keeping a server for `home`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if proc.name.isdigit() and b"autocoder.keepalive" in cmd and str(home).encode() in cmd:
-            found.append(int(proc.name))
-    return found
-
-
 @pytest.mark.timeout(600)
 def test_runs_share_one_warm_model_server_that_ends_once_idle(
     real_home: Path, tmp_path: Path
@@ -430,19 +418,17 @@ def test_runs_share_one_warm_model_server_that_ends_once_idle(
         run_all(2)
         servers = servers_using(real_home)
         assert len(servers) == 1, "two runs at once must share one server"
-        assert len(keepers_using(real_home)) == 1
+        assert len(keeper_pids(real_home)) == 1
         run_all(1)
         assert servers_using(real_home) == servers, "a later run reuses the warm server"
         assert local_model.model_info(settings_for(real_home))["running"] is True
         # Nobody uses it now: it ends by itself after its idle time, keeper and all.
         deadline = time.monotonic() + 120
-        while (
-            servers_using(real_home) or keepers_using(real_home)
-        ) and time.monotonic() < deadline:
+        while (servers_using(real_home) or keeper_pids(real_home)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert servers_using(real_home) == [] and keepers_using(real_home) == []
+        assert servers_using(real_home) == [] and keeper_pids(real_home) == []
         assert not list((real_home / "run").glob("keeper-*.json"))
     finally:
-        for pid in keepers_using(real_home) + servers_using(real_home):
+        for pid in keeper_pids(real_home) + servers_using(real_home):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
