@@ -80,17 +80,22 @@ def _read(path: Path) -> dict[str, Any] | None:
     return info if b"autocoder.keepalive" in cmdline else None
 
 
-def keeper_pids(home: Path) -> list[int]:
-    """The keepers running for `home` (their command line names it)."""
+def processes_naming(home: Path, program: bytes) -> list[int]:
+    """Processes of `program` whose command line names `home` (ours, not other homes')."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if proc.name.isdigit() and b"autocoder.keepalive" in cmd and str(home).encode() in cmd:
+        if proc.name.isdigit() and program in cmd and str(home).encode() in cmd:
             found.append(int(proc.name))
     return found
+
+
+def keeper_pids(home: Path) -> list[int]:
+    """The keepers running for `home`."""
+    return processes_naming(home, b"autocoder.keepalive")
 
 
 class KeptServer:

@@ -27,7 +27,7 @@ import pytest
 from autocoder import local_model
 from autocoder.config import Settings
 from autocoder.errors import ConfigError
-from autocoder.keepalive import keeper_pids
+from autocoder.keepalive import keeper_pids, processes_naming
 from autocoder.local_model import (
     Chunk,
     LocalModelServer,
@@ -258,16 +258,8 @@ def test_a_users_own_gguf_is_used_as_is(tmp_path: Path) -> None:
 
 
 def servers_using(home: Path) -> list[int]:
-    """llama_cpp.server processes whose command line names a file under `home` (ours, not others')."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if proc.name.isdigit() and b"llama_cpp.server" in cmd and str(home).encode() in cmd:
-            found.append(int(proc.name))
-    return found
+    """llama_cpp.server processes whose command line names a file under `home`."""
+    return processes_naming(home, b"llama_cpp.server")
 
 
 def wait_gone(pid: int, timeout: float) -> bool:
