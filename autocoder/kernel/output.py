@@ -252,7 +252,6 @@ def _preview(out: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_SGR = re.compile(r"\x1b\[[0-9;]*m")
 # What IPython shows for the source of a compiled frame (pandas' Cython ones): a line per frame
 # that says nothing. The frame's own line (file, line, function) is kept.
 _NO_SOURCE = re.compile(
@@ -268,7 +267,7 @@ def without_unknown_source(content: dict[str, Any]) -> dict[str, Any]:
         return content
     kept = [
         "\n".join(
-            line for line in str(e).split("\n") if not _NO_SOURCE.fullmatch(_SGR.sub("", line))
+            line for line in str(e).split("\n") if not _NO_SOURCE.fullmatch(_ANSI.sub("", line))
         )
         for e in entries
     ]

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from autocoder.errors import DiskFull
 from autocoder.notebook import is_valid_run_id, record_path, write_record
@@ -30,9 +30,6 @@ from autocoder.store.base import (
     rebuilt_notebook,
     stored_output,
 )
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
