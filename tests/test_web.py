@@ -431,7 +431,8 @@ def test_stop_interrupts_the_code_and_the_run_is_recorded_cancelled(
     turn.locator(".status.bad").wait_for()
     assert turn.locator(".status").inner_text().startswith("stopped after")
     assert "stopped (cancelled)" in turn.locator(".attempt-status").inner_text()
-    assert page.locator("#stop").is_hidden() and page.locator("#send").is_enabled()
+    page.wait_for_function("!document.getElementById('send').disabled")
+    assert page.locator("#stop").is_hidden()
     run_id = turn.locator(".status a").get_attribute("href").rsplit("/", 1)[1]
     record = httpx.get(f"{live.url}/runs/{run_id}").json()
     assert record["status"] == "error" and record["error_kind"] == "cancelled"
@@ -451,6 +452,9 @@ def test_ctrl_enter_and_cmd_enter_send_the_prompt(tab: Tab, llm: ScriptedLLM) ->
         turn = page.locator(".turn").nth(turns)
         turn.locator(".status.ok").wait_for()
         assert said in turn.locator(".outputs").inner_text()
+        # The status shows as the run's last event arrives; the page takes the next prompt
+        # once the stream has closed, as its Send button says.
+        page.wait_for_function("!document.getElementById('send').disabled")
 
 
 @pytest.mark.browser
@@ -507,7 +511,8 @@ def test_a_second_tab_on_the_session_sees_the_running_prompt_and_can_stop_it(
         page.click("#stop")
         page.locator(".turn .prompt-text", has_text="work for a long time").wait_for()
         assert page.locator(".turn .status").inner_text().startswith("stopped after")
-        assert page.locator("#send").is_enabled() and page.locator("#stop").is_hidden()
+        page.wait_for_function("!document.getElementById('send').disabled")
+        assert page.locator("#stop").is_hidden()
     finally:
         other.context.close()
     # The tab that sent it sees it end the same way.
