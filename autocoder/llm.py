@@ -18,16 +18,6 @@ import openai
 from autocoder.config import DEFAULT_OPENAI_URL, Settings
 from autocoder.errors import ConfigError, LLMError
 
-SYSTEM_PROMPT = """\
-You are autocoder. You write Python 3 code that solves the user's task.
-Your code runs as one cell in a fresh Jupyter Python kernel with no state from earlier runs; \
-its standard output (and the value of the last expression) is the answer the user sees, \
-so end by printing the final answer plainly: the values asked for, not a description. \
-Plots and rich displays are shown to the user as well.
-Reply with exactly one fenced ```python code block holding the complete program, \
-and nothing needed outside it. Do not ask questions, do not read from stdin, \
-and do not use the network unless the task asks for it."""
-
 DEFAULT_REMOTE_MODEL = "gpt-4o-mini"
 
 Message = dict[str, str]

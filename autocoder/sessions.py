@@ -60,6 +60,7 @@ from autocoder.notebook import (
     setup_cell,
     write_atomic,
 )
+from autocoder.prompts import SESSION_PROMPT, system_prompt_for
 from autocoder.records import (
     ErrorKind,
     Execution,
@@ -68,20 +69,13 @@ from autocoder.records import (
     SessionInfo,
     SessionRun,
 )
-from autocoder.runner import EventSink, Runner, new_run_id, system_prompt_for
+from autocoder.runner import EventSink, Runner, new_run_id
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 10.0
 MAX_FILES_TOLD = 40
 REAP_INTERVAL = 5.0
-
-SESSION_PROMPT = (
-    "Your code runs in a session: the same Python kernel runs each of the user's tasks in "
-    "turn, so what earlier code defined, imported and wrote is still there. The names and files "
-    "listed with the task exist already: use them as they are instead of re-creating or "
-    "re-loading them, and do not delete or overwrite them unless the task asks for it."
-)
 
 _SNAPSHOT = "get_ipython()._autocoder_saved = dict(get_ipython().user_ns)"
 _RESTORE = """\

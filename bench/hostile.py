@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from autocoder.config import Settings, load_settings
+from autocoder.prompts import feedback
 from autocoder.records import Attempt, ErrorKind, Event, RunResult
-from autocoder.runner import Runner, feedback
+from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
 
 REPO = Path(__file__).resolve().parents[1]

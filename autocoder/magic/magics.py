@@ -60,6 +60,7 @@ from autocoder.llm import clean_traceback
 from autocoder.magic.shell import Interrupts, MainThread, OneShell, ShellExecutor
 from autocoder.namespace import task_with_names, user_names
 from autocoder.notebook import write_atomic
+from autocoder.prompts import MAGIC_SYSTEM_PROMPT
 from autocoder.records import ErrorKind, Event, RunResult
 from autocoder.runner import Runner
 
@@ -71,17 +72,6 @@ MAX_CELLS = 2000
 """How many notebook cells' generated code `CellMemory` remembers across kernel restarts."""
 
 log = logging.getLogger(__name__)
-
-SYSTEM_PROMPT = """\
-You are autocoder. You write Python 3 code that solves the user's task.
-Your code runs as a cell in the user's own IPython session. The names listed with the task \
-already exist there: use them as they are instead of re-creating or re-loading them, and do not \
-delete or overwrite them unless the task asks for it. Whatever your code defines stays in the \
-session for the user.
-What it prints, the value of its last expression, plots and rich displays are shown to the user.
-Reply with exactly one fenced ```python code block holding the complete code. \
-Do not ask questions, do not read from stdin, and do not use the network unless the task \
-asks for it."""
 
 
 class Status:
@@ -426,7 +416,7 @@ class AutocoderMagics(Magics):
                     model=args.model,
                     on_event=on_event,
                     record=record,
-                    system_prompt=SYSTEM_PROMPT,
+                    system_prompt=MAGIC_SYSTEM_PROMPT,
                 )
             finally:
                 try:
