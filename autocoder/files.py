@@ -376,21 +376,14 @@ def names_beneath(root: Path, limit: int = MAX_LISTED) -> list[str]:
     return [rel for rel, _ in itertools.islice(walk_files(root), limit)]
 
 
-def list_outputs(files_dir: Path, run_id: str, inputs: Iterable[str] = ()) -> list[RunFile]:
+def list_outputs(files_dir: Path, inputs: Iterable[str] = ()) -> list[RunFile]:
     """The regular files a run left (symlinks and inputs left as given are not listed)."""
     skip = set(inputs)
     found: list[RunFile] = []
     for rel, st in walk_files(files_dir):
         if rel in skip and not st.st_mode & 0o222:
             continue
-        found.append(
-            RunFile(
-                name=rel,
-                size=st.st_size,
-                media_type=media_type(rel),
-                url=f"/runs/{run_id}/files/{rel}",
-            )
-        )
+        found.append(RunFile(name=rel, size=st.st_size, media_type=media_type(rel)))
         if len(found) >= MAX_LISTED:
             break
     return found

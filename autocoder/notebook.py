@@ -510,8 +510,8 @@ def files_cell(result: RunResult, folder: str | None = None) -> Any:
     a root-relative `/runs/...` link would go to that front end's own server instead."""
     lines = ["**Files the code wrote**", ""]
     for f in result.files:
-        link = quote(f"{folder}/{f.name}") if folder else f.url
-        lines.append(f"- [`{f.name}`]({link}) · {f.size:,} bytes · {f.media_type}")
+        named = f"[`{f.name}`]({quote(f'{folder}/{f.name}')})" if folder else f"`{f.name}`"
+        lines.append(f"- {named} · {f.size:,} bytes · {f.media_type}")
     if folder:
         lines += ["", f"In the folder `{folder}` beside this notebook."]
     if result.workdir:

@@ -64,7 +64,11 @@ class RunFile(BaseModel):
     name: str = Field(description="Its path inside the run's directory, `/`-separated.")
     size: int = Field(description="Bytes.")
     media_type: str = Field(description="Guessed from the name.")
-    url: str = Field(description="Where to download it: `GET /runs/{run_id}/files/{name}`.")
+    url: str = Field(
+        default="",
+        description="Where the HTTP API serves it: `GET /runs/{run_id}/files/{name}` (a "
+        "session's files: `GET /sessions/{session_id}/files/{name}`). Empty outside the API.",
+    )
 
 
 class Attempt(BaseModel):

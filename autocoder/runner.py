@@ -687,7 +687,7 @@ class _Run:
             self.notice = kept.words(self.settings.autofile_dir.resolve())
             if kept.kept:
                 self.workdir = str(target)
-                self.files = files.list_outputs(target, self.run_id, (f.name for f in self.inputs))
+                self.files = files.list_outputs(target, (f.name for f in self.inputs))
         except OSError:
             pass
 

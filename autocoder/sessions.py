@@ -397,7 +397,7 @@ class Session:
 
     def list_files(self) -> list[RunFile]:
         """The files in the session's working directory (their URLs are the API's to make)."""
-        return files_mod.list_outputs(self.workdir, self.info.session_id)
+        return files_mod.list_outputs(self.workdir)
 
     def place(self, inputs: Sequence[InputFile]) -> None:
         self.check_new_files(inputs)

@@ -6,6 +6,7 @@ Real uvicorn, real sandboxed kernels, the scripted model; one test asks the embe
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ import pytest
 
 from autocoder.config import Settings, load_settings
 from autocoder.files import InputFile
+from autocoder.notebook import record_path
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
 from tests.conftest import SANDBOX, SECRET, LiveServer, autocoder_cmd
@@ -123,9 +125,14 @@ def test_a_csv_posted_as_multipart_comes_back_as_a_summary_and_a_plot(
     assert any("image/png" in o.get("data", {}) for o in cells[-1].outputs)
     assert "revenue.png" in nb.cells[-1].source  # the notebook links what the code wrote
 
-    # The record served later says the same.
+    # The record served later says the same, with the same addresses; the record itself, the
+    # engine's, names the files and leaves where HTTP serves them to the API.
     again = client.get(f"/runs/{result['run_id']}").json()
-    assert {f["name"] for f in again["files"]} == {"summary.csv", "revenue.png"}
+    assert {f["name"]: f["url"] for f in again["files"]} == {
+        name: f"/runs/{result['run_id']}/files/{name}" for name in ("summary.csv", "revenue.png")
+    }
+    record = json.loads(record_path(Path(result["notebook"]).parent, result["run_id"]).read_text())
+    assert {f["url"] for f in record["files"]} == {""}
 
 
 async def test_the_model_is_told_what_pandas_sees_in_each_data_file(

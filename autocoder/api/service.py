@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from autocoder.api.admission import Admission, Busy, Slot
+from autocoder.api.links import event_links, run_links
 from autocoder.api.schemas import RunRequest
 from autocoder.api.streaming import cancel_once
 from autocoder.config import Settings
@@ -108,7 +109,9 @@ class Service:
             if session is not None
             else {"language": req.language or "python", "candidates": req.candidates}
         )
-        return await self.engine.run(
+        if on_event is not None:
+            on_event = _linking(on_event)
+        result = await self.engine.run(
             req.prompt,
             run_id=run_id,
             session=session,
@@ -120,13 +123,19 @@ class Service:
             inputs=files,
             **options,
         )
+        return run_links(result)
 
     async def stopped_result(self, run_id: str) -> RunResult | None:
         """The record of a run a client stopped (`cancel`), as its request's answer; None when
         the server's shutdown cancelled it instead (that request gets a 503)."""
         if self.draining:
             return None
-        return await asyncio.to_thread(self.store.get, run_id)
+        return await self.record(run_id)
+
+    async def record(self, run_id: str) -> RunResult | None:
+        """A run's record as the API gives it (its files' addresses made), None if unknown."""
+        result = await asyncio.to_thread(self.store.get, run_id)
+        return None if result is None else run_links(result)
 
     async def drain(self, grace: float) -> None:
         """Take no new runs; give those running `grace` seconds, then cancel them. A cancelled
@@ -149,3 +158,8 @@ class Service:
         self.draining = True
         self.admission.close()
         await self._cancel_runs()
+
+
+def _linking(on_event: Callable[[Event], None]) -> Callable[[Event], None]:
+    """`on_event`, handed events whose files carry the addresses the API serves them at."""
+    return lambda event: on_event(event_links(event))

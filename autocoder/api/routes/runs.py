@@ -172,7 +172,7 @@ async def list_runs(
     summary="One run's whole record, every attempt included",
 )
 async def get_run(run_id: RunId, service: ServiceDep) -> RunResult:
-    result = await asyncio.to_thread(service.store.get, run_id)
+    result = await service.record(run_id)
     if result is None:
         raise HTTPException(404, f"no run {run_id!r}")
     return result

@@ -26,6 +26,7 @@ from autocoder.api.deps import (
 )
 from autocoder.api.downloads import download
 from autocoder.api.errors import RunCancelled
+from autocoder.api.links import session_links
 from autocoder.api.routes.files import FileName
 from autocoder.api.routes.runs import _STREAM_DOC, IPYNB_MEDIA_TYPE
 from autocoder.api.schemas import (
@@ -84,7 +85,7 @@ async def create_session(given: SessionInputDep, service: ServiceDep) -> Session
     session = await service.sessions.create(
         timeout=given.req.timeout, model=given.req.model, inputs=given.files
     )
-    return _with_urls(await asyncio.to_thread(service.sessions.describe, session))
+    return session_links(await asyncio.to_thread(service.sessions.describe, session))
 
 
 @router.get("/sessions", summary="Sessions, newest first (closed ones included)")
@@ -104,7 +105,7 @@ async def list_sessions(
 )
 async def get_session(session_id: SessionId, service: ServiceDep) -> SessionInfo:
     session = service.sessions.find(session_id)
-    return _with_urls(await asyncio.to_thread(service.sessions.describe, session))
+    return session_links(await asyncio.to_thread(service.sessions.describe, session))
 
 
 @router.delete(
@@ -115,7 +116,7 @@ async def get_session(session_id: SessionId, service: ServiceDep) -> SessionInfo
 async def delete_session(session_id: SessionId, service: ServiceDep) -> SessionInfo:
     session = service.sessions.open_session(session_id)
     await service.sessions.end(session, "deleted")
-    return _with_urls(await asyncio.to_thread(service.sessions.describe, session))
+    return session_links(await asyncio.to_thread(service.sessions.describe, session))
 
 
 @router.post(
@@ -262,13 +263,3 @@ async def get_session_file(session_id: SessionId, name: FileName, service: Servi
     if opened is None:
         raise HTTPException(404, f"session {session_id!r} has no file {name!r}")
     return await download(StoredFile(opened.name, opened=opened), media_type(name))
-
-
-def _with_urls(info: SessionInfo) -> SessionInfo:
-    """A session's files are downloaded from the session (`GET /sessions/{id}/files/{name}`)."""
-    prefix = f"/runs/{info.session_id}/files/"
-    base = f"/sessions/{info.session_id}/files/"
-    info.files = [
-        f.model_copy(update={"url": base + f.url.removeprefix(prefix)}) for f in info.files
-    ]
-    return info
