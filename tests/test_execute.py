@@ -112,7 +112,6 @@ async def test_in_a_session_state_is_kept_between_given_code(
     assert llm.requests == []
 
 
-
 def test_records_from_before_say_the_model_wrote_their_code() -> None:
     old = RunResult.model_validate({"status": "success", "run_id": "20250101-000000-abcdef"})
     assert old.origin == "model"
