@@ -4,8 +4,8 @@
 behind, opens the run store, starts the kernel pool, the runner and the sessions, and keeps a
 shared store's lease (reclaiming the kernels of replicas that died); leaving it closes them
 in the reverse order. `Engine.run` is a run as the store sees it: begun under the lease,
-run, then stored. The doors only translate: requests and flags in, status codes and exit
-codes out.
+run, then stored; `Engine.execute` is the same for code the caller gives (no model). The
+doors only translate: requests and flags in, status codes and exit codes out.
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from autocoder.config import Settings
+from autocoder.files import InputFile
 from autocoder.kernel import pool as kernel_pool
 from autocoder.kernel.leftovers import sweep_leftovers, workdirs_root
 from autocoder.kernel.pool import KernelPool
 from autocoder.records import RunResult
-from autocoder.runner import Runner, new_run_id
-from autocoder.sessions import Session, Sessions
+from autocoder.runner import EventSink, Runner, new_run_id
+from autocoder.sessions import Session, SessionError, Sessions
 from autocoder.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,47 @@ class Engine:
             raise
         await self._index(self.store.add, result)
         return result
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        session: Session | None = None,
+        timeout: float | None = None,
+        files: Sequence[InputFile] = (),
+        run_id: str | None = None,
+        on_event: EventSink | None = None,
+    ) -> RunResult:
+        """Run `code` as it is given — no model is asked or started — and answer the same
+        `RunResult` a run does, recorded and indexed like one (history, notebook, record),
+        its `origin` "code" and its `prompt` empty.
+
+        It is a run of one attempt through the run loop (`Runner.run(code=...)`): a fresh
+        sandboxed kernel of `language`, or `session`'s kernel (claimed by the caller with
+        `sessions.claim`, as for `run`; a session runs Python only, and a failure's changes to
+        its names are undone as a failed prompt's are). No retries, one candidate.
+        `timeout` is the seconds the code may run (default AUTOCODER_TIMEOUT); `files` are
+        placed in its working directory, read-only; `on_event` gets the run's events
+        (`run_started`, `attempt_started`, `code_generated`, `output`, `attempt_finished`,
+        `run_finished`) as `/run/stream` sends them. The code's own failures are in the
+        result (`status`, `error`, `error_kind`); files.FileRefused for files that break a
+        limit, DiskFull when the record cannot be written, SessionGone for a closed session.
+        """
+        options: dict[str, Any] = {"language": language} if session is None else {}
+        if session is not None and language != "python":
+            self.sessions.release(session)
+            raise SessionError(f"a session's kernel runs Python, not {language}")
+        return await self.run(
+            "",
+            run_id=run_id,
+            session=session,
+            code=code,
+            timeout=timeout,
+            inputs=files,
+            on_event=on_event,
+            **options,
+        )
 
     async def _index(self, method: Callable[..., object], *args: Any) -> None:
         """The index is a cache of the records: failing to update it never fails a run."""

@@ -13,6 +13,7 @@ the kernel, which does not type-check either), R's `parse()`.
 
 from __future__ import annotations
 
+import ast
 import base64
 import functools
 import importlib.util
@@ -128,11 +129,12 @@ def _syntax_error(message: str) -> ErrorInfo:
 
 
 def check_python(code: str) -> ErrorInfo | None:
-    """Compile without running; IPython magics (`%`, `!`) are left to the kernel."""
+    """Compile without running; IPython magics (`%`, `!`) are left to the kernel, and a
+    top-level `await` passes, as IPython runs it."""
     if any(line.lstrip().startswith(("%", "!")) for line in code.splitlines()):
         return None
     try:
-        compile(code, "<autocoder>", "exec")
+        compile(code, "<autocoder>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     except SyntaxError as e:
         where = f"line {e.lineno}" if e.lineno else "somewhere"
         lines = [f'  File "<autocoder>", {where}']

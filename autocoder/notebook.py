@@ -391,8 +391,13 @@ def notebook_output(output: dict[str, Any], *, execution_count: int | None) -> A
 
 
 def title_of(result: RunResult) -> str:
-    """The first line of the prompt, short enough for a heading (the run id without one)."""
-    first = (result.prompt.strip().splitlines() or [result.run_id])[0].strip()
+    """The first line of the prompt, short enough for a heading (the run id without one);
+    code given is titled by its first line."""
+    if result.origin == "code" and not result.prompt.strip():
+        lines = [line.strip() for line in result.code.splitlines() if line.strip()]
+        first = f"Code given: {lines[0]}" if lines else f"Code given ({result.run_id})"
+    else:
+        first = (result.prompt.strip().splitlines() or [result.run_id])[0].strip()
     return first if len(first) <= 80 else first[:79] + "…"
 
 
@@ -401,6 +406,15 @@ def summary_cell(result: RunResult, *, timeout: float | None = None) -> Any:
     status = "succeeded" if result.status == "success" else "failed"
     if result.error_kind is ErrorKind.UNCERTAIN:
         status = "not sure"
+    if result.origin == "code":
+        intro = (
+            f"# {md_escape(title_of(result))}\n\n**Code given**, run as it is: no model wrote "
+            f"it, and it was not retried · {result.duration:.2f} s · started "
+            f"{result.started_at} · run `{result.run_id}`"
+        )
+        if not result.attempts and result.error:
+            intro += f"\n\nIt did not run: `{error_line(result.error)}`"
+        return new_markdown_cell(intro)
     intro = f"# {md_escape(title_of(result))}\n\n**Prompt**\n\n" + "\n".join(
         "> " + md_escape(line) for line in result.prompt.splitlines() or [""]
     )
@@ -470,6 +484,7 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "version": __version__,
         "run_id": result.run_id,
         "prompt": result.prompt,
+        "origin": result.origin,
         "language": result.language,
         "model": result.model,
         "backend": result.backend,

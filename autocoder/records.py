@@ -7,6 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+Origin = Literal["model", "code"]
+"""Who wrote a run's code: the model, from the prompt (`POST /run`), or the caller, who gave
+it to run as it is (`POST /execute`, `Engine.execute`)."""
+
 
 class ErrorKind(str, Enum):
     """Why an attempt failed; callers branch on this, never on message text."""
@@ -145,7 +149,14 @@ class RunResult(BaseModel):
     run_id: str = Field(
         description="The run's id, for `GET /runs/{run_id}` and `GET /runs/{run_id}/notebook`."
     )
-    prompt: str = Field(default="", description="The prompt, as given.")
+    prompt: str = Field(
+        default="", description="The prompt, as given (empty when the code was given)."
+    )
+    origin: Origin = Field(
+        default="model",
+        description="`model`: the model wrote the code from the prompt (`POST /run`); `code`: "
+        "the code was given and run as it is, in one attempt, no model asked (`POST /execute`).",
+    )
     language: str = Field(
         default="python",
         description="The language the code was written in and run as: python, bash, "
@@ -223,7 +234,10 @@ class SessionRun(BaseModel):
     """One prompt of a session, as the session's record lists it."""
 
     run_id: str = Field(description="The run: `GET /runs/{run_id}` has its whole record.")
-    prompt: str = Field(description="The prompt, as given.")
+    prompt: str = Field(description="The prompt, as given (empty when the code was given).")
+    origin: Origin = Field(
+        default="model", description="`code` when the code was given rather than written."
+    )
     status: Literal["success", "error"] = Field(description="How the run ended.")
     error_kind: ErrorKind | None = Field(default=None, description="Why it failed, if it did.")
     state_lost: bool = Field(

@@ -36,7 +36,7 @@ from autocoder.prompts import (
     repeated_failure,
     system_prompt_for,
 )
-from autocoder.records import Attempt, ErrorKind, Event, Execution, RunResult
+from autocoder.records import Attempt, ErrorKind, Event, Execution, Origin, RunResult
 
 VIEW_TIMEOUT = 20.0
 EventSink = Callable[[Event], Awaitable[None] | None]
@@ -179,6 +179,7 @@ class Runner:
         session_id: str = "",
         language: str = "python",
         candidates: int | None = None,
+        code: str | None = None,
     ) -> RunResult:
         """Run one prompt. Failures of the code are in the result; ConfigError means fix a setting.
 
@@ -193,11 +194,17 @@ class Runner:
         this installation runs (languages.resolve checks that; doors call it first).
         `candidates` is how many programs each attempt draws (default AUTOCODER_CANDIDATES;
         see candidates.py); a run whose kernels keep state (a session's, the magic's) draws one.
+
+        `code` given: that code is the run's one attempt, run as it is — the model is neither
+        asked nor started, nothing is retried, one candidate — and the record's `origin` is
+        "code"; everything else (kernels, events, limits, the record) is a run's as ever.
         """
         lang = languages.get(language)
         files.check_inputs(inputs, self.settings)
         if record:
             await asyncio.to_thread(disk.check_room, self.settings)
+        if code is not None:
+            max_attempts = 1
         settings = self.settings.model_copy(
             update={
                 k: v
@@ -209,9 +216,10 @@ class Runner:
         run.kernels = kernels or self.provider(lang.name)
         run.session_id = session_id
         run.language = lang
-        if system_prompt is None:
+        run.given = code
+        if system_prompt is None and code is None:
             system_prompt = await asyncio.to_thread(system_prompt_for, settings, lang.name)
-        run.system_prompt = system_prompt
+        run.system_prompt = system_prompt or ""
         run.inputs = list(inputs)
         run.task = task or prompt
         run.asked_candidates = candidates
@@ -266,6 +274,8 @@ class _Run:
         # here until the attempt's answer is known (its directory is kept with the run).
         self.candidate_dirs: list[Path] = []
         self.answer_dir: Path | None = None
+        # The code to run when the caller gave it (no model then); None: the model writes it.
+        self.given: str | None = None
 
     async def emit(self, type_: Any, attempt: int | None = None, **data: Any) -> None:
         if self.on_event is None:
@@ -280,23 +290,28 @@ class _Run:
             prompt=self.prompt,
             max_attempts=self.settings.max_attempts,
             timeout=self.settings.timeout,
+            origin=self.origin,
         )
         error_kind: ErrorKind | None = None
         error = ""
         try:
-            model = await self.runner.llm()
-            self.model = self.model_override or model.model
-            self.backend = model.backend
+            model: LLM | None = None
+            policy: RetryPolicy | None = None
+            if self.given is None:
+                model = await self.runner.llm()
+                self.model = self.model_override or model.model
+                self.backend = model.backend
             # The kernel starts while the model thinks.
             self.kernel_task = asyncio.create_task(self.kernels.acquire())
-            if self.kernels.fresh:
-                self.k = candidates.how_many(
-                    self.asked_candidates, self.settings.candidates, model.backend
-                )
-            if model.backend != "local":
-                self.gate = asyncio.Semaphore(self.k)
-            await self.describe_inputs()
-            policy = self.runner.policy or choose_policy(self.settings, model.backend)
+            if model is not None:
+                if self.kernels.fresh:
+                    self.k = candidates.how_many(
+                        self.asked_candidates, self.settings.candidates, model.backend
+                    )
+                if model.backend != "local":
+                    self.gate = asyncio.Semaphore(self.k)
+                await self.describe_inputs()
+                policy = self.runner.policy or choose_policy(self.settings, model.backend)
             for number in range(1, self.settings.max_attempts + 1):
                 attempt = await self.attempt(number, model, policy)
                 self.attempts.append(attempt)
@@ -376,22 +391,32 @@ class _Run:
             await kernel.reset()
         self.task = f"{self.task}\n\n{files.describe(self.inputs, views)}"
 
-    async def attempt(self, number: int, model: LLM, policy: RetryPolicy) -> Attempt:
+    @property
+    def origin(self) -> Origin:
+        return "model" if self.given is None else "code"
+
+    async def attempt(self, number: int, model: LLM | None, policy: RetryPolicy | None) -> Attempt:
+        """One attempt: its code written by `model` (asked as `policy` says), or, when the
+        caller gave the code (no model, no policy), that code; then checked and run."""
         await self.emit(
             "attempt_started", number, max_attempts=self.settings.max_attempts, candidates=self.k
         )
         start = self.current_started = time.monotonic()
-        messages, temperature = self.request(policy)
-        if self.k == 1:
+        if model is None or policy is None:
+            attempt = await self.take_given(number)
+        elif self.k == 1:
+            messages, temperature = self.request(policy)
             attempt = await self.write(number, 1, messages, temperature, model)
+        else:
+            messages, temperature = self.request(policy)
+            attempt = await self.draw_candidates(number, messages, temperature, model)
+        if self.k == 1:  # several candidates have run in draw_candidates, each in its kernel
             if attempt.error_kind is None:
                 kernel = await self.get_kernel()
                 if number > 1:
                     await kernel.reset()
                 await self.run_code(attempt, kernel, stream=True)
             attempt.group = 1 if attempt.status == "success" else 0
-        else:
-            attempt = await self.draw_candidates(number, messages, temperature, model)
         self.drawing = []
         attempt.duration = time.monotonic() - start
         return attempt
@@ -536,10 +561,33 @@ class _Run:
             model=self.model,
             temperature=temperature,
         )
+        name = f"generated_code_{number}" + (f"_{index}" if index > 1 else "")
+        await self.check(
+            attempt,
+            name,
+            model=self.model,
+            llm_duration=completion.duration,
+            tokens=completion.completion_tokens,
+            candidate=index,
+        )
+        return attempt
+
+    async def take_given(self, number: int) -> Attempt:
+        """The caller's code as the run's attempt, checked as the model's would be."""
+        code = self.given or ""
+        attempt = Attempt(number=number, status="error", language=self.language.name, code=code)
+        await self.check(attempt, "given_code", origin="code")
+        if attempt.error_kind is ErrorKind.EMPTY:
+            attempt.error = "no code was given"
+        return attempt
+
+    async def check(self, attempt: Attempt, name: str, **event: Any) -> None:
+        """Keep an attempt's code (its file, a `code_generated` event) and check it without
+        running it: an attempt whose `error_kind` is still None is ready to run."""
+        number, code, lang = attempt.number, attempt.code, self.language
         self.drawing.append(attempt)
         self.drawing.sort(key=lambda a: a.candidate)
         if code and self.record:
-            name = f"generated_code_{number}" + (f"_{index}" if index > 1 else "")
             attempt.filename = str(self.code_dir / f"{name}{lang.suffix}")
             # In a thread: its fsync waits on the disk, and the loop serves every other run.
             try:
@@ -548,15 +596,7 @@ class _Run:
                 if disk.no_space(e):  # nor would its record fit: the run ends here
                     raise self._disk_full(self.settings.autofile_dir) from e
                 raise
-        await self.emit(
-            "code_generated",
-            number,
-            code=code,
-            model=self.model,
-            llm_duration=completion.duration,
-            tokens=completion.completion_tokens,
-            candidate=index,
-        )
+        await self.emit("code_generated", number, code=code, **event)
         if not code:
             attempt.error_kind = ErrorKind.EMPTY
             attempt.error = "the model's reply contained no code"
@@ -569,7 +609,6 @@ class _Run:
             attempt.ename = syntax.ename
             attempt.error = "\n".join(syntax.traceback)
             attempt.outputs = [{"output_type": "error", **syntax.model_dump()}]
-        return attempt
 
     async def run_code(self, attempt: Attempt, kernel: Executor, *, stream: bool) -> None:
         """Run a candidate's code; only one candidate per attempt streams its output."""
@@ -775,6 +814,7 @@ class _Run:
             started_at=self.started_at,
             duration=time.monotonic() - self.started,
             session_id=self.session_id,
+            origin=self.origin,
             timeout=self.settings.timeout,
             notice=self.notice,
             candidates=1 + len(last.others) if last else 0,
@@ -782,7 +822,8 @@ class _Run:
         )
         if self.record:
             # Absolute, so a reader finds it whatever directory they are in.
-            path = notebook_path(self.settings.notebooks_dir.resolve(), self.run_id, self.prompt)
+            named = self.prompt or ("code" if self.given is not None else "")
+            path = notebook_path(self.settings.notebooks_dir.resolve(), self.run_id, named)
             result.notebook = str(path)
             # In a thread: their fsyncs would hold every other run on this loop meanwhile.
             await asyncio.to_thread(self._write, result, path)

@@ -438,11 +438,12 @@ class Session:
         room = budget - len(tail) - sum(len(p) for p in parts)
         told: list[str] = []
         for number, (run, code) in reversed(list(enumerate(history, 1))):
+            said = run.prompt.strip() if run.origin == "model" else "(code the user ran)"
             if run.status == "success":
                 shown = llm_mod.cut_middle(code.strip(), max(200, budget // 4))
-                item = f"Task {number}: {run.prompt.strip()}\n```python\n{shown}\n```"
+                item = f"Task {number}: {said}\n```python\n{shown}\n```"
             else:
-                item = f"Task {number} (failed; its changes were undone): {run.prompt.strip()}"
+                item = f"Task {number} (failed; its changes were undone): {said}"
             if run.state_lost:
                 item += "\n(The session's state was lost during this task: names from before it are gone.)"
             if len(item) > room:
@@ -650,8 +651,13 @@ class Sessions:
         on_event: EventSink | None = None,
         run_id: str | None = None,
         inputs: Sequence[InputFile] = (),
+        code: str | None = None,
     ) -> RunResult:
-        """Run one prompt in a claimed session (see `claim`); the claim ends with the run."""
+        """Run one prompt in a claimed session (see `claim`); the claim ends with the run.
+
+        With `code` (and `prompt` empty) that code runs as it is, as `Runner.run` runs given
+        code: the model is not told the session's context, nor asked; a failure's changes to
+        the session's names are undone as a failed prompt's are."""
         assert session.claimed, "claim() the session first"
         if not session.is_open:  # closed while this run waited for a slot
             self.release(session)
@@ -661,7 +667,7 @@ class Sessions:
         session.task = asyncio.current_task()
         lost_before = session.losses
         try:
-            if self._system_prompt is None:
+            if self._system_prompt is None and code is None:
                 base = await asyncio.to_thread(system_prompt_for, self.settings)
                 self._system_prompt = f"{base}\n{SESSION_PROMPT}"
             if session.kernel is None or not await session.kernel.is_alive():
@@ -671,10 +677,12 @@ class Sessions:
                 await asyncio.to_thread(bundle.keep_inputs_beside, session.notebook_path(), inputs)
             # What the run's code makes or changes from here on is the run's own files.
             await asyncio.to_thread(session.note_files)
-            names = await session.names()
-            history = await asyncio.to_thread(self._history, session)
-            lost = session.lost_since(lost_before)
-            task = session.context(prompt, names, history, inputs, lost)
+            task = None
+            if code is None:  # what the model is told
+                names = await session.names()
+                history = await asyncio.to_thread(self._history, session)
+                lost = session.lost_since(lost_before)
+                task = session.context(prompt, names, history, inputs, lost)
             await session.snapshot()
             result: RunResult | None = None
             try:
@@ -689,6 +697,7 @@ class Sessions:
                     kernels=SessionKernels(session),
                     task=task,
                     session_id=session.info.session_id,
+                    code=code,
                 )
             finally:
                 await asyncio.shield(self._after_run(session, run_id, result, lost_before))
@@ -726,6 +735,7 @@ class Sessions:
             SessionRun(
                 run_id=result.run_id,
                 prompt=result.prompt,
+                origin=result.origin,
                 status=result.status,
                 error_kind=result.error_kind,
                 state_lost=session.losses > lost_before,
@@ -868,10 +878,13 @@ def build_session_notebook(
     count = 0
     for number, (run, result) in enumerate(zip(info.runs, results, strict=False), 1):
         quoted = "\n".join("> " + md_escape(line) for line in run.prompt.splitlines() or [""])
+        if run.origin == "code":
+            quoted = "Code given, run as it is."
         state = "succeeded" if run.status == "success" else "failed"
         nb.cells.append(
             new_markdown_cell(
-                f"**Prompt {number}** · run `{run.run_id}` · {state}\n\n{quoted}",
+                f"**{'Prompt' if run.origin == 'model' else 'Code'} {number}** · run "
+                f"`{run.run_id}` · {state}\n\n{quoted}",
                 metadata={"autocoder": {"run_id": run.run_id, "status": run.status}},
             )
         )
