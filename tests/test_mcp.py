@@ -103,6 +103,9 @@ async def test_an_agent_lists_the_tools_and_runs_code_that_prints_and_plots(
         data = plotted.structured_content
         assert data is not None
         assert data["status"] == "success" and data["images"] == 1 and data["attempts"] == 1
+        assert data["origin"] == "code" and data["state_lost"] is False
+        shown = json.dumps(data["outputs"])
+        assert "image/png" in shown and images[0].data not in shown, "an image travels once"
         assert Path(data["notebook"]).is_file(), "every call is recorded as a notebook"
 
         # An exception in the code is a result marked as an error, with its traceback.

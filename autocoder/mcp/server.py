@@ -147,6 +147,19 @@ class CodeRun(BaseModel):
     duration: float = Field(description="Seconds the run took.")
     images: int = Field(description="How many images it displayed (sent as image content).")
     files: list[FileInfo] = Field(description="Files the code wrote or changed.")
+    outputs: list[dict[str, Any]] = Field(
+        description="Its outputs as nbformat v4 dicts (rich MIME bundles); an image's data "
+        "is in the image content, named here by its place among the images."
+    )
+    origin: str = Field(
+        description="`code`: given and run as it is; `model`: written for a prompt."
+    )
+    state_lost: bool = Field(
+        description="In a session: its variables were lost during this call (its kernel died "
+        "or was restarted after a timeout); files are kept."
+    )
+    started_at: str = Field(description="When it started (ISO 8601, UTC).")
+    timeout: float | None = Field(description="Seconds the code could run.")
     attempts: int = Field(description="How many attempts the run made (1 for run_code).")
     summary: str = Field(description="One line about the attempts.")
 
@@ -204,7 +217,20 @@ def _images(result: RunResult) -> list[ImageContent]:
     return found
 
 
-def _answer(result: RunResult, files_of: list[FileInfo]) -> CallToolResult:
+def _without_images(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The outputs with each image's base64 named instead: it travels once, as an image."""
+    shown, n = [], 0
+    for out in outputs:
+        data = out.get("data") or {}
+        kinds = [k for k in IMAGE_TYPES if k in data]
+        if kinds:
+            n += 1
+            out = {**out, "data": {**data, **{k: f"(image {n}, in the content)" for k in kinds}}}
+        shown.append(out)
+    return shown
+
+
+def _answer(result: RunResult, files_of: list[FileInfo], state_lost: bool) -> CallToolResult:
     """Text (what it printed, then the traceback), each image, a link per file; the fields
     as structured content; `isError` when the code failed."""
     images = _images(result)
@@ -234,6 +260,11 @@ def _answer(result: RunResult, files_of: list[FileInfo]) -> CallToolResult:
         duration=result.duration,
         images=len(images),
         files=files_of,
+        outputs=_without_images(result.outputs),
+        origin=result.origin,
+        state_lost=state_lost,
+        started_at=result.started_at,
+        timeout=result.timeout,
         attempts=len(result.attempts),
         summary=_summary(result),
     )
@@ -279,7 +310,7 @@ class Reporter:
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), PROGRESS_EVERY)
             self.wake.clear()
             progress = max(round(time.monotonic() - self.started, 1), self.last + 0.1)
@@ -415,9 +446,10 @@ def build_server(door: Door, **options: Any) -> MCPServer:
             if session is not None and not started:
                 door.opened.sessions.release(session)
 
-    async def finished(result: RunResult) -> CallToolResult:
+    def finished(result: RunResult, session: Session | None) -> CallToolResult:
         listed = [_file_info(f, _run_uri(result.run_id, f.name)) for f in result.files]
-        return _answer(result, listed)
+        entry = session and next((r for r in session.info.runs if r.run_id == result.run_id), None)
+        return _answer(result, listed, bool(entry and entry.state_lost))
 
     @server.tool(
         description="Run the given code and return what it printed, its error (the traceback, "
@@ -444,7 +476,7 @@ def build_server(door: Door, **options: Any) -> MCPServer:
                     )
 
             result = await _owned(ctx, work)
-        return await finished(result)
+        return finished(result, session)
 
     @server.tool(
         description="Have autocoder's model write code for a task in plain English, run it, "
@@ -495,7 +527,7 @@ def build_server(door: Door, **options: Any) -> MCPServer:
             result = await _owned(ctx, work)
         if result.error_kind is not None and result.error_kind.value == "llm" and not result.code:
             raise ToolError(result.error)
-        return await finished(result)
+        return finished(result, session)
 
     @server.tool(
         description="Open a session: one sandboxed Python kernel and working directory kept "
