@@ -305,9 +305,17 @@ async def test_the_http_endpoint_serves_the_same_tools_behind_the_token(served: 
         await call(client, "run_code", code="y = 'kept'", session_id=sid)
         kept = await call(client, "run_code", code="print(y)", session_id=sid)
         assert text_of(kept).strip() == "kept"
+        # A file larger than any /run JSON body gets through: /mcp's limit is the upload's.
+        blob = base64.b64encode(b"z" * 600_000).decode()
+        up = await call(client, "upload_file", session_id=sid, name="z.bin", content_base64=blob)
+        assert not up.is_error, text_of(up)
+        size = await call(
+            client, "run_code", code="import os; print(os.path.getsize('z.bin'))", session_id=sid
+        )
+        assert text_of(size).strip() == "600000"
         await call(client, "close_session", session_id=sid)
     # The API lists what the agent ran, like any run.
     runs = httpx.get(
         f"{served.url}/runs", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
     ).json()
-    assert runs["total"] == 3
+    assert runs["total"] == 4
