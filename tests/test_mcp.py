@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -263,7 +264,9 @@ async def test_cancelling_a_call_stops_a_busy_loop_and_the_next_call_works(
 
 @pytest.fixture
 def served(settings: Settings) -> Any:
-    with LiveServer(settings.model_copy(update={"api_token": SecretStr(TOKEN), "pool_size": 1})) as server:
+    with LiveServer(
+        settings.model_copy(update={"api_token": SecretStr(TOKEN), "pool_size": 1})
+    ) as server:
         yield server
 
 
@@ -319,3 +322,18 @@ async def test_the_http_endpoint_serves_the_same_tools_behind_the_token(served: 
         f"{served.url}/runs", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
     ).json()
     assert runs["total"] == 4
+
+
+def test_a_server_that_cannot_work_says_why_in_one_line(mcp_env: dict[str, str]) -> None:
+    """An MCP client shows the server's stderr when it exits: one line naming the setting."""
+    env = {**mcp_env, "AUTOCODER_KERNEL_PYTHON": "/nonexistent/python"}
+    done = subprocess.run(
+        [sys.executable, "-m", "autocoder", "mcp"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "autocoder: error: AUTOCODER_KERNEL_PYTHON" in done.stderr

@@ -54,7 +54,7 @@ from starlette.types import ASGIApp
 
 from autocoder import __version__, bundle, files, languages
 from autocoder.config import Settings
-from autocoder.engine import Engine, open_engine
+from autocoder.engine import Engine, check, open_engine
 from autocoder.errors import AutocoderError
 from autocoder.files import FilesTooLarge, InputFile, media_type, open_beneath
 from autocoder.records import Event, RunFile, RunResult
@@ -728,6 +728,7 @@ def serve_stdio(settings: Settings) -> None:
     so kernels started from here cannot write into the protocol's stream. Logging goes to
     stderr only.
     """
+    check(settings)  # what cannot work is one line and exit 2 now, not a dead server later
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="autocoder: %(message)s")
     door = Door(settings, local_slots(settings))
 
