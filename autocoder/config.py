@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     max_concurrent_runs: int = Field(4, ge=1, le=256)
     max_queued_runs: int = Field(16, ge=0)
     max_prompt_chars: int = Field(20_000, ge=1)
+    max_code_chars: int = Field(
+        200_000, ge=1, description="The longest code `POST /execute` takes, in characters."
+    )
     max_request_attempts: int = Field(10, ge=1)
     max_request_timeout: float = Field(120.0, gt=0)
     max_request_candidates: int = Field(

@@ -29,3 +29,16 @@ class StoreUnavailable(AutocoderError, ConnectionError):
 
 class DiskFull(AutocoderError, OSError):
     """The disk holding the run records has no room for one more; the message names the directory."""
+
+
+class APIError(AutocoderError):
+    """A request to an autocoder server (`autocoder.client`) was refused or never answered.
+
+    `status_code` is the HTTP status (None when the server could not be reached) and `detail`
+    the server's own message, which says what to fix; `str()` has both, and the URL."""
+
+    def __init__(self, message: str, *, status_code: int | None, detail: str, url: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.detail = detail
+        self.url = url

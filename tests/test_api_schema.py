@@ -1,6 +1,8 @@
 """The OpenAPI document tells the truth: schemathesis, against the real server, with and
-without a token, with every check. Runs it starts end at once: the scripted model answers
-immediately with code that prints, and the server's limits keep attempts and timeouts short."""
+without a token, with every check, on every operation (`/run`, `/execute` and their streams
+included). Runs it starts end at once: the scripted model answers immediately with code that
+prints, code sent to `/execute` is short, and the server's limits keep attempts and timeouts
+short."""
 
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def served(
         max_concurrent_runs=4,
         max_queued_runs=32,
         max_prompt_chars=200,
+        max_code_chars=200,  # POST /execute runs what it is sent, as it is
         max_request_attempts=2,
         max_request_timeout=2.0,
         timeout=2.0,

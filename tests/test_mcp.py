@@ -205,8 +205,9 @@ async def test_bad_calls_get_clear_tool_errors(mcp_env: dict[str, str], tmp_path
             assert refused.is_error and "validation error" in text_of(refused), bad
         lang = await call(client, "run_code", code="1", language="cobol")
         assert lang.is_error and "cobol" in text_of(lang)
-        blank = await call(client, "run_prompt", prompt="   ")
-        assert blank.is_error and "blank" in text_of(blank)
+        for tool, blank_args in (("run_prompt", {"prompt": "   "}), ("run_code", {"code": " \n"})):
+            blank = await call(client, tool, **blank_args)
+            assert blank.is_error and "blank" in text_of(blank), tool
 
         sid = (await call(client, "open_session")).structured_content["session_id"]  # type: ignore[index]
         big = base64.b64encode(b"x" * (1024 * 1024 + 1)).decode()

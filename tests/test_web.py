@@ -326,6 +326,24 @@ def test_history_search_and_filter(tab: Tab, live: LiveServer, llm: ScriptedLLM)
 
 @pytest.mark.browser
 @needs_browser
+def test_the_history_marks_code_that_was_given_not_generated(
+    tab: Tab, live: LiveServer, llm: ScriptedLLM
+) -> None:
+    r = httpx.post(f"{live.url}/execute", json={"code": "print('handed in')"}, timeout=60)
+    run_id = r.json()["run_id"]
+    page = tab.open("/history")
+    row = page.locator(f"#runs .run-row[data-run-id='{run_id}']")
+    row.wait_for()
+    assert row.locator("a.prompt-link").inner_text() == "code given (no model)"
+    row.locator("a.prompt-link").click()
+    page.locator("#run .attempt").first.wait_for()
+    assert "Code given" in page.locator("#run .origin-code").inner_text()
+    assert "handed in" in page.locator("#run .attempt").inner_text()
+    assert llm.requests == []
+
+
+@pytest.mark.browser
+@needs_browser
 def test_a_runs_page_says_how_many_candidates_agree(
     tab: Tab, live: LiveServer, llm: ScriptedLLM
 ) -> None:

@@ -25,7 +25,7 @@ from autocoder import __version__, engine, languages
 from autocoder.api import errors
 from autocoder.api.admission import Admission, Busy
 from autocoder.api.auth import PUBLIC_PATHS, check_exposure
-from autocoder.api.routes import files, health, pages, runs
+from autocoder.api.routes import execute, files, health, pages, runs
 from autocoder.api.routes import sessions as session_routes
 from autocoder.api.schemas import request_components, session_components, session_run_components
 from autocoder.api.service import CANCEL_GRACE, Service
@@ -75,8 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.mcp = await stack.enter_async_context(_mcp_over_http(service))
             app.state.mcp_body_limit = _mcp_body_limit(s)
             app.state.service = service
-            # Any valid request fits: a prompt at the limit, every character escaped as \uXXXX\uXXXX.
-            app.state.body_limit = s.max_prompt_chars * 12 + 64 * 1024
+            # Any valid request fits: a prompt (or code) at the limit, every character escaped
+            # as \uXXXX\uXXXX.
+            app.state.body_limit = max(s.max_prompt_chars, s.max_code_chars) * 12 + 64 * 1024
             # Files are checked one by one after parsing; this only stops a body that cannot pass.
             app.state.multipart_limit = (
                 app.state.body_limit + s.max_upload_mb * 1024 * 1024 + (s.max_files + 8) * 1024
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.include_router(runs.router)
+    app.include_router(execute.router)
     app.include_router(files.router)
     app.include_router(session_routes.router)
     app.include_router(health.router)
@@ -157,7 +159,8 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schema = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
-    # /run reads its body itself (JSON or multipart), so its schemas are added here.
+    # /run and /execute read their bodies themselves (JSON or multipart), so their schemas
+    # are added here.
     schema.setdefault("components", {}).setdefault("schemas", {}).update(request_components())
     schema["components"]["schemas"].update(session_components())
     session = schema["components"]["schemas"]["SessionRequest"]["properties"]
@@ -168,9 +171,14 @@ def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
     _bound(request["max_attempts"], "maximum", settings.max_request_attempts)
     _bound(request["candidates"], "maximum", settings.max_request_candidates)
     _bound(request["timeout"], "maximum", settings.max_request_timeout)
-    for choice in request["language"].get("anyOf", [request["language"]]):
-        if choice.get("type") == "string":  # the languages this server has kernels for
-            choice["enum"] = languages.installed(settings)
+    execute = schema["components"]["schemas"]["ExecuteRequest"]["properties"]
+    execute["code"]["maxLength"] = settings.max_code_chars
+    execute["code"]["pattern"] = r"\S"
+    _bound(execute["timeout"], "maximum", settings.max_request_timeout)
+    for language in (request["language"], execute["language"]):
+        for choice in language.get("anyOf", [language]):
+            if choice.get("type") == "string":  # the languages this server has kernels for
+                choice["enum"] = languages.installed(settings)
     schema["components"]["schemas"].update(session_run_components(schema["components"]["schemas"]))
     token = bool(settings.api_token)
     for path, operations in schema["paths"].items():

@@ -15,13 +15,18 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from autocoder import languages
-from autocoder.api.schemas import RunRequest, SessionRequest
+from autocoder.api.schemas import (
+    SESSION_ID_PATTERN,
+    ExecuteRequest,
+    RunRequest,
+    SessionRequest,
+)
 from autocoder.api.service import Service
 from autocoder.files import FileRefused, FilesTooLarge, InputFile, check_inputs
 
 RUN_ID_PATTERN = r"^[0-9a-z][0-9a-z-]{0,63}$"
-SESSION_ID_PATTERN = r"^session-[0-9a-z-]{1,56}$"
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", RunRequest, ExecuteRequest)
 
 
 def get_service(request: Request) -> Service:
@@ -120,7 +125,7 @@ async def _from_form(
             if key == "files" and isinstance(value, UploadFile):
                 uploads.append(value)
             elif key in fields and isinstance(value, str):
-                if key == "prompt" or value not in FORM_NULLS:
+                if key in ("prompt", "code") or value not in FORM_NULLS:
                     data[key] = _form_value(key, value)
             else:
                 raise RequestValidationError([field_error(key, f"not a field of {where}")])
@@ -186,6 +191,16 @@ def checked_request(req: RunRequest, service: Service) -> RunRequest:
                 f"at most {s.max_request_candidates} candidates (AUTOCODER_MAX_REQUEST_CANDIDATES)",
             )
         )
+    req = _checked_common(req, service, errors)
+    if errors:
+        raise RequestValidationError(errors)
+    return req
+
+
+def _checked_common(req: R, service: Service, errors: list[dict[str, Any]]) -> R:
+    """The timeout's bound and the language's kernel, for /run and /execute alike; `errors`
+    gets what is wrong, and the request comes back with its language's canonical name."""
+    s = service.settings
     if req.timeout is not None and req.timeout > s.max_request_timeout:
         errors.append(
             field_error(
@@ -194,13 +209,9 @@ def checked_request(req: RunRequest, service: Service) -> RunRequest:
         )
     if req.language is not None:
         try:
-            req = req.model_copy(
-                update={"language": languages.resolve(req.language, service.settings).name}
-            )
+            req = req.model_copy(update={"language": languages.resolve(req.language, s).name})
         except languages.LanguageUnavailable as e:
             errors.append(field_error("language", str(e)))
-    if errors:
-        raise RequestValidationError(errors)
     return req
 
 
@@ -209,6 +220,52 @@ def field_error(name: str, msg: str) -> dict[str, Any]:
 
 
 RunInputDep = Annotated[RunInput, Depends(run_input)]
+
+
+@dataclass
+class ExecuteInput:
+    """A checked `POST /execute` request and the files it brought (none for a JSON body)."""
+
+    req: ExecuteRequest
+    files: list[InputFile] = field(default_factory=list)
+
+
+EXECUTE_FORM_FIELDS = ("code", "language", "session_id", "timeout")
+
+
+async def execute_input(request: Request, service: ServiceDep) -> ExecuteInput:
+    """`POST /execute`'s body, read as /run's is: a JSON object, or the same fields as
+    multipart/form-data with `files` parts; all of it checked before anything runs."""
+    if request.headers.get("content-type", "").startswith(MULTIPART):
+        data, files = await _from_form(
+            request,
+            service,
+            EXECUTE_FORM_FIELDS,
+            "/execute (code, language, session_id, timeout, and `files` parts)",
+            ExecuteRequest,
+        )
+        req = _validated(data, ExecuteRequest)
+    else:
+        req, files = _validated(await _json_body(request), ExecuteRequest), []
+    s = service.settings
+    errors = []
+    if len(req.code) > s.max_code_chars:
+        errors.append(
+            field_error(
+                "code",
+                f"the code has {len(req.code):,} characters; this server takes at most "
+                f"{s.max_code_chars:,} (AUTOCODER_MAX_CODE_CHARS)",
+            )
+        )
+    req = _checked_common(req, service, errors)
+    if req.session_id is not None and req.language not in (None, "python"):
+        errors.append(field_error("language", "a session's kernel is Python"))
+    if errors:
+        raise RequestValidationError(errors)
+    return ExecuteInput(req, files)
+
+
+ExecuteInputDep = Annotated[ExecuteInput, Depends(execute_input)]
 RunId = Annotated[
     str,
     PathParam(pattern=RUN_ID_PATTERN, description="A run id, as returned by `POST /run`."),

@@ -62,7 +62,10 @@ def _explain(error: dict[str, Any]) -> dict[str, Any]:
             f"the body is not valid JSON ({error.get('ctx', {}).get('error', msg)})",
         )
     elif loc == ["body"]:
-        msg += ': send a JSON object such as {"prompt": "..."} with Content-Type: application/json'
+        msg += (
+            ': send a JSON object such as {"prompt": "..."} ({"code": "..."} to /execute) '
+            "with Content-Type: application/json"
+        )
     return {"loc": loc, "msg": msg, "type": kind}
 
 
@@ -201,7 +204,7 @@ def _too_large(limit: int, multipart: bool, service: Any) -> str:
             f"; a run's files may add up to {s.max_upload_mb} MB (AUTOCODER_MAX_UPLOAD_MB)"
             if multipart
             else f"; a prompt may have {s.max_prompt_chars:,} characters "
-            "(AUTOCODER_MAX_PROMPT_CHARS)"
+            f"(AUTOCODER_MAX_PROMPT_CHARS), code {s.max_code_chars:,} (AUTOCODER_MAX_CODE_CHARS)"
         )
     return detail
 

@@ -88,44 +88,107 @@ class RunRequest(BaseModel):
         return prompt
 
 
-def run_request_body(prefix: str = "") -> dict[str, Any]:
+SESSION_ID_PATTERN = r"^session-[0-9a-z-]{1,56}$"
+
+
+class ExecuteRequest(BaseModel):
+    """What `POST /execute` takes: code to run as it is, no model. Only `code` is required."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"code": "print(6 * 7)"}]},
+    )
+
+    code: str = Field(
+        min_length=1,
+        description="The code, run as it is in one cell. At most AUTOCODER_MAX_CODE_CHARS "
+        "characters.",
+    )
+    language: str | None = Field(
+        None,
+        min_length=1,
+        max_length=40,
+        description="The language of the code: `python` (the default), `bash`, `javascript`, "
+        "`typescript` or `r`, as far as this server has their kernels (`GET /languages`). "
+        "A session runs Python only.",
+    )
+    session_id: str | None = Field(
+        None,
+        pattern=SESSION_ID_PATTERN,
+        description="Run in this session's kernel (`POST /sessions`), which keeps variables, "
+        "imports and files from one call to the next; none: a fresh sandboxed kernel.",
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds the code may run. Default AUTOCODER_TIMEOUT (a session's own "
+        "timeout in a session); at most AUTOCODER_MAX_REQUEST_TIMEOUT.",
+    )
+
+    @field_validator("code")
+    @classmethod
+    def _not_blank(cls, code: str) -> str:
+        if not code.strip():
+            raise ValueError("the code is blank")
+        return code
+
+
+class ExecuteResult(RunResult):
+    """What `POST /execute` answers: a run's result (`origin` is `code`), and in a session
+    whether its state was lost."""
+
+    state_lost: bool = Field(
+        default=False,
+        description="In a session: its variables and imports were lost during this call (its "
+        "kernel died, or was restarted after a timeout); it goes on in a fresh kernel, files "
+        "kept.",
+    )
+
+
+def run_request_body(prefix: str = "", name: str = "Run") -> dict[str, Any]:
     """The OpenAPI request body of /run: the JSON object, or the same fields as a form.
 
     The body is read by deps.run_input rather than by FastAPI (which takes one content type
     per route), so its schemas are declared here and added to the components by app.py.
     A session's run (prefix `Session`) has the same fields, its language Python only.
     """
-    ref = "#/components/schemas/" + prefix
+    ref = "#/components/schemas/" + prefix + name
     return {
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"$ref": ref + "RunRequest"}},
-                "multipart/form-data": {"schema": {"$ref": ref + "RunUpload"}},
+                "application/json": {"schema": {"$ref": ref + "Request"}},
+                "multipart/form-data": {"schema": {"$ref": ref + "Upload"}},
             },
         }
     }
 
 
 def request_components() -> dict[str, Any]:
-    """The schemas run_request_body refers to."""
-    schema = RunRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    upload = {
-        "title": "RunUpload",
-        "type": "object",
-        "required": ["prompt"],
-        "additionalProperties": False,
-        "properties": {
-            **schema["properties"],
-            "files": {
-                "type": "array",
-                "items": {"type": "string", "format": "binary"},
-                "description": "Files for the code, by their base names (at most "
-                "AUTOCODER_MAX_FILES; each and all together at most AUTOCODER_MAX_UPLOAD_MB).",
+    """The schemas run_request_body refers to: /run's and /execute's."""
+    found = {}
+    for name, model in (("Run", RunRequest), ("Execute", ExecuteRequest)):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        found[f"{name}Request"] = schema
+        found[f"{name}Upload"] = {
+            "title": f"{name}Upload",
+            "type": "object",
+            "required": schema["required"],
+            "additionalProperties": False,
+            "properties": {
+                **schema["properties"],  # the same objects: bounds set on one are on both
+                "files": {
+                    "type": "array",
+                    "items": {"type": "string", "format": "binary"},
+                    "description": "Files for the code, by their base names (at most "
+                    "AUTOCODER_MAX_FILES; each and all together at most "
+                    "AUTOCODER_MAX_UPLOAD_MB).",
+                },
             },
-        },
-    }
-    return {"RunRequest": schema, "RunUpload": upload}
+        }
+    return found
 
 
 def session_run_components(components: dict[str, Any]) -> dict[str, Any]:

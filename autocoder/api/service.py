@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from autocoder.api.admission import Admission, Busy, Slot
-from autocoder.api.schemas import RunRequest
+from autocoder.api.schemas import ExecuteRequest, RunRequest
 from autocoder.api.streaming import cancel_once
 from autocoder.config import Settings
 from autocoder.engine import Engine
@@ -69,14 +69,15 @@ class Service:
     def launch(
         self,
         slot: Slot,
-        req: RunRequest,
+        req: RunRequest | ExecuteRequest,
         on_event: Callable[[Event], None] | None = None,
         files: Sequence[InputFile] = (),
         session: Session | None = None,
     ) -> Job:
         """Start a run that owns `slot`, as its own task: the request that started it cancels
         it when the client leaves, and shutdown cancels what is left. With `session` (claimed
-        by the caller) the run happens in the session's kernel, and ends the claim."""
+        by the caller) the run happens in the session's kernel, and ends the claim. An
+        ExecuteRequest runs its code as given (`Engine.execute`), a RunRequest its prompt."""
         run_id = new_run_id()
         task = asyncio.create_task(self._run(req, run_id, on_event, files, session))
         task.add_done_callback(lambda _: slot.release())
@@ -97,12 +98,22 @@ class Service:
 
     async def _run(
         self,
-        req: RunRequest,
+        req: RunRequest | ExecuteRequest,
         run_id: str,
         on_event: Callable[[Event], None] | None,
         files: Sequence[InputFile] = (),
         session: Session | None = None,
     ) -> RunResult:
+        if isinstance(req, ExecuteRequest):
+            return await self.engine.execute(
+                req.code,
+                language=req.language or "python",
+                session=session,
+                timeout=req.timeout,
+                files=files,
+                run_id=run_id,
+                on_event=on_event,
+            )
         options = (
             {}
             if session is not None

@@ -458,13 +458,22 @@ def build_server(door: Door, **options: Any) -> MCPServer:
         annotations=ToolAnnotations(title="Run code", open_world_hint=False),
     )
     async def run_code(
-        code: Annotated[str, Field(min_length=1, description="The code to run, as a cell.")],
+        code: Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=settings.max_code_chars,
+                description="The code to run, as one cell.",
+            ),
+        ],
         ctx: Context,
         language: Language = "python",
         session_id: SessionId = None,
         timeout: Timeout = None,
     ) -> Annotated[CallToolResult, CodeRun]:
         engine = door.opened
+        if not code.strip():
+            raise ToolError("the code is blank")
         with _refusals():
             lang = languages.resolve(language, settings).name
             session = claim(session_id, lang)
@@ -759,5 +768,8 @@ async def http_app(door: Door) -> AsyncIterator[ASGIApp]:
 
 
 def request_body_limit(settings: Settings) -> int:
-    """The largest request an MCP call may send: a file at the upload limit, base64-encoded."""
-    return math.ceil(settings.max_upload_mb * 1024 * 1024 / 3) * 4 + 256 * 1024
+    """The largest request an MCP call may send: a file at the upload limit, base64-encoded,
+    or code or a prompt at their limits with every character escaped (as /run counts)."""
+    upload = math.ceil(settings.max_upload_mb * 1024 * 1024 / 3) * 4
+    text = 12 * max(settings.max_code_chars, settings.max_prompt_chars)
+    return max(upload, text) + 256 * 1024

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from autocoder.files import OpenedFile, open_beneath
 from autocoder.notebook import is_valid_run_id, notebook_text, record_path
-from autocoder.records import ErrorKind, RunResult
+from autocoder.records import ErrorKind, Origin, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class RunSummary(BaseModel):
     )
     prompt: str = Field(description=f"The prompt, cut to {PROMPT_PREVIEW} characters.")
     model: str = Field(description="The model that wrote the code.")
+    origin: Origin = Field(
+        "model", description="`code` when the code was given (`POST /execute`), not written."
+    )
     attempts: int = Field(description="How many attempts the run made.")
     duration: float = Field(description="Seconds the whole run took.")
 
@@ -91,8 +94,23 @@ class Store(Protocol):
     def output_file(self, run_id: str, name: str) -> StoredFile | None: ...
 
 
+INDEX_COLUMNS = (
+    "run_id",
+    "started_at",
+    "status",
+    "error_kind",
+    "prompt",
+    "model",
+    "attempts",
+    "duration",
+    "origin",
+)
+"""What a list page reads: a RunSummary's fields, as both backends name their columns."""
+
+
 def index_fields(result: RunResult) -> tuple[object, ...]:
-    """The columns every store's index keeps of a run, in one order for both backends."""
+    """The columns every store's index keeps of a run, in one order for both backends
+    (`INDEX_COLUMNS`)."""
     return (
         result.run_id,
         result.started_at,
@@ -102,6 +120,7 @@ def index_fields(result: RunResult) -> tuple[object, ...]:
         result.model,
         len(result.attempts),
         result.duration,
+        result.origin,
     )
 
 

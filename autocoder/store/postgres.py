@@ -37,6 +37,7 @@ from autocoder.files import media_type
 from autocoder.notebook import is_valid_run_id, record_path
 from autocoder.records import ErrorKind, RunResult
 from autocoder.store.base import (
+    INDEX_COLUMNS,
     PROMPT_PREVIEW,
     RunSummary,
     StoredFile,
@@ -110,6 +111,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX autocoder_kernels_by_replica ON autocoder_kernels (replica_id);
     """,
+    """
+    ALTER TABLE autocoder_runs ADD COLUMN origin text NOT NULL DEFAULT 'model'
+        CHECK (origin IN ('model', 'code'));
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A prompt search (`q`) is a substring match: a trigram index serves it when pg_trgm can be had.
@@ -123,8 +128,7 @@ _LIVE_REPLICA = (
     "SELECT 1 FROM autocoder_replicas p WHERE p.replica_id = r.replica_id "
     "AND p.heartbeat_at >= now() - p.lease * interval '1 second'"
 )
-_SUMMARY = "run_id, started_at, status, error_kind, prompt, model, attempts, duration"
-_SUMMARY_KEYS = tuple(_SUMMARY.split(", "))
+_SUMMARY = ", ".join(INDEX_COLUMNS)
 
 
 def where_is(conninfo: str) -> str:
@@ -416,14 +420,13 @@ class PostgresStore:
         )
         with self._conn() as conn, conn.transaction():
             conn.execute(
-                "INSERT INTO autocoder_runs (run_id, started_at, status, error_kind, prompt, "
-                "model, attempts, duration, replica_id, record) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"INSERT INTO autocoder_runs ({_SUMMARY}, replica_id, record) "
+                f"VALUES ({', '.join(['%s'] * (len(INDEX_COLUMNS) + 2))}) "
                 "ON CONFLICT (run_id) DO UPDATE SET started_at = excluded.started_at, "
                 "status = excluded.status, error_kind = excluded.error_kind, "
                 "prompt = excluded.prompt, model = excluded.model, "
                 "attempts = excluded.attempts, duration = excluded.duration, "
-                "record = excluded.record, updated_at = now()",
+                "origin = excluded.origin, record = excluded.record, updated_at = now()",
                 row,
             )
             conn.execute("DELETE FROM autocoder_files WHERE run_id = %s", (result.run_id,))
@@ -512,7 +515,7 @@ class PostgresStore:
                 "ORDER BY started_at DESC, run_id DESC LIMIT %s OFFSET %s",
                 [*args, limit, offset],
             ).fetchall()
-        runs = [RunSummary.model_validate(dict(zip(_SUMMARY_KEYS, r, strict=True))) for r in rows]
+        runs = [RunSummary.model_validate(dict(zip(INDEX_COLUMNS, r, strict=True))) for r in rows]
         return runs, row[0] if row else 0
 
     def get(self, run_id: str) -> RunResult | None:

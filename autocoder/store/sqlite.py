@@ -23,6 +23,7 @@ from autocoder.errors import DiskFull
 from autocoder.notebook import is_valid_run_id, record_path, write_record
 from autocoder.records import RunResult
 from autocoder.store.base import (
+    INDEX_COLUMNS,
     RunSummary,
     StoredFile,
     index_fields,
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "runs.sqlite"
 LEGACY_DIR = "legacy"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: origin
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS runs (
     model      TEXT NOT NULL,
     attempts   INTEGER NOT NULL,
     duration   REAL NOT NULL,
+    origin     TEXT NOT NULL DEFAULT 'model',
     nb_mtime   INTEGER NOT NULL,
     nb_size    INTEGER NOT NULL,
     record     TEXT NOT NULL
@@ -56,11 +58,11 @@ CREATE INDEX IF NOT EXISTS runs_newest ON runs (started_at DESC, nb_mtime DESC, 
 -- a filter that scans (a prompt's words) scans the index, a status is a range of it.
 CREATE INDEX IF NOT EXISTS runs_list ON runs (
     started_at DESC, nb_mtime DESC, run_id DESC,
-    status, error_kind, prompt, model, attempts, duration
+    status, error_kind, prompt, model, attempts, duration, origin
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (
     status, started_at DESC, nb_mtime DESC, run_id DESC,
-    error_kind, prompt, model, attempts, duration
+    error_kind, prompt, model, attempts, duration, origin
 );
 """
 
@@ -228,7 +230,12 @@ class SqliteStore:
             stat.st_size,
             result.model_dump_json(),
         )
-        self._query("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+        columns = (*INDEX_COLUMNS, "nb_mtime", "nb_size", "record")
+        self._query(
+            f"INSERT OR REPLACE INTO runs ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' * len(columns))})",
+            row,
+        )
 
     def _forget(self, run_id: str) -> None:
         self._query("DELETE FROM runs WHERE run_id = ?", (run_id,))
@@ -297,21 +304,13 @@ class SqliteStore:
         where = ("WHERE " + " AND ".join(terms)) if terms else ""
         total = self._query(f"SELECT count(*) FROM runs {where}", args)[0][0]
         rows = self._query(
-            "SELECT run_id, started_at, status, error_kind, prompt, model, attempts, duration "
-            f"FROM runs {where} ORDER BY started_at DESC, nb_mtime DESC, run_id DESC LIMIT ? OFFSET ?",
+            f"SELECT {', '.join(INDEX_COLUMNS)} FROM runs {where} "
+            "ORDER BY started_at DESC, nb_mtime DESC, run_id DESC LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
-        keys = (
-            "run_id",
-            "started_at",
-            "status",
-            "error_kind",
-            "prompt",
-            "model",
-            "attempts",
-            "duration",
-        )
-        return [RunSummary.model_validate(dict(zip(keys, row, strict=True))) for row in rows], total
+        return [
+            RunSummary.model_validate(dict(zip(INDEX_COLUMNS, row, strict=True))) for row in rows
+        ], total
 
     def get(self, run_id: str) -> RunResult | None:
         """The whole record, as the runner wrote it; editing the notebook changes nothing here."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import IO, Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -13,12 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 
 from autocoder import bundle, languages
-from autocoder.api.admission import Busy
+from autocoder.api.admission import Busy, Slot
 from autocoder.api.deps import (
     PageLimit,
     PageOffset,
     RunId,
-    RunInput,
     RunInputDep,
     ServiceDep,
     field_error,
@@ -28,11 +27,13 @@ from autocoder.api.errors import RunCancelled
 from autocoder.api.schemas import (
     CancelAccepted,
     ErrorBody,
+    ExecuteRequest,
     LanguageInfo,
     RunPage,
+    RunRequest,
     run_request_body,
 )
-from autocoder.api.service import Service
+from autocoder.api.service import Job, Service
 from autocoder.api.streaming import (
     KEEPALIVE_SECONDS,
     SSE_MEDIA_TYPE,
@@ -40,7 +41,9 @@ from autocoder.api.streaming import (
     unless_disconnected,
 )
 from autocoder.errors import ConfigError
+from autocoder.files import InputFile
 from autocoder.records import Event, RunResult
+from autocoder.sessions import Session
 
 IPYNB_MEDIA_TYPE = "application/x-ipynb+json"
 
@@ -86,21 +89,13 @@ _STREAM_DOC = (
     openapi_extra=run_request_body(),
 )
 async def run(given: RunInputDep, request: Request, service: ServiceDep) -> Any:
-    if SSE_MEDIA_TYPE in request.headers.get("accept", ""):
-        return await _start_stream(given, request, service)
     req = given.req
     slot = await unless_disconnected(request, service.admit())
+    if wants_stream(request):
+        return stream(request, service, slot, req, given.files)
     job = service.launch(slot, req, files=given.files)
     try:
-        return await unless_disconnected(request, job.task)
-    except RunCancelled:
-        if (stopped := await service.stopped_result(job.run_id)) is not None:
-            return stopped
-        raise Busy(
-            f"the server shut down before the run finished; run {job.run_id} was cancelled",
-            status_code=503,
-            retry_after=5,
-        ) from None
+        return await answer(request, service, job)
     except ConfigError as e:
         if req.model:  # most likely the endpoint does not serve the model asked for
             raise RequestValidationError(
@@ -130,14 +125,43 @@ async def run(given: RunInputDep, request: Request, service: ServiceDep) -> Any:
 async def run_stream(
     given: RunInputDep, request: Request, service: ServiceDep
 ) -> StreamingResponse:
-    return await _start_stream(given, request, service)
-
-
-async def _start_stream(given: RunInput, request: Request, service: Service) -> StreamingResponse:
     slot = await unless_disconnected(request, service.admit())
+    return stream(request, service, slot, given.req, given.files)
+
+
+def wants_stream(request: Request) -> bool:
+    """`Accept: text/event-stream` asks a run's route for its events instead of its result."""
+    return SSE_MEDIA_TYPE in request.headers.get("accept", "")
+
+
+def stream(
+    request: Request,
+    service: Service,
+    slot: Slot,
+    req: RunRequest | ExecuteRequest,
+    files: Sequence[InputFile],
+    session: Session | None = None,
+) -> StreamingResponse:
+    """Start a run that owns `slot` (in `session`, claimed, when given) and answer its events
+    as server-sent events: what /run/stream, /execute/stream and a session's run send."""
     events: asyncio.Queue[Event | None] = asyncio.Queue()
-    task = service.launch(slot, given.req, on_event=events.put_nowait, files=given.files).task
-    return sse_response(request, task, events)
+    task = service.launch(slot, req, on_event=events.put_nowait, files=files, session=session)
+    return sse_response(request, task.task, events)
+
+
+async def answer(request: Request, service: Service, job: Job) -> RunResult:
+    """A started run's result, as its request's answer: the record of a run a client stopped
+    (`POST /runs/{id}/cancel`); 503 when the server's shutdown cancelled it."""
+    try:
+        return await unless_disconnected(request, job.task)
+    except RunCancelled:
+        if (stopped := await service.stopped_result(job.run_id)) is not None:
+            return stopped
+        raise Busy(
+            f"the server shut down before the run finished; run {job.run_id} was cancelled",
+            status_code=503,
+            retry_after=5,
+        ) from None
 
 
 @router.get("/languages", summary="The languages this server can run, and why not the others")

@@ -8,13 +8,14 @@ The engine is `autocoder.sessions`; this module only translates. Unknown or clos
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
-from autocoder.api.admission import Busy
+from autocoder.api.admission import Slot
 from autocoder.api.deps import (
     PageLimit,
     PageOffset,
@@ -25,9 +26,14 @@ from autocoder.api.deps import (
     field_error,
 )
 from autocoder.api.downloads import download
-from autocoder.api.errors import RunCancelled
 from autocoder.api.routes.files import FileName
-from autocoder.api.routes.runs import _STREAM_DOC, IPYNB_MEDIA_TYPE
+from autocoder.api.routes.runs import (
+    _STREAM_DOC,
+    IPYNB_MEDIA_TYPE,
+    answer,
+    stream,
+    wants_stream,
+)
 from autocoder.api.schemas import (
     ErrorBody,
     SessionPage,
@@ -35,10 +41,11 @@ from autocoder.api.schemas import (
     run_request_body,
     session_request_body,
 )
-from autocoder.api.streaming import SSE_MEDIA_TYPE, sse_response, unless_disconnected
+from autocoder.api.service import Service
+from autocoder.api.streaming import SSE_MEDIA_TYPE, unless_disconnected
 from autocoder.errors import ConfigError
-from autocoder.files import FileRefused, FilesTooLarge, media_type, open_beneath
-from autocoder.records import Event, RunResult, SessionInfo
+from autocoder.files import FileRefused, FilesTooLarge, InputFile, media_type, open_beneath
+from autocoder.records import RunResult, SessionInfo
 from autocoder.sessions import Session
 from autocoder.store.base import StoredFile
 
@@ -166,31 +173,12 @@ async def run_in_session(
                 )
             ]
         )
-    sessions = service.sessions
-    try:
-        session = sessions.claim(known.info.session_id, given.files)
-    except FilesTooLarge as e:
-        raise HTTPException(413, str(e)) from None
-    except FileRefused as e:
-        raise RequestValidationError([field_error("files", str(e))]) from None
-    try:
-        slot = await unless_disconnected(request, service.admit())
-    except BaseException:
-        sessions.release(session)
-        raise
-    if SSE_MEDIA_TYPE in request.headers.get("accept", ""):
-        return _stream(session, given.req, given.files, slot, request, service)
+    session, slot = await claim_and_admit(request, service, known.info.session_id, given.files)
+    if wants_stream(request):
+        return stream(request, service, slot, given.req, given.files, session)
     job = service.launch(slot, given.req, files=given.files, session=session)
     try:
-        result = await unless_disconnected(request, job.task)
-    except RunCancelled:
-        if (stopped := await service.stopped_result(job.run_id)) is not None:
-            return _with_session(stopped, session)
-        raise Busy(
-            f"the server shut down before the run finished; run {job.run_id} was cancelled",
-            status_code=503,
-            retry_after=5,
-        ) from None
+        result = await answer(request, service, job)
     except ConfigError as e:
         if given.req.model:
             raise RequestValidationError(
@@ -204,20 +192,37 @@ async def run_in_session(
     return _with_session(result, session)
 
 
-def _stream(
-    session: Session, req: Any, files: Any, slot: Any, request: Request, service: Any
-) -> StreamingResponse:
-    events: asyncio.Queue[Event | None] = asyncio.Queue()
-    task = service.launch(slot, req, on_event=events.put_nowait, files=files, session=session).task
-    return sse_response(request, task, events)
+async def claim_and_admit(
+    request: Request, service: Service, session_id: str, files: Sequence[InputFile]
+) -> tuple[Session, Slot]:
+    """The session claimed for one run (404 unknown or closed, 409 busy; its new files
+    checked: 413, 422), then a run slot; the claim is let go should no slot come."""
+    sessions = service.sessions
+    try:
+        session = sessions.claim(session_id, files)
+    except FilesTooLarge as e:
+        raise HTTPException(413, str(e)) from None
+    except FileRefused as e:
+        raise RequestValidationError([field_error("files", str(e))]) from None
+    try:
+        slot = await unless_disconnected(request, service.admit())
+    except BaseException:
+        sessions.release(session)
+        raise
+    return session, slot
+
+
+def state_lost(result: RunResult, session: Session) -> bool:
+    """Whether the session's state was lost during this run (its entry in the session says)."""
+    entry = next((r for r in session.info.runs if r.run_id == result.run_id), None)
+    return bool(entry and entry.state_lost)
 
 
 def _with_session(result: RunResult, session: Session) -> SessionRunResult:
-    entry = next((r for r in session.info.runs if r.run_id == result.run_id), None)
     return SessionRunResult(
         **result.model_dump(exclude={"session_id"}),
         session_id=session.info.session_id,
-        state_lost=bool(entry and entry.state_lost),
+        state_lost=state_lost(result, session),
     )
 
 

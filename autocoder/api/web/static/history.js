@@ -15,6 +15,11 @@
     return p;
   }
 
+  // Code given to POST /execute has no prompt: the history says so instead of a blank link.
+  function title(r) {
+    return r.origin === "code" ? "code given (no model)" : r.prompt;
+  }
+
   function pager(kind, total) {
     document.getElementById(kind + "-prev").disabled = state[kind] === 0;
     document.getElementById(kind + "-next").disabled = state[kind] + PAGE >= total;
@@ -28,8 +33,8 @@
     body.replaceChildren(...page.runs.map((r) => el("tr", { class: "run-row", "data-run-id": r.run_id },
       el("td", { text: when(r.started_at) }),
       el("td", { class: r.status === "success" ? "ok" : "bad", text: r.status + (r.error_kind ? " (" + r.error_kind + ")" : "") }),
-      el("td", {}, el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "prompt-link", text: r.prompt })),
-      el("td", { "data-label": "model", text: r.model || "" }),
+      el("td", {}, el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "prompt-link", text: title(r) })),
+      el("td", { "data-label": "model", text: r.origin === "code" ? "(none)" : r.model || "" }),
       el("td", { "data-label": "attempts", text: String(r.attempts) }),
       el("td", { "data-label": "seconds", text: (Number(r.duration) || 0).toFixed(1) }),
     )));
@@ -46,7 +51,7 @@
       const prompts = el("td", {});
       s.runs.forEach((r, i) => {
         if (i) prompts.append(" · ");
-        prompts.append(el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "session-prompt", text: r.prompt }));
+        prompts.append(el("a", { href: "/history/" + encodeURIComponent(r.run_id), class: "session-prompt", text: title(r) }));
       });
       const open = el("a", { href: "/?session=" + encodeURIComponent(s.session_id), class: "session-open" },
         s.status === "open" ? "continue" : "view");

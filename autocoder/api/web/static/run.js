@@ -4,7 +4,7 @@
 (() => {
   const { api, el, seconds, when } = AC;
 
-  function attempt(a, last, outputs, timeout) {
+  function attempt(a, last, outputs, timeout, given) {
     const box = el("section", { class: "attempt", "data-attempt": String(a.number) });
     const ok = a.status === "success";
     box.append(el("h3", { text: "Attempt " + a.number }));
@@ -13,7 +13,7 @@
       : "failed (" + (a.error_kind || "error") + ")";
     box.append(el("p", { class: "attempt-status " + (ok ? "ok" : "bad"),
       text: said +
-        " · model " + seconds(a.llm_duration) + " · code " + seconds(a.exec_duration) +
+        (given ? "" : " · model " + seconds(a.llm_duration)) + " · code " + seconds(a.exec_duration) +
         " · in all " + seconds(a.duration) + (a.model ? " · " + a.model : "") }));
     box.append(AC.code(a.code || "(the model wrote no code)"));
     const outs = el("div", { class: "outputs" });
@@ -46,9 +46,12 @@
       return;
     }
     const ok = r.status === "success";
+    const given = r.origin === "code";
     const head = [
       el("h2", {}, "Run ", el("code", { text: r.run_id })),
-      el("p", { class: "prompt-text", text: r.prompt }),
+      given
+        ? el("p", { class: "origin-code", text: "Code given, run as it is: no model wrote it (POST /execute)." })
+        : el("p", { class: "prompt-text", text: r.prompt }),
       el("p", { class: "status " + (ok ? "ok" : "bad"), text: r.status + (r.error_kind ? " (" + r.error_kind + ")" : "") }),
       // How sure the answer is: how many of the last attempt's candidates produced it.
       ...(r.candidates > 1 ? [el("p", { class: "agreement", text: r.agreement + " of " + r.candidates + " candidates agree" })] : []),
@@ -64,7 +67,7 @@
       downloads.append(" ", AC.download(f.name + " (" + f.size + " bytes)", f.url, f.name.split("/").pop()));
     }
     article.replaceChildren(...head, downloads);
-    r.attempts.forEach((a, i) => article.append(attempt(a, i === r.attempts.length - 1, r.outputs || [], r.timeout)));
+    r.attempts.forEach((a, i) => article.append(attempt(a, i === r.attempts.length - 1, r.outputs || [], r.timeout, given)));
     if (!ok && r.error && !r.attempts.length) article.append(el("pre", { class: "error", text: r.error }));
   }
 
