@@ -231,36 +231,45 @@ async def test_cancelling_a_call_stops_a_busy_loop_and_the_next_call_works(
     mcp_env: dict[str, str], tmp_path: Path
 ) -> None:
     async with stdio_mcp(mcp_env, tmp_path) as client:
-        looping = anyio.Event()
 
-        async def on_progress(done: float, total: float | None, message: str | None) -> None:
-            if message and "looping" in message:
-                looping.set()
+        async def cancel_while_looping(**where: Any) -> None:
+            looping = anyio.Event()
 
-        async def busy() -> None:
-            await client.call_tool(
-                "run_code",
-                {"code": "print('looping', flush=True)\nwhile True:\n    pass", "timeout": 100},
-                progress_callback=on_progress,
-            )
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                if message and "looping" in message:
+                    looping.set()
 
-        with anyio.fail_after(START):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(busy)
-                await looping.wait()
-                tg.cancel_scope.cancel()
+            async def busy() -> None:
+                code = "print('looping', flush=True)\nwhile True:\n    pass"
+                await client.call_tool(
+                    "run_code",
+                    {"code": code, "timeout": 100, **where},
+                    progress_callback=on_progress,
+                )
 
-        # The kernel was interrupted; the next call runs at once, in a fresh kernel.
-        with anyio.fail_after(START):
-            after = await client.call_tool("run_code", {"code": "print(2)"})
-        assert text_of(after).strip() == "2"
+            with anyio.fail_after(START):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(busy)
+                    await looping.wait()
+                    tg.cancel_scope.cancel()
+
+        # The kernel was interrupted; the next call runs at once.
+        await cancel_while_looping()
+        assert text_of(await call(client, "run_code", code="print(2)")).strip() == "2"
+
+        # In a session, the loop is interrupted and what the session held is still there.
+        sid = (await call(client, "open_session")).structured_content["session_id"]  # type: ignore[index]
+        await call(client, "run_code", code="kept = 'still here'", session_id=sid)
+        await cancel_while_looping(session_id=sid)
+        after = await call(client, "run_code", code="print(kept)", session_id=sid)
+        assert text_of(after).strip() == "still here"
 
     records = [
         json.loads(p.read_text())
         for p in (tmp_path / "notebooks" / ".autocoder" / "records").glob("*.json")
     ]
     kinds = sorted(str(r.get("error_kind")) for r in records)
-    assert kinds == ["None", "cancelled"], "the cancelled call is recorded as cancelled"
+    assert kinds == ["None"] * 3 + ["cancelled"] * 2, "a cancelled call is recorded as cancelled"
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ from autocoder.engine import Engine, check, open_engine
 from autocoder.errors import AutocoderError
 from autocoder.files import FilesTooLarge, InputFile, media_type, open_beneath
 from autocoder.records import Event, RunFile, RunResult
-from autocoder.sessions import Session
+from autocoder.sessions import Session, SessionBusy
 
 log = logging.getLogger(__name__)
 
@@ -326,13 +326,18 @@ class Reporter:
 EventSink = Callable[[Event], None]
 
 
-async def _owned(ctx: Context, work: Callable[[EventSink], Awaitable[RunResult]]) -> RunResult:
-    """Run `work` as its own task, its events feeding the call's progress. When the client
-    cancels the call, the run is cancelled once (a second cancel would land in its cleanup)
-    and given CANCEL_GRACE seconds to interrupt its kernel and record itself, shielded from
-    the SDK's cancel scope, before the cancellation goes on."""
+async def _owned(
+    ctx: Context,
+    work: Callable[[EventSink], Awaitable[RunResult]],
+    started: Callable[[asyncio.Task[RunResult]], None],
+) -> RunResult:
+    """Run `work` as its own task (handed to `started`), its events feeding the call's
+    progress. When the client cancels the call, the run is cancelled once (a second cancel
+    would land in its cleanup) and given CANCEL_GRACE seconds to interrupt its kernel and
+    record itself, shielded from the SDK's cancel scope, before the cancellation goes on."""
     reporter = Reporter(ctx)
     task = asyncio.ensure_future(work(reporter.on_event))
+    started(task)
     beat = asyncio.create_task(reporter.run())
     try:
         return await asyncio.shield(task)
@@ -426,12 +431,33 @@ def build_server(door: Door, **options: Any) -> MCPServer:
         **options,
     )
 
-    def claim(session_id: str | None, language: str) -> Session | None:
+    # Each session's call in progress. A client that cancels a call does not wait for its
+    # end, and sends the next one at once: that one waits (bounded) for the cancelled call
+    # to interrupt the kernel and let go of the session, rather than finding it busy.
+    calls: dict[str, asyncio.Task[RunResult]] = {}
+
+    async def claim(session_id: str | None, language: str) -> Session | None:
         if session_id is None:
             return None
         if languages.resolve(language, settings).name != "python":
             raise ToolError("a session's kernel is Python; run other languages without one")
-        return door.opened.sessions.claim(session_id)
+        sessions = door.opened.sessions
+        try:
+            return sessions.claim(session_id)
+        except SessionBusy:
+            ending = calls.get(session_id)
+            if ending is None or not ending.cancelling():
+                raise
+        await asyncio.wait({ending}, timeout=CANCEL_GRACE)
+        return sessions.claim(session_id)
+
+    def track(session_id: str | None) -> Callable[[asyncio.Task[RunResult]], None]:
+        def started(task: asyncio.Task[RunResult]) -> None:
+            if session_id is not None:
+                calls[session_id] = task
+                task.add_done_callback(lambda _: calls.pop(session_id, None))
+
+        return started
 
     @asynccontextmanager
     async def taken(session: Session | None) -> AsyncIterator[None]:
@@ -476,7 +502,7 @@ def build_server(door: Door, **options: Any) -> MCPServer:
             raise ToolError("the code is blank")
         with _refusals():
             lang = languages.resolve(language, settings).name
-            session = claim(session_id, lang)
+            session = await claim(session_id, lang)
 
             async def work(on_event: EventSink) -> RunResult:
                 async with taken(session):
@@ -484,7 +510,7 @@ def build_server(door: Door, **options: Any) -> MCPServer:
                         code, language=lang, session=session, timeout=timeout, on_event=on_event
                     )
 
-            result = await _owned(ctx, work)
+            result = await _owned(ctx, work, track(session_id))
         return finished(result, session)
 
     @server.tool(
@@ -520,7 +546,7 @@ def build_server(door: Door, **options: Any) -> MCPServer:
             raise ToolError("the prompt is blank")
         with _refusals():
             lang = languages.resolve(language, settings).name
-            session = claim(session_id, lang)
+            session = await claim(session_id, lang)
             options: dict[str, Any] = {} if session else {"language": lang}
 
             async def work(on_event: EventSink) -> RunResult:
@@ -533,7 +559,7 @@ def build_server(door: Door, **options: Any) -> MCPServer:
                         **options,
                     )
 
-            result = await _owned(ctx, work)
+            result = await _owned(ctx, work, track(session_id))
         if result.error_kind is not None and result.error_kind.value == "llm" and not result.code:
             raise ToolError(result.error)
         return finished(result, session)
