@@ -370,8 +370,9 @@ def _refusals() -> Any:
 def _limits(settings: Settings) -> str:
     packages = ", ".join(files.importable_packages(_kernel_python(settings))) or "none"
     network = "allowed" if settings.allow_network else "no network"
+    confined = "a sandboxed" if settings.sandbox == "bwrap" else "an unsandboxed"
     return (
-        f"Python 3 in a sandboxed Jupyter (IPython) kernel: {network}, "
+        f"Python 3 in {confined} Jupyter (IPython) kernel: {network}, "
         f"{settings.memory_mb} MB of memory, {settings.max_run_disk_mb} MB of disk in its "
         f"working directory, {settings.timeout:g} s per call by default (at most "
         f"{settings.max_request_timeout:g} s), output cut at {settings.max_output_bytes:,} "
