@@ -9,7 +9,8 @@ Side by side in one run, at concurrency 1, 4 and 16:
 
 Each cell is N calls (per concurrent client: N / c), p50 and p99 of their latencies; with
 fewer than 100 calls p99 is close to the slowest. The targets run in turn, in two interleaved
-rounds, so that drift on a shared machine falls on all of them. Ratios are printed at p50
+rounds, so that drift on a shared machine falls on all of them, each once the kernel pools
+have refilled from the one before. Ratios are printed at p50
 against the floor each door is meant to approach (the issue's target: within 2x).
 
     python bench/execute.py [--calls 32] [--concurrency 1,4,16] [--sandbox bwrap|none]
@@ -211,6 +212,19 @@ async def measure(target: Target, clients: int, calls: int) -> list[float]:
     return latencies
 
 
+async def settle(server: Server, http: httpx.AsyncClient, bound: float = 60.0) -> None:
+    """Before each target: the server's pool refilled after the last one took its kernels
+    (starting kernels in the background would slow whichever target runs next); the MCP
+    server's pool refills alongside, in the same time."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        health = (await http.get(f"{server.url}/health")).json()
+        if health["kernels_ready"] >= health["pool_size"]:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+
+
 def p50_p99(latencies: list[float]) -> tuple[float, float]:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered)) - 1))]
@@ -254,6 +268,7 @@ async def bench(args: argparse.Namespace, root: Path, llm: ScriptedLLM) -> None:
                 for level in levels:
                     for _ in range(args.rounds):
                         for target in targets:
+                            await settle(server, http)
                             lat = await measure(target, level, args.calls // args.rounds)
                             got.setdefault((target.name, level), []).extend(lat)
                     print(f"  c={level} done", file=sys.stderr, flush=True)
