@@ -1,4 +1,4 @@
-"""The command-line door: `autocoder run|chat|serve|kernels|model`. Translates errors to exit codes.
+"""The command-line door: `autocoder run|chat|serve|mcp|kernels|model`. Translates errors to exit codes.
 
 Exit codes: 0 success, 1 every attempt failed, 2 bad usage or configuration.
 """
@@ -394,6 +394,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """The MCP server over stdio, until the client closes stdin: what MCP clients launch."""
+    from autocoder.mcp.server import serve_stdio  # start-up time: the MCP SDK only here
+
+    serve_stdio(ready_settings(args))
+    return EXIT_OK
+
+
 def cmd_kernels_install(args: argparse.Namespace) -> int:
     """autocoder's kernelspecs, and the ones its notebooks name, where Jupyter finds them."""
     # Start-up time, as in cmd_run.
@@ -523,6 +531,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (AUTOCODER_PORT, default 5005)")
     serve.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
     serve.set_defaults(func=cmd_serve)
+
+    mcp = sub.add_parser(
+        "mcp",
+        help="serve autocoder's tools to AI agents over MCP on stdin/stdout "
+        "(what an MCP client's configuration launches)",
+    )
+    mcp.add_argument("--sandbox", choices=["bwrap", "none"], help="AUTOCODER_SANDBOX")
+    mcp.add_argument("--timeout", type=float, metavar="S", help="default seconds per call")
+    mcp.add_argument("--notebooks-dir", metavar="DIR", help="where run notebooks go")
+    mcp.add_argument("--autofile-dir", metavar="DIR", help="where runs' files go")
+    mcp.set_defaults(func=cmd_mcp)
 
     kernels = sub.add_parser("kernels", help="manage the kernelspecs autocoder ships")
     ksub = kernels.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)

@@ -17,10 +17,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from autocoder import __version__, engine, languages
 from autocoder.api import errors
-from autocoder.api.admission import Admission
+from autocoder.api.admission import Admission, Busy
 from autocoder.api.auth import PUBLIC_PATHS, check_exposure
 from autocoder.api.routes import execute, files, health, pages, runs
 from autocoder.api.routes import sessions as session_routes
@@ -62,11 +65,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s = settings or load_settings()
         check_exposure(s)
         limit_malloc_arenas()
-        async with engine.open_engine(s) as opened:
+        async with engine.open_engine(s) as opened, contextlib.AsyncExitStack() as stack:
             service = Service(
                 engine=opened,
                 admission=Admission(s.max_concurrent_runs, s.max_queued_runs, s.queue_timeout),
             )
+            # Left first: MCP calls still running end (cancelled, recorded) before the
+            # service and the engine close.
+            app.state.mcp = await stack.enter_async_context(_mcp_over_http(service))
+            app.state.mcp_body_limit = _mcp_body_limit(s)
             app.state.service = service
             # Any valid request fits: a prompt (or code) at the limit, every character escaped
             # as \uXXXX\uXXXX.
@@ -78,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                app.state.mcp = None
+                await stack.aclose()
                 await service.close()
                 del app.state.service
 
@@ -94,10 +103,52 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(session_routes.router)
     app.include_router(health.router)
+    # The MCP server over Streamable HTTP, on this app's engine (built in the lifespan),
+    # behind auth.Guard like every other path.
+    app.router.routes.append(Route("/mcp", endpoint=_McpEndpoint(), include_in_schema=False))
     pages.mount(app)
     errors.install(app)
     app.openapi = lambda: openapi_schema(app, settings or load_settings())  # type: ignore[method-assign]
     return app
+
+
+@contextlib.asynccontextmanager
+async def _mcp_over_http(service: Service) -> AsyncIterator[ASGIApp]:
+    """The MCP door on the service's engine; its calls take run slots as `POST /run` does."""
+    from autocoder.mcp.server import Door, Refused, http_app  # start-up time: only to serve
+
+    @contextlib.asynccontextmanager
+    async def slot() -> AsyncIterator[None]:
+        try:
+            taken = await service.admit()
+        except Busy as e:
+            raise Refused(f"{e} (retry after {e.retry_after} s)") from None
+        try:
+            yield
+        finally:
+            taken.release()
+
+    async with http_app(Door(service.settings, slot, service.engine)) as mcp_app:
+        yield mcp_app
+
+
+def _mcp_body_limit(settings: Settings) -> int:
+    from autocoder.mcp.server import request_body_limit  # start-up time, as above
+
+    return request_body_limit(settings)
+
+
+class _McpEndpoint:
+    """`/mcp`: hands the request to the MCP app the lifespan built (503 before it has)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        mcp_app = getattr(scope["app"].state, "mcp", None)
+        if mcp_app is None:
+            await JSONResponse({"detail": "the server is starting"}, status_code=503)(
+                scope, receive, send
+            )
+            return
+        await mcp_app(scope, receive, send)
 
 
 def openapi_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:

@@ -159,6 +159,8 @@ class BodyLimit:
         multipart = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
         if multipart:
             limit = getattr(state, "multipart_limit", limit)
+        if scope["path"] == "/mcp":  # an MCP call may carry a file (upload_file), base64'd
+            limit = getattr(state, "mcp_body_limit", limit)
         service = getattr(state, "service", None)
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
