@@ -116,6 +116,54 @@ async def test_two_forked_kernels_share_nothing(
     assert inits[0] != inits[1]
 
 
+DATA_STACK_PROBE = """
+import json, random, sys
+preloaded = [m in sys.modules for m in ("numpy", "pandas", "matplotlib.pyplot")]
+import numpy as np
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import pandas as pd
+seen = [plt.get_fignums(), mpl.rcParams["lines.linewidth"], pd.get_option("display.max_rows")]
+plt.figure()
+mpl.rcParams["lines.linewidth"] = 7.5
+pd.set_option("display.max_rows", 3)
+print(json.dumps([preloaded, seen, np.random.rand(3).tolist(), random.random()]))
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_forked_kernels_start_with_the_data_stack_and_their_own_random_state(
+    fork_settings: Settings, zygote: forkserver.Zygote
+) -> None:
+    """numpy, pandas and pyplot are loaded before a run's first cell, and yet no two kernels
+    draw the same random numbers or see each other's figures, rcParams or pandas options."""
+    pytest.importorskip("pandas")
+    pytest.importorskip("matplotlib")
+    results: list[Any] = []
+    for _ in range(2):
+        async with new_kernel(fork_settings) as k:
+            assert isinstance(process_of(k), forkserver.ForkedProcess)
+            results.append(await value(k, DATA_STACK_PROBE))
+    (preloaded_a, seen_a, numpy_a, random_a), (preloaded_b, seen_b, numpy_b, random_b) = results
+    assert preloaded_a == preloaded_b == [True, True, True]
+    assert seen_a == seen_b  # the second kernel starts as the first did
+    assert seen_b[0] == [] and seen_b[1] != 7.5 and seen_b[2] != 3
+    assert numpy_a != numpy_b
+    assert random_a != random_b
+
+
+@pytest.mark.timeout(120)
+async def test_a_plot_in_a_forked_kernel_fits_in_a_3_s_timeout(kernel: Kernel) -> None:
+    pytest.importorskip("matplotlib")
+    done = await kernel.execute(
+        "import matplotlib.pyplot as plt\nimport pandas as pd\n"
+        "pd.Series([1, 4, 9]).plot()\nplt.title('squares')\nplt.show()",
+        timeout=3,
+    )
+    assert done.kind is None, done
+    assert any("image/png" in out.get("data", {}) for out in done.outputs), done.outputs
+
+
 @pytest.mark.timeout(120)
 async def test_with_the_zygote_up_another_language_still_gets_its_own_kernel(
     fork_settings: Settings, zygote: forkserver.Zygote
