@@ -80,6 +80,17 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def live_cpu(pid: int) -> float:
+    """CPU-seconds of a live process's threads, to the nanosecond (schedstat): for the short
+    spans of one kernel, where clock ticks are too coarse. Threads that ended are not in it."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def model_server() -> None:
     """`run_cost.py --model`: the scripted model, answering at once, until stdin closes."""
     from autocoder.testing import Reply, ScriptedLLM, fenced
@@ -189,15 +200,28 @@ class Meter:
         self.rows.setdefault(name, []).append((own, rest))
 
 
-def kernel_process(kernel: Any) -> int | None:
-    """The forked kernel's pid: the init's only child."""
-    init = getattr(getattr(kernel.km, "manager", None), "provisioner", None)
-    pid = getattr(init, "pid", None)
-    if pid is None:
-        return None
+def init_and_kernel(kernel: Any) -> tuple[int | None, int | None]:
+    """The forked kernel's init, and the kernel: the init's only child."""
+    provisioner = getattr(getattr(kernel.km, "manager", None), "provisioner", None)
+    init = getattr(provisioner, "pid", None)
+    if init is None:
+        return None, None
     with contextlib.suppress(OSError, ValueError):
-        return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
-    return None
+        return init, int(Path(f"/proc/{init}/task/{init}/children").read_text().split()[0])
+    return init, None
+
+
+def descendants(root: int) -> list[int]:
+    """`root`'s children, theirs, and so on."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError, ValueError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                children = (task / "children").read_text().split()
+                found += [int(c) for c in children]
+                todo += [int(c) for c in children]
+    return found
 
 
 async def components(args: argparse.Namespace, llm_url: str, work: Path) -> Meter:
@@ -228,13 +252,20 @@ async def components(args: argparse.Namespace, llm_url: str, work: Path) -> Mete
     group.join()
     meter = Meter(group)
     try:
-        await forkserver.zygote_for(settings).ready()
+        zygote = forkserver.zygote_for(settings)
+        await zygote.ready()
+        # bwrap's two processes, then the zygote's python (its kernels' inits come later).
+        zygote_pid = descendants(zygote.process.pid)[-1]
         for i in range(args.repeat + 2):
             kernel = new_kernel(settings)
+            before = live_cpu(zygote_pid)
             await meter.measure("start", kernel.start)
-            pid = kernel_process(kernel)
+            meter.add("  of which the zygote (its fork)", 0.0, live_cpu(zygote_pid) - before)
+            init, pid = init_and_kernel(kernel)
+            if init is not None:
+                meter.add("  of which the init (namespaces, view, fork)", 0.0, live_cpu(init))
             if pid is not None:
-                meter.add("  of which the kernel process to ready", 0.0, process_cpu(pid))
+                meter.add("  of which the kernel process to ready", 0.0, live_cpu(pid))
             done = await meter.measure("execute", lambda k=kernel: k.execute(CODE, timeout=30))
             assert done.stdout == EXPECTED, done
             workdir = kernel.workdir

@@ -279,6 +279,23 @@ async def test_a_forked_kernel_has_the_debuggers_module_list_and_the_real_sys(
 
 
 @pytest.mark.timeout(120)
+async def test_a_forked_kernel_makes_no_heartbeat_nobody_listens_to(kernel: Kernel) -> None:
+    """The server's client opens no heartbeat channel: a forked kernel makes no heartbeat
+    thread, nor the zmq context and its threads that went with it."""
+    threads, tasks = await value(
+        kernel,
+        """
+        import json, os, threading
+        print(json.dumps([[t.name for t in threading.enumerate()], len(os.listdir("/proc/self/task"))]))
+        """,
+    )
+    assert "Heartbeat" not in threads and {"IOPub", "Control"} <= set(threads)
+    assert tasks <= 8  # main, IOPub, Control, Shell channel, zmq's two, the two fd watchers
+    done = await kernel.execute("print('still answering')", timeout=20)
+    assert done.stdout == "still answering\n"
+
+
+@pytest.mark.timeout(120)
 async def test_storemagic_loaded_in_the_zygote_works_in_each_forked_kernel(
     kernel: Kernel, fork_settings: Settings, zygote: forkserver.Zygote
 ) -> None:
@@ -378,6 +395,34 @@ async def test_once_a_forked_kernel_is_ended_nothing_of_it_writes_any_more(
     assert len(sizes) == 3 and all(sizes.values())
     await asyncio.sleep(0.3)
     assert {p.name: p.stat().st_size for p in kernel.workdir.iterdir()} == sizes
+
+
+@pytest.mark.timeout(120)
+async def test_an_ended_kernel_is_torn_down_without_talking_to_it(
+    fork_settings: Settings, zygote: forkserver.Zygote
+) -> None:
+    """A run's kernel is ended by ending its processes; its teardown then sends it nothing
+    (no interrupt to a kernel that is gone) and still leaves nothing: no process, cgroup,
+    runtime dir or connection file."""
+    k = new_kernel(fork_settings)
+    await k.start()
+    assert k.km is not None
+    manager: Any = k.km.manager  # type: ignore[attr-defined]
+    provisioner, runtime = manager.provisioner, k.km.runtime_dir  # type: ignore[attr-defined]
+    cgroups, init = list(provisioner._cgroups), provisioner.pid
+    assert cgroups and runtime is not None and runtime.is_dir()
+    sent: list[str] = []
+    send = manager.session.send
+    manager.session.send = lambda stream, msg, *a, **kw: (
+        sent.append(msg if isinstance(msg, str) else msg["header"]["msg_type"]),
+        send(stream, msg, *a, **kw),
+    )[1]
+    await k.end_processes()
+    await k.shutdown()
+    assert sent == []
+    assert not alive(init)
+    assert not any(os.path.exists(c) for c in cgroups)
+    assert not runtime.exists()
 
 
 @pytest.mark.timeout(120)

@@ -516,6 +516,11 @@ def _kernel_app() -> Any:
             """The server wrote it (its keys never pass through the zygote) with the kernel's
             ipc paths: there is nothing to add, and it is mounted read-only."""
 
+        def init_heartbeat(self) -> None:
+            """None: the server's client never opens the heartbeat channel (whether a kernel
+            lives comes from its process), and each kernel made and ended for it a zmq
+            context of its own and three threads."""
+
         def init_kernel(self) -> None:
             from ipykernel.zmqshell import ZMQInteractiveShell
 
