@@ -296,6 +296,24 @@ async def test_a_forked_kernel_makes_no_heartbeat_nobody_listens_to(kernel: Kern
 
 
 @pytest.mark.timeout(120)
+async def test_a_forked_kernel_imports_nothing_to_start(kernel: Kernel) -> None:
+    """Every module a forked kernel has at its first cell the zygote had imported already:
+    an import at start is the kernel's to pay in every run (pdb's were ~5 ms)."""
+    imported = await value(
+        kernel,
+        """
+        import json, sys
+        zygotes = set(get_ipython().kernel._kernel_modules)  # the zygote's modules' files
+        print(json.dumps(sorted(
+            name for name, module in list(sys.modules.items())
+            if isinstance(getattr(module, "__file__", None), str) and module.__file__ not in zygotes
+        )))
+        """,
+    )
+    assert imported == []
+
+
+@pytest.mark.timeout(120)
 async def test_storemagic_loaded_in_the_zygote_works_in_each_forked_kernel(
     kernel: Kernel, fork_settings: Settings, zygote: forkserver.Zygote
 ) -> None:

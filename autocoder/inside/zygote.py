@@ -73,6 +73,10 @@ PRELOAD = (
     "ipykernel.comm",
     "ipykernel.debugger",
     "IPython.core.completerlib",
+    "IPython.core.debugger",  # what ipykernel's init_pdb imports: with pdb, bdb, cmd
+    "pdb",
+    "IPython.core.logger",
+    "resource",  # the kernel's rlimits (_kernel)
     "faulthandler",
     "IPython.core.interactiveshell",
     "IPython.core.completer",
