@@ -268,16 +268,12 @@ async def components(args: argparse.Namespace, llm_url: str, work: Path) -> Mete
                 meter.add("  of which the kernel process to ready", 0.0, live_cpu(pid))
             done = await meter.measure("execute", lambda k=kernel: k.execute(CODE, timeout=30))
             assert done.stdout == EXPECTED, done
-            workdir = kernel.workdir
 
             async def end(k: Any = kernel) -> None:
                 await k.end_processes()
-                k.release_workdir()
-                await k.shutdown()
+                await k.shutdown()  # its workdir (a disk budget's mount) goes with it
 
             await meter.measure("end (kill, then teardown)", end)
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
             if i < 2:  # warm-up: first imports and caches
                 meter.rows.clear()
 
