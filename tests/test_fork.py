@@ -116,6 +116,54 @@ async def test_two_forked_kernels_share_nothing(
     assert inits[0] != inits[1]
 
 
+DATA_STACK_PROBE = """
+import json, random, sys
+preloaded = [m in sys.modules for m in ("numpy", "pandas", "matplotlib.pyplot")]
+import numpy as np
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import pandas as pd
+seen = [plt.get_fignums(), mpl.rcParams["lines.linewidth"], pd.get_option("display.max_rows")]
+plt.figure()
+mpl.rcParams["lines.linewidth"] = 7.5
+pd.set_option("display.max_rows", 3)
+print(json.dumps([preloaded, seen, np.random.rand(3).tolist(), random.random()]))
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_forked_kernels_start_with_the_data_stack_and_their_own_random_state(
+    fork_settings: Settings, zygote: forkserver.Zygote
+) -> None:
+    """numpy, pandas and pyplot are loaded before a run's first cell, and yet no two kernels
+    draw the same random numbers or see each other's figures, rcParams or pandas options."""
+    pytest.importorskip("pandas")
+    pytest.importorskip("matplotlib")
+    results: list[Any] = []
+    for _ in range(2):
+        async with new_kernel(fork_settings) as k:
+            assert isinstance(process_of(k), forkserver.ForkedProcess)
+            results.append(await value(k, DATA_STACK_PROBE))
+    (preloaded_a, seen_a, numpy_a, random_a), (preloaded_b, seen_b, numpy_b, random_b) = results
+    assert preloaded_a == preloaded_b == [True, True, True]
+    assert seen_a == seen_b  # the second kernel starts as the first did
+    assert seen_b[0] == [] and seen_b[1] != 7.5 and seen_b[2] != 3
+    assert numpy_a != numpy_b
+    assert random_a != random_b
+
+
+@pytest.mark.timeout(120)
+async def test_a_plot_in_a_forked_kernel_fits_in_a_3_s_timeout(kernel: Kernel) -> None:
+    pytest.importorskip("matplotlib")
+    done = await kernel.execute(
+        "import matplotlib.pyplot as plt\nimport pandas as pd\n"
+        "pd.Series([1, 4, 9]).plot()\nplt.title('squares')\nplt.show()",
+        timeout=3,
+    )
+    assert done.kind is None, done
+    assert any("image/png" in out.get("data", {}) for out in done.outputs), done.outputs
+
+
 @pytest.mark.timeout(120)
 async def test_with_the_zygote_up_another_language_still_gets_its_own_kernel(
     fork_settings: Settings, zygote: forkserver.Zygote
@@ -231,6 +279,41 @@ async def test_a_forked_kernel_has_the_debuggers_module_list_and_the_real_sys(
 
 
 @pytest.mark.timeout(120)
+async def test_a_forked_kernel_makes_no_heartbeat_nobody_listens_to(kernel: Kernel) -> None:
+    """The server's client opens no heartbeat channel: a forked kernel makes no heartbeat
+    thread, nor the zmq context and its threads that went with it."""
+    threads, tasks = await value(
+        kernel,
+        """
+        import json, os, threading
+        print(json.dumps([[t.name for t in threading.enumerate()], len(os.listdir("/proc/self/task"))]))
+        """,
+    )
+    assert "Heartbeat" not in threads and {"IOPub", "Control"} <= set(threads)
+    assert tasks <= 8  # main, IOPub, Control, Shell channel, zmq's two, the two fd watchers
+    done = await kernel.execute("print('still answering')", timeout=20)
+    assert done.stdout == "still answering\n"
+
+
+@pytest.mark.timeout(120)
+async def test_a_forked_kernel_imports_nothing_to_start(kernel: Kernel) -> None:
+    """Every module a forked kernel has at its first cell the zygote had imported already:
+    an import at start is the kernel's to pay in every run (pdb's were ~5 ms)."""
+    imported = await value(
+        kernel,
+        """
+        import json, sys
+        zygotes = set(get_ipython().kernel._kernel_modules)  # the zygote's modules' files
+        print(json.dumps(sorted(
+            name for name, module in list(sys.modules.items())
+            if isinstance(getattr(module, "__file__", None), str) and module.__file__ not in zygotes
+        )))
+        """,
+    )
+    assert imported == []
+
+
+@pytest.mark.timeout(120)
 async def test_storemagic_loaded_in_the_zygote_works_in_each_forked_kernel(
     kernel: Kernel, fork_settings: Settings, zygote: forkserver.Zygote
 ) -> None:
@@ -330,6 +413,34 @@ async def test_once_a_forked_kernel_is_ended_nothing_of_it_writes_any_more(
     assert len(sizes) == 3 and all(sizes.values())
     await asyncio.sleep(0.3)
     assert {p.name: p.stat().st_size for p in kernel.workdir.iterdir()} == sizes
+
+
+@pytest.mark.timeout(120)
+async def test_an_ended_kernel_is_torn_down_without_talking_to_it(
+    fork_settings: Settings, zygote: forkserver.Zygote
+) -> None:
+    """A run's kernel is ended by ending its processes; its teardown then sends it nothing
+    (no interrupt to a kernel that is gone) and still leaves nothing: no process, cgroup,
+    runtime dir or connection file."""
+    k = new_kernel(fork_settings)
+    await k.start()
+    assert k.km is not None
+    manager: Any = k.km.manager  # type: ignore[attr-defined]
+    provisioner, runtime = manager.provisioner, k.km.runtime_dir  # type: ignore[attr-defined]
+    cgroups, init = list(provisioner._cgroups), provisioner.pid
+    assert cgroups and runtime is not None and runtime.is_dir()
+    sent: list[str] = []
+    send = manager.session.send
+    manager.session.send = lambda stream, msg, *a, **kw: (
+        sent.append(msg if isinstance(msg, str) else msg["header"]["msg_type"]),
+        send(stream, msg, *a, **kw),
+    )[1]
+    await k.end_processes()
+    await k.shutdown()
+    assert sent == []
+    assert not alive(init)
+    assert not any(os.path.exists(c) for c in cgroups)
+    assert not runtime.exists()
 
 
 @pytest.mark.timeout(120)

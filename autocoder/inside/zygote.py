@@ -73,6 +73,10 @@ PRELOAD = (
     "ipykernel.comm",
     "ipykernel.debugger",
     "IPython.core.completerlib",
+    "IPython.core.debugger",  # what ipykernel's init_pdb imports: with pdb, bdb, cmd
+    "pdb",
+    "IPython.core.logger",
+    "resource",  # the kernel's rlimits (_kernel)
     "faulthandler",
     "IPython.core.interactiveshell",
     "IPython.core.completer",
@@ -86,6 +90,21 @@ PRELOAD = (
     "json",
     "ast",
     "traceback",
+)
+
+# The data stack, imported once where it is installed (a zygote starts without it): a kernel
+# then starts with it loaded, in pages it shares, and a run's `import pandas` costs nothing.
+# What of it must differ between kernels, their random state, each kernel seeds anew
+# (_reseed); nothing of a run ever reaches the zygote, so matplotlib's figures and rcParams and
+# pandas' options start as imported in every kernel. The inline backend (matplotlib_inline)
+# is not among them: its import hooks into the running shell, so a kernel imports it itself
+# (MPLBACKEND names it) when it first draws, and renders with Agg, imported here.
+DATA_STACK = (
+    "numpy",
+    "pandas",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "matplotlib.backends.backend_agg",
 )
 
 
@@ -285,7 +304,7 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int, joined: int) -> None
     os.chdir(req["workdir"])
     os.environ.clear()
     os.environ.update(req["env"])
-    random.seed()
+    _reseed(random)
     sys.argv = argv[2:]
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (the kernel's for its life)
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
@@ -316,6 +335,16 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int, joined: int) -> None
         code = 1
     sys.stderr.flush()
     os._exit(code)
+
+
+def _reseed(random: Any) -> None:
+    """Random state of this kernel's own, from the OS: the zygote's imports seeded `random`
+    and numpy's global generator once, and every kernel forked would draw the same numbers.
+    (numpy's `default_rng()` and `secrets` draw fresh entropy each time already.)"""
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()  # None: fresh entropy from the OS
 
 
 def _await_cgroups(joined: int) -> None:
@@ -491,6 +520,11 @@ def _kernel_app() -> Any:
             """The server wrote it (its keys never pass through the zygote) with the kernel's
             ipc paths: there is nothing to add, and it is mounted read-only."""
 
+        def init_heartbeat(self) -> None:
+            """None: the server's client never opens the heartbeat channel (whether a kernel
+            lives comes from its process), and each kernel made and ended for it a zmq
+            context of its own and three threads."""
+
         def init_kernel(self) -> None:
             from ipykernel.zmqshell import ZMQInteractiveShell
 
@@ -628,6 +662,21 @@ def _prebuild_app() -> None:
     app.log.debug("the kernel's app, built in the zygote")  # its logging configured
 
 
+def _import_data_stack() -> None:
+    """DATA_STACK, each where it is installed; one that is missing or fails is left to the
+    kernels, which import it themselves (as an exec'd kernel does), and the zygote starts."""
+    import importlib.util
+
+    for name in DATA_STACK:
+        top = name.partition(".")[0]
+        if top not in sys.modules and importlib.util.find_spec(top) is None:
+            continue
+        try:
+            __import__(name)
+        except Exception as e:
+            sys.stderr.write(f"autocoder.forkserver: {name} not preloaded: {e!r}\n")
+
+
 def _warm_up() -> None:
     """Caches every kernel fills on its first execute (tokenizer patterns, IPython's cell
     transforms), filled once here: pure functions of the code, no state of any kernel."""
@@ -729,6 +778,7 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
+    _import_data_stack()
     try:
         _prebuild_shell(kernel_args)
         _prebuild_app()
