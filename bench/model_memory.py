@@ -1,7 +1,7 @@
 """Resident memory of the embedded model's server: autocoder's flags against the server's defaults.
 
 Both servers load the same verified GGUF at the same context size, answer the same long prompt
-(about 1,900 tokens) with 400 generated tokens, and their VmRSS is read from /proc, side by side.
+(about 3,400 tokens) with 400 generated tokens, and their VmRSS is read from /proc, side by side.
 
     python bench/model_memory.py
 """
