@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import os
 import signal
@@ -33,15 +35,23 @@ class Progress:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.model_named = False
 
     def say(self, text: str) -> None:
         if self.enabled:
             print(f"autocoder: {text}", file=sys.stderr, flush=True)
 
+    def name_model(self, backend: str, model: str) -> None:
+        """Which model answers, said once (a chat's prompts all ask the same one)."""
+        if not self.model_named:
+            self.model_named = True
+            self.say(f"using the {backend} model {model}")
+
     def __call__(self, event: Event) -> None:
         d = event.data
         n = event.attempt
         if event.type == "attempt_started":
+            self.name_model(d["backend"], d["model"])
             self.say(f"attempt {n}/{d['max_attempts']}: generating…")
         elif event.type == "code_generated":
             lines = len(d["code"].splitlines())
@@ -208,9 +218,11 @@ def _print_result(result: RunResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from autocoder.engine import open_engine  # start-up time: `autocoder --help` stays quick
-
     settings = _settings(args)
+    if "kernel_start" not in settings.model_fields_set:
+        # One run, one kernel: booting a zygote to fork it costs at least what exec'ing the
+        # kernel does (bench/cli.py prints both), and leaves nothing warm behind to reuse.
+        settings = settings.model_copy(update={"kernel_start": "exec"})
     prompt = _read_prompt(args.prompt)
     if not prompt:
         _fail("no prompt given (pass it as an argument, on stdin, or type it when asked)")
@@ -230,16 +242,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_dirs(settings)
     disk.check_room(settings)
     progress = Progress(not args.quiet)
+    from autocoder import sandbox  # start-up time: `autocoder --help` stays quick
+
+    # The sandbox's probe (a confined `python -c pass`, which open_engine then finds done)
+    # runs while the engine is imported: both come before the kernel can start.
+    with concurrent.futures.ThreadPoolExecutor(1) as probing:
+        probe = probing.submit(sandbox.check_available, settings)
+        from autocoder.engine import open_engine  # start-up time, as the sandbox
+
+        probe.result()
 
     async def go() -> RunResult:
         # The server's store: with AUTOCODER_DATABASE_URL every replica lists this run at once.
         async with open_engine(settings, pool_size=0) as engine:
-            model = await engine.runner.llm()
-            name = await model.resolve_model()
-            progress.say(f"using the {model.backend} model {name}")
+            # The model is connected to inside the run, while its kernel starts; the first
+            # attempt's event names it.
             return await engine.run(
                 prompt,
-                listed_model=name,
+                listed_model=settings.model or "",
                 on_event=progress,
                 inputs=inputs,
                 language=language.name,
@@ -326,7 +346,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         nonlocal engine
         engine = await opened.enter_async_context(open_engine(settings, pool_size=0))
         model = await engine.runner.llm()
-        progress.say(f"using the {model.backend} model {await model.resolve_model()}")
+        progress.name_model(model.backend, await model.resolve_model())
         return await engine.sessions.create(inputs=inputs, timeout=args.timeout, model=args.model)
 
     async def turn(prompt: str) -> RunResult | None:
@@ -558,6 +578,15 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        # The command ends here: the interpreter's last collections would walk every object
+        # its imports made (openai's and pydantic's types), 0.3-0.6 s of a one-shot run's wall.
+        gc.freeze()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
