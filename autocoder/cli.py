@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 every attempt failed, 2 bad usage or configuration.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import concurrent.futures
 import contextlib
@@ -18,14 +17,17 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from pydantic import ValidationError
-
-from autocoder import __version__, disk, files, languages
-from autocoder.config import Settings, load_settings, prepare_dirs, writable_dir
+from autocoder import __version__
 from autocoder.errors import AutocoderError, ConfigError
-from autocoder.records import ErrorKind, Event, RunResult
+
+# Start-up time: `autocoder --help` prints before anything but argparse is imported
+# (bench/imports.py). What needs pydantic (the settings, the records), asyncio or the engine
+# is imported in the command that uses it.
+if TYPE_CHECKING:
+    from autocoder.config import Settings
+    from autocoder.records import Event, RunResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -48,6 +50,8 @@ class Progress:
             self.say(f"using the {backend} model {model}")
 
     def __call__(self, event: Event) -> None:
+        from autocoder.records import ErrorKind  # start-up time (see the imports)
+
         d = event.data
         n = event.attempt
         if event.type == "attempt_started":
@@ -95,6 +99,10 @@ FLAG_SETTINGS = {
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from pydantic import ValidationError  # start-up time (see the imports)
+
+    from autocoder.config import load_settings
+
     overrides = {field: getattr(args, dest, None) for dest, field in FLAG_SETTINGS.items()}
     try:
         return load_settings(**overrides)
@@ -114,6 +122,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def ready_settings(args: argparse.Namespace) -> Settings:
     """Settings for a command that saves runs: its directories exist and can be written to
     (ConfigError otherwise), checked before any code runs rather than when it is saved."""
+    from autocoder.config import prepare_dirs  # start-up time (see the imports)
+
     settings = _settings(args)
     prepare_dirs(settings)
     return settings
@@ -188,6 +198,8 @@ def _image(out: dict[str, Any]) -> str:
 
 
 def _print_result(result: RunResult) -> None:
+    from autocoder.records import ErrorKind  # start-up time (see the imports)
+
     rule = "─" * 60
     last = result.attempts[-1] if result.attempts else None
     if result.code:
@@ -218,6 +230,12 @@ def _print_result(result: RunResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio  # start-up time (see the imports)
+
+    from autocoder import disk, files, languages
+    from autocoder.config import prepare_dirs
+    from autocoder.records import ErrorKind
+
     settings = _settings(args)
     if "kernel_start" not in settings.model_fields_set:
         # One run, one kernel: booting a zygote to fork it costs at least what exec'ing the
@@ -242,7 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_dirs(settings)
     disk.check_room(settings)
     progress = Progress(not args.quiet)
-    from autocoder import sandbox  # start-up time: `autocoder --help` stays quick
+    from autocoder import sandbox  # start-up time (see the imports)
 
     # The sandbox's probe (a confined `python -c pass`, which open_engine then finds done)
     # runs while the engine is imported: both come before the kernel can start.
@@ -322,8 +340,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     Ctrl-C stops the prompt that is running (the session stays); at the prompt, Ctrl-C or
     Ctrl-D leaves. The session's notebook path is printed at the end.
     """
-    from autocoder.engine import Engine, open_engine  # start-up time, as in cmd_run
-    from autocoder.sessions import Session, SessionError  # start-up time
+    import asyncio  # start-up time (see the imports)
+
+    from autocoder import files
+    from autocoder.engine import Engine, open_engine
+    from autocoder.records import ErrorKind
+    from autocoder.sessions import Session, SessionError
 
     settings = _settings(args)
     # A chat lasts as long as its user keeps it (up to AUTOCODER_SESSION_MAX_AGE), not the
@@ -438,6 +460,8 @@ def cmd_kernels_install(args: argparse.Namespace) -> int:
 
 def cmd_kernels_list(args: argparse.Namespace) -> int:
     """Which languages this installation can run, and what installs the others."""
+    from autocoder import languages  # start-up time (see the imports)
+
     found = languages.availability(_settings(args))
     if args.json:
         print(json.dumps([dataclasses.asdict(a) for a in found], indent=2))
@@ -464,6 +488,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_model_serve(args: argparse.Namespace) -> int:
     from autocoder import local_model  # start-up time: llama.cpp's bindings only here
+    from autocoder.config import writable_dir
 
     settings = _settings(args)
     writable_dir(settings.home, "embedded model", "AUTOCODER_HOME")
