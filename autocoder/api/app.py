@@ -60,7 +60,7 @@ def limit_malloc_growth(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -
       that is freed (up to 32 MiB), so after the first flood the megabyte-sized copies of a
       run's kept output (the record, the notebook, the answer's JSON) came from the heap and
       stayed there. Fixed, each block that size is its own mapping, unmapped when freed: six
-      floods through `POST /run` cost +5 MB, not +26 MB (`python bench/flood.py`).
+      floods through `POST /run` cost +5 MB, not +21 to +26 MB (`python bench/flood.py`).
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
