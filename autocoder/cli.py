@@ -6,24 +6,28 @@ Exit codes: 0 success, 1 every attempt failed, 2 bad usage or configuration.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from pydantic import ValidationError
-
-from autocoder import __version__, disk, files, languages
-from autocoder.config import Settings, load_settings, prepare_dirs, writable_dir
+from autocoder import __version__
 from autocoder.errors import AutocoderError, ConfigError
-from autocoder.records import ErrorKind, Event, RunResult
+
+# Start-up time: `autocoder --help` prints before anything but argparse is imported
+# (bench/imports.py). What needs pydantic (the settings, the records), asyncio or the engine
+# is imported in the command that uses it.
+if TYPE_CHECKING:
+    from autocoder.config import Settings
+    from autocoder.records import Event, RunResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -33,15 +37,25 @@ class Progress:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.model_named = False
 
     def say(self, text: str) -> None:
         if self.enabled:
             print(f"autocoder: {text}", file=sys.stderr, flush=True)
 
+    def name_model(self, backend: str, model: str) -> None:
+        """Which model answers, said once (a chat's prompts all ask the same one)."""
+        if not self.model_named:
+            self.model_named = True
+            self.say(f"using the {backend} model {model}")
+
     def __call__(self, event: Event) -> None:
+        from autocoder.records import ErrorKind  # start-up time (see the imports)
+
         d = event.data
         n = event.attempt
         if event.type == "attempt_started":
+            self.name_model(d["backend"], d["model"])
             self.say(f"attempt {n}/{d['max_attempts']}: generating…")
         elif event.type == "code_generated":
             lines = len(d["code"].splitlines())
@@ -85,6 +99,10 @@ FLAG_SETTINGS = {
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from pydantic import ValidationError  # start-up time (see the imports)
+
+    from autocoder.config import load_settings
+
     overrides = {field: getattr(args, dest, None) for dest, field in FLAG_SETTINGS.items()}
     try:
         return load_settings(**overrides)
@@ -104,6 +122,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def ready_settings(args: argparse.Namespace) -> Settings:
     """Settings for a command that saves runs: its directories exist and can be written to
     (ConfigError otherwise), checked before any code runs rather than when it is saved."""
+    from autocoder.config import prepare_dirs  # start-up time (see the imports)
+
     settings = _settings(args)
     prepare_dirs(settings)
     return settings
@@ -178,6 +198,8 @@ def _image(out: dict[str, Any]) -> str:
 
 
 def _print_result(result: RunResult) -> None:
+    from autocoder.records import ErrorKind  # start-up time (see the imports)
+
     rule = "─" * 60
     last = result.attempts[-1] if result.attempts else None
     if result.code:
@@ -208,9 +230,17 @@ def _print_result(result: RunResult) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from autocoder.engine import open_engine  # start-up time: `autocoder --help` stays quick
+    import asyncio  # start-up time (see the imports)
+
+    from autocoder import disk, files, languages
+    from autocoder.config import prepare_dirs
+    from autocoder.records import ErrorKind
 
     settings = _settings(args)
+    if "kernel_start" not in settings.model_fields_set:
+        # One run, one kernel: booting a zygote to fork it costs at least what exec'ing the
+        # kernel does (bench/cli.py prints both), and leaves nothing warm behind to reuse.
+        settings = settings.model_copy(update={"kernel_start": "exec"})
     prompt = _read_prompt(args.prompt)
     if not prompt:
         _fail("no prompt given (pass it as an argument, on stdin, or type it when asked)")
@@ -230,16 +260,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_dirs(settings)
     disk.check_room(settings)
     progress = Progress(not args.quiet)
+    from autocoder import sandbox  # start-up time (see the imports)
+
+    # The sandbox's probe (a confined `python -c pass`, which open_engine then finds done)
+    # runs while the engine is imported: both come before the kernel can start.
+    with concurrent.futures.ThreadPoolExecutor(1) as probing:
+        probe = probing.submit(sandbox.check_available, settings)
+        from autocoder.engine import open_engine  # start-up time, as the sandbox
+
+        probe.result()
 
     async def go() -> RunResult:
         # The server's store: with AUTOCODER_DATABASE_URL every replica lists this run at once.
         async with open_engine(settings, pool_size=0) as engine:
-            model = await engine.runner.llm()
-            name = await model.resolve_model()
-            progress.say(f"using the {model.backend} model {name}")
+            # The model is connected to inside the run, while its kernel starts; the first
+            # attempt's event names it.
             return await engine.run(
                 prompt,
-                listed_model=name,
+                listed_model=settings.model or "",
                 on_event=progress,
                 inputs=inputs,
                 language=language.name,
@@ -302,8 +340,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     Ctrl-C stops the prompt that is running (the session stays); at the prompt, Ctrl-C or
     Ctrl-D leaves. The session's notebook path is printed at the end.
     """
-    from autocoder.engine import Engine, open_engine  # start-up time, as in cmd_run
-    from autocoder.sessions import Session, SessionError  # start-up time
+    import asyncio  # start-up time (see the imports)
+
+    from autocoder import files
+    from autocoder.engine import Engine, open_engine
+    from autocoder.records import ErrorKind
+    from autocoder.sessions import Session, SessionError
 
     settings = _settings(args)
     # A chat lasts as long as its user keeps it (up to AUTOCODER_SESSION_MAX_AGE), not the
@@ -326,7 +368,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         nonlocal engine
         engine = await opened.enter_async_context(open_engine(settings, pool_size=0))
         model = await engine.runner.llm()
-        progress.say(f"using the {model.backend} model {await model.resolve_model()}")
+        progress.name_model(model.backend, await model.resolve_model())
         return await engine.sessions.create(inputs=inputs, timeout=args.timeout, model=args.model)
 
     async def turn(prompt: str) -> RunResult | None:
@@ -426,6 +468,8 @@ def cmd_kernels_install(args: argparse.Namespace) -> int:
 
 def cmd_kernels_list(args: argparse.Namespace) -> int:
     """Which languages this installation can run, and what installs the others."""
+    from autocoder import languages  # start-up time (see the imports)
+
     found = languages.availability(_settings(args))
     if args.json:
         print(json.dumps([dataclasses.asdict(a) for a in found], indent=2))
@@ -452,6 +496,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 def cmd_model_serve(args: argparse.Namespace) -> int:
     from autocoder import local_model  # start-up time: llama.cpp's bindings only here
+    from autocoder.config import writable_dir
 
     settings = _settings(args)
     writable_dir(settings.home, "embedded model", "AUTOCODER_HOME")
@@ -577,6 +622,15 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        # The command ends here: the interpreter's last collections would walk every object
+        # its imports made (openai's and pydantic's types), 0.3-0.6 s of a one-shot run's wall.
+        gc.freeze()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import abc
 import ast
+import asyncio
+import importlib
 import ipaddress
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-import httpx
-import openai
 
 from autocoder.config import DEFAULT_OPENAI_URL, Settings
 from autocoder.errors import ConfigError, LLMError
+
+if TYPE_CHECKING:
+    import openai
 
 DEFAULT_REMOTE_MODEL = "gpt-4o-mini"
 
@@ -164,6 +166,11 @@ class OpenAIChat(LLM):
         self.backend = backend
         self.model = model or ""
         self.settings = settings
+        # Start-up time: openai builds its hundreds of types at import (0.3-0.8 s), which a
+        # command that never asks the model (`autocoder --help`, the magic's import) skips;
+        # connect() imports it in a thread, while the run's kernel starts.
+        import openai
+
         self.client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or "not-needed",
@@ -175,6 +182,8 @@ class OpenAIChat(LLM):
         """Ask a local server which model it serves when none is configured."""
         if self.model:
             return self.model
+        import openai  # start-up time, as in __init__ (imported by then)
+
         try:
             page = await self.client.models.list()
         except openai.APIError as e:
@@ -195,6 +204,8 @@ class OpenAIChat(LLM):
         on_token: OnToken | None = None,
         seed: int | None = None,
     ) -> Completion:
+        import openai  # start-up time, as in __init__ (imported by then)
+
         model = model or await self.resolve_model()
         if on_token is not None:
             return await self._stream(messages, temperature, max_tokens, model, on_token, seed)
@@ -236,6 +247,9 @@ class OpenAIChat(LLM):
         sends one chunk per token) is counted by its chunks. The client's timeout then
         bounds each wait for the next chunk, not the whole reply.
         """
+        import httpx  # start-up time, as openai in __init__ (imported by then)
+        import openai
+
         start = time.monotonic()
         pieces: list[str] = []
         chunks = 0
@@ -283,6 +297,8 @@ class OpenAIChat(LLM):
         )
 
     def _translate(self, e: openai.APIError) -> Exception:
+        import openai  # start-up time, as in __init__ (imported by then)
+
         where = f"the model endpoint {self.base_url} (OPENAI_BASE_URL)"
         if isinstance(e, openai.APITimeoutError):
             return LLMError(
@@ -314,7 +330,11 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 async def connect(settings: Settings) -> LLM:
-    """The model the settings ask for: a configured endpoint, else the embedded one."""
+    """The model the settings ask for: a configured endpoint, else the embedded one.
+
+    The client's library is imported in a thread: the loop meanwhile goes on starting the
+    run's kernel, in its own process."""
+    await asyncio.to_thread(importlib.import_module, "openai")
     if settings.uses_remote_endpoint:
         base_url = settings.openai_base_url or DEFAULT_OPENAI_URL
         if not settings.api_key and not _is_loopback(base_url):

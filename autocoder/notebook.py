@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import json
 import os
 import re
 import stat
@@ -19,11 +20,78 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
 from autocoder import __version__, languages
 from autocoder.records import Attempt, ErrorKind, RunResult
+
+# Notebooks are built here as plain nbformat v4.5 JSON (dicts), not with nbformat: importing
+# nbformat imports its validator, hence jsonschema, which compiles a grammar at import (2 s of
+# every command's start), and nbformat's builders validate each cell and output as it is made
+# (a run's cost on the server). tests/test_notebook.py validates every kind of notebook written
+# here with nbformat itself.
+Notebook = dict[str, Any]
+Cell = dict[str, Any]
+NBFORMAT, NBFORMAT_MINOR = 4, 5
+# Besides text/*, the mimetypes nbformat's writer stores as a list of lines.
+SPLIT_MIMES = frozenset({"application/javascript", "image/svg+xml"})
+
+
+def new_notebook() -> Notebook:
+    return {"nbformat": NBFORMAT, "nbformat_minor": NBFORMAT_MINOR, "metadata": {}, "cells": []}
+
+
+def code_cell(source: str = "", **fields: Any) -> Cell:
+    """A code cell; its id is set by `number_cells` once the notebook is whole."""
+    return {
+        "cell_type": "code",
+        "id": "",
+        "metadata": {},
+        "execution_count": None,
+        "source": source,
+        "outputs": [],
+        **fields,
+    }
+
+
+def markdown_cell(source: str = "", **fields: Any) -> Cell:
+    return {"cell_type": "markdown", "id": "", "metadata": {}, "source": source, **fields}
+
+
+def number_cells(nb: Notebook) -> Notebook:
+    """Cell ids by position, not random: the same record always gives the same notebook."""
+    for i, cell in enumerate(nb["cells"]):
+        cell["id"] = f"cell-{i}"
+    return nb
+
+
+def notebook_json(nb: Notebook) -> str:
+    """The notebook as nbformat's writer writes one (sorted keys, indent 1, multiline text as
+    lists of lines), without changing `nb`."""
+    cells = []
+    for cell in nb["cells"]:
+        cell = dict(cell)
+        if isinstance(cell.get("source"), str):
+            cell["source"] = cell["source"].splitlines(True)
+        if cell["cell_type"] == "code":
+            cell["outputs"] = [_split_output(out) for out in cell["outputs"]]
+        cells.append(cell)
+    return json.dumps(
+        {**nb, "cells": cells}, indent=1, sort_keys=True, separators=(",", ": "), ensure_ascii=False
+    )
+
+
+def _split_output(out: dict[str, Any]) -> dict[str, Any]:
+    out = dict(out)
+    if out.get("output_type") in {"execute_result", "display_data"}:
+        out["data"] = {
+            key: value.splitlines(True)
+            if isinstance(value, str) and (key.startswith("text/") or key in SPLIT_MIMES)
+            else value
+            for key, value in (out.get("data") or {}).items()
+        }
+    elif out.get("output_type") == "stream" and isinstance(out.get("text"), str):
+        out["text"] = out["text"].splitlines(True)
+    return out
+
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 RUN_ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyz-")
@@ -125,12 +193,13 @@ def files_folder(notebook: str | Path) -> str:
     return Path(notebook).stem + FILES_SUFFIX
 
 
-def setup_cell(language: str, folder: str) -> Any:
+def setup_cell(language: str, folder: str) -> Cell:
     """The first code cell of a notebook whose code works with files: it enters the folder
     beside the notebook, as a Jupyter kernel starts in the notebook's own folder."""
-    cell = new_code_cell(languages.get(language).enter_dir(folder))
-    cell.metadata["autocoder"] = {"setup": "files", "folder": folder}
-    return cell
+    return code_cell(
+        languages.get(language).enter_dir(folder),
+        metadata={"autocoder": {"setup": "files", "folder": folder}},
+    )
 
 
 def notebook_path(notebooks_dir: Path, run_id: str, prompt: str = "") -> Path:
@@ -288,7 +357,7 @@ def agree_line(attempt: Attempt) -> str:
     return f"{agree} of {drawn} candidates agree"
 
 
-def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[Any]:
+def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[Cell]:
     """A failed attempt is history (markdown, never executed); the answer is a code cell.
 
     JupyterLab honours no skip tags, so only cells that are meant to run may be code cells:
@@ -331,14 +400,17 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[A
         if error:
             body.append("Error:\n\n" + _fence(cap_traceback(error)))
         body.append("</details>")
-        return [new_markdown_cell("\n\n".join(body), metadata=meta), *others]
-    cell = new_code_cell(source=attempt.code.rstrip("\n"), metadata=meta)
-    cell.execution_count = 1
-    cell.outputs = [notebook_output(o, execution_count=1) for o in attempt.outputs]
-    return [new_markdown_cell(heading), cell, *others]
+        return [markdown_cell("\n\n".join(body), metadata=meta), *others]
+    cell = code_cell(
+        attempt.code.rstrip("\n"),
+        metadata=meta,
+        execution_count=1,
+        outputs=[notebook_output(o, execution_count=1) for o in attempt.outputs],
+    )
+    return [markdown_cell(heading), cell, *others]
 
 
-def candidates_cell(attempt: Attempt, timeout: float | None) -> Any:
+def candidates_cell(attempt: Attempt, timeout: float | None) -> Cell:
     """An attempt's other candidates, collapsed: each one's code, output or error, and whether
     it produced the attempt's answer."""
     plain = f"{agree_line(attempt)}; the others of attempt {attempt.number}"
@@ -368,12 +440,12 @@ def candidates_cell(attempt: Attempt, timeout: float | None) -> Any:
             ],
         }
     }
-    return new_markdown_cell("\n\n".join(body), metadata=meta)
+    return markdown_cell("\n\n".join(body), metadata=meta)
 
 
-def notebook_output(output: dict[str, Any], *, execution_count: int | None) -> Any:
+def notebook_output(output: dict[str, Any], *, execution_count: int | None) -> dict[str, Any]:
     """One recorded output as a notebook shows it: text capped, results numbered as their cell."""
-    out = nbformat.from_dict(dict(output))
+    out = dict(output)
     kind = out.get("output_type")
     if kind == "execute_result":
         out["execution_count"] = execution_count
@@ -401,7 +473,7 @@ def title_of(result: RunResult) -> str:
     return first if len(first) <= 80 else first[:79] + "…"
 
 
-def summary_cell(result: RunResult, *, timeout: float | None = None) -> Any:
+def summary_cell(result: RunResult, *, timeout: float | None = None) -> Cell:
     """The title, the prompt, and how the run went: status, attempts, model, time, each attempt."""
     status = "succeeded" if result.status == "success" else "failed"
     if result.error_kind is ErrorKind.UNCERTAIN:
@@ -414,7 +486,7 @@ def summary_cell(result: RunResult, *, timeout: float | None = None) -> Any:
         )
         if not result.attempts and result.error:
             intro += f"\n\nIt did not run: `{error_line(result.error)}`"
-        return new_markdown_cell(intro)
+        return markdown_cell(intro)
     intro = f"# {md_escape(title_of(result))}\n\n**Prompt**\n\n" + "\n".join(
         "> " + md_escape(line) for line in result.prompt.splitlines() or [""]
     )
@@ -435,10 +507,10 @@ def summary_cell(result: RunResult, *, timeout: float | None = None) -> Any:
         )
     elif result.error:
         intro += f"\n\nNo attempt ran: `{error_line(result.error)}`"
-    return new_markdown_cell(intro)
+    return markdown_cell(intro)
 
 
-def failed_cells(result: RunResult, *, timeout: float | None = None) -> list[Any]:
+def failed_cells(result: RunResult, *, timeout: float | None = None) -> list[Cell]:
     """A failed run's last cells: why it failed, and a cell that fails when executed.
 
     Executing a failed run must fail too, so a notebook check in CI is never a false green.
@@ -457,8 +529,8 @@ def failed_cells(result: RunResult, *, timeout: float | None = None) -> list[Any
     else:
         heading = f"**This run failed** ({kind}) after {len(result.attempts)} attempt(s): {why}"
     return [
-        new_markdown_cell(heading),
-        new_code_cell(
+        markdown_cell(heading),
+        code_cell(
             languages.get(result.language).fail(f"autocoder run {result.run_id} failed: {plain}")
         ),
     ]
@@ -470,17 +542,18 @@ def language_info(language: str = "python") -> dict[str, Any]:
     return dict(languages.get(language).language_info)
 
 
-def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbformat.NotebookNode:
+def build_notebook(result: RunResult, *, timeout: float | None = None) -> Notebook:
     """The run as a notebook; a function of its record alone (`timeout` defaults to the
     record's), so the notebook as the run made it can be rebuilt from the record."""
     if timeout is None:
         timeout = result.timeout
     nb = new_notebook()
     lang = languages.get(result.language)
-    nb.metadata["kernelspec"] = dict(lang.kernelspec)
-    nb.metadata["language_info"] = language_info(lang.name)
-    nb.metadata["title"] = title_of(result)
-    nb.metadata["autocoder"] = {
+    meta = nb["metadata"]
+    meta["kernelspec"] = dict(lang.kernelspec)
+    meta["language_info"] = language_info(lang.name)
+    meta["title"] = title_of(result)
+    meta["autocoder"] = {
         "version": __version__,
         "run_id": result.run_id,
         "prompt": result.prompt,
@@ -500,26 +573,25 @@ def build_notebook(result: RunResult, *, timeout: float | None = None) -> nbform
         "workdir": result.workdir,
         "files": [f.model_dump() for f in result.files],
     }
-    nb.cells.append(summary_cell(result, timeout=timeout))
+    cells: list[Cell] = nb["cells"]
+    cells.append(summary_cell(result, timeout=timeout))
     # A run that was given files or wrote some has them in a folder beside its notebook.
     folder = files_folder(result.notebook) if result.workdir and result.notebook else None
     if folder:
-        nb.cells.append(setup_cell(result.language, folder))
+        cells.append(setup_cell(result.language, folder))
     for i, attempt in enumerate(result.attempts, 1):
         if i == len(result.attempts) and not attempt.outputs:
             # A record keeps only the last attempt's outputs, as the result's.
             attempt = attempt.model_copy(update={"outputs": result.outputs})
-        nb.cells.extend(attempt_cells(attempt, len(result.attempts), timeout))
+        cells.extend(attempt_cells(attempt, len(result.attempts), timeout))
     if result.files:
-        nb.cells.append(files_cell(result, folder))
+        cells.append(files_cell(result, folder))
     if result.status != "success":
-        nb.cells.extend(failed_cells(result, timeout=timeout))
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i}"  # not random: the same record always gives the same notebook
-    return nb
+        cells.extend(failed_cells(result, timeout=timeout))
+    return number_cells(nb)
 
 
-def files_cell(result: RunResult, folder: str | None = None) -> Any:
+def files_cell(result: RunResult, folder: str | None = None) -> Cell:
     """A markdown list of the files the code wrote, linked by their path relative to the
     notebook (inside `folder`), which any Jupyter front end opens from where the notebook is;
     a root-relative `/runs/...` link would go to that front end's own server instead."""
@@ -531,13 +603,11 @@ def files_cell(result: RunResult, folder: str | None = None) -> Any:
         lines += ["", f"In the folder `{folder}` beside this notebook."]
     if result.workdir:
         lines += ["", f"Kept on the server in `{result.workdir}`."]
-    return new_markdown_cell("\n".join(lines))
+    return markdown_cell("\n".join(lines))
 
 
 def notebook_text(result: RunResult, *, timeout: float | None = None) -> str:
-    nb = build_notebook(result, timeout=timeout)
-    nbformat.validate(nb)
-    return str(nbformat.writes(nb))
+    return notebook_json(build_notebook(result, timeout=timeout))
 
 
 def write_notebook(result: RunResult, path: Path, *, timeout: float | None = None) -> Path:
@@ -545,7 +615,10 @@ def write_notebook(result: RunResult, path: Path, *, timeout: float | None = Non
     return path
 
 
-def read_notebook(path: Path) -> nbformat.NotebookNode:
+def read_notebook(path: Path) -> Any:
+    """A notebook as nbformat reads it (any version, converted to v4)."""
+    import nbformat  # start-up time: reading notebooks is rare, see Notebook above
+
     return nbformat.read(path, as_version=4)
 
 

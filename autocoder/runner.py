@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from autocoder import bundle, candidates, disk, files, languages
 from autocoder import llm as llm_mod
@@ -24,7 +24,6 @@ from autocoder.files import InputFile
 from autocoder.inside import asserts
 from autocoder.kernel.backend import KernelLedger
 from autocoder.kernel.output import OutputCallback
-from autocoder.kernel.pool import KernelSource
 from autocoder.llm import LLM, Message, clean_traceback, cut_middle, extract_code
 from autocoder.notebook import notebook_path, write_atomic, write_notebook, write_record
 from autocoder.prompts import (
@@ -37,6 +36,9 @@ from autocoder.prompts import (
     system_prompt_for,
 )
 from autocoder.records import Attempt, ErrorKind, Event, Execution, Origin, RunResult
+
+if TYPE_CHECKING:
+    from autocoder.kernel.pool import KernelSource
 
 VIEW_TIMEOUT = 20.0
 EventSink = Callable[[Event], Awaitable[None] | None]
@@ -134,7 +136,12 @@ class Runner:
         self._llm = llm
         self._llm_lock = asyncio.Lock()
         self.ledger = ledger
-        self.kernels: ExecutorProvider[Any] = kernels or KernelSource(settings, ledger=ledger)
+        if kernels is None:
+            # Start-up time: the magic runs code in its own shell and never needs jupyter_client.
+            from autocoder.kernel.pool import KernelSource
+
+            kernels = KernelSource(settings, ledger=ledger)
+        self.kernels: ExecutorProvider[Any] = kernels
         self.policy = policy
         # Kernels of other languages start on demand, one provider each.
         self._others: dict[str, KernelSource] = {}
@@ -144,6 +151,8 @@ class Runner:
         if language == "python":
             return self.kernels
         if language not in self._others:
+            from autocoder.kernel.pool import KernelSource  # start-up time, as in __init__
+
             self._others[language] = KernelSource(
                 self.settings, language=language, ledger=self.ledger
             )
@@ -295,15 +304,15 @@ class _Run:
         error_kind: ErrorKind | None = None
         error = ""
         try:
+            # The kernel starts while the model is connected to (the client's import, the
+            # embedded model's start) and thinks.
+            self.kernel_task = asyncio.create_task(self.kernels.acquire())
             model: LLM | None = None
             policy: RetryPolicy | None = None
             if self.given is None:
                 model = await self.runner.llm()
-                self.model = self.model_override or model.model
+                self.model = self.model_override or model.model or await model.resolve_model()
                 self.backend = model.backend
-            # The kernel starts while the model thinks.
-            self.kernel_task = asyncio.create_task(self.kernels.acquire())
-            if model is not None:
                 if self.kernels.fresh:
                     self.k = candidates.how_many(
                         self.asked_candidates, self.settings.candidates, model.backend
@@ -399,7 +408,12 @@ class _Run:
         """One attempt: its code written by `model` (asked as `policy` says), or, when the
         caller gave the code (no model, no policy), that code; then checked and run."""
         await self.emit(
-            "attempt_started", number, max_attempts=self.settings.max_attempts, candidates=self.k
+            "attempt_started",
+            number,
+            max_attempts=self.settings.max_attempts,
+            candidates=self.k,
+            model=self.model,
+            backend=self.backend,
         )
         start = self.current_started = time.monotonic()
         if model is None or policy is None:

@@ -38,9 +38,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
 from autocoder import bundle, disk
 from autocoder import files as files_mod
 from autocoder import llm as llm_mod
@@ -53,9 +50,15 @@ from autocoder.kernel.pool import KernelSource
 from autocoder.namespace import parse_probe, probe_code, task_with_names
 from autocoder.notebook import (
     KERNELSPEC,
+    Notebook,
+    code_cell,
     language_info,
+    markdown_cell,
     md_escape,
+    new_notebook,
+    notebook_json,
     notebook_output,
+    number_cells,
     record_path,
     setup_cell,
     write_atomic,
@@ -808,9 +811,8 @@ class Sessions:
         nb = build_session_notebook(
             session.info, results, files_folder=beside.name if beside.is_dir() else None
         )
-        nbformat.validate(nb)
         with _unless_disk_full(session):
-            write_atomic(Path(session.info.notebook), nbformat.writes(nb))
+            write_atomic(Path(session.info.notebook), notebook_json(nb))
 
 
 @contextlib.contextmanager
@@ -841,7 +843,7 @@ def _closed_message(info: SessionInfo) -> str:
 
 def build_session_notebook(
     info: SessionInfo, results: Sequence[RunResult | None], files_folder: str | None = None
-) -> nbformat.NotebookNode:
+) -> Notebook:
     """The session as one story: each prompt, then the code that worked with its outputs.
 
     Failed prompts are markdown (their changes were undone); where the state was lost a
@@ -850,9 +852,9 @@ def build_session_notebook(
     cell enters it, as Jupyter starts the kernel in the notebook's folder.
     """
     nb = new_notebook()
-    nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    nb.metadata["language_info"] = language_info()
-    nb.metadata["autocoder"] = {
+    nb["metadata"]["kernelspec"] = dict(KERNELSPEC)
+    nb["metadata"]["language_info"] = language_info()
+    nb["metadata"]["autocoder"] = {
         "session_id": info.session_id,
         "created_at": info.created_at,
         "status": info.status,
@@ -866,50 +868,50 @@ def build_session_notebook(
         else f"run them in a kernel whose working directory holds the session's files "
         f"(`{info.workdir}`)"
     )
-    nb.cells.append(
-        new_markdown_cell(
+    cells = nb["cells"]
+    cells.append(
+        markdown_cell(
             f"# Session `{info.session_id}`\n\nOpened {info.created_at} · {len(info.runs)} "
             f"prompt(s). Each prompt is followed by the code that did it; Run All gets back to "
             f"where the session ended ({where})."
         )
     )
     if files_folder:
-        nb.cells.append(setup_cell("python", files_folder))
+        cells.append(setup_cell("python", files_folder))
     count = 0
     for number, (run, result) in enumerate(zip(info.runs, results, strict=False), 1):
         quoted = "\n".join("> " + md_escape(line) for line in run.prompt.splitlines() or [""])
         if run.origin == "code":
             quoted = "Code given, run as it is."
         state = "succeeded" if run.status == "success" else "failed"
-        nb.cells.append(
-            new_markdown_cell(
+        cells.append(
+            markdown_cell(
                 f"**{'Prompt' if run.origin == 'model' else 'Code'} {number}** · run "
                 f"`{run.run_id}` · {state}\n\n{quoted}",
                 metadata={"autocoder": {"run_id": run.run_id, "status": run.status}},
             )
         )
         if run.state_lost:
-            nb.cells.append(
-                new_markdown_cell(
+            cells.append(
+                markdown_cell(
                     "The session's state was lost during this prompt (its kernel died or was "
                     "restarted after a timeout): what earlier cells defined is gone from here on."
                 )
             )
             count += 1
-            reset = new_code_cell("%reset -f")
-            reset.execution_count = count
-            nb.cells.append(reset)
+            cells.append(code_cell("%reset -f", execution_count=count))
         if run.status != "success" or result is None:
             kind = run.error_kind.value if run.error_kind else "error"
-            nb.cells.append(
-                new_markdown_cell(f"It failed ({kind}); its changes to the session were undone.")
+            cells.append(
+                markdown_cell(f"It failed ({kind}); its changes to the session were undone.")
             )
             continue
         count += 1
-        cell = new_code_cell(
-            result.code.rstrip("\n"), metadata={"autocoder": {"run_id": run.run_id}}
+        cell = code_cell(
+            result.code.rstrip("\n"),
+            metadata={"autocoder": {"run_id": run.run_id}},
+            execution_count=count,
+            outputs=[notebook_output(out, execution_count=count) for out in result.outputs],
         )
-        cell.execution_count = count
-        cell.outputs = [notebook_output(out, execution_count=count) for out in result.outputs]
-        nb.cells.append(cell)
-    return nb
+        cells.append(cell)
+    return number_cells(nb)

@@ -1,14 +1,19 @@
-"""What one output flood costs the calling process, with and without the kernel's own cap.
+"""What output floods cost the calling process: an in-process Runner, and `autocoder serve`.
 
-The generated code is `print('x' * 10**8)`, run through the whole engine (a Runner, the scripted
-model on 127.0.0.1, a real kernel). Each configuration runs in a fresh process: a warm-up run
-first, then the peak RSS is reset (/proc/self/clear_refs) and the flood runs; the growth is the
-new peak minus the RSS before it. "without" starts kernels whose launcher is not given the limit
-(AUTOCODER_MAX_OUTPUT_BYTES), so only the server cuts, as before the in-kernel cap.
+The generated code is `print('x' * 10**8)`, run through the whole engine (the scripted model on
+127.0.0.1, a real kernel), side by side in one run:
+- a Runner in a fresh process, with and without the kernel's own cap: a warm-up run first,
+  then the peak RSS is reset (/proc/self/clear_refs) and the flood runs; the growth is the new
+  peak minus the RSS before it. "without" starts kernels whose launcher is not given the limit
+  (AUTOCODER_MAX_OUTPUT_BYTES), so only the server cuts, as before the in-kernel cap;
+- a live `autocoder serve` subprocess: after warm-up runs, `--floods` floods through
+  `POST /run`, one after the other; its RSS (VmRSS of the server process: kernels are other
+  processes) after each, against the RSS before the first, and its peak (VmHWM) meanwhile.
+  The growth after the last flood is where it plateaus: what floods cost the server to keep.
 
-    python bench/flood.py [--sandbox bwrap|none] [--repeat 3]
+    python bench/flood.py [--sandbox bwrap|none] [--repeat 3] [--floods 6]
 
-docs/security.md quotes its table.
+docs/security.md quotes its tables.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from autocoder import sandbox
 from autocoder.config import load_settings
@@ -35,8 +44,8 @@ from autocoder.testing import ScriptedLLM, fenced
 FLOOD = "print('x' * 10**8)"
 
 
-def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_kb(field: str, pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
@@ -98,10 +107,87 @@ async def one(sandbox_mode: str, capped: bool, repeat: int) -> dict[str, Any]:
     }
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def through_server(sandbox_mode: str, floods: int) -> dict[str, Any]:
+    """`floods` floods through a live `autocoder serve`: its RSS after each, in MB above the
+    RSS after the warm-up, its peak, and what the last answer kept and said."""
+    llm = ScriptedLLM(
+        responder=lambda body: fenced(FLOOD if "flood" in str(body["messages"]) else "print(1)")
+    ).start()
+    root = Path(tempfile.mkdtemp(prefix="autocoder-flood-serve-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOCODER_", "OPENAI_"))}
+    env.update(
+        OPENAI_BASE_URL=llm.base_url,
+        OPENAI_API_KEY="sk-bench",
+        AUTOCODER_SANDBOX=sandbox_mode,
+        AUTOCODER_PORT=str(port),
+        AUTOCODER_MAX_ATTEMPTS="1",
+        AUTOCODER_TIMEOUT="30",
+        AUTOCODER_LLM_RETRIES="0",
+        AUTOCODER_HOME=str(root / "home"),
+        AUTOCODER_NOTEBOOKS_DIR=str(root / "notebooks"),
+        AUTOCODER_AUTOFILE_DIR=str(root / "autofile"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "autocoder", "serve"], env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(
+                    f"autocoder serve did not start: {(root / 'serve.log').read_text()}"
+                )
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=300) as http:
+            for _ in range(3):  # warm-up: imports, first kernels, first notebooks
+                http.post("/run", json={"prompt": "print one"}).raise_for_status()
+            time.sleep(1)
+            before = status_kb("VmRSS", server.pid)
+            after: list[float] = []
+            last: dict[str, Any] = {}
+            for _ in range(floods):
+                last = http.post("/run", json={"prompt": "flood"}).json()
+                time.sleep(0.5)  # the kernel's teardown, after the answer
+                after.append((status_kb("VmRSS", server.pid) - before) / 1024)
+            peak = (status_kb("VmHWM", server.pid) - before) / 1024
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        llm.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    attempt = (last.get("attempts") or [{}])[0]
+    return {
+        "after": after,
+        "peak": peak,
+        "kept": len(last.get("output", "")),
+        "kind": attempt.get("error_kind") or last.get("status"),
+        "notice": "bytes of output cut" in last.get("output", ""),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sandbox", default=os.environ.get("AUTOCODER_SANDBOX", "bwrap"))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--floods", type=int, default=6, help="floods through autocoder serve")
     parser.add_argument("--one", choices=["with", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -131,8 +217,23 @@ def main() -> None:
             f"| {mode} | {r['growth_mb']:.1f} / {r['max_growth_mb']:.1f} MB | {r['seconds']:.2f} s "
             f"| {', '.join(r['kinds'])} | {r['kept']:,} chars |"
         )
-    ratio = rows["without"]["growth_mb"] / max(rows["with"]["growth_mb"], 0.1)
-    print(f"\nwithout / with: {ratio:.0f}x the caller's peak RSS growth")
+    # The max: glibc may keep the first flood's memory, which the next ones then reuse.
+    ratio = rows["without"]["max_growth_mb"] / max(rows["with"]["max_growth_mb"], 0.1)
+    print(f"\nwithout / with: {ratio:.0f}x the caller's peak RSS growth (max)")
+
+    served = through_server(args.sandbox, args.floods)
+    print(
+        f"\nautocoder serve, {args.floods} floods through POST /run, one after the other "
+        f"(load {os.getloadavg()[0]:.2f}):\n"
+    )
+    print("| server RSS above warm-up, after each flood | peak meanwhile | last answer |")
+    print("|---|---|---|")
+    steps = " → ".join(f"{mb:+.0f}" for mb in served["after"])
+    notice = "with the notice" if served["notice"] else "NO notice"
+    print(
+        f"| {steps} MB | {served['peak']:+.0f} MB | {served['kind']}, "
+        f"{served['kept']:,} chars, {notice} |"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -731,3 +732,21 @@ def test_sigterm_cancels_runs_and_leaves_no_kernel(
     assert notebook.parent == (tmp_path / "nb").resolve() and run_id[16:] in notebook.name
     record = nbformat.read(notebook, as_version=4).metadata.autocoder
     assert record.status == "error" and record.error_kind == "cancelled"
+
+
+def test_a_flood_through_the_server_answers_its_head_and_tail_and_says_what_was_cut(
+    client: httpx.Client, llm: ScriptedLLM, live: LiveServer
+) -> None:
+    """`print('x' * 10**8)`: the answer keeps the output limit's worth, says how much was cut,
+    and its notebook, written without nbformat, still validates."""
+    llm.script(fenced("print('x' * 10**8)"))
+    body = client.post("/run", json={"prompt": "flood", "max_attempts": 1}).json()
+
+    assert body["status"] == "error"
+    assert body["attempts"][0]["error_kind"] == "output_limit"
+    limit = live.settings.max_output_bytes
+    assert limit <= len(body["output"]) < limit + 1000
+    assert body["output"].startswith("xxx") and body["output"].rstrip().endswith("xxx")
+    assert re.search(r"\[[\d,]+ bytes of output cut\]", body["output"])
+    download = client.get(f"/runs/{body['run_id']}/notebook")
+    nbformat.validate(nbformat.reads(download.text, as_version=4))

@@ -524,3 +524,69 @@ def test_a_reader_that_goes_away_ends_the_cli_quietly(
     assert proc.stderr == ""
     assert proc.returncode == 128 + signal.SIGPIPE
     assert len(list((tmp_path / "notebooks").glob("*.ipynb"))) == 1
+
+
+HEAVY = ("jupyter_client", "zmq", "fastapi", "uvicorn", "openai", "nbformat", "jsonschema")
+
+# The command run as `python -m autocoder ...`, saying at exit which of HEAVY it imported.
+IMPORTED_AT_EXIT = f"""
+import atexit, json, runpy, sys
+heavy = {HEAVY!r}
+atexit.register(
+    lambda: print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set(heavy))),
+                  file=sys.stderr)
+)
+sys.argv = ["autocoder", *sys.argv[1:]]
+runpy.run_module("autocoder", run_name="__main__")
+"""
+
+
+def imported(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, list[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTED_AT_EXIT, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    return proc.returncode, json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+def test_help_answers_without_the_kernel_the_web_or_the_model_libraries(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`autocoder --help` is as quick as Python's own start allows: none of what serves,
+    runs kernels or asks the model is imported to print it."""
+    code, heavy = imported(["--help"], cli_env, tmp_path)
+
+    assert code == 0
+    assert heavy == []
+
+
+def test_a_one_shot_run_never_imports_the_web_server_or_the_notebook_validator(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Its notebook is written without nbformat (whose validator compiles a grammar at import),
+    and still validates."""
+    llm.script(fenced("print('hello')"))
+    code, heavy = imported(["run", "--json", "-q", "say hello"], cli_env, tmp_path)
+
+    assert code == 0
+    assert heavy == ["jupyter_client", "openai", "zmq"]
+    notebook = next((tmp_path / "notebooks").glob("*.ipynb"))
+    nbformat.validate(nbformat.read(notebook, as_version=4))
+
+
+def test_a_one_shot_run_names_its_model_as_it_starts(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    llm.script(fenced("print('hello')"))
+    proc = run_cli(["run", "say hello"], cli_env, tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stderr.splitlines()
+    assert said[:2] == [
+        "autocoder: using the openai model scripted-model",
+        "autocoder: attempt 1/5: generating…",
+    ]

@@ -278,7 +278,14 @@ def test_kernels_install_puts_what_notebooks_name_where_a_jupyter_outside_finds_
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
     nb.metadata.kernelspec = dict(lang.kernelspec)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
-    NotebookClient(nb, km=outside, timeout=60, startup_timeout=60).execute(env=env, cwd=tmp_path)
+    try:
+        NotebookClient(nb, km=outside, timeout=60, startup_timeout=60).execute(
+            env=env, cwd=tmp_path
+        )
+    finally:
+        # nbclient leaves a kernel manager it was given running: later tests would find it.
+        if outside.has_kernel:
+            outside.shutdown_kernel(now=True)
     if lang.late_output:
         printed = (tmp_path / "printed").read_text()
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -589,3 +590,23 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_loading_the_extension_imports_no_kernel_client_model_client_or_validator() -> None:
+    """`%load_ext autocoder` costs about what IPython's own start does: the model's client is
+    imported when the first prompt is asked, and the magic never starts a kernel of its own."""
+    heavy = ("jupyter_client", "zmq", "fastapi", "uvicorn", "openai", "nbformat", "jsonschema")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys, autocoder.magic\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)) & set(heavy) == set()

@@ -10,17 +10,20 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from autocoder.kernel.output import OutputCollector
 from autocoder.notebook import (
     build_notebook,
     cap_text,
     find_notebook,
     fold_recursion,
+    notebook_json,
     notebook_name,
     notebook_path,
     slugify,
     write_notebook,
 )
-from autocoder.records import Attempt, ErrorKind, RunResult
+from autocoder.records import Attempt, ErrorKind, RunFile, RunResult, SessionInfo, SessionRun
+from autocoder.sessions import build_session_notebook
 
 SAFE_NAME = re.compile(r"^\d{8}-\d{6}-[a-z0-9]+(-[a-z0-9]+)*-[0-9a-f]{6}\.ipynb$")
 
@@ -125,7 +128,7 @@ def test_the_notebook_is_found_where_its_record_says_and_nowhere_else(tmp_path: 
 
 def test_the_top_of_the_notebook_says_what_happened() -> None:
     run = a_retried_run()
-    nb = build_notebook(run, timeout=10)
+    nb = nbformat.from_dict(build_notebook(run, timeout=10))
 
     summary = nb.cells[0].source
     assert summary.startswith("# Compute \\*the\\* answer to \\<everything\\>\n")
@@ -161,7 +164,7 @@ def test_a_failed_run_ends_saying_why_and_a_timeout_is_a_limit() -> None:
         error="timed out after 10 s",
         error_kind=ErrorKind.TIMEOUT,
     )
-    nb = build_notebook(run, timeout=10)
+    nb = nbformat.from_dict(build_notebook(run, timeout=10))
 
     assert "1. stopped after 10 s (timeout)" in nb.cells[0].source
     said, raising = nb.cells[-2:]
@@ -235,3 +238,130 @@ def test_a_flood_and_a_deep_recursion_make_a_short_notebook(tmp_path: Path) -> N
     assert path.stat().st_size < 40_000
     text = path.read_text()
     assert text.count("\\n") < 600  # lines a reader scrolls through, at most
+
+
+# Every kind of notebook autocoder writes, built without nbformat (see autocoder.notebook), is
+# checked here with nbformat's own validator and writer.
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def kernel_outputs() -> list[dict[str, object]]:
+    """What a kernel sends, the odd along with the usual, as the collector keeps it."""
+    collector = OutputCollector(limit=1_000_000)
+    messages = [
+        ("stream", {"name": "stdout", "text": "one\ntwo\n"}),
+        ("stream", {"name": "stderr", "text": "careful\n"}),
+        (
+            "display_data",
+            {
+                "data": {"image/png": PNG, "text/plain": "<Figure size 640x480 with 1 Axes>"},
+                "metadata": {"image/png": {"width": 1}},
+                "transient": {"display_id": "x"},
+            },
+        ),
+        ("display_data", {"data": {"text/html": ["<b>", "bold</b>"], "text/plain": 5}}),
+        ("display_data", {"data": {"application/json": {"a": [1, 2]}}, "metadata": None}),
+        ("display_data", {"data": "not a bundle"}),
+        ("execute_result", {"data": {"text/plain": "42"}, "metadata": {}, "execution_count": 3}),
+        ("execute_result", {"data": {"text/plain": "43"}, "execution_count": "three"}),
+        ("stream", {"name": "stdin", "text": 7}),
+        ("error", {"ename": "ValueError", "evalue": "no", "traceback": ["tb", 1]}),
+    ]
+    for kind, content in messages:
+        collector.add({"msg_type": kind, "header": {"msg_type": kind}, "content": content})
+    return collector.finish()
+
+
+def every_kind_of_run() -> list[RunResult]:
+    outputs = kernel_outputs()
+    plain = a_retried_run()
+    shown = a_retried_run(outputs=outputs, attempts=[a_retried_run().attempts[1]])
+    timed_out = Attempt(
+        number=1,
+        status="error",
+        code="while True: pass\n",
+        error="timed out after 10 s",
+        error_kind=ErrorKind.TIMEOUT,
+        outputs=outputs,
+    )
+    failed = a_retried_run(
+        status="error", attempts=[timed_out], error="timed out", error_kind=ErrorKind.TIMEOUT
+    )
+    no_attempt = a_retried_run(
+        status="error", attempts=[], error="cannot reach the model", error_kind=ErrorKind.LLM
+    )
+    other = a_retried_run().attempts[1].model_copy(update={"candidate": 2, "group": 2})
+    uncertain = a_retried_run(
+        status="error",
+        error_kind=ErrorKind.UNCERTAIN,
+        error="the candidates disagree: 42 or 41",
+        candidates=2,
+        attempts=[
+            a_retried_run()
+            .attempts[1]
+            .model_copy(
+                update={"error_kind": ErrorKind.UNCERTAIN, "status": "error", "others": [other]}
+            )
+        ],
+    )
+    with_files = a_retried_run(
+        notebook="/notebooks/20261203-061500-a1b2c3.ipynb",
+        workdir="/work/20261203-061500-a1b2c3",
+        files=[
+            RunFile(name="plot.png", size=10, media_type="image/png", url="/runs/x/files/plot.png")
+        ],
+    )
+    bash = a_retried_run(
+        language="bash",
+        attempts=[
+            a_retried_run().attempts[1].model_copy(update={"language": "bash", "code": "echo hi"})
+        ],
+    )
+    return [plain, shown, failed, no_attempt, uncertain, with_files, bash]
+
+
+@pytest.mark.parametrize("run", every_kind_of_run(), ids=lambda r: f"{r.status}-{r.error_kind}")
+def test_every_kind_of_run_notebook_is_valid_and_written_as_nbformat_writes_it(
+    run: RunResult, tmp_path: Path
+) -> None:
+    text = write_notebook(run, tmp_path / "run.ipynb").read_text()
+
+    nb = nbformat.reads(text, as_version=4)
+    nbformat.validate(nb)
+    assert text == nbformat.writes(nbformat.from_dict(build_notebook(run)))
+
+
+def test_a_session_notebook_is_valid_whatever_its_runs_did() -> None:
+    ok = a_retried_run(outputs=kernel_outputs())
+    runs = [
+        SessionRun(run_id=ok.run_id, prompt="load it", status="success"),
+        SessionRun(
+            run_id="20261203-061600-d4e5f6",
+            prompt="loop",
+            status="error",
+            error_kind=ErrorKind.TIMEOUT,
+            state_lost=True,
+        ),
+        SessionRun(run_id=ok.run_id, prompt="again", status="success", state_lost=True),
+    ]
+    info = SessionInfo(
+        session_id="s1",
+        status="open",
+        created_at="2026-12-03T06:15:00+00:00",
+        last_used_at="2026-12-03T06:16:00+00:00",
+        expires_at="2026-12-03T07:16:00+00:00",
+        notebook="/notebooks/sessions/s1.ipynb",
+        workdir="/work/s1",
+        runs=runs,
+    )
+    for folder in (None, "s1_files"):
+        nb = build_session_notebook(info, [ok, None, ok], files_folder=folder)
+
+        read = nbformat.reads(notebook_json(nb), as_version=4)
+        nbformat.validate(read)
+        assert notebook_json(nb) == nbformat.writes(nbformat.from_dict(nb))
+        assert [c.source for c in read.cells if c.cell_type == "code"][-2:] == [
+            "%reset -f",
+            "6 * 7",
+        ]

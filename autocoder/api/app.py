@@ -36,6 +36,10 @@ from autocoder.errors import AutocoderError, ConfigError
 log = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8
+M_MMAP_THRESHOLD = -3
+# Blocks this big or bigger are mapped apart and unmapped when freed (glibc's default, 128 KiB,
+# rises on its own; see limit_malloc_growth).
+MMAP_THRESHOLD = 256 * 1024
 
 
 DESCRIPTION = """\
@@ -50,11 +54,21 @@ When AUTOCODER_API_TOKEN is set, every endpoint but `/health` (and these docs) n
 """
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Output floods arrive on pyzmq's I/O thread; glibc keeps what they freed in that thread's
-    arena unless arenas are few. Measured over a 400-run soak: 106 MiB resident, not 299."""
+def limit_malloc_growth(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> None:
+    """Keep what output floods freed from staying in the server's heap (glibc's malloc).
+
+    - Few arenas: floods arrive on pyzmq's I/O thread, and glibc keeps what they freed in
+      that thread's arena unless arenas are few (a 400-run soak: 106 MiB resident, not 299).
+    - A fixed mmap threshold: glibc raises its threshold to the size of each mapped block
+      that is freed (up to 32 MiB), so after the first flood the megabyte-sized copies of a
+      run's kept output (the record, the notebook, the answer's JSON) came from the heap and
+      stayed there. Fixed, each block that size is its own mapping, unmapped when freed: six
+      floods through `POST /run` cost +5 MB, not +21 to +26 MB (`python bench/flood.py`).
+    """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_ARENA_MAX, arenas)
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -64,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or load_settings()
         check_exposure(s)
-        limit_malloc_arenas()
+        limit_malloc_growth()
         async with engine.open_engine(s) as opened, contextlib.AsyncExitStack() as stack:
             service = Service(
                 engine=opened,

@@ -291,6 +291,7 @@ class LocalKernel:
             return
         try:
             await asyncio.wait_for(km.provisioner.kill(), 10)
+            await asyncio.wait_for(_ended(km.provisioner), 10)
             await asyncio.wait_for(km.provisioner.wait(), 10)
         except Exception:
             _kill_hard(km)
@@ -317,6 +318,15 @@ class LocalKernel:
             _kill_hard(self.manager)
         if self.runtime_dir is not None:
             disk.remove(self.runtime_dir)
+
+
+async def _ended(provisioner: KernelProvisionerBase) -> None:
+    """Until a killed kernel's process is gone: polled from 2 ms up, where the provisioner's
+    own wait() polls every 100 ms, which was a tenth of a second of every run."""
+    delay = 0.002
+    while await provisioner.poll() is None:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _kill_hard(km: AsyncKernelManager) -> None:

@@ -6,8 +6,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from nbformat.v4 import output_from_msg
-
 from autocoder.inside import output_cap
 from autocoder.records import ErrorInfo, ErrorKind, Execution
 
@@ -70,22 +68,15 @@ class OutputCollector:
         lost = content.get(output_cap.LOST_KEY)
         if isinstance(lost, int):
             self.lost += max(lost, 1)
+        out = output_of(kind, content)
         if kind == "error":
-            content = without_unknown_source(content)
-            content = {**content, "traceback": without_own_frames(content.get("traceback", []))}
-            msg = {**msg, "content": content}
+            out = without_unknown_source(out)
+            out["traceback"] = without_own_frames(out["traceback"])
             self.error = ErrorInfo(
-                ename=content.get("ename", ""),
-                evalue=content.get("evalue", ""),
-                traceback=list(content["traceback"]),
+                ename=out["ename"], evalue=out["evalue"], traceback=list(out["traceback"])
             )
             if self.stopped:
                 return
-        if kind == "stream":
-            # nbformat would validate the whole text, however large, before it is cut.
-            out = {"output_type": "stream", "name": content["name"], "text": content["text"]}
-        else:
-            out = output_from_msg(msg)
         size = _size(out)
         self.total += size
         if self.on_output is not None:
@@ -208,6 +199,63 @@ def _drop_plain_frames(text: str) -> str:
         if not skipping:
             out.append(line)
     return "\n".join(out)
+
+
+def output_of(kind: str, content: dict[str, Any]) -> dict[str, Any]:
+    """An iopub message's content as an nbformat v4 output, in the shape the notebook schema
+    asks for whatever the kernel sent (a value of the wrong type is dropped or made a string).
+
+    nbformat's `output_from_msg` does the same by validating each output against the schema
+    (importing nbformat costs every command 2 s, and validating a flood's text costs a run);
+    tests/test_notebook.py validates what comes out of here.
+    """
+    if kind == "stream":
+        text = content.get("text")
+        return {
+            "output_type": "stream",
+            "name": content.get("name")
+            if content.get("name") in {"stdout", "stderr"}
+            else "stdout",
+            "text": text if isinstance(text, str) else str(text or ""),
+        }
+    if kind == "error":
+        traceback = content.get("traceback")
+        return {
+            "output_type": "error",
+            "ename": str(content.get("ename", "")),
+            "evalue": str(content.get("evalue", "")),
+            "traceback": [str(e) for e in traceback] if isinstance(traceback, list) else [],
+        }
+    metadata = content.get("metadata")
+    out: dict[str, Any] = {
+        "output_type": kind,
+        "data": _mimebundle(content.get("data")),
+        "metadata": metadata if isinstance(metadata, dict) else {},
+    }
+    if kind == "execute_result":
+        count = content.get("execution_count")
+        valid = isinstance(count, int) and not isinstance(count, bool) and count >= 0
+        out["execution_count"] = count if valid else None
+    return out
+
+
+def _mimebundle(data: object) -> dict[str, Any]:
+    """Mimetype → value; a value not JSON is text (or a list of lines), else it is left out."""
+    if not isinstance(data, dict):
+        return {}
+    return {
+        str(mime): value
+        for mime, value in data.items()
+        if _is_json_mime(str(mime))
+        or isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(line, str) for line in value))
+    }
+
+
+def _is_json_mime(mime: str) -> bool:
+    return mime == "application/json" or (
+        mime.startswith("application/") and mime.endswith("+json")
+    )
 
 
 def kind_of(outcome: str, collector: OutputCollector) -> ErrorKind | None:

@@ -46,23 +46,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import DisplayHandle, display
-from pydantic import ValidationError
 
-from autocoder.config import DEFAULT_OPENAI_URL, Settings, load_settings
 from autocoder.errors import AutocoderError
-from autocoder.llm import clean_traceback
-from autocoder.magic.shell import Interrupts, MainThread, OneShell, ShellExecutor
-from autocoder.namespace import task_with_names, user_names
-from autocoder.notebook import write_atomic
-from autocoder.prompts import MAGIC_SYSTEM_PROMPT
-from autocoder.records import ErrorKind, Event, RunResult
-from autocoder.runner import Runner
+
+# Start-up time: `%load_ext autocoder` costs about what IPython's own import does
+# (bench/imports.py). What needs pydantic (the settings, the records) or the run loop is
+# imported in the function that uses it, by the first prompt at the latest.
+if TYPE_CHECKING:
+    from autocoder.config import Settings
+    from autocoder.records import Event, RunResult
 
 CANCEL_GRACE = 10.0
 """Seconds an interrupted run may take to finish its record before the magic gives up on it."""
@@ -127,6 +125,9 @@ class Status:
 
 def _reason(attempt: dict[str, Any]) -> str:
     """Why an attempt failed, in one line."""
+    from autocoder.llm import clean_traceback  # start-up time (see the imports)
+    from autocoder.records import ErrorKind
+
     kind = attempt.get("error_kind")
     if kind in {ErrorKind.TIMEOUT.value, ErrorKind.OUTPUT_LIMIT.value, ErrorKind.EMPTY.value}:
         return str(attempt["error"])
@@ -270,6 +271,8 @@ class CellMemory:
         cells[cell] = self._digest(key)
         while len(cells) > MAX_CELLS:
             del cells[next(iter(cells))]
+        from autocoder.notebook import write_atomic  # start-up time (see the imports)
+
         try:
             write_atomic(self.path, json.dumps(cells))
         except OSError as e:  # remembering is a convenience: never fail the cell for it
@@ -300,6 +303,8 @@ class AutocoderMagics(Magics):
     @property
     def settings(self) -> Settings:
         if self._settings is None:
+            from autocoder.config import load_settings  # start-up time (see the imports)
+
             self._settings = _load(lambda: load_settings())
         return self._settings
 
@@ -377,6 +382,8 @@ class AutocoderMagics(Magics):
             return made
         run, value = self._run(prompt, args)
         if run.status != "success":
+            from autocoder.records import ErrorKind  # start-up time (see the imports)
+
             if run.error_kind is ErrorKind.LLM and not any(a.code for a in run.attempts):
                 raise UsageError(run.error)
             raise RunFailed(run)
@@ -392,6 +399,12 @@ class AutocoderMagics(Magics):
 
     def _run(self, prompt: str, args: argparse.Namespace) -> tuple[RunResult, Any]:
         """One run on a background loop while this (the main) thread does what it asks."""
+        # Start-up time (see the imports): the run loop and what it uses.
+        from autocoder.magic.shell import Interrupts, MainThread, OneShell, ShellExecutor
+        from autocoder.namespace import task_with_names, user_names
+        from autocoder.prompts import MAGIC_SYSTEM_PROMPT
+        from autocoder.runner import Runner
+
         settings = self.settings
         shell = self._shell
         names = user_names(shell.user_ns, shell.user_ns_hidden)
@@ -495,6 +508,8 @@ class AutocoderMagics(Magics):
             if value is not None
         }
         if changes:
+            from autocoder.config import Settings  # start-up time (see the imports)
+
             current = self.settings.model_dump()
             self._settings = _load(lambda: Settings.model_validate({**current, **changes}))
         if args.record is not None:
@@ -508,6 +523,8 @@ def _help(doc: str | None) -> str:
 
 
 def _load(make: Callable[[], Settings]) -> Settings:
+    from pydantic import ValidationError  # start-up time (see the imports)
+
     try:
         return make()
     except ValidationError as e:
@@ -518,6 +535,8 @@ def _load(make: Callable[[], Settings]) -> Settings:
 
 def describe(settings: Settings, record: bool) -> str:
     """The session's settings as `%autocoder_config` shows them; the API key only as set or not."""
+    from autocoder.config import DEFAULT_OPENAI_URL  # start-up time (see the imports)
+
     if settings.uses_remote_endpoint:
         endpoint = settings.openai_base_url or DEFAULT_OPENAI_URL
         model = settings.model or "(the endpoint's default)"

@@ -67,7 +67,8 @@ _RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _STREAM_DOC = (
     "Events, each `event: <type>` with `data:` a JSON object `{type, run_id, attempt, data}`: "
-    "`run_started` (with `max_attempts` and `timeout`); per attempt `attempt_started`, "
+    "`run_started` (with `max_attempts` and `timeout`); per attempt `attempt_started` (with "
+    "`model` and `backend`), "
     "`token` (each piece of the model's reply as it is written, in `data.text`), "
     "`code_generated` (the code), `output` "
     "(each output as it appears; errors have `output_type: error`), `attempt_finished` (its "
