@@ -368,6 +368,11 @@ class Session:
         """How many times the session's kernel state was lost so far."""
         return len(self._lost)
 
+    def lost_during(self, run_id: str) -> bool:
+        """Whether the state was lost during the run `run_id` (its entry in the session says)."""
+        entry = next((r for r in self.info.runs if r.run_id == run_id), None)
+        return bool(entry and entry.state_lost)
+
     def lost_since(self, losses: int) -> str | None:
         """Why the state was last lost, if it was since there were `losses` losses."""
         return self._lost[-1] if len(self._lost) > losses else None

@@ -58,7 +58,8 @@ def limit_malloc_growth(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -
     """Keep what output floods freed from staying in the server's heap (glibc's malloc).
 
     - Few arenas: floods arrive on pyzmq's I/O thread, and glibc keeps what they freed in
-      that thread's arena unless arenas are few (a 400-run soak: 106 MiB resident, not 299).
+      that thread's arena unless arenas are few (docs/security.md, "Soak": before kernels
+      cut their own floods, a 400-run soak ended at 106 MiB resident with 2, 299 without).
     - A fixed mmap threshold: glibc raises its threshold to the size of each mapped block
       that is freed (up to 32 MiB), so after the first flood the megabyte-sized copies of a
       run's kept output (the record, the notebook, the answer's JSON) came from the heap and

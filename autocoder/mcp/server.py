@@ -475,8 +475,7 @@ def build_server(door: Door, **options: Any) -> MCPServer:
 
     def finished(result: RunResult, session: Session | None) -> CallToolResult:
         listed = [_file_info(f, _run_uri(result.run_id, f.name)) for f in result.files]
-        entry = session and next((r for r in session.info.runs if r.run_id == result.run_id), None)
-        return _answer(result, listed, bool(entry and entry.state_lost))
+        return _answer(result, listed, session is not None and session.lost_during(result.run_id))
 
     @server.tool(
         description="Run the given code and return what it printed, its error (the traceback, "

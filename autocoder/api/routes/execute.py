@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from autocoder.api.admission import Slot
 from autocoder.api.deps import ExecuteInput, ExecuteInputDep, ServiceDep
 from autocoder.api.routes.runs import _RUN_RESPONSES, answer, stream, wants_stream
-from autocoder.api.routes.sessions import claim_and_admit, state_lost
+from autocoder.api.routes.sessions import claim_and_admit
 from autocoder.api.schemas import ErrorBody, ExecuteResult, run_request_body
 from autocoder.api.service import Service
 from autocoder.api.streaming import SSE_MEDIA_TYPE, unless_disconnected
@@ -98,5 +98,5 @@ async def _admit(
 
 
 def _executed(result: RunResult, session: Session | None) -> ExecuteResult:
-    lost = session is not None and state_lost(result, session)
+    lost = session is not None and session.lost_during(result.run_id)
     return ExecuteResult(**result.model_dump(), state_lost=lost)

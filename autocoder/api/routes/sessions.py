@@ -213,17 +213,11 @@ async def claim_and_admit(
     return session, slot
 
 
-def state_lost(result: RunResult, session: Session) -> bool:
-    """Whether the session's state was lost during this run (its entry in the session says)."""
-    entry = next((r for r in session.info.runs if r.run_id == result.run_id), None)
-    return bool(entry and entry.state_lost)
-
-
 def _with_session(result: RunResult, session: Session) -> SessionRunResult:
     return SessionRunResult(
         **result.model_dump(exclude={"session_id"}),
         session_id=session.info.session_id,
-        state_lost=state_lost(result, session),
+        state_lost=session.lost_during(result.run_id),
     )
 
 
