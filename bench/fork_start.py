@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from autocoder import sandbox
 from autocoder.config import Settings, load_settings
@@ -79,6 +80,13 @@ def tree(root: int) -> list[int]:
     return found
 
 
+def kernel_tree(provisioner: Any) -> list[int]:
+    """A kernel's processes: a forked kernel's cgroups hold its init, the kernel (the zygote's
+    child, in the init's namespaces) and what it started; an exec'd kernel's are its tree."""
+    members = forkserver._members(getattr(provisioner, "_cgroups", []))
+    return members or tree(int(provisioner.pid or 0))
+
+
 def uss(pid: int) -> int:
     """Private bytes of `pid` (smaps_rollup's Private_Clean + Private_Dirty)."""
     total = 0
@@ -116,7 +124,7 @@ async def cycle(settings: Settings, meter: CpuMeter, memory: bool) -> dict[str, 
             await asyncio.sleep(1.0)  # idle
             manager = session.km.manager  # type: ignore[union-attr]
             assert manager is not None and manager.provisioner is not None
-            pids = tree(int(manager.provisioner.pid or 0))
+            pids = kernel_tree(manager.provisioner)
             out["uss_tree"] = sum(uss(p) for p in pids)
             out["uss_kernel"] = uss(kernel_pid(pids))
     finally:

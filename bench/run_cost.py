@@ -201,14 +201,16 @@ class Meter:
 
 
 def init_and_kernel(kernel: Any) -> tuple[int | None, int | None]:
-    """The forked kernel's init, and the kernel: the init's only child."""
+    """The forked kernel's init, and the kernel: the other process its cgroups hold (a child
+    of the zygote's, in the init's namespaces)."""
+    from autocoder.kernel import fork as forkserver
+
     provisioner = getattr(getattr(kernel.km, "manager", None), "provisioner", None)
     init = getattr(provisioner, "pid", None)
     if init is None:
         return None, None
-    with contextlib.suppress(OSError, ValueError):
-        return init, int(Path(f"/proc/{init}/task/{init}/children").read_text().split()[0])
-    return init, None
+    others = [p for p in forkserver._members(getattr(provisioner, "_cgroups", [])) if p != init]
+    return init, (others[0] if others else None)
 
 
 def descendants(root: int) -> list[int]:
@@ -254,16 +256,22 @@ async def components(args: argparse.Namespace, llm_url: str, work: Path) -> Mete
     try:
         zygote = forkserver.zygote_for(settings)
         await zygote.ready()
-        # bwrap's two processes, then the zygote's python (its kernels' inits come later).
-        zygote_pid = descendants(zygote.process.pid)[-1]
+        # bwrap's two processes, then the zygote's python, then its nursery, which forks the
+        # kernels' inits (the zygote forks the kernels).
+        _, zygote_pid, nursery = descendants(zygote.process.pid)
         for i in range(args.repeat + 2):
             kernel = new_kernel(settings)
-            before = live_cpu(zygote_pid)
+            before, before_nursery = live_cpu(zygote_pid), live_cpu(nursery)
             await meter.measure("start", kernel.start)
-            meter.add("  of which the zygote (its fork)", 0.0, live_cpu(zygote_pid) - before)
+            meter.add(
+                "  of which the zygote (forks the kernel)", 0.0, live_cpu(zygote_pid) - before
+            )
+            meter.add(
+                "  of which the nursery (forks the init)", 0.0, live_cpu(nursery) - before_nursery
+            )
             init, pid = init_and_kernel(kernel)
             if init is not None:
-                meter.add("  of which the init (namespaces, view, fork)", 0.0, live_cpu(init))
+                meter.add("  of which the init (namespaces, view)", 0.0, live_cpu(init))
             if pid is not None:
                 meter.add("  of which the kernel process to ready", 0.0, live_cpu(pid))
             done = await meter.measure("execute", lambda k=kernel: k.execute(CODE, timeout=30))

@@ -256,6 +256,33 @@ async def test_a_terminated_forked_kernel_ends_with_its_namespace(kernel: Kernel
     assert (await kernel.execute("print('back')", timeout=10)).stdout == "back\n"
 
 
+def status_field(pid: int, name: str) -> int:
+    """A number of /proc/<pid>/status (VmSize in kB, PPid)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1])
+    raise KeyError(name)
+
+
+@pytest.mark.timeout(120)
+async def test_a_forked_kernels_init_is_no_copy_of_the_zygote(
+    kernel: Kernel, zygote: forkserver.Zygote
+) -> None:
+    """The zygote's address space (IPython's, the data stack's) is copied into the kernel only:
+    the init, which only builds namespaces and reaps, comes from a small process, and the
+    kernel, in the init's namespaces, is the zygote's own child."""
+    assert kernel.km is not None
+    provisioner: Any = kernel.km.manager.provisioner  # type: ignore[attr-defined]
+    init = provisioner.pid
+    (pid,) = [p for p in forkserver._members(provisioner._cgroups) if p != init]
+    assert status_field(init, "VmSize") * 4 < status_field(pid, "VmSize")
+    assert status_field(pid, "PPid") != init
+    assert status_field(status_field(pid, "PPid"), "PPid") != init
+    assert os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{init}/ns/pid")
+    assert os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink(f"/proc/{init}/ns/mnt")
+    assert (await kernel.execute("print('served')", timeout=10)).stdout == "served\n"
+
+
 @pytest.mark.timeout(120)
 async def test_a_forked_kernel_has_the_debuggers_module_list_and_the_real_sys(
     kernel: Kernel,

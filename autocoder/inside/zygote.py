@@ -5,12 +5,15 @@ zygote is one long-lived process per kernel environment that imports them once (
 the user's, no secret: it is started with the sandbox's clean environment) and, on request,
 forks a child that becomes a fresh kernel. docs/sandbox.md has the design and its threat model.
 
-Two processes per kernel, as bwrap has them: an init, forked by the zygote into a new PID
-namespace (PID 1 there), that makes new mount, IPC, UTS and network namespaces, builds the
-kernel's file system view and reaps; the kernel (PID 2), which joins its cgroups, takes its
-rlimits and a throwaway uid, and only then runs IPython. The init passes on how the kernel
-ended (killed by signal n as 128 + n), and the zygote sends the init's status to the server
-over the connection the kernel was asked for on.
+Two processes per kernel, as bwrap has them: an init, PID 1 of a new PID namespace, that makes
+new mount, IPC, UTS and network namespaces, builds the kernel's file system view and reaps;
+the kernel (PID 2), which joins its cgroups, takes its rlimits and a throwaway uid, and only
+then runs IPython. The init is forked by the nursery, a small process the zygote forks before
+its imports, and the kernel by the zygote, into the init's namespaces: the zygote's address
+space is copied into the kernel only, not into the init as well. The zygote reaps the kernel
+and tells the init how it ended (killed by signal n as 128 + n), which the init passes on once
+its namespace is empty; the zygote sends the init's status to the server too, over the
+connection the kernel was asked for on.
 
 The zygote runs inside a bubblewrap sandbox where the project tree is not visible, so it runs
 this file's source (read from a pipe) rather than importing autocoder: it uses the standard
@@ -62,6 +65,9 @@ AT_FDCWD = -100
 SYS_MOVE_MOUNT = 429  # the same number on every architecture
 PR_SET_PDEATHSIG = 1
 CGROUP_JOIN_TIMEOUT = 30.0
+# The init's namespaces the zygote forks the kernel into: the PID namespace first (setns before
+# the fork), the others in the kernel (setns after it).
+NAMESPACES = ("pid", "mnt", "ipc", "uts", "net")
 
 # What the zygote imports so that a kernel does not: ipykernel's app and what its start pulls in.
 # Nothing whose import does per-kernel work: matplotlib_inline hooks into the running IPython
@@ -280,6 +286,7 @@ def _kernel(libc: Any, req: dict[str, Any], stderr_fd: int, joined: int) -> None
     import random
     import resource
 
+    os.write(joined, str(os.getpid()).encode())  # for the init to move into the cgroups
     os.setsid()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     conn = req["connection_file"]
@@ -356,43 +363,47 @@ def _await_cgroups(joined: int) -> None:
         raise OSError(errno.ETIMEDOUT, "the kernel's init did not move it into its cgroups")
 
 
-def _init(
-    req: dict[str, Any], fds: list[int], conn: socket.socket, zygote_alive: int, roots: list[str]
-) -> None:
-    """The zygote's child, PID 1 of a new PID namespace: the kernel's other namespaces and view,
-    then the kernel. Reaps, and ends (taking every process in the namespace) with the kernel.
-    Never returns."""
+def _init(req: dict[str, Any], fds: list[int], zygote_alive: int, roots: list[str]) -> None:
+    """The nursery's child, PID 1 of a new PID namespace: the kernel's other namespaces and view,
+    handed to the zygote, which forks the kernel into them; then it moves the kernel into its
+    cgroups, reaps, and ends (taking every process in the namespace) once the zygote says the
+    kernel ended. Never returns."""
     code = 1
     try:
         libc = _libc()
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the nursery's has the zygote
+        signal.set_wakeup_fd(-1)  # the nursery's
         # Its parent is outside its PID namespace (getppid() is 0 here): the zygote's end of
         # the pipe closes, and this end reads end-of-file, when the zygote is gone.
         if select.select([zygote_alive], [], [], 0)[0]:
             os._exit(1)
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        wake_r, wake_w = os.pipe()  # the nursery's was closed with its other fds
         for sig in (signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         # A namespace's init only gets the signals it handles; SIGTERM ends it, as it ends an
         # exec'd kernel's bwrap (SIGKILL always does).
         signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
         os.setsid()
+        # The server's connection, the zygote's control socket, the kernel's cgroup join; then
+        # the server's fds: stderr, a clone of each capped dir (req["mounts"]), the cgroups.
+        conn = socket.socket(fileno=fds[0])
+        ctl = socket.socket(fileno=fds[1])
+        joined, stderr_fd, rest = fds[2], fds[3], fds[4:]
         # The credentials carry this process's pid (1 here); the server reads its own view.
         creds = struct.pack("iII", os.getpid(), 0, 0)
         conn.sendmsg([b"forked\n"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
-        # The server's fds: stderr, a clone of each capped dir (req["mounts"]), the cgroups.
-        stderr_fd, rest = fds[0], fds[1:]
         if len(rest) < len(req["mounts"]):
             raise OSError(errno.EINVAL, "fewer mounts sent than the request names")
         mounts = dict(zip(req["mounts"], rest[: len(req["mounts"])], strict=True))
         cgroup_fds = rest[len(req["mounts"]) :]
-        low = 3  # every other fd closed: the zygote's listener, its other kernels' connections
-        for fd in sorted({stderr_fd, *mounts.values(), *cgroup_fds, conn.fileno()}):
+        keep = {*fds, wake_r, wake_w}
+        low = 3  # every other fd closed: the nursery's socket, anything else inherited
+        for fd in sorted(keep):
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, 1 << 16)
         os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
         flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
         if not req["allow_network"]:
             flags |= CLONE_NEWNET
@@ -402,32 +413,16 @@ def _init(
         _view(libc, req, roots, mounts)
         _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         libc.sethostname(b"sandbox", 7)
-        joined_r, joined_w = os.pipe()
-        kernel = os.fork()
-        if kernel == 0:
-            os.close(joined_w)
-            for fd in cgroup_fds:
-                os.close(fd)
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            _kernel(libc, req, stderr_fd, joined_r)
-        os.close(joined_r)
-        os.close(stderr_fd)
-        # Best effort, as the exec'd launcher's: a cgroup that cannot be joined is skipped.
-        for fd in cgroup_fds:
-            with contextlib.suppress(OSError):
-                os.write(fd, str(kernel).encode())
-            with contextlib.suppress(OSError):
-                os.write(fd, b"0")
+        namespaces = [os.open(f"/proc/self/ns/{name}", os.O_RDONLY) for name in NAMESPACES]
+        socket.send_fds(ctl, [b"ready"], namespaces)
+        for fd in namespaces:
             os.close(fd)
-        os.write(joined_w, b"1")
-        os.close(joined_w)
-        while True:
-            pid, status = os.wait()
-            if pid == kernel:
-                code = _mirror(status)
-                break
+        # Reaped from here on: what the kernel leaves behind is reparented to this process.
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        _join_cgroups(joined, cgroup_fds)
+        code = _until_kernel_ends(ctl, wake_r)
         _end_namespace()
         # Said here, once nothing of the kernel's runs, rather than by the zygote once this
         # process is gone: its exit tears down the kernel's mounts, ~10 ms (an RCU grace
@@ -438,6 +433,48 @@ def _init(
         with contextlib.suppress(BaseException):
             os.write(2, f"autocoder.forkserver: the kernel could not start: {e}\n".encode())
     os._exit(code)
+
+
+def _join_cgroups(joined: int, cgroup_fds: list[int]) -> None:
+    """Move the kernel, once it says its pid, and this process into the kernel's cgroups, then
+    tell the kernel (which starts IPython meanwhile and serves nothing before). Best effort,
+    as the exec'd launcher's: a cgroup that cannot be joined is skipped. A kernel that is
+    never forked (its socket closes) leaves nothing to move."""
+    said = b""
+    if select.select([joined], [], [], CGROUP_JOIN_TIMEOUT)[0]:
+        with contextlib.suppress(OSError):
+            said = os.read(joined, 32)
+    if said.strip().isdigit():
+        for fd in cgroup_fds:
+            with contextlib.suppress(OSError):
+                os.write(fd, said.strip())
+            with contextlib.suppress(OSError):
+                os.write(fd, b"0")
+        with contextlib.suppress(OSError):
+            os.write(joined, b"1")
+    for fd in (*cgroup_fds, joined):
+        os.close(fd)
+
+
+def _until_kernel_ends(ctl: socket.socket, wake: int) -> int:
+    """Reap (orphans of the kernel's come here) until the zygote, the kernel's parent, says how
+    the kernel ended; 1 when the zygote is gone without saying."""
+    while True:
+        ready, _, _ = select.select([ctl.fileno(), wake], [], [])
+        if wake in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake, 4096)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+        if ctl.fileno() in ready:
+            try:
+                said = ctl.recv(64)
+            except OSError:
+                said = b""
+            with contextlib.suppress(ValueError, TypeError):
+                return int(json.loads(said)["exit"])
+            return 1
 
 
 def _end_namespace() -> None:
@@ -773,8 +810,155 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return json.loads(data), fds
 
 
+def _nursery(sock: socket.socket, zygote_alive: int, roots: list[str]) -> None:
+    """The zygote's first child, forked before its imports: it forks each kernel's init.
+
+    An init forked from the zygote was a copy of the zygote's address space (the data stack's
+    and IPython's pages), its page tables copied at the fork and freed at the init's exit, and
+    copied once more as it forked the kernel: ~10 ms of CPU per kernel for a process that only
+    builds namespaces and reaps. Forked from here it is a copy of a small process, and the
+    zygote forks the kernel itself, into the init's namespaces. Never returns."""
+    libc = _libc()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if select.select([zygote_alive], [], [], 0)[0]:
+        os._exit(1)  # the zygote died before the parent-death signal was set
+    # unshare(CLONE_NEWPID) works once per namespace its children go to: going back to the
+    # nursery's own first makes it work for every init.
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    inits: dict[int, int] = {}  # an init's pid: the zygote's number for its kernel
+    while True:
+        ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        if sock.fileno() in ready:
+            message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 64)
+            if not message:
+                os._exit(0)  # the zygote is gone
+            said = json.loads(message)
+            if "kill" in said:
+                for pid, ident in inits.items():
+                    if ident == said["kill"]:
+                        os.kill(pid, signal.SIGKILL)  # not reaped yet: still the init
+                continue
+            try:
+                # The next child is PID 1 of a new PID namespace (the nursery stays in its own).
+                _check(libc.setns(own_pid_ns, CLONE_NEWPID), "setns")
+                _check(libc.unshare(CLONE_NEWPID), "unshare")
+                pid = os.fork()
+            except OSError as e:
+                os.write(2, f"autocoder.forkserver: no init forked: {e}\n".encode())
+                pid = -1
+            if pid == 0:
+                _init(said["req"], fds, zygote_alive, roots)
+            for fd in fds:
+                os.close(fd)
+            if pid < 0:
+                sock.send(json.dumps({"id": said["id"], "exit": 1}).encode())
+            else:
+                inits[pid] = said["id"]
+        if wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 4096)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in inits:
+                code = os.waitstatus_to_exitcode(status)
+                sock.send(json.dumps({"id": inits.pop(pid), "exit": code}).encode())
+
+
+# What of a request the init needs (the rest is the kernel's, which the zygote keeps).
+_INIT_KEYS = (
+    "workdir",
+    "runtime_dir",
+    "mounts",
+    "connection_file",
+    "uid",
+    "home",
+    "tmpfs_bytes",
+    "passwd",
+    "group",
+    "allow_network",
+    "python_dirs",
+)
+
+
+class _Start:
+    """A kernel the server asked the zygote for, from the request until its init is gone."""
+
+    def __init__(
+        self, ident: int, conn: socket.socket, ctl: socket.socket, req: dict[str, Any]
+    ) -> None:
+        self.ident = ident
+        self.conn = conn  # the server's: it closes it to end the kernel; the exit is said on it
+        self.ctl: socket.socket | None = ctl  # to the init: its namespaces come, the exit goes
+        self.req = req
+        self.stderr: int | None = None  # the kernel's, until it is forked
+        self.joined: int | None = None  # the kernel's end of its cgroup join, until forked
+        self.kernel: int | None = None  # its pid here, once forked
+
+
+def _fork_kernel(libc: Any, start: _Start, namespaces: list[int], own_pid_ns: int) -> int:
+    """The kernel, a child of the zygote's in the init's namespaces (NAMESPACES' order).
+
+    The zygote's child keeps the zygote's pages copy-on-write, the one copy of its address
+    space a kernel needs; it is PID 2 of the init's PID namespace, so the init's death (or
+    its SIGKILL to the namespace) takes it and everything it started."""
+    _check(libc.setns(namespaces[0], CLONE_NEWPID), "setns pid")
+    try:
+        pid = os.fork()
+    except OSError:
+        libc.setns(own_pid_ns, CLONE_NEWPID)
+        raise
+    if pid == 0:
+        assert start.stderr is not None and start.joined is not None
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for fd, name in zip(namespaces[1:], NAMESPACES[1:], strict=True):
+                _check(libc.setns(fd, 0), f"setns {name}")
+            _kernel(libc, start.req, start.stderr, start.joined)
+        except BaseException as e:
+            with contextlib.suppress(BaseException):
+                os.write(
+                    start.stderr,
+                    f"autocoder.forkserver: the kernel could not start: {e}\n".encode(),
+                )
+        os._exit(1)
+    libc.setns(own_pid_ns, CLONE_NEWPID)
+    return pid
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has something to read (or is closed) now: an event of a batch may be for
+    an fd that an earlier one closed and a new connection took."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str]) -> None:
-    """The zygote: preload, listen, fork a kernel per request, report how each ended."""
+    """The zygote: fork the nursery, preload, listen, fork a kernel per request (the nursery
+    its init), report how each ended."""
+    # Each init reads end-of-file here once the zygote is gone (the write end is only ever
+    # open in the zygote).
+    alive_r, alive_w = os.pipe()
+    to_nursery, nursery_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    nursery = os.fork()
+    if nursery == 0:
+        os.close(alive_w)
+        to_nursery.close()
+        _nursery(nursery_end, alive_r, roots)
+    nursery_end.close()
+    os.close(alive_r)
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
@@ -798,19 +982,103 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
     listener.bind(staged)
     listener.listen(64)
     os.rename(staged, os.path.join(directory, SOCKET_NAME))  # ready once it has its name
-    kernels: dict[int, socket.socket] = {}
-    by_conn: dict[socket.socket, int] = {}
+    starts: dict[int, _Start] = {}  # by number, until the nursery says its init is gone
+    by_fd: dict[int, _Start] = {}  # by the fd of its connection or of its init's socket
+    kernels: dict[int, _Start] = {}  # by the kernel's pid, until it is reaped
     libc = _libc()
-    # Each kernel's init reads end-of-file here once the zygote is gone (its write end is
-    # only ever open in the zygote).
-    alive_r, alive_w = os.pipe()
-    # unshare(CLONE_NEWPID) works once per namespace its children go to: going back to the
-    # zygote's own first makes it work for every kernel.
+    # The zygote's children go to an init's PID namespace only while it forks a kernel.
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     poller = select.poll()
-    poller.register(listener, select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    poller.register(lifeline, select.POLLIN)
+    for fd in (listener.fileno(), wake_r, lifeline, to_nursery.fileno()):
+        poller.register(fd, select.POLLIN)
+
+    def watch(start: _Start, sock: socket.socket) -> None:
+        by_fd[sock.fileno()] = start
+        poller.register(sock, select.POLLIN)
+
+    def unwatch(sock: socket.socket) -> None:
+        if by_fd.pop(sock.fileno(), None) is not None:
+            poller.unregister(sock)
+
+    def close_ctl(start: _Start) -> None:
+        if start.ctl is not None:
+            unwatch(start.ctl)
+            start.ctl.close()
+            start.ctl = None
+        for fd in (start.stderr, start.joined):
+            if fd is not None:
+                os.close(fd)
+        start.stderr = start.joined = None
+
+    def ended(start: _Start, code: int) -> None:
+        """The init is gone: say so to the server, which then sees the kernel end."""
+        close_ctl(start)
+        with contextlib.suppress(OSError):
+            start.conn.settimeout(1)
+            start.conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        unwatch(start.conn)
+        start.conn.close()
+
+    def begin(ident: int, conn: socket.socket, req: dict[str, Any], fds: list[int]) -> None:
+        """Ask the nursery for the kernel's init; the kernel comes once the init is ready."""
+        ctl, init_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        joined, init_joined = socket.socketpair()
+        start = _Start(ident, conn, ctl, req)
+        try:
+            if not fds:
+                raise OSError(errno.EINVAL, "no stderr sent")
+            req["installs"] = _define_installs(req["installs"])
+            req["parsed"] = _parse_args(req["kernel_args"])
+            req["prebuilt"] = tuple(req["kernel_args"]) == _shell_args
+            message = {"id": ident, "req": {key: req[key] for key in _INIT_KEYS}}
+            sent = [conn.fileno(), init_ctl.fileno(), init_joined.fileno(), *fds]
+            socket.send_fds(to_nursery, [json.dumps(message).encode()], sent)
+        except Exception:  # a bad request fails its own kernel, never the zygote
+            for fd in fds:
+                os.close(fd)
+            for sock in (conn, ctl, joined):
+                sock.close()
+            return
+        finally:
+            init_ctl.close()
+            init_joined.close()
+        for fd in fds[1:]:  # the mounts' and cgroups' are the init's
+            os.close(fd)
+        start.stderr, start.joined = fds[0], joined.detach()
+        starts[ident] = start
+        watch(start, conn)
+        watch(start, ctl)
+
+    def ready(start: _Start) -> None:
+        """The init's namespaces are ready (or the init is gone): fork the kernel into them."""
+        assert start.ctl is not None
+        namespaces: list[int] = []
+        message = b""
+        if start.kernel is None:
+            with contextlib.suppress(OSError):
+                message, namespaces, _, _ = socket.recv_fds(start.ctl, 64, len(NAMESPACES))
+        try:
+            if message != b"ready" or len(namespaces) != len(NAMESPACES):
+                close_ctl(start)  # the init is gone: the nursery says how it ended
+                return
+            try:
+                start.kernel = _fork_kernel(libc, start, namespaces, own_pid_ns)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.write(start.stderr or 2, f"autocoder.forkserver: {e}\n".encode())
+                    start.ctl.send(json.dumps({"exit": 1}).encode())
+                close_ctl(start)
+                return
+            kernels[start.kernel] = start
+            for fd in (start.stderr, start.joined):
+                if fd is not None:
+                    os.close(fd)
+            start.stderr = start.joined = None
+        finally:
+            for fd in namespaces:
+                os.close(fd)
+
+    next_id = 0
     while True:
         try:
             events = poller.poll()
@@ -821,7 +1089,7 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
                 for pid in kernels:
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
-                os._exit(0)  # the server is gone
+                os._exit(0)  # the server is gone; the nursery and the inits go with this process
             if fd == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
@@ -834,35 +1102,36 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
                 except (OSError, ValueError, EOFError):
                     conn.close()
                     continue
-                try:
-                    req["installs"] = _define_installs(req["installs"])
-                    req["parsed"] = _parse_args(req["kernel_args"])
-                    req["prebuilt"] = tuple(req["kernel_args"]) == _shell_args
-                    # The next child is PID 1 of a new PID namespace (the zygote stays in its own).
-                    _check(libc.setns(own_pid_ns, CLONE_NEWPID), "setns")
-                    _check(libc.unshare(CLONE_NEWPID), "unshare")
-                except Exception:  # a bad request fails its own kernel, never the zygote
-                    for received in fds:
-                        os.close(received)
-                    conn.close()
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    os.close(alive_w)
-                    _init(req, fds, conn, alive_r, roots)
-                for received in fds:
-                    os.close(received)
-                kernels[pid] = conn
-                by_conn[conn] = pid
-                poller.register(conn, select.POLLIN)
+                next_id += 1
+                begin(next_id, conn, req, fds)
                 continue
-            # A kernel's connection: readable only when the server closed it (or asks a kill).
-            closed = next((c for c in by_conn if c.fileno() == fd), None)
-            if closed is not None:
+            if fd == to_nursery.fileno():
+                message = to_nursery.recv(4096)
+                if not message:  # no init can be forked any more: the server starts another
+                    for pid in kernels:
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
+                    os._exit(1)
+                said = json.loads(message)
+                start = starts.pop(said["id"], None)
+                if start is not None:
+                    ended(start, said["exit"])
+                continue
+            start = by_fd.get(fd)
+            if start is None:
+                continue
+            if start.ctl is not None and fd == start.ctl.fileno():
+                if _readable(start.ctl):
+                    ready(start)
+                continue
+            if not _readable(start.conn):
+                continue
+            # The server's connection: readable only when the server closed it (or asks a kill).
+            unwatch(start.conn)
+            if start.kernel in kernels:
                 with contextlib.suppress(OSError):
-                    os.kill(by_conn[closed], signal.SIGKILL)
-                poller.unregister(closed)
-                by_conn.pop(closed)
+                    os.kill(start.kernel, signal.SIGKILL)  # not reaped yet: still the kernel
+            to_nursery.send(json.dumps({"kill": start.ident}).encode())
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -870,13 +1139,11 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
                 break
             if pid == 0:
                 break
-            ended = kernels.pop(pid, None)
-            if ended is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            with contextlib.suppress(OSError):
-                ended.settimeout(1)
-                ended.sendall(json.dumps({"exit": code}).encode() + b"\n")
-            if by_conn.pop(ended, None) is not None:
-                poller.unregister(ended)
-            ended.close()
+            if pid == nursery:
+                os._exit(1)
+            start = kernels.pop(pid, None)
+            if start is not None and start.ctl is not None:
+                # The kernel's status, for its init to say once its namespace is empty.
+                with contextlib.suppress(OSError):
+                    start.ctl.send(json.dumps({"exit": _mirror(status)}).encode())
+                close_ctl(start)

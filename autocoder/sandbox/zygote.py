@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         "CAP_CHOWN",
         "CAP_DAC_OVERRIDE",
         "CAP_NET_ADMIN",
+        "CAP_SYS_CHROOT",  # setns() into a mount namespace: the kernel into its init's
     ):
         a += ["--cap-add", cap]
     a += sandbox.system_mounts(allow_network)
