@@ -64,6 +64,9 @@ MOVE_MOUNT_F_EMPTY_PATH = 4
 AT_FDCWD = -100
 SYS_MOVE_MOUNT = 429  # the same number on every architecture
 PR_SET_PDEATHSIG = 1
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+HUGE_PAGE = 1 << 21
 CGROUP_JOIN_TIMEOUT = 30.0
 # The init's namespaces the zygote forks the kernel into: the PID namespace first (setns before
 # the fork), the others in the kernel (setns after it).
@@ -699,6 +702,31 @@ def _prebuild_app() -> None:
     app.log.debug("the kernel's app, built in the zygote")  # its logging configured
 
 
+def _huge_pages() -> None:
+    """The zygote's heap and other large anonymous regions in 2 MiB pages, where the kernel
+    has transparent huge pages (`madvise` mode or `always`; MADV_COLLAPSE since Linux 6.1).
+
+    Every fork of a kernel copies the page table entries of the zygote's anonymous memory
+    (~95 MiB once the data stack is imported), and every kernel's exit frees them: a huge
+    page is one entry where there were 512. A kernel that writes to one gets its 4 KiB page
+    copied as before (the kernel splits the mapping in the child), so it holds no more memory.
+    Best effort: where it cannot be done, the zygote keeps its small pages."""
+    libc = _libc()
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            # Anonymous (no file, or the heap) and private-writable: what a fork copies.
+            if fields[1] != "rw-p" or (len(fields) > 5 and fields[5] != "[heap]"):
+                continue
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            start = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+            end &= ~(HUGE_PAGE - 1)
+            if end > start:
+                libc.madvise(start, end - start, MADV_HUGEPAGE)
+                libc.madvise(start, end - start, MADV_COLLAPSE)
+
+
 def _import_data_stack() -> None:
     """DATA_STACK, each where it is installed; one that is missing or fails is left to the
     kernels, which import it themselves (as an exec'd kernel does), and the zygote starts."""
@@ -972,6 +1000,7 @@ def serve(directory: str, roots: list[str], lifeline: int, kernel_args: list[str
     _list_modules()
     gc.collect()
     gc.freeze()  # the imported modules' objects stay shared: the collector never writes them
+    _huge_pages()  # last: what the zygote allocates from here on is small
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
