@@ -28,7 +28,7 @@ from autocoder.kernel.leftovers import owner_tag, sweep_leftovers, workdirs_root
 from autocoder.kernel.pool import KernelPool
 from autocoder.records import Event
 from autocoder.runner import Runner
-from autocoder.sandbox import PARENT_PID_VAR, RUNTIME_DIR_VAR
+from autocoder.sandbox import PARENT_PID_VAR, RUNTIME_DIR_VAR, cgroups
 from autocoder.testing import ScriptedLLM, fenced
 
 from .conftest import autocoder_cmd
@@ -284,3 +284,42 @@ def test_a_kernel_whose_server_is_already_gone_exits_before_it_serves(
         os.close(read_end)
     assert kernel.returncode != 0, err.decode()
     assert gone_within(str(runtime_dir)) == []
+
+
+def test_a_killed_servers_empty_forked_kernel_cgroups_are_swept_once_stale() -> None:
+    """A forked kernel's cgroup is removed by its server when the kernel ends; a server killed
+    first leaves it behind, empty. The next kernel start sweeps such a dir once it is stale,
+    and leaves alone one just made (its kernel may not have joined yet) and one in use."""
+    if os.geteuid() != 0:
+        pytest.skip("kernels get cgroups of their own only from a root server")
+    base = cgroups.cgroup_dir("pids")
+    if base is None or not os.access(base, os.W_OK):
+        pytest.skip("no writable pids cgroup here")
+    parent = base / "autocoder"
+    tag = 4_000_000_000 + os.getpid() * 10
+    left, fresh, used = (parent / f"f{tag + i}" for i in range(3))
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL}
+    user = subprocess.Popen(["sleep", "60"], **quiet)
+    try:
+        for d in (left, fresh, used):
+            d.mkdir(parents=True)
+        (used / "cgroup.procs").write_text(str(user.pid))
+        old = time.time() - 2 * cgroups.STALE_AFTER
+        for d in (left, used):
+            os.utime(d, (old, old))
+        made = cgroups.make_cgroups(f"k{os.getpid()}", {"pids": {"pids.max": 16}})
+        for d in made:
+            d.rmdir()
+        assert not left.exists()
+        assert fresh.is_dir() and used.is_dir()
+    finally:
+        user.kill()
+        user.wait(10)
+        for d in (left, fresh, used):
+            wait_for(f"{d.name} to be removable", lambda d=d: _rmdir(d), timeout=15)
+
+
+def _rmdir(path: Path) -> bool:
+    with contextlib.suppress(FileNotFoundError):
+        path.rmdir()
+    return not path.exists()

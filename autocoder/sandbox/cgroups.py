@@ -8,6 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -113,8 +114,24 @@ def cgroup_dir(controller: str) -> Path | None:
     return None
 
 
-def _sweep(parent: Path) -> None:
+# A forked kernel's cgroup (`f<uid>`) is joined within its start; one still empty after this
+# long belongs to a kernel whose server was killed before it could remove it.
+STALE_AFTER = 600.0
+
+
+def _sweep(parent: Path, now: float | None = None) -> None:
+    """Remove the dirs of kernels that are gone: an exec'd kernel's (`k<pid>`) once its
+    launcher has exited, a forked kernel's (`f<uid>`) once it is empty and stale."""
+    now = time.time() if now is None else now
     for child in parent.glob("k[0-9]*"):
         if child.name[1:].isdigit() and not Path("/proc", child.name[1:]).exists():
             with contextlib.suppress(OSError):
+                child.rmdir()
+    for child in parent.glob("f[0-9]*"):
+        with contextlib.suppress(OSError):
+            if (
+                child.name[1:].isdigit()
+                and now - child.stat().st_mtime > STALE_AFTER
+                and not (child / "cgroup.procs").read_text().strip()
+            ):
                 child.rmdir()
