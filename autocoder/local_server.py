@@ -20,6 +20,7 @@ import argparse
 import codecs
 import ctypes
 import json
+import logging
 import queue
 import select
 import socket
@@ -187,6 +188,8 @@ class Engine:
             eos_token=self.model.token_get_text(eos) if eos != -1 else "",
             bos_token=self.model.token_get_text(bos) if bos != -1 else "",
         )
+        # Loading is logged in full; from here on only warnings (not every thread switch).
+        logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.waiting: deque[Choice] = deque()
         self._piece = ctypes.create_string_buffer(256)
