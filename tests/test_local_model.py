@@ -373,6 +373,39 @@ async def test_the_shipped_model_generates_several_completions_at_once(real_home
     assert servers_using(real_home) == []
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(400)
+async def test_a_client_that_goes_away_frees_its_place(real_home: Path) -> None:
+    """With one slot, a second request is answered only if the first one's client, gone after
+    its first words of a 3,000-token answer, no longer holds the slot."""
+    server = LocalModelServer(settings_for(real_home, local_slots=1))
+    try:
+        url = await server.ensure()
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        long = [{"role": "user", "content": "Write a very long essay on prime numbers."}]
+        stream = await client.chat.completions.create(
+            model=server.model_name, messages=long, max_tokens=3000, stream=True
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        await stream.close()
+        reply = await client.chat.completions.create(
+            model=server.model_name,
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=5,
+        )
+        assert reply.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="'n' must be"):
+            await client.chat.completions.create(
+                model=server.model_name, messages=long, max_tokens=5, n=2
+            )
+        await client.close()
+    finally:
+        server.close()
+    assert servers_using(real_home) == []
+
+
 @pytest.mark.timeout(300)
 def test_the_server_dies_with_its_parent_even_on_sigkill(real_home: Path) -> None:
     script = textwrap.dedent(
