@@ -10,7 +10,7 @@ temperature 0.4, seeds 1..4) are asked three ways, side by side in one run:
 Prints wall time, aggregate generated tokens per second and the ratios. `--runs` K = 1 against
 K = 5 `autocoder run`s of one prompt on autocoder's server, too.
 
-    python bench/batching.py [--repeat 2] [--runs 0]
+    python bench/batching.py [--repeat 2] [--runs 0] [--ks 2,3,5]
 """
 
 from __future__ import annotations
@@ -111,8 +111,10 @@ class Served:
             self.proc.wait(5)
 
 
-async def four(server: Served, messages: list[dict[str, str]], together: bool) -> tuple[float, int]:
-    """(seconds, tokens generated) for the four completions."""
+async def four(
+    server: Served, messages: list[dict[str, str]], together: bool, seeds: tuple[int, ...] = SEEDS
+) -> tuple[float, int]:
+    """(seconds, tokens generated) for the completions, one per seed."""
     client = openai.AsyncOpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=900)
 
     async def one(seed: int, max_tokens: int = MAX_TOKENS) -> int:
@@ -128,10 +130,10 @@ async def four(server: Served, messages: list[dict[str, str]], together: bool) -
     await one(0, 1)  # both servers have read the weights and the prompt once before timing
     start = time.perf_counter()
     if together:
-        tokens = sum(await asyncio.gather(*(one(s) for s in SEEDS)))
+        tokens = sum(await asyncio.gather(*(one(s) for s in seeds)))
     else:
         tokens = 0
-        for s in SEEDS:
+        for s in seeds:
             tokens += await one(s)
     took = time.perf_counter() - start
     await client.close()
@@ -165,6 +167,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--runs", type=int, default=0, help="autocoder runs per K (0: none)")
+    parser.add_argument(
+        "--ks",
+        default="",
+        help="also, on autocoder's server, K completions one after another against at once, "
+        "for each K of this list (2,3: the rounds in which a run draws its candidates)",
+    )
     args = parser.parse_args()
     settings = Settings(model_path=None)
     model = local_model.ensure_model_file(settings)
@@ -189,11 +197,28 @@ def main() -> None:
             results.setdefault("autocoder.local_server, all four at once", []).append(
                 asyncio.run(four(new, messages, together=True))
             )
+            for k in [int(x) for x in args.ks.split(",") if x]:
+                seeds = tuple(range(1, k + 1))
+                results.setdefault(f"K={k} apart", []).append(
+                    asyncio.run(four(new, messages, together=False, seeds=seeds))
+                )
+                results.setdefault(f"K={k} at once", []).append(
+                    asyncio.run(four(new, messages, together=True, seeds=seeds))
+                )
     base = statistics.median(t for t, _ in results["llama_cpp.server, one after another"])
     for label, runs in results.items():
         took = statistics.median(t for t, _ in runs)
         rate = statistics.median(n / t for t, n in runs)
+        if label.startswith("K="):
+            continue
         print(f"  {label:44s} {took:6.1f} s  {rate:5.1f} tok/s  {base / took:4.2f}x")
+    for k in [int(x) for x in args.ks.split(",") if x]:
+        apart = statistics.median(t for t, _ in results[f"K={k} apart"])
+        at_once = statistics.median(t for t, _ in results[f"K={k} at once"])
+        print(
+            f"  autocoder.local_server, K={k}: {apart:5.1f} s one after another, "
+            f"{at_once:5.1f} s at once ({apart / at_once:4.2f}x)"
+        )
     if args.runs:
         one, five = autocoder_runs(settings, 1, args.runs), autocoder_runs(settings, 5, args.runs)
         p1, p5 = statistics.median(one), statistics.median(five)
