@@ -198,6 +198,13 @@ class Settings(BaseSettings):
     local_threads: int = Field(
         0, ge=0, description="CPU threads for the embedded model; 0 means all we may use."
     )
+    local_slots: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Sequences the embedded model generates together (candidates of a run, "
+        "several users); more wait their turn.",
+    )
     model_keep_alive: float = Field(
         300.0,
         ge=0,

@@ -1,6 +1,6 @@
 """The embedded model kept warm between processes, as Ollama's keep-alive does.
 
-Starting llama.cpp's server costs every `autocoder run` seconds before the model is first asked.
+Starting the model's server costs every `autocoder run` seconds before the model is first asked.
 So the server is not the run's child: a small keeper process (`python -m autocoder.keepalive`)
 owns it, one per AUTOCODER_HOME and model, and every autocoder process that uses the model
 (`autocoder run`, `autocoder serve`, the magic) finds it through a file in `<home>/run/`.
@@ -35,7 +35,14 @@ from autocoder.errors import LLMError
 
 POLL = 0.5
 LOCK_WAIT = 60.0
-KEEPER_FIELDS = ("home", "local_model", "model_path", "local_n_ctx", "local_threads")
+KEEPER_FIELDS = (
+    "home",
+    "local_model",
+    "model_path",
+    "local_n_ctx",
+    "local_threads",
+    "local_slots",
+)
 
 
 def _key(settings: Settings) -> str:

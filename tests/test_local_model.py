@@ -258,8 +258,8 @@ def test_a_users_own_gguf_is_used_as_is(tmp_path: Path) -> None:
 
 
 def servers_using(home: Path) -> list[int]:
-    """llama_cpp.server processes whose command line names a file under `home`."""
-    return processes_naming(home, b"llama_cpp.server")
+    """Model server processes whose command line names a file under `home`."""
+    return processes_naming(home, local_model.SERVER_MODULE.encode())
 
 
 def wait_gone(pid: int, timeout: float) -> bool:
@@ -330,6 +330,80 @@ async def test_the_shipped_model_answers_through_the_openai_client(real_home: Pa
     assert server.pid is None
     assert servers_using(real_home) == []
     assert model_info(settings_for(real_home))["running"] is False
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(400)
+async def test_the_shipped_model_generates_several_completions_at_once(real_home: Path) -> None:
+    """The K candidates of an attempt, as one request with `n` and as concurrent requests:
+    all come back, and they differ (each choice its own seed)."""
+    server = LocalModelServer(settings_for(real_home))
+    try:
+        url = await server.ensure()
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "print the first ten square numbers"},
+        ]
+        asked = dict(model=server.model_name, messages=messages, temperature=0.8, max_tokens=40)
+        together = await client.chat.completions.create(n=4, seed=7, **asked)  # type: ignore[call-overload]
+        texts = [c.message.content or "" for c in together.choices]
+        assert [c.index for c in together.choices] == [0, 1, 2, 3]
+        assert all(texts) and len(set(texts)) > 1, texts
+        assert together.usage is not None and together.usage.completion_tokens > 0
+
+        apart = await asyncio.gather(
+            *(
+                client.chat.completions.create(seed=seed, **asked)  # type: ignore[call-overload]
+                for seed in (7, 8, 9, 10)
+            )
+        )
+        assert all(r.choices[0].message.content for r in apart)
+        assert len({r.choices[0].message.content for r in apart}) > 1
+
+        too_long = [{"role": "user", "content": "print the sum of 2 and 3. " * 2000}]
+        with pytest.raises(openai.BadRequestError, match="context holds 4096"):
+            await client.chat.completions.create(
+                model=server.model_name, messages=too_long, max_tokens=10
+            )
+        assert server.pid is not None, "a prompt too long is refused, not a crash"
+        await client.close()
+    finally:
+        server.close()
+    assert servers_using(real_home) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(400)
+async def test_a_client_that_goes_away_frees_its_place(real_home: Path) -> None:
+    """With one slot, a second request is answered only if the first one's client, gone after
+    its first words of a 3,000-token answer, no longer holds the slot."""
+    server = LocalModelServer(settings_for(real_home, local_slots=1))
+    try:
+        url = await server.ensure()
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        long = [{"role": "user", "content": "Write a very long essay on prime numbers."}]
+        stream = await client.chat.completions.create(
+            model=server.model_name, messages=long, max_tokens=3000, stream=True
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        await stream.close()
+        reply = await client.chat.completions.create(
+            model=server.model_name,
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=5,
+        )
+        assert reply.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="'n' must be"):
+            await client.chat.completions.create(
+                model=server.model_name, messages=long, max_tokens=5, n=2
+            )
+        await client.close()
+    finally:
+        server.close()
+    assert servers_using(real_home) == []
 
 
 @pytest.mark.timeout(300)
