@@ -167,8 +167,15 @@ async def test_a_success_is_confined_and_its_notebook_runs_again_under_that_kern
         pytest.skip(f"the {lang.kernelspec['name']} kernelspec is not installed for Jupyter")
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.source for c in code_cells] == [case.confined]
-    NotebookClient(nb, timeout=60, allow_errors=False).execute()
-    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    # Deno publishes console output after its idle status (`late_output`); Jupyter's own
+    # client, which stops listening at idle, then shows the cell without it now and again on a
+    # loaded machine. The cell runs without error every time; its output shows in one of three.
+    for _ in range(3 if lang.late_output else 1):
+        NotebookClient(nb, timeout=60, allow_errors=False).execute()
+        outputs = nb.cells[-1].outputs
+        text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+        if "key=" in text:
+            break
     assert "key=" in text
 
 
