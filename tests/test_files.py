@@ -424,7 +424,7 @@ def test_a_kernel_python_without_ipykernel_is_one_line(
 @pytest.mark.asyncio
 @pytest.mark.timeout(600)
 async def test_the_embedded_model_plots_a_sine_wave(tmp_path: Path) -> None:
-    """No OPENAI_* settings: the embedded 0.5B model answers."""
+    """No OPENAI_* settings: the embedded model answers."""
     for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY"):
         assert var not in os.environ or pytest.skip(f"{var} is set")
     settings = Settings(

@@ -1,4 +1,4 @@
-"""The embedded model: assembly and verification on chunks made here, and the real shipped 0.5B served."""
+"""The embedded model: assembly and verification on chunks made here, and the real shipped default model served."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from autocoder.config import Settings
 from autocoder.errors import ConfigError
 from autocoder.keepalive import keeper_pids, processes_naming
 from autocoder.local_model import (
+    SHIPPED_MODELS,
     Chunk,
     LocalModelServer,
     ShippedModel,
@@ -59,11 +60,15 @@ def make_chunks(root: Path, sizes: list[int], per_chunk_hashes: bool = True) -> 
         path.write_bytes(data)
         digest = hashlib.sha256(data).hexdigest() if per_chunk_hashes else None
         chunks.append(Chunk(f"tiny-part{i}", "1.0", size if per_chunk_hashes else None, digest))
-    return ShippedModel("0.5b", "tiny", "tiny.gguf", sum(sizes), whole.hexdigest(), tuple(chunks))
+    return ShippedModel(DEFAULT, "tiny", "tiny.gguf", sum(sizes), whole.hexdigest(), tuple(chunks))
+
+
+# The model a user gets; the chunk tests below stand a tiny file in for it.
+DEFAULT = Settings.model_fields["local_model"].default
 
 
 def settings_for(home: Path, **kw: object) -> Settings:
-    return Settings(home=home, model_path=None, local_model="0.5b", **kw)  # type: ignore[arg-type]
+    return Settings(home=home, model_path=None, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -84,7 +89,7 @@ def leftovers(models_dir: Path) -> list[str]:
 def test_right_chunks_give_the_verified_file_and_later_starts_skip_the_hash(tiny) -> None:
     settings, model, locate = tiny
     out = io.StringIO()
-    path = ensure_model_file(settings, catalog={"0.5b": model}, locate=locate, progress=out)
+    path = ensure_model_file(settings, catalog={DEFAULT: model}, locate=locate, progress=out)
     assert path == settings.home / "models" / "tiny.gguf"
     expected = b"".join(locate(c).read_bytes() for c in model.chunks)
     assert path.read_bytes() == expected
@@ -94,21 +99,21 @@ def test_right_chunks_give_the_verified_file_and_later_starts_skip_the_hash(tiny
     def no_chunks(chunk: Chunk) -> Path:
         raise AssertionError("a verified file must not be reassembled")
 
-    assert ensure_model_file(settings, catalog={"0.5b": model}, locate=no_chunks) == path
+    assert ensure_model_file(settings, catalog={DEFAULT: model}, locate=no_chunks) == path
 
 
 @pytest.mark.timeout(30)
 def test_a_file_changed_after_verification_is_not_trusted(tiny) -> None:
     settings, model, locate = tiny
     path = ensure_model_file(
-        settings, catalog={"0.5b": model}, locate=locate, progress=io.StringIO()
+        settings, catalog={DEFAULT: model}, locate=locate, progress=io.StringIO()
     )
     good = path.read_bytes()
     with open(path, "r+b") as f:
         f.seek(1000)
         f.write(bytes([good[1000] ^ 0xFF]))
     assert (
-        ensure_model_file(settings, catalog={"0.5b": model}, locate=locate, progress=io.StringIO())
+        ensure_model_file(settings, catalog={DEFAULT: model}, locate=locate, progress=io.StringIO())
         == path
     )
     assert path.read_bytes() == good
@@ -130,7 +135,7 @@ def test_a_changed_byte_is_refused_naming_what_to_reinstall(
     settings = settings_for(tmp_path / "home")
 
     with pytest.raises(ConfigError) as e:
-        ensure_model_file(settings, catalog={"0.5b": model}, locate=locate, progress=io.StringIO())
+        ensure_model_file(settings, catalog={DEFAULT: model}, locate=locate, progress=io.StringIO())
 
     message = str(e.value)
     assert "\n" not in message
@@ -152,7 +157,7 @@ def test_a_missing_chunk_is_refused(tiny) -> None:
     with pytest.raises(
         ConfigError, match=r"tiny-part3 .*pip install --force-reinstall tiny-part3==1.0$"
     ):
-        ensure_model_file(settings, catalog={"0.5b": model}, locate=locate, progress=io.StringIO())
+        ensure_model_file(settings, catalog={DEFAULT: model}, locate=locate, progress=io.StringIO())
     assert not (settings.home / "models" / "tiny.gguf").exists()
 
 
@@ -169,7 +174,7 @@ def test_a_full_disk_leaves_no_partial_file(tiny, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(local_model, "_write_all", write_until_full)
     with pytest.raises(ConfigError, match="not enough disk space .*AUTOCODER_HOME"):
-        ensure_model_file(settings, catalog={"0.5b": model}, locate=locate, progress=io.StringIO())
+        ensure_model_file(settings, catalog={DEFAULT: model}, locate=locate, progress=io.StringIO())
     models = settings.home / "models"
     assert not (models / "tiny.gguf").exists()
     assert leftovers(models) == []
@@ -181,7 +186,7 @@ def _assemble_in_child(
     start.wait(10)  # type: ignore[attr-defined]
     out = io.StringIO()
     path = ensure_model_file(
-        settings_for(Path(home)), catalog={"0.5b": model}, locate=locate, progress=out
+        settings_for(Path(home)), catalog={DEFAULT: model}, locate=locate, progress=out
     )
     return path.stat().st_ino, hashlib.sha256(path.read_bytes()).hexdigest(), out.getvalue()
 
@@ -413,7 +418,7 @@ def test_the_server_dies_with_its_parent_even_on_sigkill(real_home: Path) -> Non
         import asyncio, sys, time
         from autocoder.config import Settings
         from autocoder.local_model import get_server
-        server = get_server(Settings(home={str(real_home)!r}, model_path=None, local_model="0.5b"))
+        server = get_server(Settings(home={str(real_home)!r}, model_path=None))
         asyncio.run(server.ensure())
         print(server.pid, flush=True)
         time.sleep(600)
@@ -451,7 +456,7 @@ def test_autocoder_run_answers_offline_with_the_embedded_model(
     assert result["status"] == "success"
     assert "5" in result["output"]
     assert result["backend"] == "local"
-    assert "using the local model qwen2.5-coder-0.5b" in proc.stderr
+    assert f"using the local model {SHIPPED_MODELS[DEFAULT].name}" in proc.stderr
     deadline = time.monotonic() + 10
     while servers_using(real_home) and time.monotonic() < deadline:
         time.sleep(0.1)
