@@ -478,6 +478,9 @@ def parse_request(body: dict[str, Any], engine: Engine) -> tuple[Request, bool, 
 def make_handler(engine: Engine, alias: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # As model servers do: without it, a body written after its headers (or an SSE chunk
+        # after the last) waits for the client's delayed ACK, up to 40 ms.
+        disable_nagle_algorithm = True
         server_version = "autocoder-local"
 
         def log_message(self, format: str, *args: Any) -> None:

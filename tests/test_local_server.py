@@ -3,7 +3,7 @@ the server with the real model is tested in test_local_model.py)."""
 
 from __future__ import annotations
 
-from autocoder.local_server import TextOut
+from autocoder.local_server import TextOut, make_handler
 
 
 def shown(out: TextOut, pieces: list[bytes]) -> tuple[str, bool]:
@@ -39,3 +39,10 @@ def test_text_that_only_looks_like_the_start_of_a_stop_string_is_shown() -> None
 
 def test_the_earliest_of_several_stop_strings_wins() -> None:
     assert shown(TextOut(["world", "lo w"]), [b"hello world"]) == ("hel", True)
+
+
+def test_replies_are_not_held_back_for_the_clients_delayed_ack() -> None:
+    """The openai client keeps its connection alive; a reply's body (or a stream's next chunk)
+    sent in a second small write then waited for the client's delayed ACK: 44 ms per request
+    before TCP_NODELAY, 2 ms after (GET /v1/models, p50 of 20, measured by hand)."""
+    assert make_handler(None, "m").disable_nagle_algorithm is True  # type: ignore[arg-type]
