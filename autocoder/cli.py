@@ -385,6 +385,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         await opened.aclose()
 
     with asyncio.Runner() as loop:
+        # Ctrl-C at the prompt must reach the main thread, blocked in input(). The kernel may
+        # hand a process's SIGINT to an idle worker thread instead (when the main thread has
+        # another signal pending); there it only sets a flag, and input() never returns.
+        loop.get_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(
+                initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, {signal.SIGINT})
+            )
+        )
         try:
             session = loop.run(start())
             progress.say(
