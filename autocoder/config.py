@@ -198,7 +198,10 @@ class Settings(BaseSettings):
         4096, ge=512, le=32768, description="Context tokens of the embedded model."
     )
     local_threads: int = Field(
-        0, ge=0, description="CPU threads for the embedded model; 0 means all we may use."
+        0,
+        ge=0,
+        description="CPU threads for the embedded model; 0: each step takes one or all we may "
+        "use, whichever its steps show faster.",
     )
     local_slots: int = Field(
         8,

@@ -457,7 +457,7 @@ def server_args(settings: Settings, model_file: Path, name: str, port: int) -> l
     tokens (224 MiB for the 1.5B at 4096, 96 for the 0.5B): a prompt the candidates share is
     held once.
     """
-    decode_threads, batch_threads = _threads(settings)
+    threads, adapt = _threads(settings)
     flags = {
         "model": str(model_file),
         "model_alias": name,
@@ -467,8 +467,8 @@ def server_args(settings: Settings, model_file: Path, name: str, port: int) -> l
         "slots": str(settings.local_slots),
         "n_batch": "256",
         "n_ubatch": "256",
-        "threads": str(decode_threads),
-        "threads_batch": str(batch_threads),
+        "threads": str(threads),
+        "adapt_threads": str(int(adapt)),
     }
     return [
         sys.executable,
@@ -478,17 +478,17 @@ def server_args(settings: Settings, model_file: Path, name: str, port: int) -> l
     ]
 
 
-def _threads(settings: Settings) -> tuple[int, int]:
-    """Threads for generating and for reading the prompt.
+def _threads(settings: Settings) -> tuple[int, bool]:
+    """The most threads the model server uses, and whether each step may use one instead.
 
-    Generation of a small model is bound by synchronisation, not arithmetic: on 2 vCPUs one thread
-    gave 47 tokens/s and two gave 37-40 with large swings whenever anything else ran. Reading the
-    prompt is real matrix work and does use every CPU.
+    On 2 vCPUs, two threads generated 1.8x as fast as one when nothing else ran and 0.6x as fast
+    beside one busy process (llama.cpp's threads wait for each other at spinning barriers), so
+    by default the server times its steps and takes the faster (`local_server.ThreadChoice`).
+    `AUTOCODER_LOCAL_THREADS` fixes the count.
     """
-    cpus = len(os.sched_getaffinity(0))
     if settings.local_threads:
-        return settings.local_threads, settings.local_threads
-    return max(1, cpus // 2), cpus
+        return settings.local_threads, False
+    return len(os.sched_getaffinity(0)), True
 
 
 def child_env() -> dict[str, str]:

@@ -50,6 +50,72 @@ class BadRequest(ValueError):
     """A request the server refuses with HTTP 400 and this message."""
 
 
+# --- Threads ------------------------------------------------------------------------------------
+
+
+class ThreadChoice:
+    """How many threads the next decode step gets, chosen by what such steps took lately.
+
+    llama.cpp's threads meet at spinning barriers after every operation. On 2 shared cores, two
+    threads generated five candidates 1.6x as fast as one on an idle machine; beside one busy
+    process in another session (where the scheduler gives each session its share, so the
+    model's two threads got one core) each step took 3.2 s instead of 0.26, a thread that
+    loses its core stalling the other at every barrier. So neither count is right for long.
+
+    Steps that generate the same number of rows keep a recent time per thread count, and the
+    faster count is used. The other is tried again after a number of steps that grows with how
+    far apart the two were (12 times as long: ~120 steps; twice: 20), doubling while it keeps
+    losing; the count in use is left at once when it gets slower than the other's last time. A step that reads a prompt is
+    too costly to try both ways and follows the latest verdict.
+    """
+
+    PROBE_EVERY = 10
+    MOST_BETWEEN = 200
+    WEIGHT = 0.5  # of the newest step in a recent time
+
+    def __init__(self, most: int, adapt: bool = True) -> None:
+        self.most = most
+        self.adapt = adapt and most > 1
+        self.prefer = most  # an idle machine is the first guess, tried at the second step
+        self.recent: dict[tuple[int, int], float] = {}
+        self.between = 2
+        self.since = 0
+
+    def pick(self, rows: int | None) -> int:
+        """Threads for a step generating `rows` tokens (None: a step that reads a prompt)."""
+        if not self.adapt or rows is None:
+            return self.prefer
+        self.since += 1
+        if self.since >= self.between:
+            self.since = 0
+            return self._other(self.prefer)
+        return self.prefer
+
+    def record(self, rows: int | None, threads: int, seconds: float) -> None:
+        if not self.adapt or rows is None:
+            return
+        key = (rows, threads)
+        old = self.recent.get(key)
+        trying = threads != self.prefer
+        # A try's figure replaces the last one, taken under another load.
+        self.recent[key] = seconds if old is None or trying else old + self.WEIGHT * (seconds - old)
+        mine = self.recent.get((rows, self.prefer))
+        theirs = self.recent.get((rows, self._other(self.prefer)))
+        if mine is None or theirs is None:
+            return
+        ratio = max(mine, theirs) / min(mine, theirs)
+        if trying and theirs >= mine:  # the other count stays the slower: try it less often
+            self.between = min(
+                self.MOST_BETWEEN, max(2 * self.between, round(self.PROBE_EVERY * ratio))
+            )
+        elif theirs < mine:  # a try that won, or the count in use got slower
+            self.prefer = self._other(self.prefer)
+            self.between, self.since = min(self.MOST_BETWEEN, round(self.PROBE_EVERY * ratio)), 0
+
+    def _other(self, threads: int) -> int:
+        return 1 if threads == self.most else self.most
+
+
 # --- Text out of tokens ---------------------------------------------------------------------
 
 
@@ -162,8 +228,8 @@ class Engine:
         self.vocab = self.model.vocab
         self.n_ctx_seq = args.n_ctx
         self.n_batch = args.n_batch
-        self.threads, self.threads_batch = args.threads, args.threads_batch
-        self._threads_now = args.threads_batch
+        self.threads = ThreadChoice(args.threads, bool(args.adapt_threads))
+        self._threads_now = args.threads
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = args.n_ctx * args.kv_factor
         cparams.n_batch = args.n_batch
@@ -171,7 +237,7 @@ class Engine:
         cparams.n_seq_max = args.slots
         cparams.kv_unified = True
         cparams.n_threads = args.threads
-        cparams.n_threads_batch = args.threads_batch
+        cparams.n_threads_batch = args.threads
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cparams.embeddings = False
         cparams.no_perf = True
@@ -356,13 +422,16 @@ class Engine:
                 if logits:
                     rows.append((slot, n - 1))
             batch.n_tokens = n
-            # Reading a prompt is matrix work that uses every thread; a step of generating
-            # tokens only is bound by synchronisation, where more threads were slower.
-            threads = self.threads_batch if n > len(rows) else self.threads
+            generating = None if n > len(rows) else len(rows)
+            threads = self.threads.pick(generating)
             if threads != self._threads_now:
-                ll.llama_set_n_threads(self.ctx, self.threads, threads)
+                ll.llama_set_n_threads(self.ctx, threads, threads)
                 self._threads_now = threads
+            began = time.perf_counter()
             status = ll.llama_decode(self.ctx, batch)
+            took = time.perf_counter() - began
+            if status == 0:
+                self.threads.record(generating, threads, took)
             if status == 0:
                 break
             if status != 1:
@@ -670,8 +739,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--n_batch", type=int, default=256)
     parser.add_argument("--n_ubatch", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--threads_batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="the most threads a step uses")
+    parser.add_argument(
+        "--adapt_threads", type=int, default=1, help="1: each step uses 1 or --threads, as faster"
+    )
     args = parser.parse_args(argv)
     engine = Engine(args)
     try:

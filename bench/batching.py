@@ -8,9 +8,12 @@ temperature 0.4, seeds 1..4) are asked three ways, side by side in one run:
 - autocoder.local_server, one request after another;
 - autocoder.local_server, all four at once.
 Prints wall time, aggregate generated tokens per second and the ratios. `--runs` K = 1 against
-K = 5 `autocoder run`s of one prompt on autocoder's server, too.
+K = 5 `autocoder run`s of one prompt on autocoder's server, too. `--threads` instead compares the
+server's thread choice (`local_server.ThreadChoice`) with the one thread it generated on before:
+five completions at once, on an idle machine and beside one busy process, alternated.
 
     python bench/batching.py [--repeat 2] [--runs 0] [--ks 2,3,5]
+    python bench/batching.py --threads [--repeat 3]
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def free_port() -> int:
 
 def old_server_args(settings: Settings, model: Path, name: str, port: int) -> list[str]:
     """`server_args` as it was before autocoder's own server."""
-    decode_threads, batch_threads = local_model._threads(settings)
+    cpus = len(os.sched_getaffinity(0))
+    decode_threads, batch_threads = max(1, cpus // 2), cpus
     flags = {
         "model": str(model),
         "model_alias": name,
@@ -163,6 +167,42 @@ def autocoder_runs(settings: Settings, k: int, repeat: int) -> list[float]:
     return times
 
 
+def one_thread_args(settings: Settings, model: Path, name: str, port: int) -> list[str]:
+    """autocoder's server generating on one thread, as it did before it chose per step."""
+    fixed = settings.model_copy(update={"local_threads": 1})
+    return local_model.server_args(fixed, model, name, port)
+
+
+def compare_threads(settings: Settings, messages: list[dict[str, str]], repeat: int) -> None:
+    model = local_model.ensure_model_file(settings)
+    name = local_model.model_name(settings)
+    seeds = (1, 2, 3, 4, 5)
+    arms = {"one thread": one_thread_args, "chosen per step": local_model.server_args}
+    print(f"{name}, 5 completions of <= {MAX_TOKENS} tokens at once, seeds 1..5")
+    for busy in (False, True):
+        took: dict[str, list[float]] = {label: [] for label in arms}
+        for _ in range(repeat):
+            for label, args in arms.items():
+                port = free_port()
+                with Served(args(settings, model, name, port), port, name) as server:
+                    hog = (
+                        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        if busy
+                        else None
+                    )
+                    try:
+                        took[label].append(asyncio.run(four(server, messages, True, seeds))[0])
+                    finally:
+                        if hog is not None:
+                            hog.kill()
+                            hog.wait()
+        one, chosen = (statistics.median(took[label]) for label in arms)
+        print(
+            f"  {'beside a busy process' if busy else 'idle machine':22s} one thread {one:5.1f} s, "
+            f"chosen per step {chosen:5.1f} s ({one / chosen:4.2f}x), load {os.getloadavg()[0]:.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=1)
@@ -173,6 +213,9 @@ def main() -> None:
         help="also, on autocoder's server, K completions one after another against at once, "
         "for each K of this list (2,3: the rounds in which a run draws its candidates)",
     )
+    parser.add_argument(
+        "--threads", action="store_true", help="compare the thread choice with one thread"
+    )
     args = parser.parse_args()
     settings = Settings(model_path=None)
     model = local_model.ensure_model_file(settings)
@@ -181,6 +224,9 @@ def main() -> None:
         {"role": "system", "content": system_prompt_for(settings)},
         {"role": "user", "content": TASK},
     ]
+    if args.threads:
+        compare_threads(settings, messages, args.repeat)
+        return
     print(f"{name}, 4 completions of <= {MAX_TOKENS} tokens, temperature 0.4, seeds 1..4")
     results: dict[str, list[tuple[float, int]]] = {}
     for _ in range(args.repeat):

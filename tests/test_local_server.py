@@ -3,7 +3,11 @@ the server with the real model is tested in test_local_model.py)."""
 
 from __future__ import annotations
 
-from autocoder.local_server import TextOut, make_handler
+from pathlib import Path
+
+from autocoder import local_model
+from autocoder.config import Settings
+from autocoder.local_server import TextOut, ThreadChoice, make_handler
 
 
 def shown(out: TextOut, pieces: list[bytes]) -> tuple[str, bool]:
@@ -46,3 +50,55 @@ def test_replies_are_not_held_back_for_the_clients_delayed_ack() -> None:
     sent in a second small write then waited for the client's delayed ACK: 44 ms per request
     before TCP_NODELAY, 2 ms after (GET /v1/models, p50 of 20, measured by hand)."""
     assert make_handler(None, "m").disable_nagle_algorithm is True  # type: ignore[arg-type]
+
+
+def steps(choice: ThreadChoice, count: int, seconds: dict[int, float], rows: int = 5) -> list[int]:
+    """Threads picked for `count` generating steps on a machine where a step takes `seconds`."""
+    picked = []
+    for _ in range(count):
+        threads = choice.pick(rows)
+        choice.record(rows, threads, seconds[threads])
+        picked.append(threads)
+    return picked
+
+
+def test_the_model_generates_on_both_cores_while_nothing_else_runs_and_on_one_when_it_does() -> (
+    None
+):
+    """Beside a busy process, two llama.cpp threads stall each other at every barrier; on an
+    idle machine they are nearly twice as fast as one. The server follows what its steps take."""
+    choice = ThreadChoice(2)
+    idle = steps(choice, 40, {2: 0.10, 1: 0.18})
+    assert idle[0] == 2, "an idle machine is the first guess"
+    assert idle.count(2) >= 35 and 1 in idle, "one thread is still tried now and then"
+    assert choice.pick(None) == 2, "reading a prompt follows the latest verdict"
+
+    busy = steps(choice, 40, {2: 0.40, 1: 0.25})
+    assert busy[-30:].count(1) >= 26, "a few steps after the load came, one thread"
+    assert choice.pick(None) == 1
+
+    again = steps(choice, 60, {2: 0.10, 1: 0.18})
+    assert again[-30:].count(2) >= 27, "and both again once the other process is gone"
+
+
+def test_two_threads_that_stall_each_other_are_seldom_tried_again() -> None:
+    """Beside a busy process in another session, the model's two threads got one core and a
+    step took 3.2 s against 0.26 on one thread: each try of two costs a dozen steps."""
+    picked = steps(ThreadChoice(2), 150, {2: 3.2, 1: 0.26})
+    assert picked.count(2) <= 4
+
+
+def test_a_new_number_of_rows_starts_from_the_latest_verdict() -> None:
+    choice = ThreadChoice(2)
+    steps(choice, 20, {2: 0.40, 1: 0.25}, rows=5)
+    assert choice.pick(4) == 1
+
+
+def test_a_thread_count_the_user_set_is_kept() -> None:
+    fixed = ThreadChoice(3, adapt=False)
+    assert set(steps(fixed, 30, {3: 0.5, 1: 0.1})) == {3}
+    args = local_model.server_args(Settings(local_threads=1), Path("m.gguf"), "m", 1)
+    assert args[args.index("--threads") + 1] == "1"
+    assert args[args.index("--adapt_threads") + 1] == "0"
+    default = local_model.server_args(Settings(), Path("m.gguf"), "m", 1)
+    assert default[default.index("--adapt_threads") + 1] == "1"
