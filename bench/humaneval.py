@@ -127,7 +127,7 @@ async def main() -> None:
     # One kernel starts ahead while the model writes, so no attempt waits for a kernel.
     kernels = KernelPool(settings, size=1)
     runner = Runner(settings, kernels=kernels)
-    first_pass = final_pass = false_success = 0
+    first_pass = final_pass = false_success = uncertain = 0
     seconds: list[float] = []
     tokens = 0
     llm_time = 0.0
@@ -156,19 +156,23 @@ async def main() -> None:
                 print("interrupted", flush=True)
                 break
             seconds.append(time.monotonic() - start)
+            # attempts[0] is the first attempt's first candidate: greedy, as one program was.
             first = result.attempts[0].code if result.attempts else ""
+            attempts = max((a.number for a in result.attempts), default=0)
             ok_first = passes_hidden_tests(problem, first)
             ok_final = (
-                ok_first if len(result.attempts) == 1 else passes_hidden_tests(problem, result.code)
+                ok_first if result.code == first else passes_hidden_tests(problem, result.code)
             )
             first_pass += ok_first
             final_pass += ok_final
             false_success += result.status == "success" and not ok_final
+            uncertain += result.error_kind == "uncertain"
             tokens += sum(a.tokens for a in result.attempts)
             llm_time += sum(a.llm_duration for a in result.attempts)
             print(
                 f"[{i}/{len(problems)}] {problem['task_id']}: attempt1={'pass' if ok_first else 'fail'} "
-                f"final={'pass' if ok_final else 'fail'} attempts={len(result.attempts)} "
+                f"final={'pass' if ok_final else 'fail'} attempts={attempts} "
+                f"candidates={len(result.attempts)} {result.error_kind or result.status} "
                 f"{seconds[-1]:.1f}s",
                 flush=True,
             )
@@ -181,7 +185,9 @@ async def main() -> None:
                             "final": ok_final,
                             "status": result.status,
                             "final_checks": final_checks(result.code),
-                            "attempts": len(result.attempts),
+                            "attempts": attempts,
+                            "candidates": len(result.attempts),
+                            "error_kind": result.error_kind,
                             "seconds": seconds[-1],
                             "kinds": [a.error_kind for a in result.attempts],
                             "tokens": sum(a.tokens for a in result.attempts),
@@ -205,6 +211,7 @@ async def main() -> None:
         f"(+{100 * (final_pass - first_pass) / n:.1f} points)"
     )
     print(f"runs reporting success whose code fails the hidden tests: {false_success}/{n}")
+    print(f"runs reporting uncertain (candidates disagreed): {uncertain}/{n}")
     print(f"median seconds per problem: {statistics.median(seconds):.1f}")
     print(f"model tokens/s: {tokens / llm_time:.1f}" if llm_time else "model tokens/s: n/a")
     if kept:
