@@ -19,11 +19,14 @@ rule of how many, how they are sampled, grouped and judged is here:
   prompt draws the same ones. 0.4 rather than 0.7: with the embedded 0.5B model on 12 tasks
   side by side, both gave 7 right answers, 5 uncertain and no wrong one, and 0.4 generated 30%
   fewer tokens (0.7's samples ramble).
-- Grouped by what they produced (`Produced`): what they printed and the text of their results,
-  normalised (`normalise`); the kinds of their rich outputs (a plot is an image/png whatever its
-  pixels); the files they wrote, text files by normalised content and others by kind. File
-  names are not compared: a name the task gives, every candidate uses; one it does not give is
-  arbitrary.
+- Grouped by what they produced (`Produced.answer`): the numbers they printed (and the text of
+  their results), in order, leaving out numbers the user's prompt gives (`values`), so "262"
+  and "There are 262 weekdays in 2024." agree on a task about 2024, as do two layouts of one
+  table, and "3,740.87" is 3740.87. A candidate that printed no number of its own is compared
+  by its whole text, normalised (`normalise`): "Saturday" is not "Sunday". Either way the
+  kinds of their rich outputs must match (a plot is an image/png whatever its pixels), and the
+  files they wrote, text files by normalised content and others by kind. File names are not
+  compared: a name the task gives, every candidate uses; one it does not give is arbitrary.
 - The answer is the largest group of those that ran cleanly; between groups of one size, the
   one whose first member was drawn first. Its first member's code, output and files are the
   attempt's.
@@ -41,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,19 @@ def _number(match: re.Match[str]) -> str:
     return format(value, ".6g")
 
 
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_VALUE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?!\w)")
+
+
+def values(text: str, given: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """The numbers `text` says, in order, as `normalise` writes them, leaving out those in
+    `given` (the prompt's own: a program that repeats the question's year or range says
+    nothing more by it)."""
+    text = _THOUSANDS.sub("", _NUMPY_SCALAR.sub(r"\1", _ANSI.sub("", text)))
+    found = (_number(m) for m in _VALUE.finditer(text))
+    return tuple(v for v in found if v not in given)
+
+
 def normalise(text: str) -> str:
     """Text as compared: no colours, blank lines or runs of spaces; lower case; floats to six
     significant digits (42.0 is 42, 0.30000000000000004 is 0.3); numpy scalars as their value;
@@ -124,6 +140,12 @@ class Produced:
     text: str
     rich: tuple[str, ...] = ()
     files: tuple[tuple[str, str], ...] = ()
+    values: tuple[str, ...] = field(default=(), compare=False)
+
+    def answer(self) -> object:
+        """What it is compared by: the numbers it said, if it said any of its own, else its
+        whole text; with its rich outputs and files either way."""
+        return (self.values, self.rich, self.files) if self.values else self
 
     def describe(self, output: str) -> str:
         """A short phrase for the user: what it printed (the first line of `output`, as the
@@ -141,10 +163,14 @@ class Produced:
 
 
 def produced(
-    outputs: Sequence[dict[str, Any]], workdir: Path | None, inputs: Iterable[str] = ()
+    outputs: Sequence[dict[str, Any]],
+    workdir: Path | None,
+    inputs: Iterable[str] = (),
+    given: frozenset[str] = frozenset(),
 ) -> Produced:
     """Read what a candidate produced from its outputs and, once its kernel's processes have
-    ended (nothing can change the directory any more), the files in its working directory."""
+    ended (nothing can change the directory any more), the files in its working directory.
+    `given`: the numbers of the prompt (`values(prompt)`)."""
     texts: list[str] = []
     rich: list[str] = []
     for out in outputs:
@@ -159,7 +185,8 @@ def produced(
             elif isinstance(data.get("text/plain"), str):
                 texts.append(data["text/plain"] + "\n")
     files = _files(workdir, set(inputs)) if workdir is not None else ()
-    return Produced(normalise("".join(texts)), tuple(sorted(rich)), files)
+    said = "".join(texts)
+    return Produced(normalise(said), tuple(sorted(rich)), files, values(said, given))
 
 
 def _files(workdir: Path, inputs: set[str]) -> tuple[tuple[str, str], ...]:
@@ -222,14 +249,15 @@ class Tally:
 
 
 def tally(produced_by: Sequence[Produced | None]) -> Tally:
-    """Group the candidates (None: did not run cleanly) by what they produced."""
-    groups: dict[Produced, list[int]] = {}
-    for i, key in enumerate(produced_by):
-        if key is not None:
-            groups.setdefault(key, []).append(i)
+    """Group the candidates (None: did not run cleanly) by what they produced (`Produced.answer`)."""
+    groups: dict[object, list[int]] = {}
+    for i, p in enumerate(produced_by):
+        if p is not None:
+            groups.setdefault(p.answer(), []).append(i)
     # Largest first; between equals, one that produced something (a program that printed and
     # made nothing answers nothing), then the one drawn first.
-    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0] == Produced(""), kv[1][0]))
+    nothing = Produced("").answer()
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0] == nothing, kv[1][0]))
     return Tally(len(produced_by), tuple(tuple(g) for _, g in ordered))
 
 

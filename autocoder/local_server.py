@@ -65,7 +65,9 @@ class ThreadChoice:
     Steps that generate the same number of rows keep a recent time per thread count, and the
     faster count is used. The other is tried again after a number of steps that grows with how
     far apart the two were (12 times as long: ~120 steps; twice: 20), doubling while it keeps
-    losing; the count in use is left at once when it gets slower than the other's last time. A step that reads a prompt is
+    losing. The count in use is left at once when it gets slower than the other's last time,
+    and tried again after `PROBE_EVERY` steps: what slowed it is often brief (a candidate's
+    kernel importing pandas while its siblings are still being generated). A step that reads a prompt is
     too costly to try both ways and follows the latest verdict.
     """
 
@@ -108,9 +110,12 @@ class ThreadChoice:
             self.between = min(
                 self.MOST_BETWEEN, max(2 * self.between, round(self.PROBE_EVERY * ratio))
             )
-        elif theirs < mine:  # a try that won, or the count in use got slower
-            self.prefer = self._other(self.prefer)
+        elif theirs < mine and trying:  # a try that won
+            self.prefer = threads
             self.between, self.since = min(self.MOST_BETWEEN, round(self.PROBE_EVERY * ratio)), 0
+        elif theirs < mine:  # the count in use got slower, perhaps only while a kernel runs
+            self.prefer = self._other(self.prefer)
+            self.between, self.since = self.PROBE_EVERY, 0
 
     def _other(self, threads: int) -> int:
         return 1 if threads == self.most else self.most

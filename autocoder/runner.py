@@ -514,7 +514,10 @@ class _Run:
         produced = None
         if attempt.status == "success":
             names = [f.name for f in self.inputs]
-            produced = await asyncio.to_thread(candidates.produced, attempt.outputs, workdir, names)
+            given = frozenset(candidates.values(self.prompt or ""))
+            produced = await asyncio.to_thread(
+                candidates.produced, attempt.outputs, workdir, names, given
+            )
         return _Drawn(attempt, produced, workdir)
 
     async def fresh_kernel(self, *, adopt: bool) -> Executor:

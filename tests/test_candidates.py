@@ -19,7 +19,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from autocoder.candidates import SAMPLE_TEMPERATURE, Produced, normalise, tally
+from autocoder.candidates import SAMPLE_TEMPERATURE, Produced, normalise, produced, tally, values
 from autocoder.config import Settings
 from autocoder.notebook import record_path
 from autocoder.prompts import FROM_SCRATCH
@@ -87,6 +87,44 @@ def test_the_largest_group_answers_and_a_tie_goes_to_the_first_drawn() -> None:
     assert tally([None, None]).settled() and tally([None, None]).chosen == 0
 
 
+def said(text: str, task: str = "", rich: tuple[str, ...] = ()) -> Produced:
+    """What a candidate produced that printed `text` for `task`."""
+    outputs: list[dict[str, Any]] = [{"output_type": "stream", "name": "stdout", "text": text}]
+    outputs += [{"output_type": "display_data", "data": {kind: ""}} for kind in rich]
+    return produced(outputs, None, given=frozenset(values(task)))
+
+
+def test_programs_that_say_the_same_numbers_in_other_words_agree() -> None:
+    weekdays = "How many weekdays (Monday to Friday) are there in 2024? Print the number."
+    terse, sentence = said("262\n", weekdays), said("There are 262 weekdays in 2024.\n", weekdays)
+    assert terse != sentence  # not the same output...
+    agreed = tally([terse, sentence])
+    assert agreed.certain and agreed.agreement == 2 and agreed.chosen == 0  # ...the same answer
+
+    table = "Print a table converting Celsius to Fahrenheit for -40 °C to 100 °C in steps of 10 °C."
+    pipes = said("Celsius | Fahrenheit\n-40 | -40.0\n-30 | -22.0\n-20 | -4.0\n", table)
+    arrows = said("-40°C -> -40.00°F\n-30°C -> -22.00°F\n-20°C -> -4.00°F\n", table)
+    assert tally([pipes, arrows]).certain
+    assert tally([said("North: $3,740.87"), said("north    3740.870000")]).certain
+
+
+def test_other_numbers_other_words_or_other_outputs_do_not_agree() -> None:
+    weekdays = "How many weekdays are there in 2024?"
+    assert not tally([said("262", weekdays), said("There are 261 weekdays", weekdays)]).certain
+    assert not tally([said("Saturday"), said("The day is Sunday")]).certain
+    assert not tally([said("2024", weekdays), said("the year 2024", weekdays)]).certain
+    assert not tally([said("mean 4.5", rich=("image/png",)), said("4.5")]).certain
+
+
+def test_the_same_numbers_said_three_ways_outvote_two_identical_outputs() -> None:
+    """Two identical outputs often come from one program drawn twice; three phrasings of one
+    number are three programs that agree."""
+    same = tally(
+        [said("261 days"), said("261 days"), said("262"), said("In all, 262."), said("262 in all")]
+    )
+    assert same.certain and same.chosen == 2 and same.agreement == 3
+
+
 # --- The engine --------------------------------------------------------------------------------
 
 
@@ -142,6 +180,20 @@ async def test_two_that_agree_are_enough(runner: Runner, llm: ScriptedLLM) -> No
     assert result.status == "success"
     assert (result.candidates, result.agreement) == (2, 2)
     assert seeds(llm) == [(1, 1), (1, 2)]
+
+
+async def test_two_that_print_the_same_answer_differently_agree(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    llm.responder = by_candidate(
+        {(1, 1): "print(262)", (1, 2): "print('There are 262 weekdays in 2024.')"}
+    )
+    result = await runner.run("How many weekdays are there in 2024?", candidates=5)
+
+    assert result.status == "success", result.error
+    assert (result.candidates, result.agreement) == (2, 2)
+    assert result.output == "262\n"
+    assert seeds(llm) == [(1, 1), (1, 2)]  # settled in the first round
 
 
 async def test_candidates_that_disagree_make_an_uncertain_run(
