@@ -156,7 +156,7 @@ async def main() -> None:
                 print("interrupted", flush=True)
                 break
             seconds.append(time.monotonic() - start)
-            # attempts[0] is the first attempt's first candidate: greedy, as one program was.
+            # The first attempt's answer (its chosen candidate's code; its others are within it).
             first = result.attempts[0].code if result.attempts else ""
             attempts = max((a.number for a in result.attempts), default=0)
             ok_first = passes_hidden_tests(problem, first)
@@ -172,7 +172,7 @@ async def main() -> None:
             print(
                 f"[{i}/{len(problems)}] {problem['task_id']}: attempt1={'pass' if ok_first else 'fail'} "
                 f"final={'pass' if ok_final else 'fail'} attempts={attempts} "
-                f"candidates={len(result.attempts)} {result.error_kind or result.status} "
+                f"candidates={result.candidates} {result.error_kind or result.status} "
                 f"{seconds[-1]:.1f}s",
                 flush=True,
             )
@@ -186,7 +186,7 @@ async def main() -> None:
                             "status": result.status,
                             "final_checks": final_checks(result.code),
                             "attempts": attempts,
-                            "candidates": len(result.attempts),
+                            "candidates": result.candidates,
                             "error_kind": result.error_kind,
                             "seconds": seconds[-1],
                             "kinds": [a.error_kind for a in result.attempts],
