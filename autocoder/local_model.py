@@ -481,9 +481,10 @@ def server_args(settings: Settings, model_file: Path, name: str, port: int) -> l
 def _threads(settings: Settings) -> tuple[int, bool]:
     """The most threads the model server uses, and whether each step may use one instead.
 
-    On 2 vCPUs, two threads generated 1.8x as fast as one when nothing else ran and 0.6x as fast
-    beside one busy process (llama.cpp's threads wait for each other at spinning barriers), so
-    by default the server times its steps and takes the faster (`local_server.ThreadChoice`).
+    On 2 vCPUs, two threads generated 1.6-1.8x as fast as one when nothing else ran, and each
+    step took 12x as long beside one busy process in another session (llama.cpp's threads wait
+    for each other at spinning barriers), so by default the server times its steps and takes
+    the faster (`local_server.ThreadChoice`).
     `AUTOCODER_LOCAL_THREADS` fixes the count.
     """
     if settings.local_threads:

@@ -67,8 +67,8 @@ class ThreadChoice:
     far apart the two were (12 times as long: ~120 steps; twice: 20), doubling while it keeps
     losing. The count in use is left at once when it gets slower than the other's last time,
     and tried again after `PROBE_EVERY` steps: what slowed it is often brief (a candidate's
-    kernel importing pandas while its siblings are still being generated). A step that reads a prompt is
-    too costly to try both ways and follows the latest verdict.
+    kernel importing pandas while its siblings are still being generated). A step that reads
+    a prompt is too costly to try both ways and follows the latest verdict.
     """
 
     PROBE_EVERY = 10
@@ -110,7 +110,7 @@ class ThreadChoice:
             self.between = min(
                 self.MOST_BETWEEN, max(2 * self.between, round(self.PROBE_EVERY * ratio))
             )
-        elif theirs < mine and trying:  # a try that won
+        elif trying:  # a try that won
             self.prefer = threads
             self.between, self.since = min(self.MOST_BETWEEN, round(self.PROBE_EVERY * ratio)), 0
         elif theirs < mine:  # the count in use got slower, perhaps only while a kernel runs
@@ -437,7 +437,6 @@ class Engine:
             took = time.perf_counter() - began
             if status == 0:
                 self.threads.record(generating, threads, took)
-            if status == 0:
                 break
             if status != 1:
                 raise RuntimeError(f"llama_decode returned {status}")

@@ -172,7 +172,8 @@ async def main() -> None:
             print(
                 f"[{i}/{len(problems)}] {problem['task_id']}: attempt1={'pass' if ok_first else 'fail'} "
                 f"final={'pass' if ok_final else 'fail'} attempts={attempts} "
-                f"candidates={result.candidates} {result.error_kind or result.status} "
+                f"candidates={result.candidates} "
+                f"{result.error_kind.value if result.error_kind else result.status} "
                 f"{seconds[-1]:.1f}s",
                 flush=True,
             )
