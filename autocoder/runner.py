@@ -253,6 +253,8 @@ class _Run:
         self.session_id = ""
         self.settings = settings
         self.prompt = prompt
+        # Numbers the prompt gives; a candidate that repeats them says nothing more by it.
+        self.given_numbers = frozenset(candidates.values(prompt or ""))
         self.run_id = run_id
         self.on_event = on_event
         self.model_override = model
@@ -514,9 +516,8 @@ class _Run:
         produced = None
         if attempt.status == "success":
             names = [f.name for f in self.inputs]
-            given = frozenset(candidates.values(self.prompt or ""))
             produced = await asyncio.to_thread(
-                candidates.produced, attempt.outputs, workdir, names, given
+                candidates.produced, attempt.outputs, workdir, names, self.given_numbers
             )
         return _Drawn(attempt, produced, workdir)
 
