@@ -34,9 +34,12 @@ rule of how many, how they are sampled, grouped and judged is here:
   model's wrong programs are mostly wrong each in its own way, so a wrong answer seldom
   gathers two votes while a right one does; requiring a majority of all that ran cleanly
   instead let that scatter outvote a right answer (37.78 against 180, 55.56 and 37.7778: two of
-  four, an honest answer reported as uncertain). Otherwise the run reports `uncertain`, with
-  the answer and the alternatives. A single candidate is certain as before: with nothing to
-  compare, running cleanly is all there is to go on.
+  four, an honest answer reported as uncertain). When the prompt gives worked examples
+  (examples.py), a candidate that fails them has not run cleanly, and one that passes them
+  needs no second vote: the user's own check speaks for it, and as for two that agree, no
+  more are drawn. Otherwise the run reports `uncertain`, with the answer and the
+  alternatives. A single candidate is certain as before: with nothing to compare, running
+  cleanly is all there is to go on.
 """
 
 from __future__ import annotations
@@ -218,10 +221,12 @@ def _digest(workdir: Path, rel: str, size: int) -> str:
 
 @dataclass(frozen=True)
 class Tally:
-    """The candidates drawn so far, grouped: `groups` holds their indices, the answer's first."""
+    """The candidates drawn so far, grouped: `groups` holds their indices, the answer's first.
+    `vouched`: the answer's candidates passed the worked examples the prompt gives."""
 
     drawn: int
     groups: tuple[tuple[int, ...], ...]
+    vouched: bool = False
 
     @property
     def clean(self) -> int:
@@ -236,20 +241,28 @@ class Tally:
         """The index of the candidate that answers: the largest group's first, else the first."""
         return self.groups[0][0] if self.groups else 0
 
+    @property
+    def backed(self) -> bool:
+        """Whether more than the answer's own run speaks for it: a second candidate that
+        agrees, or the prompt's examples, which it passed."""
+        return self.agreement >= 2 or (self.agreement >= 1 and self.vouched)
+
     def settled(self) -> bool:
-        """Whether to stop drawing: none ran cleanly, or at least two did and all agree."""
-        return self.clean == 0 or (self.agreement >= 2 and self.agreement == self.clean)
+        """Whether to stop drawing: none ran cleanly, or all that did agree and are backed."""
+        return self.clean == 0 or (self.backed and self.agreement == self.clean)
 
     @property
     def certain(self) -> bool:
         if self.drawn == 1:
             return self.clean == 1
         runner_up = len(self.groups[1]) if len(self.groups) > 1 else 0
-        return self.agreement >= 2 and self.agreement > runner_up
+        return self.backed and self.agreement > runner_up
 
 
-def tally(produced_by: Sequence[Produced | None]) -> Tally:
-    """Group the candidates (None: did not run cleanly) by what they produced (`Produced.answer`)."""
+def tally(produced_by: Sequence[Produced | None], vouched: Sequence[bool] = ()) -> Tally:
+    """Group the candidates (None: did not run cleanly) by what they produced
+    (`Produced.answer`). `vouched[i]`: candidate i passed the prompt's examples (a candidate
+    that failed them did not run cleanly)."""
     groups: dict[object, list[int]] = {}
     for i, p in enumerate(produced_by):
         if p is not None:
@@ -258,7 +271,10 @@ def tally(produced_by: Sequence[Produced | None]) -> Tally:
     # made nothing answers nothing), then the one drawn first.
     nothing = Produced("").answer()
     ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0] == nothing, kv[1][0]))
-    return Tally(len(produced_by), tuple(tuple(g) for _, g in ordered))
+    result = Tally(len(produced_by), tuple(tuple(g) for _, g in ordered))
+    if result.groups and result.chosen < len(vouched) and vouched[result.chosen]:
+        return Tally(result.drawn, result.groups, vouched=True)
+    return result
 
 
 def disagreement(

@@ -370,6 +370,9 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[C
     heading = f"**Attempt {attempt.number}/{total}** — {said(attempt, timeout)}"
     if attempt.others and attempt.status == "success":
         heading += f" · {agree_line(attempt)}"
+    if attempt.examples and attempt.status == "success":
+        n = attempt.examples
+        heading += f" · the prompt's {n} example{'s' if n > 1 else ''} hold{'' if n > 1 else 's'}"
     heading += f" · {attempt.duration:.2f} s"
     meta: dict[str, Any] = {
         "autocoder": {
@@ -384,6 +387,7 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[C
             "filename": attempt.filename,
             "candidate": attempt.candidate,
             "candidates": 1 + len(attempt.others),
+            "examples": attempt.examples,
         }
     }
     others = [candidates_cell(attempt, timeout)] if attempt.others else []

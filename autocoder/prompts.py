@@ -110,6 +110,11 @@ def _what_went_wrong(attempt: Attempt, timeout: float) -> str:
             f"The assert that failed:\n{attempt.error.partition(chr(10))[2]}\n"
             "Keep asserts of the results the task asks for, and make them pass."
         )
+    if kind is ErrorKind.EXAMPLE:
+        return (
+            f"{cut_middle(attempt.error, FEEDBACK_CHARS)}\nThese examples are part of the task: "
+            "make the code give exactly these results."
+        )
     return f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
 
 

@@ -29,6 +29,7 @@ class ErrorKind(str, Enum):
     MISSING_MODULE = "missing_module"
     DISK_LIMIT = "disk_limit"
     UNCERTAIN = "uncertain"
+    EXAMPLE = "example"
 
 
 class ErrorInfo(BaseModel):
@@ -119,6 +120,11 @@ class Attempt(BaseModel):
         "its code did not run cleanly.",
     )
     temperature: float = Field(default=0.0, description="The temperature it was sampled at.")
+    examples: int = Field(
+        default=0,
+        description="How many of the prompt's own worked examples (`f(2) == 4`, `>>> f(2)`) "
+        "were run against this code's functions after it ran; on a success, all of them held.",
+    )
     others: list[Attempt] = Field(
         default_factory=list,
         description="The attempt's other candidates, in the order they were drawn, each with "

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from autocoder import bundle, candidates, disk, files, languages
+from autocoder import bundle, candidates, disk, examples, files, languages
 from autocoder import llm as llm_mod
 from autocoder.config import Settings
 from autocoder.errors import ConfigError, DiskFull, LLMError
@@ -232,6 +232,10 @@ class Runner:
         run.inputs = list(inputs)
         run.task = task or prompt
         run.asked_candidates = candidates
+        if lang is languages.PYTHON and code is None and run.kernels.fresh:
+            # Only in a kernel of the run's own: the check calls the code's functions, which
+            # in a session's kernel or the user's could change the state the next prompt sees.
+            run.examples = examples.find(prompt)
         return await run.go()
 
 
@@ -284,6 +288,8 @@ class _Run:
         self.answer_dir: Path | None = None
         # The code to run when the caller gave it (no model then); None: the model writes it.
         self.given: str | None = None
+        # The prompt's worked examples, run against each program that runs cleanly.
+        self.examples: tuple[examples.Example, ...] = ()
 
     async def emit(self, type_: Any, attempt: int | None = None, **data: Any) -> None:
         if self.on_event is None:
@@ -446,11 +452,15 @@ class _Run:
         when the first does not settle it; the answer is the result most of them produced."""
         first = candidates.first_round(self.k)
         drawn = await self.draw(number, range(1, first + 1), messages, temperature, model)
-        tally = candidates.tally([d.produced for d in drawn])
+        tally = candidates.tally(
+            [d.produced for d in drawn], [d.attempt.examples > 0 for d in drawn]
+        )
         if not tally.settled() and first < self.k:
             more = range(first + 1, self.k + 1)
             drawn += await self.draw(number, more, messages, temperature, model)
-            tally = candidates.tally([d.produced for d in drawn])
+            tally = candidates.tally(
+                [d.produced for d in drawn], [d.attempt.examples > 0 for d in drawn]
+            )
         for group, members in enumerate(tally.groups, 1):
             for i in members:
                 drawn[i].attempt.group = group
@@ -634,6 +644,33 @@ class _Run:
                 f"the code has no asserts left; attempt {failed.number}'s assert failed:\n"
                 + "\n".join(failed.error.splitlines()[-3:])
             )
+        if attempt.status == "success" and self.examples:
+            await self.check_examples(attempt, kernel)
+
+    async def check_examples(self, attempt: Attempt, kernel: Executor) -> None:
+        """Call the code's functions on the prompt's examples, where the code has just run:
+        a result other than the one the prompt gives fails the attempt."""
+        seen = await kernel.execute(
+            examples.check_code(self.examples),
+            timeout=self.settings.timeout,
+            max_output_bytes=1 << 16,
+        )
+        if seen.kind is ErrorKind.TIMEOUT:
+            attempt.status = "error"
+            attempt.error_kind = ErrorKind.EXAMPLE
+            attempt.error = (
+                f"The code ran, but calling it on the task's examples did not finish within "
+                f"{self.settings.timeout:g} s: " + "; ".join(map(str, self.examples))
+            )
+            return
+        result = examples.read(seen.text, self.examples)
+        if result is None:
+            return
+        attempt.examples = result.checked
+        if result.failed:
+            attempt.status = "error"
+            attempt.error_kind = ErrorKind.EXAMPLE
+            attempt.error = examples.error(result)
 
     async def execute(self, attempt: Attempt, kernel: Executor, stream: bool) -> None:
         number = attempt.number

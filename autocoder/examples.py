@@ -1,0 +1,232 @@
+"""The prompt's own examples, run against the code that claims to answer it.
+
+A prompt that says `longest(['a', 'bb']) should return 'bb'`, or carries a docstring with
+`>>> longest([])`, has given the check that tells a right program from one that only runs
+cleanly. A small model's wrong function mostly runs cleanly; its candidates may even agree,
+since a program that defines a function and prints nothing gives them nothing to disagree on.
+So every candidate that ran cleanly in a fresh kernel is then called on the prompt's examples
+there, and one whose result differs has failed (`ErrorKind.EXAMPLE`): the retry is told which
+example and what came back.
+
+Only what can be checked without guessing is taken: a call of a function by name with literal
+arguments, and a literal result, either as a doctest (`>>> f(1)` and the next line) or on one
+line with an arrow or equals sign between them (`f(1) == 2`, `f(1) ➞ 2`, `f(1) => true`,
+`f(1) should return 2.`). An example whose function the code does not define is not this
+code's, and is skipped. A user's example that is itself wrong fails every candidate; the run
+then says so, naming it, rather than answer against the user's own words.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+
+MAX_EXAMPLES = 20
+MAX_SOURCE = 400
+MARKER = "\x1eautocoder-examples "
+SHOWN = 200
+
+_QUOTES_ONLY = re.compile(r"^\s*(\"\"\"|'''|```\w*)\s*$")
+_PROMPT = re.compile(r"^\s*>>>\s?(.*)$")
+_CONTINUED = re.compile(r"^\s*\.\.\.(\s|$)")
+_BULLET = re.compile(r"^\s*(?:[-*•]\s+|\d+[.)]\s+)?")
+_BETWEEN = re.compile(
+    r"\s*(?:==>|==|➞|=>|->|→|=|\bshould return\b|\bshould be\b|\breturns\b|\bgives\b|\bis\b)\s*"
+)
+_WORDS = {"true": "True", "false": "False", "none": "None", "null": "None"}
+_COMMENT = re.compile(r"\s+#.*$")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One worked example: `call` (Python source, literal arguments) of the function `name`
+    should return the literal `expected` (Python source)."""
+
+    name: str
+    call: str
+    expected: str
+
+    def __str__(self) -> str:
+        return f"{self.call} == {self.expected}"
+
+
+def find(prompt: str) -> tuple[Example, ...]:
+    """The examples a prompt gives, in order, each once; at most MAX_EXAMPLES."""
+    lines = [line for line in prompt.splitlines() if not _QUOTES_ONLY.match(line)]
+    found: list[Example] = []
+    i = 0
+    while i < len(lines) and len(found) < MAX_EXAMPLES:
+        doctest = _PROMPT.match(lines[i])
+        if doctest:
+            j = i + 1
+            several_lines = j < len(lines) and _CONTINUED.match(lines[j])
+            while j < len(lines) and _CONTINUED.match(lines[j]):
+                j += 1
+            want: list[str] = []
+            while j < len(lines) and lines[j].strip() and not _PROMPT.match(lines[j]):
+                want.append(lines[j].strip())
+                j += 1
+            if not several_lines:
+                # A blank result is doctest's way of saying the call returns None.
+                source, result = doctest.group(1), " ".join(want) or "None"
+                example = _example(source, result)
+                if example is None and result == "True":  # `>>> f(1) == 2` and `True`
+                    example = _one_line(source)
+                if example is not None and example not in found:
+                    found.append(example)
+            i = j
+            continue
+        example = _one_line(lines[i])
+        if example is not None and example not in found:
+            found.append(example)
+        i += 1
+    return tuple(found)
+
+
+def _one_line(line: str) -> Example | None:
+    """`f(1) == 2` and its kin: the first split of the line into a call and a literal."""
+    line = _BULLET.sub("", line).strip().strip("`")
+    if "(" not in line or len(line) > 2 * MAX_SOURCE:
+        return None
+    for between in _BETWEEN.finditer(line):
+        example = _example(line[: between.start()], line[between.end() :].rstrip(" .;,`"))
+        if example is not None:
+            return example
+    return None
+
+
+def _example(call: str, expected: str) -> Example | None:
+    call, expected = call.strip().strip("`").strip(), expected.strip()
+    if not call or len(call) > MAX_SOURCE or len(expected) > MAX_SOURCE:
+        return None
+    name = _call_name(call)
+    if name is None:
+        return None
+    for said in (expected, _COMMENT.sub("", expected)):
+        said = _WORDS.get(said.lower(), said)
+        if _literal(said):
+            return Example(name, call, said)
+    return None
+
+
+def _call_name(source: str) -> str | None:
+    """The function a call names, when the source is just that call with literal arguments."""
+    try:
+        node = ast.parse(source, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+        return None
+    if node.func.id in {"print", "len", "str", "int", "float", "list", "dict", "set", "tuple"}:
+        return None  # a builtin, not the function the task asks for
+    arguments = [*node.args, *(k.value for k in node.keywords)]
+    if any(isinstance(a, ast.Starred) for a in node.args) or any(
+        k.arg is None for k in node.keywords
+    ):
+        return None
+    return node.func.id if all(_literal(ast.unparse(a)) for a in arguments) else None
+
+
+def _literal(source: str) -> bool:
+    try:
+        ast.literal_eval(source)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+# --- In the kernel -------------------------------------------------------------------------------
+
+# Runs in the candidate's sandboxed kernel, after its code: standard library only. It calls the
+# functions the code defined, so their prints are swallowed (the answer's output is the code's),
+# and it reports on one line of its own.
+_CHECK = """\
+def _autocoder_examples(cases):
+    import ast, contextlib, io, json, math, sys
+
+    def same(got, want):
+        if isinstance(want, float) or isinstance(got, float):
+            try:
+                return math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+            except TypeError:
+                return False
+        if isinstance(want, (list, tuple)) and type(got) is type(want):
+            return len(got) == len(want) and all(map(same, got, want))
+        try:
+            return bool(got == want)
+        except Exception:
+            return False
+
+    def shown(value):
+        try:
+            text = repr(value)
+        except Exception as e:
+            text = "<unprintable: %s>" % e
+        return text if len(text) <= {shown} else text[:{shown}] + "..."
+
+    space = globals()
+    checked, failed = 0, []
+    for name, call, want in cases:
+        if not callable(space.get(name)):
+            continue
+        checked += 1
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                got = eval(call, space)
+        except Exception as e:
+            failed.append("%s raised %s: %s" % (call, type(e).__name__, shown(e)))
+            continue
+        if not same(got, ast.literal_eval(want)):
+            failed.append("%s returned %s" % (call, shown(got)))
+    sys.stdout.write({marker!r} + json.dumps([checked, failed]) + "\\n")
+
+
+_autocoder_examples({cases!r})
+del _autocoder_examples
+"""
+
+
+def check_code(examples: tuple[Example, ...]) -> str:
+    """The code that runs `examples` in a kernel where the candidate's code has run."""
+    cases = [(e.name, e.call, e.expected) for e in examples]
+    return _CHECK.format(shown=SHOWN, marker=MARKER, cases=cases)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """How the examples went: how many were this code's to check, and the failures, worded."""
+
+    checked: int
+    failed: tuple[str, ...]
+
+
+def read(text: str, examples: tuple[Example, ...]) -> Checked | None:
+    """The check's report in a kernel's output; None if there is none (the code had broken
+    what the check needs: nothing is claimed either way)."""
+    for line in text.split("\n"):  # not splitlines(): it splits at the marker's \x1e too
+        if line.startswith(MARKER):
+            try:
+                checked, failed = json.loads(line[len(MARKER) :])
+            except ValueError:
+                return None
+            if isinstance(checked, int) and all(isinstance(f, str) for f in failed):
+                said = {e.call: e.expected for e in examples}
+                return Checked(checked, tuple(_worded(f, said) for f in failed))
+    return None
+
+
+def _worded(failure: str, said: dict[str, str]) -> str:
+    call = next((c for c in said if failure.startswith(c + " ")), None)
+    return f"{failure}, where the task says {said[call]}" if call else failure
+
+
+def error(result: Checked) -> str:
+    """The attempt's error: which of the prompt's examples did not hold."""
+    n = len(result.failed)
+    head = (
+        f"The code ran, but {n} of the task's {result.checked} examples "
+        f"{'does' if n == 1 else 'do'} not hold:"
+    )
+    return "\n".join([head, *(f"  {f}" for f in result.failed)])
