@@ -69,7 +69,8 @@ class Progress:
                 agree = 1 + sum(1 for o in others if o["group"] == 1) if d["group"] == 1 else 0
                 self.say(f"attempt {n}: {agree} of {1 + len(others)} candidates agree")
             if d["status"] == "success":
-                self.say(f"attempt {n}: succeeded in {d['duration']:.1f} s")
+                held = f" ({_held(d['examples'])})" if d.get("examples") else ""
+                self.say(f"attempt {n}: succeeded in {d['duration']:.1f} s{held}")
             elif d["error_kind"] == ErrorKind.UNCERTAIN.value:
                 self.say(f"attempt {n}: not sure: the candidates disagree")
             else:
@@ -197,6 +198,12 @@ def _image(out: dict[str, Any]) -> str:
     return name
 
 
+def _held(n: int) -> str:
+    from autocoder import examples  # start-up time (see the imports)
+
+    return examples.held(n)
+
+
 def _print_result(result: RunResult) -> None:
     from autocoder.records import ErrorKind  # start-up time (see the imports)
 
@@ -220,6 +227,8 @@ def _print_result(result: RunResult) -> None:
     print(rule)
     if result.candidates > 1:
         print(f"{result.agreement} of {result.candidates} candidates agree")
+    if result.status == "success" and last is not None and last.examples:
+        print(_held(last.examples))
     print(f"notebook: {result.notebook}")
     if result.workdir:
         print(f"files:    {result.workdir}")

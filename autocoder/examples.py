@@ -222,6 +222,11 @@ def _worded(failure: str, said: dict[str, str]) -> str:
     return f"{failure}, where the task says {said[call]}" if call else failure
 
 
+def held(n: int) -> str:
+    """`the prompt's 2 examples hold`, as the CLI and the notebook say of a success."""
+    return f"the prompt's {n} example{'s' if n > 1 else ''} hold{'' if n > 1 else 's'}"
+
+
 def error(result: Checked) -> str:
     """The attempt's error: which of the prompt's examples did not hold."""
     n = len(result.failed)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from autocoder import __version__, languages
+from autocoder import __version__, examples, languages
 from autocoder.records import Attempt, ErrorKind, RunResult
 
 # Notebooks are built here as plain nbformat v4.5 JSON (dicts), not with nbformat: importing
@@ -371,8 +371,7 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[C
     if attempt.others and attempt.status == "success":
         heading += f" · {agree_line(attempt)}"
     if attempt.examples and attempt.status == "success":
-        n = attempt.examples
-        heading += f" · the prompt's {n} example{'s' if n > 1 else ''} hold{'' if n > 1 else 's'}"
+        heading += f" · {examples.held(attempt.examples)}"
     heading += f" · {attempt.duration:.2f} s"
     meta: dict[str, Any] = {
         "autocoder": {

@@ -7,7 +7,9 @@ does; a small model's function that returns 'a' runs cleanly, and its candidates
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import nbformat
@@ -18,7 +20,7 @@ from autocoder.notebook import record_path
 from autocoder.records import ErrorKind, RunResult
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, autocoder_cmd
 from tests.test_api import make_settings
 from tests.test_candidates import by_candidate, seeds
 
@@ -126,6 +128,28 @@ async def test_a_function_that_gets_the_prompts_example_wrong_is_retried(
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "the prompt's 2 examples hold" in text
     assert "failed (example)" in text
+
+
+def test_the_cli_says_which_example_failed_and_that_the_next_held(
+    llm: ScriptedLLM, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    llm.script(fenced(FIRST), fenced(RIGHT))
+    proc = subprocess.run(
+        [*autocoder_cmd(), "run", "--candidates", "1", LONGEST],
+        env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "attempt 1: failed (example: The code ran, but 1 of the task's 2 examples" in proc.stderr
+    assert "attempt 2: succeeded" in proc.stderr and "(the prompt's 2 examples hold)" in proc.stderr
+    assert "\nthe prompt's 2 examples hold\n" in proc.stdout
+
+    llm.script(*[fenced(FIRST)] * 2)
+    proc = subprocess.run(
+        [*autocoder_cmd(), "run", "--candidates", "1", "--attempts", "2", LONGEST],
+        env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "longest(['a', 'bb', 'cc']) returned 'a', where the task says 'bb'" in proc.stdout
 
 
 async def test_candidates_that_agree_on_a_wrong_function_do_not_answer(

@@ -137,7 +137,7 @@ class CodeRun(BaseModel):
     error: str = Field(description="The cleaned traceback or why it failed; empty on success.")
     error_kind: str | None = Field(
         description="exception, syntax, timeout, kernel_died, output_limit, disk_limit, "
-        "missing_module, cancelled, llm, ... (null on success)."
+        "missing_module, cancelled, llm, uncertain, example, ... (null on success)."
     )
     code: str = Field(description="The code that ran (for run_prompt, the model's last).")
     language: str = Field(description="The language it ran as.")
