@@ -19,6 +19,7 @@ then says so, naming it, rather than answer against the user's own words.
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import re
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ SHOWN = 200
 _QUOTES_ONLY = re.compile(r"^\s*(\"\"\"|'''|```\w*)\s*$")
 _PROMPT = re.compile(r"^\s*>>>\s?(.*)$")
 _CONTINUED = re.compile(r"^\s*\.\.\.(\s|$)")
-_BULLET = re.compile(r"^\s*(?:[-*•]\s+|\d+[.)]\s+)?")
+_NAME_CALL = re.compile(r"(?<![\w.])[A-Za-z_]\w*\s*\(")
+# What may follow an example's result: the end of the line, punctuation, or the next clause.
+_CLAUSE_END = re.compile(r"^\s*($|[.,;:)`]|(and|or|but|while|whereas)\b|#)")
 _BETWEEN = re.compile(
     r"\s*(?:==>|==|➞|=>|->|→|=|\bshould return\b|\bshould be\b|\breturns\b|\bgives\b|\bis\b)\s*"
 )
@@ -73,28 +76,64 @@ def find(prompt: str) -> tuple[Example, ...]:
                 source, result = doctest.group(1), " ".join(want) or "None"
                 example = _example(source, result)
                 if example is None and result == "True":  # `>>> f(1) == 2` and `True`
-                    example = _one_line(source)
+                    example = next(iter(_in_line(source)), None)
                 if example is not None and example not in found:
                     found.append(example)
             i = j
             continue
-        example = _one_line(lines[i])
-        if example is not None and example not in found:
-            found.append(example)
+        found.extend(e for e in _in_line(lines[i]) if e not in found)
         i += 1
-    return tuple(found)
+    return tuple(found[:MAX_EXAMPLES])
 
 
-def _one_line(line: str) -> Example | None:
-    """`f(1) == 2` and its kin: the first split of the line into a call and a literal."""
-    line = _BULLET.sub("", line).strip().strip("`")
-    if "(" not in line or len(line) > 2 * MAX_SOURCE:
-        return None
+def _in_line(line: str) -> list[Example]:
+    """`f(1) == 2` and its kin, anywhere in a line of prose: at each arrow or equals sign, the
+    call that ends just before it and the literal that starts just after it and ends the
+    sentence, or the clause (`double(2) == 4 and double(-1) == -2.`)."""
+    if "(" not in line or len(line) > 4 * MAX_SOURCE:
+        return []
+    found = []
     for between in _BETWEEN.finditer(line):
-        example = _example(line[: between.start()], line[between.end() :].rstrip(" .;,`"))
-        if example is not None:
-            return example
+        call = _call_before(line[: between.start()])
+        expected = _literal_after(line[between.end() :]) if call else None
+        if call and expected:
+            example = _example(call, expected)
+            if example is not None:
+                found.append(example)
+    return found
+
+
+def _call_before(text: str) -> str | None:
+    """The call of a function by name that `text` ends with, if it ends with one."""
+    text = text.rstrip().rstrip("`")
+    if not text.endswith(")"):
+        return None
+    for start in _NAME_CALL.finditer(text):
+        if _call_name(text[start.start() :]) is not None:
+            return text[start.start() :]
     return None
+
+
+def _literal_after(text: str) -> str | None:
+    """The literal `text` starts with, where the sentence or clause ends after it."""
+    text = text.lstrip().lstrip("`")
+    word = re.match(r"[A-Za-z]+", text)
+    if word and word.group().lower() in _WORDS and _CLAUSE_END.match(text[word.end() :]):
+        return _WORDS[word.group().lower()]
+    for end in range(min(len(text), MAX_SOURCE), 0, -1):
+        if not _CLAUSE_END.match(text[end:]):
+            continue
+        said = text[:end].rstrip().rstrip("`")
+        if said.endswith("."):  # the sentence's full stop, unless it makes the number
+            said = said[:-1] if _literal(said[:-1]) else said
+        if said and not said.endswith(",") and _literal(said) and not _bare_tuple(said):
+            return said
+    return None
+
+
+def _bare_tuple(source: str) -> bool:
+    """`'bb', and` is the word 'bb' before a comma, not a tuple."""
+    return isinstance(ast.parse(source, mode="eval").body, ast.Tuple) and not source.startswith("(")
 
 
 def _example(call: str, expected: str) -> Example | None:
@@ -106,8 +145,9 @@ def _example(call: str, expected: str) -> Example | None:
         return None
     for said in (expected, _COMMENT.sub("", expected)):
         said = _WORDS.get(said.lower(), said)
-        if _literal(said):
-            return Example(name, call, said)
+        if _literal(said) and not _bare_tuple(said):
+            # As Python writes it: no comment or line break of the prompt's comes along.
+            return Example(name, call, ast.unparse(ast.parse(said, mode="eval")))
     return None
 
 
@@ -119,8 +159,8 @@ def _call_name(source: str) -> str | None:
         return None
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
         return None
-    if node.func.id in {"print", "len", "str", "int", "float", "list", "dict", "set", "tuple"}:
-        return None  # a builtin, not the function the task asks for
+    if hasattr(builtins, node.func.id):
+        return None  # `ord('a') = 97` says how Python works, not what the task's function does
     arguments = [*node.args, *(k.value for k in node.keywords)]
     if any(isinstance(a, ast.Starred) for a in node.args) or any(
         k.arg is None for k in node.keywords

@@ -635,17 +635,24 @@ class _Run:
             attempt.outputs = [{"output_type": "error", **syntax.model_dump()}]
 
     async def run_code(self, attempt: Attempt, kernel: Executor, *, stream: bool) -> None:
-        """Run a candidate's code; only one candidate per attempt streams its output."""
+        """Run a candidate's code; only one candidate per attempt streams its output. Then
+        check it: by the prompt's examples where it gives any, else by its own asserts not
+        having been dropped (an attempt that passed the user's examples is checked by them,
+        whatever became of the asserts the model wrote)."""
         await self.execute(attempt, kernel, stream)
-        if attempt.status == "success" and (failed := dropped_checks(self.attempts, attempt.code)):
+        if attempt.status != "success":
+            return
+        if self.examples:
+            await self.check_examples(attempt, kernel)
+            if attempt.status != "success" or attempt.examples:
+                return
+        if failed := dropped_checks(self.attempts, attempt.code):
             attempt.status = "error"
             attempt.error_kind = ErrorKind.UNCHECKED
             attempt.error = (
                 f"the code has no asserts left; attempt {failed.number}'s assert failed:\n"
                 + "\n".join(failed.error.splitlines()[-3:])
             )
-        if attempt.status == "success" and self.examples:
-            await self.check_examples(attempt, kernel)
 
     async def check_examples(self, attempt: Attempt, kernel: Executor) -> None:
         """Call the code's functions on the prompt's examples, where the code has just run:

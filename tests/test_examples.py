@@ -65,10 +65,13 @@ words("a b") should return ["a", "b"].
         "add(-1, 1.5) == 0.5",
         "add(2, 2) == 4",
         "nothing() == None",  # doctest's blank result: the call returns None
+        "add(10, 5) == 15",
         "is_even(4) == True",
         "is_even(3) == False",
-        'words("a b") == ["a", "b"]',
+        "words(\"a b\") == ['a', 'b']",
     ]
+    prose = "Write double(x): for example double(2) == 4 and double(-1) is -2."
+    assert [str(e) for e in examples.find(prose)] == ["double(2) == 4", "double(-1) == -2"]
 
 
 def test_only_what_can_be_checked_without_guessing_is_taken() -> None:
@@ -82,6 +85,7 @@ f(3) -> 3 - 1 = 2
 3
 >>> x = 5
 fit(data) returns a trained model
+step(1) is 1 of the steps
 """
     # A builtin, a non-literal argument or result, a statement, a call over several lines:
     # none of them says what one call of the task's function returns.
@@ -180,6 +184,20 @@ async def test_a_candidate_the_examples_vouch_for_needs_no_second_vote(
     assert (result.candidates, result.agreement) == (2, 1)
     assert result.attempts[0].others[0].error_kind is ErrorKind.EXAMPLE
     assert seeds(llm) == [(1, 1), (1, 2)]  # settled: no third candidate was drawn
+
+
+async def test_dropping_a_wrong_assert_is_no_fault_when_the_examples_hold(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    """The model's own assert expected the wrong thing; the retry drops it. Without examples
+    that run would be `unchecked` (nothing shows it is right); here the user's examples do."""
+    own_wrong_assert = RIGHT + "assert longest(['a', 'bb', 'cc']) == 'cc'\n"
+    llm.script(fenced(own_wrong_assert), fenced(RIGHT))
+    result = await runner.run(LONGEST, candidates=1)
+
+    assert result.status == "success", result.error
+    assert result.attempts[0].ename == "AssertionError"
+    assert result.attempts[1].examples == 2
 
 
 async def test_a_function_the_prompt_does_not_name_is_not_checked(

@@ -353,6 +353,15 @@ def test_a_runs_page_says_how_many_candidates_agree(
     page = tab.open(f"/history/{r.json()['run_id']}")
     page.locator("#run .agreement").wait_for()
     assert page.locator("#run .agreement").inner_text() == "2 of 3 candidates agree"
+    assert page.locator("#run .examples").count() == 0  # the prompt gave none
+
+    llm.responder = None
+    llm.script(fenced("def double(x):\n    return 2 * x\n"))
+    prompt = "Write double(x). For example double(2) == 4 and double(-1) == -2."
+    r = httpx.post(f"{live.url}/run", json={"prompt": prompt, "candidates": 1}, timeout=60)
+    page = tab.open(f"/history/{r.json()['run_id']}")
+    page.locator("#run .examples").wait_for()
+    assert page.locator("#run .examples").inner_text() == "the prompt's 2 examples hold"
 
 
 @pytest.mark.browser

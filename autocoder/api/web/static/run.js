@@ -47,6 +47,8 @@
     }
     const ok = r.status === "success";
     const given = r.origin === "code";
+    const last = r.attempts[r.attempts.length - 1];
+    const held = ok && last ? last.examples || 0 : 0;
     const head = [
       el("h2", {}, "Run ", el("code", { text: r.run_id })),
       given
@@ -55,6 +57,8 @@
       el("p", { class: "status " + (ok ? "ok" : "bad"), text: r.status + (r.error_kind ? " (" + r.error_kind + ")" : "") }),
       // How sure the answer is: how many of the last attempt's candidates produced it.
       ...(r.candidates > 1 ? [el("p", { class: "agreement", text: r.agreement + " of " + r.candidates + " candidates agree" })] : []),
+      // The worked examples of the prompt the answer's code passed (examples.py).
+      ...(held ? [el("p", { class: "examples", text: "the prompt's " + held + (held > 1 ? " examples hold" : " example holds") })] : []),
       el("p", { class: "muted" }, "started " + when(r.started_at) + " · " + seconds(r.duration) +
         " · " + r.attempts.length + " attempt(s)" + (r.model ? " · model " + r.model : ""),
         ...(r.session_id ? [" · session ", el("a", { href: "/?session=" + encodeURIComponent(r.session_id), class: "session-link", text: r.session_id })] : [])),
