@@ -9,10 +9,11 @@ there, and one whose result differs has failed (`ErrorKind.EXAMPLE`): the retry 
 example and what came back.
 
 Only what can be checked without guessing is taken: a call of a function by name with literal
-arguments, and a literal result, either as a doctest (`>>> f(1)` and the next line) or on one
-line with an arrow or equals sign between them (`f(1) == 2`, `f(1) ➞ 2`, `f(1) => true`,
-`f(1) should return 2.`). An example whose function the code does not define is not this
-code's, and is skipped. A user's example that is itself wrong fails every candidate; the run
+arguments, and a literal result, either as a doctest (`>>> f(1)` and the next line) or in a
+line, prose or code, with an arrow, an equals sign or a verb between them (`f(1) == 2`,
+`f(1) ➞ 2`, `f(1) => true`, `… for example f(1) should return 2, and f(2) is 4.`). A call
+of a builtin says how Python works, not the task, and is not taken. An example whose
+function the code does not define is not this code's, and is skipped. A user's example that is itself wrong fails every candidate; the run
 then says so, naming it, rather than answer against the user's own words.
 """
 
@@ -26,6 +27,9 @@ from dataclasses import dataclass
 
 MAX_EXAMPLES = 20
 MAX_SOURCE = 400
+# Places in the prompt where a call meets an arrow or equals sign, tried at most: each costs
+# a few parses, and a prompt can be long.
+MAX_TRIES = 200
 MARKER = "\x1eautocoder-examples "
 SHOWN = 200
 
@@ -59,8 +63,9 @@ def find(prompt: str) -> tuple[Example, ...]:
     """The examples a prompt gives, in order, each once; at most MAX_EXAMPLES."""
     lines = [line for line in prompt.splitlines() if not _QUOTES_ONLY.match(line)]
     found: list[Example] = []
+    tries = [MAX_TRIES]
     i = 0
-    while i < len(lines) and len(found) < MAX_EXAMPLES:
+    while i < len(lines) and len(found) < MAX_EXAMPLES and tries[0] > 0:
         doctest = _PROMPT.match(lines[i])
         if doctest:
             j = i + 1
@@ -76,24 +81,28 @@ def find(prompt: str) -> tuple[Example, ...]:
                 source, result = doctest.group(1), " ".join(want) or "None"
                 example = _example(source, result)
                 if example is None and result == "True":  # `>>> f(1) == 2` and `True`
-                    example = next(iter(_in_line(source)), None)
+                    example = next(iter(_in_line(source, tries)), None)
                 if example is not None and example not in found:
                     found.append(example)
             i = j
             continue
-        found.extend(e for e in _in_line(lines[i]) if e not in found)
+        found.extend(e for e in _in_line(lines[i], tries) if e not in found)
         i += 1
     return tuple(found[:MAX_EXAMPLES])
 
 
-def _in_line(line: str) -> list[Example]:
+def _in_line(line: str, tries: list[int]) -> list[Example]:
     """`f(1) == 2` and its kin, anywhere in a line of prose: at each arrow or equals sign, the
     call that ends just before it and the literal that starts just after it and ends the
-    sentence, or the clause (`double(2) == 4 and double(-1) == -2.`)."""
+    sentence, or the clause (`double(2) == 4 and double(-1) == -2.`). `tries`: how many
+    more such places may be tried (counted down)."""
     if "(" not in line or len(line) > 4 * MAX_SOURCE:
         return []
     found = []
     for between in _BETWEEN.finditer(line):
+        if line[: between.start()].rstrip().rstrip("`")[-1:] != ")" or tries[0] <= 0:
+            continue
+        tries[0] -= 1
         call = _call_before(line[: between.start()])
         expected = _literal_after(line[between.end() :]) if call else None
         if call and expected:

@@ -235,7 +235,7 @@ class Runner:
         if lang is languages.PYTHON and code is None and run.kernels.fresh:
             # Only in a kernel of the run's own: the check calls the code's functions, which
             # in a session's kernel or the user's could change the state the next prompt sees.
-            run.examples = examples.find(prompt)
+            run.examples = await asyncio.to_thread(examples.find, prompt)
         return await run.go()
 
 
