@@ -662,12 +662,18 @@ class _Run:
             timeout=self.settings.timeout,
             max_output_bytes=1 << 16,
         )
-        if seen.kind is ErrorKind.TIMEOUT:
+        if seen.kind is not None:  # the calls hung, exited or took the kernel down
             attempt.status = "error"
             attempt.error_kind = ErrorKind.EXAMPLE
-            attempt.error = (
-                f"The code ran, but calling it on the task's examples did not finish within "
-                f"{self.settings.timeout:g} s: " + "; ".join(map(str, self.examples))
+            how = (
+                f"did not finish within {self.settings.timeout:g} s"
+                if seen.kind is ErrorKind.TIMEOUT
+                else f"failed ({seen.kind.value}"
+                + (f": {seen.error.ename}" if seen.error else "")
+                + ")"
+            )
+            attempt.error = f"The code ran, but calling it on the task's examples {how}: " + (
+                "; ".join(map(str, self.examples))
             )
             return
         result = examples.read(seen.text, self.examples)

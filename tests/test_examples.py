@@ -209,7 +209,7 @@ async def test_a_function_the_prompt_does_not_name_is_not_checked(
     assert result.status == "success" and result.attempts[0].examples == 0
 
 
-async def test_an_example_that_never_returns_is_stopped_by_the_timeout(
+async def test_an_example_that_never_returns_or_exits_fails(
     runner: Runner, llm: ScriptedLLM
 ) -> None:
     hangs = "def longest(words):\n    while True:\n        pass\n"
@@ -218,6 +218,12 @@ async def test_an_example_that_never_returns_is_stopped_by_the_timeout(
 
     assert result.status == "error" and result.error_kind is ErrorKind.EXAMPLE
     assert "did not finish within 2 s" in result.error
+
+    leaves = "import sys\ndef longest(words):\n    sys.exit(3)\n"
+    llm.script(fenced(leaves))
+    result = await runner.run(LONGEST, candidates=1, max_attempts=1)
+    assert result.status == "error" and result.error_kind is ErrorKind.EXAMPLE
+    assert "failed (exception: SystemExit)" in result.error
 
 
 @pytest.fixture(scope="module")
