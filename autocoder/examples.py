@@ -42,6 +42,30 @@ _CLAUSE_END = re.compile(r"^\s*($|[.,;:)`]|(and|or|but|while|whereas)\b|#)")
 _BETWEEN = re.compile(
     r"\s*(?:==>|==|➞|=>|->|→|=|\bshould return\b|\bshould be\b|\breturns\b|\bgives\b|\bis\b)\s*"
 )
+# Builtins an example may wrap its call in: they compute, and touch nothing.
+_WRAPPERS = frozenset(
+    [
+        "abs",
+        "all",
+        "any",
+        "bool",
+        "dict",
+        "float",
+        "frozenset",
+        "int",
+        "len",
+        "list",
+        "max",
+        "min",
+        "reversed",
+        "round",
+        "set",
+        "sorted",
+        "str",
+        "sum",
+        "tuple",
+    ]
+)
 _WORDS = {"true": "True", "false": "False", "none": "None", "null": "None"}
 _COMMENT = re.compile(r"\s+#.*$")
 
@@ -61,7 +85,8 @@ class Example:
 
 def find(prompt: str) -> tuple[Example, ...]:
     """The examples a prompt gives, in order, each once; at most MAX_EXAMPLES."""
-    lines = [line for line in prompt.splitlines() if not _QUOTES_ONLY.match(line)]
+    # A docstring's closing quotes or a fence end an example's result, as a blank line does.
+    lines = ["" if _QUOTES_ONLY.match(line) else line for line in prompt.splitlines()]
     found: list[Example] = []
     tries = [MAX_TRIES]
     i = 0
@@ -80,7 +105,8 @@ def find(prompt: str) -> tuple[Example, ...]:
                 # A blank result is doctest's way of saying the call returns None.
                 source, result = doctest.group(1), " ".join(want) or "None"
                 example = _example(source, result)
-                if example is None and result == "True":  # `>>> f(1) == 2` and `True`
+                if example is None and result in {"True", "None"}:
+                    # `>>> f(1) == 2`, and `True` or nothing on the next line
                     example = next(iter(_in_line(source, tries)), None)
                 if example is not None and example not in found:
                     found.append(example)
@@ -152,6 +178,7 @@ def _example(call: str, expected: str) -> Example | None:
     name = _call_name(call)
     if name is None:
         return None
+    call = ast.unparse(ast.parse(call, mode="eval"))  # without the prompt's comments
     for said in (expected, _COMMENT.sub("", expected)):
         said = _WORDS.get(said.lower(), said)
         if _literal(said) and not _bare_tuple(said):
@@ -161,21 +188,33 @@ def _example(call: str, expected: str) -> Example | None:
 
 
 def _call_name(source: str) -> str | None:
-    """The function a call names, when the source is just that call with literal arguments."""
+    """The function the example is about, when the source is a call of it with literal
+    arguments, perhaps inside pure builtins (`round(find_zero([1, 2]), 2)`, `sorted(f(3))`)."""
     try:
         node = ast.parse(source, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+    if not isinstance(node, ast.Call):
         return None
-    if hasattr(builtins, node.func.id):
-        return None  # `ord('a') = 97` says how Python works, not what the task's function does
-    arguments = [*node.args, *(k.value for k in node.keywords)]
-    if any(isinstance(a, ast.Starred) for a in node.args) or any(
-        k.arg is None for k in node.keywords
-    ):
-        return None
-    return node.func.id if all(_literal(ast.unparse(a)) for a in arguments) else None
+    named: set[str] = set()
+
+    def plain(n: ast.expr) -> bool:
+        if not isinstance(n, ast.Call):
+            return _literal(ast.unparse(n))
+        if not isinstance(n.func, ast.Name) or any(isinstance(a, ast.Starred) for a in n.args):
+            return False
+        if any(k.arg is None for k in n.keywords):
+            return False
+        if hasattr(builtins, n.func.id):
+            if n.func.id not in _WRAPPERS:
+                return False
+        else:
+            named.add(n.func.id)
+        return all(plain(a) for a in [*n.args, *(k.value for k in n.keywords)])
+
+    # One function of the task's; a call of builtins alone (`ord('a') = 97`) says how Python
+    # works, not what the task's function does.
+    return named.pop() if plain(node) and len(named) == 1 else None
 
 
 def _literal(source: str) -> bool:

@@ -53,6 +53,9 @@ def add(a, b):
     True
     >>> nothing()
 
+    >>> round(mean([1, 2]), 1)  # wrapped in a builtin that only computes
+    1.5
+    >>> count([]) == 0
     """
 Also: add(10, 5) == 15, and
 - is_even(4) => true
@@ -65,10 +68,12 @@ words("a b") should return ["a", "b"].
         "add(-1, 1.5) == 0.5",
         "add(2, 2) == 4",
         "nothing() == None",  # doctest's blank result: the call returns None
+        "round(mean([1, 2]), 1) == 1.5",
+        "count([]) == 0",
         "add(10, 5) == 15",
         "is_even(4) == True",
         "is_even(3) == False",
-        "words(\"a b\") == ['a', 'b']",
+        "words('a b') == ['a', 'b']",
     ]
     prose = "Write double(x): for example double(2) == 4 and double(-1) is -2."
     assert [str(e) for e in examples.find(prose)] == ["double(2) == 4", "double(-1) == -2"]
@@ -86,9 +91,11 @@ f(3) -> 3 - 1 = 2
 >>> x = 5
 fit(data) returns a trained model
 step(1) is 1 of the steps
+open('data.txt').read() == 'x'
+f(g(1)) == 2
 """
-    # A builtin, a non-literal argument or result, a statement, a call over several lines:
-    # none of them says what one call of the task's function returns.
+    # A builtin, a non-literal argument or result, a statement, a call over several lines,
+    # a call of two functions: none says what one call of the task's function returns.
     assert examples.find(prompt) == ()
 
 
