@@ -25,6 +25,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from autocoder.inside.asserts import is_literal as _literal
+
 MAX_EXAMPLES = 20
 MAX_SOURCE = 400
 # Places in the prompt where a call meets an arrow or equals sign, tried at most: each costs
@@ -215,14 +217,6 @@ def _call_name(source: str) -> str | None:
     # One function of the task's; a call of builtins alone (`ord('a') = 97`) says how Python
     # works, not what the task's function does.
     return named.pop() if plain(node) and len(named) == 1 else None
-
-
-def _literal(source: str) -> bool:
-    try:
-        ast.literal_eval(source)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return False
-    return True
 
 
 # --- In the kernel -------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def _show(value: Any) -> str:
     return f"{text[:half]} ... {text[-half:]}"
 
 
-def _is_literal(source: str) -> bool:
+def is_literal(source: str) -> bool:
     try:
         ast.literal_eval(source)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -76,11 +76,11 @@ def explain(
     if not op:
         return f"{left_src} is {_show(left)}{context}"
     if op == "==":
-        if _is_literal(right_src):
+        if is_literal(right_src):
             return f"{left_src} is {_show(left)}, but the assert expects {_show(right)}{context}"
         return f"{left_src} is {_show(left)}, but {right_src} is {_show(right)}{context}"
     sides = [(left_src, left), (right_src, right)]
-    shown = " and ".join(f"{src} is {_show(v)}" for src, v in sides if not _is_literal(src))
+    shown = " and ".join(f"{src} is {_show(v)}" for src, v in sides if not is_literal(src))
     return f"{left_src} {op} {right_src} is false: {shown}{context}"
 
 
