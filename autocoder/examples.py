@@ -223,57 +223,61 @@ def _call_name(source: str) -> str | None:
 
 # Runs in the candidate's sandboxed kernel, after its code: standard library only. It calls the
 # functions the code defined, so their prints are swallowed (the answer's output is the code's),
-# and it reports on one line of its own.
+# and it reports on one line of its own. It runs in a namespace of its own with the real
+# builtins: code that defines its own `eval`, `len` or `print` cannot change how it checks.
 _CHECK = """\
-def _autocoder_examples(cases):
-    import ast, contextlib, io, json, math, sys
+import ast, contextlib, io, json, math, sys
 
-    def same(got, want):
-        if isinstance(want, float) or isinstance(got, float):
-            try:
-                return math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
-            except TypeError:
-                return False
-        if isinstance(want, (list, tuple)) and type(got) is type(want):
-            return len(got) == len(want) and all(map(same, got, want))
+
+def same(got, want):
+    if isinstance(want, float) or isinstance(got, float):
         try:
-            return bool(got == want)
-        except Exception:
+            return math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+        except TypeError:
             return False
-
-    def shown(value):
-        try:
-            text = repr(value)
-        except Exception as e:
-            text = "<unprintable: %s>" % e
-        return text if len(text) <= {shown} else text[:{shown}] + "..."
-
-    space = globals()
-    checked, failed = 0, []
-    for name, call, want in cases:
-        if not callable(space.get(name)):
-            continue
-        checked += 1
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                got = eval(call, space)
-        except Exception as e:
-            failed.append("%s raised %s: %s" % (call, type(e).__name__, shown(e)))
-            continue
-        if not same(got, ast.literal_eval(want)):
-            failed.append("%s returned %s" % (call, shown(got)))
-    sys.stdout.write({marker!r} + json.dumps([checked, failed]) + "\\n")
+    if isinstance(want, (list, tuple)) and type(got) is type(want):
+        return len(got) == len(want) and all(map(same, got, want))
+    try:
+        return bool(got == want)
+    except Exception:
+        return False
 
 
-_autocoder_examples({cases!r})
-del _autocoder_examples
+def shown(value):
+    try:
+        text = repr(value)
+    except Exception as e:
+        text = "<unprintable: %s>" % e
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+
+
+checked, failed = 0, []
+for name, call, want in cases:
+    if not callable(space.get(name)):
+        continue
+    checked += 1
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            got = eval(call, space)
+    except Exception as e:
+        failed.append("%s raised %s: %s" % (call, type(e).__name__, shown(e)))
+        continue
+    if not same(got, ast.literal_eval(want)):
+        failed.append("%s returned %s" % (call, shown(got)))
+sys.stdout.write(MARKER + json.dumps([checked, failed]) + "\\n")
 """
 
 
 def check_code(examples: tuple[Example, ...]) -> str:
     """The code that runs `examples` in a kernel where the candidate's code has run."""
     cases = [(e.name, e.call, e.expected) for e in examples]
-    return _CHECK.format(shown=SHOWN, marker=MARKER, cases=cases)
+    return (
+        "import builtins as _autocoder_builtins\n"
+        f"_autocoder_builtins.exec({_CHECK!r}, {{'__builtins__': _autocoder_builtins, "
+        f"'space': _autocoder_builtins.globals(), 'cases': {cases!r}, "
+        f"'MARKER': {MARKER!r}, 'SHOWN': {SHOWN}}})\n"
+        "del _autocoder_builtins\n"
+    )
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,18 @@ async def test_dropping_a_wrong_assert_is_no_fault_when_the_examples_hold(
     assert result.attempts[1].examples == 2
 
 
+async def test_code_that_shadows_builtins_is_still_checked_fairly(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    # Names the check itself uses; the code's own function does not use them.
+    shadows = RIGHT + "def eval(text):\n    return 0\ncallable = isinstance = print = None\n"
+    llm.script(fenced(shadows))
+    result = await runner.run(LONGEST, candidates=1)
+
+    assert result.status == "success", result.error
+    assert result.attempts[0].examples == 2
+
+
 async def test_a_function_the_prompt_does_not_name_is_not_checked(
     runner: Runner, llm: ScriptedLLM
 ) -> None:
