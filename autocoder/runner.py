@@ -120,6 +120,11 @@ class _Drawn:
     workdir: Path | None
 
 
+def _tally(drawn: list[_Drawn]) -> candidates.Tally:
+    """The vote of the candidates drawn so far; those that passed the prompt's examples vouched."""
+    return candidates.tally([d.produced for d in drawn], [d.attempt.examples > 0 for d in drawn])
+
+
 class Runner:
     """Runs prompts to completion. One Runner can serve many concurrent runs."""
 
@@ -452,15 +457,11 @@ class _Run:
         when the first does not settle it; the answer is the result most of them produced."""
         first = candidates.first_round(self.k)
         drawn = await self.draw(number, range(1, first + 1), messages, temperature, model)
-        tally = candidates.tally(
-            [d.produced for d in drawn], [d.attempt.examples > 0 for d in drawn]
-        )
+        tally = _tally(drawn)
         if not tally.settled() and first < self.k:
             more = range(first + 1, self.k + 1)
             drawn += await self.draw(number, more, messages, temperature, model)
-            tally = candidates.tally(
-                [d.produced for d in drawn], [d.attempt.examples > 0 for d in drawn]
-            )
+            tally = _tally(drawn)
         for group, members in enumerate(tally.groups, 1):
             for i in members:
                 drawn[i].attempt.group = group
