@@ -85,52 +85,67 @@ class Example:
         return f"{self.call} == {self.expected}"
 
 
+class _Budget:
+    """How many more places where a call meets an arrow or equals sign may be tried."""
+
+    def __init__(self, left: int = MAX_TRIES) -> None:
+        self.left = left
+
+    def take(self) -> bool:
+        self.left -= 1
+        return self.left >= 0
+
+
 def find(prompt: str) -> tuple[Example, ...]:
     """The examples a prompt gives, in order, each once; at most MAX_EXAMPLES."""
     # A docstring's closing quotes or a fence end an example's result, as a blank line does.
     lines = ["" if _QUOTES_ONLY.match(line) else line for line in prompt.splitlines()]
     found: list[Example] = []
-    tries = [MAX_TRIES]
+    budget = _Budget()
     i = 0
-    while i < len(lines) and len(found) < MAX_EXAMPLES and tries[0] > 0:
-        doctest = _PROMPT.match(lines[i])
-        if doctest:
-            j = i + 1
-            several_lines = j < len(lines) and _CONTINUED.match(lines[j])
-            while j < len(lines) and _CONTINUED.match(lines[j]):
-                j += 1
-            want: list[str] = []
-            while j < len(lines) and lines[j].strip() and not _PROMPT.match(lines[j]):
-                want.append(lines[j].strip())
-                j += 1
-            if not several_lines:
-                # A blank result is doctest's way of saying the call returns None.
-                source, result = doctest.group(1), " ".join(want) or "None"
-                example = _example(source, result)
-                if example is None and result in {"True", "None"}:
-                    # `>>> f(1) == 2`, and `True` or nothing on the next line
-                    example = next(iter(_in_line(source, tries)), None)
-                if example is not None and example not in found:
-                    found.append(example)
-            i = j
-            continue
-        found.extend(e for e in _in_line(lines[i], tries) if e not in found)
-        i += 1
+    while i < len(lines) and len(found) < MAX_EXAMPLES and budget.left > 0:
+        if doctest := _PROMPT.match(lines[i]):
+            example, i = _doctest(lines, i, doctest.group(1), budget)
+            new = [example] if example is not None else []
+        else:
+            new, i = _in_line(lines[i], budget), i + 1
+        found.extend(e for e in new if e not in found)
     return tuple(found[:MAX_EXAMPLES])
 
 
-def _in_line(line: str, tries: list[int]) -> list[Example]:
+def _doctest(lines: list[str], i: int, source: str, budget: _Budget) -> tuple[Example | None, int]:
+    """The example of the doctest at `lines[i]`, whose call is `source` (`>>> f(1)` and its
+    result up to a blank line or the next `>>>`), and the index of the line after it. A call
+    over several lines is not taken."""
+    j = i + 1
+    several_lines = j < len(lines) and _CONTINUED.match(lines[j])
+    while j < len(lines) and _CONTINUED.match(lines[j]):
+        j += 1
+    want: list[str] = []
+    while j < len(lines) and lines[j].strip() and not _PROMPT.match(lines[j]):
+        want.append(lines[j].strip())
+        j += 1
+    if several_lines:
+        return None, j
+    # A blank result is doctest's way of saying the call returns None.
+    result = " ".join(want) or "None"
+    example = _example(source, result)
+    if example is None and result in {"True", "None"}:
+        # `>>> f(1) == 2`, and `True` or nothing on the next line
+        example = next(iter(_in_line(source, budget)), None)
+    return example, j
+
+
+def _in_line(line: str, budget: _Budget) -> list[Example]:
     """`f(1) == 2` and its kin, anywhere in a line of prose: at each arrow or equals sign, the
     call that ends just before it and the literal that starts just after it and ends the
-    sentence, or the clause (`double(2) == 4 and double(-1) == -2.`). `tries`: how many
-    more such places may be tried (counted down)."""
+    sentence, or the clause (`double(2) == 4 and double(-1) == -2.`)."""
     if "(" not in line or len(line) > 4 * MAX_SOURCE:
         return []
     found = []
     for between in _BETWEEN.finditer(line):
-        if line[: between.start()].rstrip().rstrip("`")[-1:] != ")" or tries[0] <= 0:
+        if line[: between.start()].rstrip().rstrip("`")[-1:] != ")" or not budget.take():
             continue
-        tries[0] -= 1
         call = _call_before(line[: between.start()])
         expected = _literal_after(line[between.end() :]) if call else None
         if call and expected:
