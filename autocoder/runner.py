@@ -677,7 +677,7 @@ class _Run:
                 "; ".join(map(str, self.examples))
             )
             return
-        result = examples.read(seen.text, self.examples)
+        result = examples.read(seen.text)
         if result is None:
             return
         attempt.examples = result.checked

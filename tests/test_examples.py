@@ -8,6 +8,7 @@ does; a small model's function that returns 'a' runs cleanly, and its candidates
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,14 +102,17 @@ f(g(1)) == 2
 
 def test_the_check_reports_what_came_back() -> None:
     found = examples.find(LONGEST)
-    report = "\x1eautocoder-examples " + "[2, [\"longest(['a', 'bb', 'cc']) returned 'a'\"]]"
-    result = examples.read("other output\n" + report + "\n", found)
+    program = "print('other output')\n" + FIRST + examples.check_code(found)
+    ran = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    result = examples.read(ran.stdout)
     assert result is not None and result.checked == 2
     assert examples.error(result) == (
         "The code ran, but 1 of the task's 2 examples does not hold:\n"
         "  longest(['a', 'bb', 'cc']) returned 'a', where the task says 'bb'"
     )
-    assert examples.read("no report here", found) is None
+    assert examples.read("no report here") is None
 
 
 # --- The engine ---------------------------------------------------------------------------------
