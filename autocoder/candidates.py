@@ -37,9 +37,15 @@ rule of how many, how they are sampled, grouped and judged is here:
   four, an honest answer reported as uncertain). When the prompt gives worked examples
   (examples.py), a candidate that fails them has not run cleanly, and one that passes them
   needs no second vote: the user's own check speaks for it, and as for two that agree, no
-  more are drawn. Otherwise the run reports `uncertain`, with the answer and the
-  alternatives. A single candidate is certain as before: with nothing to compare, running
-  cleanly is all there is to go on.
+  more are drawn. Otherwise the answer is uncertain, with the alternatives named. A single
+  candidate is certain as before: with nothing to compare, running cleanly is all there is to
+  go on.
+- Uncertain ends the run when candidates that ran cleanly disagree: more of the same would
+  not settle it. A lone answer (`Tally.lone`: one ran cleanly, every other failed) is retried
+  instead while attempts are left, told what the others failed with. There the model's usual
+  approach is broken, and the one program that ran is as likely wrong as not: of the default
+  model's three such runs on the tasks benchmark (docs/quality.md), all three lone answers
+  were wrong, and each time four candidates had failed on one error a retry is told of.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from autocoder.files import TEXT_SUFFIXES, media_type, open_beneath, walk_files
-from autocoder.records import Attempt
+from autocoder.records import Attempt, last_line
 
 LOCAL_CANDIDATES = 5
 FIRST_ROUND = 2
@@ -60,6 +66,9 @@ SAMPLE_TEMPERATURE = 0.4
 MAX_COMPARED_FILES = 50
 MAX_COMPARED_BYTES = 8 << 20
 SHOWN_CHARS = 60
+SHOWN_ERROR_CHARS = 120
+# What an uncertain run's error ends with: the user's next step.
+CHECK_IT = " Check it before relying on it."
 
 
 def how_many(asked: int | None, configured: int, backend: str) -> int:
@@ -247,6 +256,11 @@ class Tally:
         agrees, or the prompt's examples, which it passed."""
         return self.agreement >= 2 or (self.agreement >= 1 and self.vouched)
 
+    @property
+    def lone(self) -> bool:
+        """Only one of several ran cleanly, and nothing backs it: the rest failed."""
+        return self.drawn > 1 and self.clean == 1 and not self.backed
+
     def settled(self) -> bool:
         """Whether to stop drawing: none ran cleanly, or all that did agree and are backed."""
         return self.clean == 0 or (self.backed and self.agreement == self.clean)
@@ -296,6 +310,19 @@ def disagreement(
         parts.append(f"{who(group)} {key.describe(drawn[group[0]].output)}")
     failed = [i for i, key in enumerate(produced_by) if key is None]
     if failed:
-        parts.append(f"{who(failed)} failed")
+        parts.append(f"{who(failed)} failed{_why_failed([drawn[i] for i in failed])}")
     head = f"only {result.agreement} of {result.drawn} candidates produced this answer"
-    return head + ("; " + "; ".join(parts) if parts else "") + ". Check it before relying on it."
+    return head + ("; " + "; ".join(parts) if parts else "") + "." + CHECK_IT
+
+
+def _why_failed(failed: Sequence[Attempt]) -> str:
+    """` (ValueError: …)`: what most of the failed candidates hit, by the last line of their
+    error, so the user (and a retry) sees why the others are no alternative."""
+    said: dict[str, int] = {}
+    for attempt in failed:
+        if line := last_line(attempt.error, SHOWN_ERROR_CHARS):
+            said[line] = said.get(line, 0) + 1
+    if not said:
+        return ""
+    most = max(said, key=lambda k: said[k])
+    return f" ({most}{', among others' if len(said) > 1 else ''})"

@@ -71,8 +71,10 @@ class Progress:
             if d["status"] == "success":
                 held = f" ({_held(d['examples'])})" if d.get("examples") else ""
                 self.say(f"attempt {n}: succeeded in {d['duration']:.1f} s{held}")
-            elif d["error_kind"] == ErrorKind.UNCERTAIN.value:
+            elif d["error_kind"] == ErrorKind.UNCERTAIN.value and any(o["group"] for o in others):
                 self.say(f"attempt {n}: not sure: the candidates disagree")
+            elif d["error_kind"] == ErrorKind.UNCERTAIN.value:
+                self.say(f"attempt {n}: not sure: only one candidate ran cleanly")
             else:
                 detail = (d.get("error") or "").splitlines()
                 what = d.get("ename") or (detail[0].rstrip(":") if detail else "")

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from autocoder import __version__, examples, languages
-from autocoder.records import Attempt, ErrorKind, RunResult
+from autocoder.records import Attempt, ErrorKind, RunResult, last_line
 
 # Notebooks are built here as plain nbformat v4.5 JSON (dicts), not with nbformat: importing
 # nbformat imports its validator, hence jsonschema, which compiles a grammar at import (2 s of
@@ -331,9 +331,7 @@ def said(attempt: Attempt, timeout: float | None) -> str:
 
 def error_line(error: str) -> str:
     """The line of an error that says what went wrong (its last), bounded, for one line of text."""
-    lines = [line.strip() for line in error.splitlines() if line.strip()]
-    last = lines[-1].replace("`", "'") if lines else ""
-    return last if len(last) <= SHOWN_ERROR_CHARS else last[: SHOWN_ERROR_CHARS - 1] + "…"
+    return last_line(error, SHOWN_ERROR_CHARS).replace("`", "'")
 
 
 def md_escape(text: str) -> str:
@@ -390,7 +388,10 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[C
         }
     }
     others = [candidates_cell(attempt, timeout)] if attempt.others else []
-    if attempt.status == "error" and attempt.error_kind is not ErrorKind.UNCERTAIN:
+    # An uncertain answer is the run's when it is the last attempt's; one that a retry
+    # followed (a lone answer, runner.py) is history like any failure.
+    answered = attempt.error_kind is ErrorKind.UNCERTAIN and attempt.number == total
+    if attempt.status == "error" and not answered:
         # Markdown is not rendered inside <summary>: its line is HTML, escaped.
         plain = f"{said(attempt, timeout).replace('`', '')} · {attempt.duration:.2f} s"
         summary = f"<b>Attempt {attempt.number}/{total}</b> — {html.escape(plain)}"

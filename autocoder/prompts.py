@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from autocoder import files, languages
+from autocoder import candidates, files, languages
 from autocoder.config import Settings
 from autocoder.llm import Message, cut_middle
-from autocoder.records import Attempt, ErrorKind
+from autocoder.records import Attempt, ErrorKind, last_line
 
 # How much of a failed attempt's output and error the model gets back (and a record keeps).
 FEEDBACK_CHARS = 4000
@@ -109,6 +109,12 @@ def _what_went_wrong(attempt: Attempt, timeout: float) -> str:
             "its own asserts, and this one simply has no asserts, so nothing shows it is right. "
             f"The assert that failed:\n{attempt.error.partition(chr(10))[2]}\n"
             "Keep asserts of the results the task asks for, and make them pass."
+        )
+    if kind is ErrorKind.UNCERTAIN:
+        ran = f"A program written for this task printed:\n{out}\n" if out else ""
+        return (
+            f"{ran}Programs written for this task do not agree, so no answer can be trusted "
+            f"yet: {attempt.error.removesuffix(candidates.CHECK_IT)}"
         )
     if kind is ErrorKind.EXAMPLE:
         return (
@@ -340,13 +346,8 @@ def repeated_failure(history: list[Attempt]) -> bool:
         a.status == b.status == "error"
         and a.error_kind is b.error_kind
         and a.error_kind not in {ErrorKind.UNCHECKED, ErrorKind.UNCERTAIN}
-        and _last_line(a.error) == _last_line(b.error)
+        and last_line(a.error) == last_line(b.error)
     )
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def change_course(
@@ -354,7 +355,7 @@ def change_course(
 ) -> tuple[list[Message], float]:
     """A fresh start from the task, sampled, saying what kept failing so it is not done again
     (no earlier code is shown: the model would patch it once more)."""
-    said = _last_line(feedback(last, settings.timeout))
+    said = last_line(feedback(last, settings.timeout))
     content = (
         f"{task}\n\nEarlier programs for this task kept failing with the same error:\n{said}\n"
         "Write a new program from scratch that solves the task another way. It runs on its own, "

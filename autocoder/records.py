@@ -12,6 +12,14 @@ Origin = Literal["model", "code"]
 it to run as it is (`POST /execute`, `Engine.execute`)."""
 
 
+def last_line(text: str, limit: int = 0) -> str:
+    """What an error says in one line: its last that is not blank (a traceback ends with the
+    exception), cut to `limit` characters when one is given."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last[: limit - 1] + "…" if limit and len(last) > limit else last
+
+
 class ErrorKind(str, Enum):
     """Why an attempt failed; callers branch on this, never on message text."""
 

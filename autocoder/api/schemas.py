@@ -54,7 +54,8 @@ class RunRequest(BaseModel):
         None,
         ge=1,
         description="Programs drawn per attempt, each run in a fresh kernel; the answer is the "
-        "result most of them agree on, and too little agreement makes the run `uncertain`. "
+        "result most of them agree on, and too little agreement makes the run `uncertain` "
+        "(an answer that alone ran cleanly is retried first, while attempts are left). "
         "Default AUTOCODER_CANDIDATES (5 for the embedded model, 1 for a model endpoint); at "
         "most AUTOCODER_MAX_REQUEST_CANDIDATES. A session's run draws one.",
     )
