@@ -121,7 +121,17 @@ def _what_went_wrong(attempt: Attempt, timeout: float) -> str:
             f"{cut_middle(attempt.error, FEEDBACK_CHARS)}\nThese examples are part of the task: "
             "make the code give exactly these results."
         )
-    return f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
+    said = f"Running the code raised an error:\n{cut_middle(attempt.error, FEEDBACK_CHARS)}{shown}"
+    if kind is ErrorKind.EXCEPTION and attempt.examples:
+        # The runner found the functions right on every example the task gives (runner.py).
+        n = attempt.examples
+        said += (
+            f"\nYet the code's functions give exactly what the task's own example"
+            f"{'s say' if n > 1 else ' says'} ({n} checked after the assert failed): the assert "
+            "that failed is the program's own, and its expected value is the likelier mistake. "
+            "Keep the functions; correct that assert's expected value or remove it."
+        )
+    return said
 
 
 def missing_module(text: str) -> str:

@@ -131,7 +131,9 @@ class Attempt(BaseModel):
     examples: int = Field(
         default=0,
         description="How many of the prompt's own worked examples (`f(2) == 4`, `>>> f(2)`) "
-        "were run against this code's functions after it ran; on a success, all of them held.",
+        "were run against this code's functions after it ran; on a success, all of them held. "
+        "On an `exception` from an assert of the code's own, they were run after it and all "
+        "held: that assert's expected value is the likelier mistake, and the retry is told so.",
     )
     others: list[Attempt] = Field(
         default_factory=list,

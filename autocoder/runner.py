@@ -648,6 +648,8 @@ class _Run:
         whatever became of the asserts the model wrote)."""
         await self.execute(attempt, kernel, stream)
         if attempt.status != "success":
+            if self.examples and attempt.ename == "AssertionError":
+                await self.examples_despite_assert(attempt, kernel)
             return
         if self.examples:
             await self.check_examples(attempt, kernel)
@@ -661,14 +663,28 @@ class _Run:
                 + "\n".join(failed.error.splitlines()[-3:])
             )
 
-    async def check_examples(self, attempt: Attempt, kernel: Executor) -> None:
-        """Call the code's functions on the prompt's examples, where the code has just run:
-        a result other than the one the prompt gives fails the attempt."""
-        seen = await kernel.execute(
+    async def call_examples(self, kernel: Executor) -> Execution:
+        """Call the code's functions on the prompt's examples, in the kernel where it ran."""
+        return await kernel.execute(
             examples.check_code(self.examples),
             timeout=self.settings.timeout,
             max_output_bytes=1 << 16,
         )
+
+    async def examples_despite_assert(self, attempt: Attempt, kernel: Executor) -> None:
+        """A program that failed an assert of its own may still give what the prompt's
+        examples say (its functions were defined before the assert). Then the assert's expected
+        value, worked out by the model, is the likelier mistake, and the retry is told so
+        (prompts.py): a small model otherwise bends a right function to its wrong check."""
+        seen = await self.call_examples(kernel)
+        result = examples.read(seen.text) if seen.kind is None else None
+        if result is not None and result.checked and not result.failed:
+            attempt.examples = result.checked
+
+    async def check_examples(self, attempt: Attempt, kernel: Executor) -> None:
+        """Call the code's functions on the prompt's examples, where the code has just run:
+        a result other than the one the prompt gives fails the attempt."""
+        seen = await self.call_examples(kernel)
         if seen.kind is not None:  # the calls hung, exited or took the kernel down
             attempt.status = "error"
             attempt.error_kind = ErrorKind.EXAMPLE

@@ -211,6 +211,30 @@ async def test_dropping_a_wrong_assert_is_no_fault_when_the_examples_hold(
     assert result.attempts[1].examples == 2
 
 
+async def test_a_failed_assert_of_the_codes_own_is_weighed_against_the_prompts_examples(
+    runner: Runner, llm: ScriptedLLM
+) -> None:
+    """The function is right on the user's examples and fails the model's own assert: the
+    retry hears that the assert is the likelier mistake. A function wrong on the examples
+    hears nothing of the kind."""
+    own_wrong_assert = RIGHT + "assert longest(['a', 'bb', 'cc']) == 'cc'\n"
+    wrong_function = FIRST + "assert longest(['a', 'bb']) == 'bb'\n"
+    llm.script(fenced(own_wrong_assert), fenced(wrong_function), fenced(RIGHT))
+    result = await runner.run(LONGEST, candidates=1)
+
+    assert result.status == "success", result.error
+    right_but_checked_wrong, wrong, _ = result.attempts
+    assert right_but_checked_wrong.error_kind is ErrorKind.EXCEPTION
+    assert right_but_checked_wrong.examples == 2
+    told = llm.requests[1]["messages"][-1]["content"]
+    assert "give exactly what the task's own examples say (2 checked" in told
+    assert "the assert that failed is the program's own" in told
+    assert wrong.ename == "AssertionError" and wrong.examples == 0
+    assert "program's own" not in llm.requests[2]["messages"][-1]["content"]
+    # The check's calls printed nothing into the failed attempt's output.
+    assert right_but_checked_wrong.output == ""
+
+
 async def test_code_that_shadows_builtins_is_still_checked_fairly(
     runner: Runner, llm: ScriptedLLM
 ) -> None:
