@@ -45,9 +45,7 @@ rule of how many, how they are sampled, grouped and judged is here:
   instead while attempts are left, told what the others failed with. There the model's usual
   approach is broken, and the one program that ran is as likely wrong as not: of the default
   model's three such runs on the tasks benchmark (docs/quality.md), all three lone answers
-  were wrong, and each time four candidates had failed on one error a retry is told of. Its
-  vote is not lost: a candidate of a later attempt that produces the same answer is backed by
-  it (`earlier`), as by a second candidate of its own attempt.
+  were wrong, and each time four candidates had failed on one error a retry is told of.
 """
 
 from __future__ import annotations
@@ -233,13 +231,11 @@ def _digest(workdir: Path, rel: str, size: int) -> str:
 @dataclass(frozen=True)
 class Tally:
     """The candidates drawn so far, grouped: `groups` holds their indices, the answer's first.
-    `vouched`: the answer's candidates passed the worked examples the prompt gives.
-    `carried[i]`: how many earlier attempts' lone answers group i repeats (their votes)."""
+    `vouched`: the answer's candidates passed the worked examples the prompt gives."""
 
     drawn: int
     groups: tuple[tuple[int, ...], ...]
     vouched: bool = False
-    carried: tuple[int, ...] = ()
 
     @property
     def clean(self) -> int:
@@ -247,14 +243,7 @@ class Tally:
 
     @property
     def agreement(self) -> int:
-        """How many of this attempt's candidates produced the answer."""
         return len(self.groups[0]) if self.groups else 0
-
-    def votes(self, group: int) -> int:
-        """A group's candidates, and the earlier lone answers it repeats."""
-        if group >= len(self.groups):
-            return 0
-        return len(self.groups[group]) + (self.carried[group] if group < len(self.carried) else 0)
 
     @property
     def chosen(self) -> int:
@@ -263,10 +252,9 @@ class Tally:
 
     @property
     def backed(self) -> bool:
-        """Whether more than the answer's own run speaks for it: a second program that agrees
-        (a candidate, or an earlier attempt's lone answer), or the prompt's examples, which it
-        passed."""
-        return self.votes(0) >= 2 or (self.agreement >= 1 and self.vouched)
+        """Whether more than the answer's own run speaks for it: a second candidate that
+        agrees, or the prompt's examples, which it passed."""
+        return self.agreement >= 2 or (self.agreement >= 1 and self.vouched)
 
     @property
     def lone(self) -> bool:
@@ -281,49 +269,26 @@ class Tally:
     def certain(self) -> bool:
         if self.drawn == 1:
             return self.clean == 1
-        return self.backed and self.votes(0) > self.votes(1)
+        runner_up = len(self.groups[1]) if len(self.groups) > 1 else 0
+        return self.backed and self.agreement > runner_up
 
 
-def tally(
-    produced_by: Sequence[Produced | None],
-    vouched: Sequence[bool] = (),
-    earlier: Sequence[Produced] = (),
-) -> Tally:
+def tally(produced_by: Sequence[Produced | None], vouched: Sequence[bool] = ()) -> Tally:
     """Group the candidates (None: did not run cleanly) by what they produced
     (`Produced.answer`). `vouched[i]`: candidate i passed the prompt's examples (a candidate
-    that failed them did not run cleanly). `earlier`: the lone answers of the run's earlier
-    attempts, each a vote for the group that repeats it."""
+    that failed them did not run cleanly)."""
     groups: dict[object, list[int]] = {}
     for i, p in enumerate(produced_by):
         if p is not None:
             groups.setdefault(p.answer(), []).append(i)
-    carried = {key: sum(1 for e in earlier if e.answer() == key) for key in groups}
-    # Most votes first; between equals, one that produced something (a program that printed
-    # and made nothing answers nothing), then the one drawn first.
+    # Largest first; between equals, one that produced something (a program that printed and
+    # made nothing answers nothing), then the one drawn first.
     nothing = Produced("").answer()
-    ordered = sorted(
-        groups.items(),
-        key=lambda kv: (-len(kv[1]) - carried[kv[0]], kv[0] == nothing, kv[1][0]),
-    )
-    result = Tally(
-        len(produced_by),
-        tuple(tuple(g) for _, g in ordered),
-        carried=tuple(carried[key] for key, _ in ordered),
-    )
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0] == nothing, kv[1][0]))
+    result = Tally(len(produced_by), tuple(tuple(g) for _, g in ordered))
     if result.groups and result.chosen < len(vouched) and vouched[result.chosen]:
-        return Tally(result.drawn, result.groups, vouched=True, carried=result.carried)
+        return Tally(result.drawn, result.groups, vouched=True)
     return result
-
-
-def repeated(numbers: Sequence[int]) -> str:
-    """`, as did attempt 1's lone answer`: the earlier lone answers an answer repeats, as the
-    CLI and the notebook say after how many candidates agree."""
-    if not numbers:
-        return ""
-    if len(numbers) == 1:
-        return f", as did attempt {numbers[0]}'s lone answer"
-    listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
-    return f", as did the lone answers of attempts {listed}"
 
 
 def disagreement(

@@ -67,8 +67,7 @@ class Progress:
             others = d.get("others") or []
             if others:
                 agree = 1 + sum(1 for o in others if o["group"] == 1) if d["group"] == 1 else 0
-                also = _repeated(d.get("repeats") or [])
-                self.say(f"attempt {n}: {agree} of {1 + len(others)} candidates agree{also}")
+                self.say(f"attempt {n}: {agree} of {1 + len(others)} candidates agree")
             if d["status"] == "success":
                 held = f" ({_held(d['examples'])})" if d.get("examples") else ""
                 self.say(f"attempt {n}: succeeded in {d['duration']:.1f} s{held}")
@@ -207,12 +206,6 @@ def _held(n: int) -> str:
     return examples.held(n)
 
 
-def _repeated(numbers: list[int]) -> str:
-    from autocoder import candidates  # start-up time (see the imports)
-
-    return candidates.repeated(numbers)
-
-
 def _print_result(result: RunResult) -> None:
     from autocoder.records import ErrorKind  # start-up time (see the imports)
 
@@ -235,8 +228,7 @@ def _print_result(result: RunResult) -> None:
             print(f"{rule}\noutput\n{rule}\n{_shown(result, last.output).rstrip()}")
     print(rule)
     if result.candidates > 1:
-        also = _repeated(last.repeats) if last is not None else ""
-        print(f"{result.agreement} of {result.candidates} candidates agree{also}")
+        print(f"{result.agreement} of {result.candidates} candidates agree")
     if result.status == "success" and last is not None and last.examples:
         print(_held(last.examples))
     print(f"notebook: {result.notebook}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from autocoder import __version__, candidates, examples, languages
+from autocoder import __version__, examples, languages
 from autocoder.records import Attempt, ErrorKind, RunResult, last_line
 
 # Notebooks are built here as plain nbformat v4.5 JSON (dicts), not with nbformat: importing
@@ -352,7 +352,7 @@ def agree_line(attempt: Attempt) -> str:
     if attempt.group != 1:
         return f"none of {drawn} candidates ran cleanly"
     agree = sum(1 for a in (attempt, *attempt.others) if a.group == 1)
-    return f"{agree} of {drawn} candidates agree{candidates.repeated(attempt.repeats)}"
+    return f"{agree} of {drawn} candidates agree"
 
 
 def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[Cell]:
@@ -498,7 +498,6 @@ def summary_cell(result: RunResult, *, timeout: float | None = None) -> Cell:
         f"\n\n**{status.capitalize()}** after {len(result.attempts)} attempt(s)"
         + (
             f" · {result.agreement} of {result.candidates} candidates agree"
-            + candidates.repeated(result.attempts[-1].repeats if result.attempts else [])
             if result.candidates > 1
             else ""
         )

@@ -127,11 +127,6 @@ class Attempt(BaseModel):
         "1 is the group the attempt's answer came from, 2 the next largest, and so on; 0 when "
         "its code did not run cleanly.",
     )
-    repeats: list[int] = Field(
-        default_factory=list,
-        description="Earlier attempts whose lone answer (the only one of their candidates that "
-        "ran cleanly) this attempt's answer repeats: each counts as one more program agreeing.",
-    )
     temperature: float = Field(default=0.0, description="The temperature it was sampled at.")
     examples: int = Field(
         default=0,

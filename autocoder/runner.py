@@ -120,12 +120,9 @@ class _Drawn:
     workdir: Path | None
 
 
-def _tally(drawn: list[_Drawn], earlier: Sequence[candidates.Produced]) -> candidates.Tally:
-    """The vote of the candidates drawn so far; those that passed the prompt's examples vouched,
-    and the lone answers of earlier attempts vote too."""
-    return candidates.tally(
-        [d.produced for d in drawn], [d.attempt.examples > 0 for d in drawn], earlier
-    )
+def _tally(drawn: list[_Drawn]) -> candidates.Tally:
+    """The vote of the candidates drawn so far; those that passed the prompt's examples vouched."""
+    return candidates.tally([d.produced for d in drawn], [d.attempt.examples > 0 for d in drawn])
 
 
 class Runner:
@@ -298,10 +295,8 @@ class _Run:
         self.given: str | None = None
         # The prompt's worked examples, run against each program that runs cleanly.
         self.examples: tuple[examples.Example, ...] = ()
-        # The last attempt's answer was the only candidate that ran cleanly (Tally.lone);
-        # such answers, by attempt, still vote in the attempts after theirs.
+        # The last attempt's answer was the only candidate that ran cleanly (Tally.lone).
         self.alone = False
-        self.lone_answers: list[tuple[int, candidates.Produced]] = []
 
     async def emit(self, type_: Any, attempt: int | None = None, **data: Any) -> None:
         if self.on_event is None:
@@ -466,21 +461,13 @@ class _Run:
         """The attempt's candidates, each in its own kernel: a first round, and the rest only
         when the first does not settle it; the answer is the result most of them produced."""
         first = candidates.first_round(self.k)
-        earlier = [answer for _, answer in self.lone_answers]
         drawn = await self.draw(number, range(1, first + 1), messages, temperature, model)
-        tally = _tally(drawn, earlier)
+        tally = _tally(drawn)
         if not tally.settled() and first < self.k:
             more = range(first + 1, self.k + 1)
             drawn += await self.draw(number, more, messages, temperature, model)
-            tally = _tally(drawn, earlier)
-        answer = drawn[tally.chosen].produced
-        if answer is not None:
-            drawn[tally.chosen].attempt.repeats = [
-                n for n, said in self.lone_answers if said.answer() == answer.answer()
-            ]
+            tally = _tally(drawn)
         self.alone = tally.lone
-        if tally.lone and answer is not None:
-            self.lone_answers.append((number, answer))
         for group, members in enumerate(tally.groups, 1):
             for i in members:
                 drawn[i].attempt.group = group
