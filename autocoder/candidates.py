@@ -37,15 +37,12 @@ rule of how many, how they are sampled, grouped and judged is here:
   four, an honest answer reported as uncertain). When the prompt gives worked examples
   (examples.py), a candidate that fails them has not run cleanly, and one that passes them
   needs no second vote: the user's own check speaks for it, and as for two that agree, no
-  more are drawn. Otherwise the answer is uncertain, with the alternatives named. A single
-  candidate is certain as before: with nothing to compare, running cleanly is all there is to
-  go on.
-- Uncertain ends the run when candidates that ran cleanly disagree: more of the same would
-  not settle it. A lone answer (`Tally.lone`: one ran cleanly, every other failed) is retried
-  instead while attempts are left, told what the others failed with. There the model's usual
-  approach is broken, and the one program that ran is as likely wrong as not: of the default
-  model's three such runs on the tasks benchmark (docs/quality.md), all three lone answers
-  were wrong, and each time four candidates had failed on one error a retry is told of.
+  more are drawn. Otherwise the run reports `uncertain`, with the answer and the
+  alternatives, and what the candidates that failed hit. A single candidate is certain as
+  before: with nothing to compare, running cleanly is all there is to go on.
+- An uncertain answer ends the run, even when it is the only candidate that ran cleanly and
+  the others failed: retrying such a lone answer, told what the others failed with, was
+  measured on the tasks benchmark and made things worse (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -67,8 +64,6 @@ MAX_COMPARED_FILES = 50
 MAX_COMPARED_BYTES = 8 << 20
 SHOWN_CHARS = 60
 SHOWN_ERROR_CHARS = 120
-# What an uncertain run's error ends with: the user's next step.
-CHECK_IT = " Check it before relying on it."
 
 
 def how_many(asked: int | None, configured: int, backend: str) -> int:
@@ -256,11 +251,6 @@ class Tally:
         agrees, or the prompt's examples, which it passed."""
         return self.agreement >= 2 or (self.agreement >= 1 and self.vouched)
 
-    @property
-    def lone(self) -> bool:
-        """Only one of several ran cleanly, and nothing backs it: the rest failed."""
-        return self.drawn > 1 and self.clean == 1 and not self.backed
-
     def settled(self) -> bool:
         """Whether to stop drawing: none ran cleanly, or all that did agree and are backed."""
         return self.clean == 0 or (self.backed and self.agreement == self.clean)
@@ -312,7 +302,7 @@ def disagreement(
     if failed:
         parts.append(f"{who(failed)} failed{_why_failed([drawn[i] for i in failed])}")
     head = f"only {result.agreement} of {result.drawn} candidates produced this answer"
-    return head + ("; " + "; ".join(parts) if parts else "") + "." + CHECK_IT
+    return head + ("; " + "; ".join(parts) if parts else "") + ". Check it before relying on it."
 
 
 def _why_failed(failed: Sequence[Attempt]) -> str:

@@ -388,10 +388,7 @@ def attempt_cells(attempt: Attempt, total: int, timeout: float | None) -> list[C
         }
     }
     others = [candidates_cell(attempt, timeout)] if attempt.others else []
-    # An uncertain answer is the run's when it is the last attempt's; one that a retry
-    # followed (a lone answer, runner.py) is history like any failure.
-    answered = attempt.error_kind is ErrorKind.UNCERTAIN and attempt.number == total
-    if attempt.status == "error" and not answered:
+    if attempt.status == "error" and attempt.error_kind is not ErrorKind.UNCERTAIN:
         # Markdown is not rendered inside <summary>: its line is HTML, escaped.
         plain = f"{said(attempt, timeout).replace('`', '')} · {attempt.duration:.2f} s"
         summary = f"<b>Attempt {attempt.number}/{total}</b> — {html.escape(plain)}"

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from autocoder import candidates, files, languages
+from autocoder import files, languages
 from autocoder.config import Settings
 from autocoder.llm import Message, cut_middle
 from autocoder.records import Attempt, ErrorKind, last_line
@@ -109,12 +109,6 @@ def _what_went_wrong(attempt: Attempt, timeout: float) -> str:
             "its own asserts, and this one simply has no asserts, so nothing shows it is right. "
             f"The assert that failed:\n{attempt.error.partition(chr(10))[2]}\n"
             "Keep asserts of the results the task asks for, and make them pass."
-        )
-    if kind is ErrorKind.UNCERTAIN:
-        ran = f"A program written for this task printed:\n{out}\n" if out else ""
-        return (
-            f"{ran}Programs written for this task do not agree, so no answer can be trusted "
-            f"yet: {attempt.error.removesuffix(candidates.CHECK_IT)}"
         )
     if kind is ErrorKind.EXAMPLE:
         return (

@@ -295,8 +295,6 @@ class _Run:
         self.given: str | None = None
         # The prompt's worked examples, run against each program that runs cleanly.
         self.examples: tuple[examples.Example, ...] = ()
-        # The last attempt's answer was the only candidate that ran cleanly (Tally.lone).
-        self.alone = False
 
     async def emit(self, type_: Any, attempt: int | None = None, **data: Any) -> None:
         if self.on_event is None:
@@ -341,11 +339,8 @@ class _Run:
                         mode="json", exclude={"reply": True, "others": {"__all__": {"reply"}}}
                     ),
                 )
-                # Candidates that ran cleanly and disagree end the run: more of the same would
-                # not settle it. A lone answer among failures is retried (candidates.py).
-                if attempt.status == "success" or (
-                    attempt.error_kind is ErrorKind.UNCERTAIN and not self.alone
-                ):
+                # An uncertain answer already had its candidates: more would not settle it.
+                if attempt.status == "success" or attempt.error_kind is ErrorKind.UNCERTAIN:
                     break
         except (LLMError, ConfigError) as e:
             error_kind, error = ErrorKind.LLM, str(e)
@@ -467,7 +462,6 @@ class _Run:
             more = range(first + 1, self.k + 1)
             drawn += await self.draw(number, more, messages, temperature, model)
             tally = _tally(drawn)
-        self.alone = tally.lone
         for group, members in enumerate(tally.groups, 1):
             for i in members:
                 drawn[i].attempt.group = group

@@ -54,8 +54,7 @@ class RunRequest(BaseModel):
         None,
         ge=1,
         description="Programs drawn per attempt, each run in a fresh kernel; the answer is the "
-        "result most of them agree on, and too little agreement makes the run `uncertain` "
-        "(an answer that alone ran cleanly is retried first, while attempts are left). "
+        "result most of them agree on, and too little agreement makes the run `uncertain`. "
         "Default AUTOCODER_CANDIDATES (5 for the embedded model, 1 for a model endpoint); at "
         "most AUTOCODER_MAX_REQUEST_CANDIDATES. A session's run draws one.",
     )
