@@ -35,6 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MAX_BODY = 8 << 20
+# How often a request's handler looks whether its client is still there (seconds).
+GONE_EVERY = 0.5
 # Sampling as llama-cpp-python's server samples by default.
 TOP_K = 40
 MIN_P = 0.05
@@ -624,15 +626,24 @@ def make_handler(engine: Engine, alias: str) -> type[BaseHTTPRequestHandler]:
                 return True
 
         def _events(self, request: Request) -> Iterator[tuple[int, str, str | None]]:
-            """The engine's events until every choice ended; stops if the client leaves."""
+            """The engine's events until every choice ended; stops if the client leaves.
+            Looked for while tokens flow too: a client that timed out waiting for a whole
+            reply (nothing is written to it until the end) would otherwise keep its slot
+            and the CPU until the last token, and its retry would queue behind it."""
             ended = 0
+            looked = time.monotonic()
             while ended < request.n:
                 try:
-                    index, text, reason = request.events.get(timeout=0.5)
+                    event = request.events.get(timeout=GONE_EVERY)
                 except queue.Empty:
+                    event = None
+                if time.monotonic() - looked >= GONE_EVERY:
                     if self._gone():
-                        raise ConnectionAbortedError() from None
+                        raise ConnectionAbortedError()
+                    looked = time.monotonic()
+                if event is None:
                     continue
+                index, text, reason = event
                 if reason == "error" or index is None:
                     raise _EngineFailed(text)
                 ended += reason is not None

@@ -411,6 +411,41 @@ async def test_a_client_that_goes_away_frees_its_place(real_home: Path) -> None:
     assert servers_using(real_home) == []
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(400)
+async def test_a_client_that_stops_waiting_for_a_whole_reply_frees_its_place(
+    real_home: Path,
+) -> None:
+    """A reply that is not streamed is written only at its end, so the only sign that its
+    client gave up (its timeout) is the closed connection: with one slot, the next request is
+    answered long before the first reply's 3,000 tokens would have been generated."""
+    server = LocalModelServer(settings_for(real_home, local_slots=1))
+    try:
+        url = await server.ensure()
+        impatient = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3)
+        ask = (
+            "Write out the numbers from 1 to 2000 in words, one per line: one, two, three, "
+            "and so on. Do not stop early."
+        )
+        count = [{"role": "user", "content": ask}]
+        with pytest.raises(openai.APITimeoutError):
+            await impatient.chat.completions.create(
+                model=server.model_name, messages=count, max_tokens=3000, temperature=0
+            )
+        await impatient.close()
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        reply = await client.chat.completions.create(
+            model=server.model_name,
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=5,
+        )
+        assert reply.choices[0].message.content
+        await client.close()
+    finally:
+        server.close()
+    assert servers_using(real_home) == []
+
+
 @pytest.mark.timeout(300)
 def test_the_server_dies_with_its_parent_even_on_sigkill(real_home: Path) -> None:
     script = textwrap.dedent(
