@@ -211,6 +211,8 @@ class Regenerate:
     ) -> tuple[list[Message], float]:
         if history and history[-1].error_kind is ErrorKind.UNCHECKED:
             return add_checks(task, history[-1], settings, system), self.checks_temperature
+        if history and own_check_failed(history[-1]):
+            return fix_own_check(task, history[-1], settings, system), self.checks_temperature
         content = task
         if history:
             content += "\n\n" + self.advice(last_lines(history[-1], settings, self.hint_lines))
@@ -287,6 +289,34 @@ class Review(Reconsider):
             },
         ]
         return messages, self.review_temperature
+
+
+def own_check_failed(attempt: Attempt) -> bool:
+    """The code failed an assert of its own while its functions give what every example of
+    the task says (the runner checked them after the failure)."""
+    return attempt.error_kind is ErrorKind.EXCEPTION and attempt.examples > 0
+
+
+def fix_own_check(task: str, failed: Attempt, settings: Settings, system: str) -> list[Message]:
+    """Show code whose functions pass the task's own examples but whose own assert failed,
+    and ask for the same functions with that assert corrected or removed.
+
+    Regenerating from the task would throw the functions away, and a small model writes a
+    new wrong expected value as readily as the old one (HumanEval/139: five attempts, each
+    asserting another wrong `special_factorial(6)` of a right function). Without the assert,
+    the task's examples still check the code.
+    """
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": task},
+        {"role": "assistant", "content": failed.reply or "(no reply)"},
+        {
+            "role": "user",
+            "content": feedback(failed, settings.timeout)
+            + "\n\nReply with the complete program: these functions unchanged, and the assert "
+            "that failed removed (or its expected value corrected, if you are sure of it).",
+        },
+    ]
 
 
 def add_checks(task: str, unchecked: Attempt, settings: Settings, system: str) -> list[Message]:

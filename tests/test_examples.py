@@ -17,7 +17,9 @@ import nbformat
 import pytest
 
 from autocoder import examples
+from autocoder.config import Settings
 from autocoder.notebook import record_path
+from autocoder.prompts import POLICIES
 from autocoder.records import ErrorKind, RunResult
 from autocoder.runner import Runner
 from autocoder.testing import ScriptedLLM, fenced
@@ -211,26 +213,34 @@ async def test_dropping_a_wrong_assert_is_no_fault_when_the_examples_hold(
     assert result.attempts[1].examples == 2
 
 
+@pytest.mark.parametrize("policy", ["conversation", "reconsider"])
 async def test_a_failed_assert_of_the_codes_own_is_weighed_against_the_prompts_examples(
-    runner: Runner, llm: ScriptedLLM
+    settings: Settings, llm: ScriptedLLM, policy: str
 ) -> None:
     """The function is right on the user's examples and fails the model's own assert: the
-    retry hears that the assert is the likelier mistake. A function wrong on the examples
-    hears nothing of the kind."""
+    retry hears that the assert is the likelier mistake, and is shown the code to keep (the
+    small model's `reconsider` policy otherwise starts afresh). A function wrong on the
+    examples hears nothing of the kind."""
     own_wrong_assert = RIGHT + "assert longest(['a', 'bb', 'cc']) == 'cc'\n"
     wrong_function = FIRST + "assert longest(['a', 'bb']) == 'bb'\n"
-    llm.script(fenced(own_wrong_assert), fenced(wrong_function), fenced(RIGHT))
-    result = await runner.run(LONGEST, candidates=1)
+    llm.script(fenced(wrong_function), fenced(own_wrong_assert), fenced(RIGHT))
+    runner = Runner(settings, policy=POLICIES[policy]())
+    try:
+        result = await runner.run(LONGEST, candidates=1)
+    finally:
+        await runner.close()
 
     assert result.status == "success", result.error
-    right_but_checked_wrong, wrong, _ = result.attempts
+    wrong, right_but_checked_wrong, _ = result.attempts
+    assert wrong.ename == "AssertionError" and wrong.examples == 0
+    assert "program's own" not in llm.requests[1]["messages"][-1]["content"]
     assert right_but_checked_wrong.error_kind is ErrorKind.EXCEPTION
     assert right_but_checked_wrong.examples == 2
-    told = llm.requests[1]["messages"][-1]["content"]
-    assert "give exactly what the task's own examples say (2 checked" in told
-    assert "the assert that failed is the program's own" in told
-    assert wrong.ename == "AssertionError" and wrong.examples == 0
-    assert "program's own" not in llm.requests[2]["messages"][-1]["content"]
+    retry = llm.requests[2]["messages"]
+    assert "give exactly what the task's own examples say (2 checked" in retry[-1]["content"]
+    assert "the assert that failed is the program's own" in retry[-1]["content"]
+    # Shown the code whose functions to keep, last before the request.
+    assert retry[-2]["role"] == "assistant" and "max(words, key=len)" in retry[-2]["content"]
     # The check's calls printed nothing into the failed attempt's output.
     assert right_but_checked_wrong.output == ""
 
