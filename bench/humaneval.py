@@ -127,7 +127,7 @@ async def main() -> None:
     # One kernel starts ahead while the model writes, so no attempt waits for a kernel.
     kernels = KernelPool(settings, size=1)
     runner = Runner(settings, kernels=kernels)
-    first_pass = final_pass = false_success = uncertain = 0
+    first_pass = final_pass = false_success = true_success = uncertain = 0
     seconds: list[float] = []
     tokens = 0
     llm_time = 0.0
@@ -166,6 +166,7 @@ async def main() -> None:
             first_pass += ok_first
             final_pass += ok_final
             false_success += result.status == "success" and not ok_final
+            true_success += result.status == "success" and ok_final
             uncertain += result.error_kind == "uncertain"
             tokens += sum(a.tokens for a in result.attempts)
             llm_time += sum(a.llm_duration for a in result.attempts)
@@ -209,8 +210,10 @@ async def main() -> None:
     print(f"pass@attempt1: {first_pass}/{n} = {100 * first_pass / n:.1f}%")
     print(
         f"pass after {args.attempts} attempts: {final_pass}/{n} = {100 * final_pass / n:.1f}% "
-        f"(+{100 * (final_pass - first_pass) / n:.1f} points)"
+        f"(+{100 * (final_pass - first_pass) / n:.1f} points; the final code, whatever the "
+        "run's status)"
     )
+    print(f"runs reporting success whose code passes the hidden tests: {true_success}/{n}")
     print(f"runs reporting success whose code fails the hidden tests: {false_success}/{n}")
     print(f"runs reporting uncertain (candidates disagreed): {uncertain}/{n}")
     print(f"median seconds per problem: {statistics.median(seconds):.1f}")
