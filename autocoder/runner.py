@@ -32,6 +32,7 @@ from autocoder.prompts import (
     RetryPolicy,
     change_course,
     choose_policy,
+    own_check_failed,
     repeated_failure,
     system_prompt_for,
 )
@@ -123,6 +124,13 @@ class _Drawn:
 def _tally(drawn: list[_Drawn]) -> candidates.Tally:
     """The vote of the candidates drawn so far; those that passed the prompt's examples vouched."""
     return candidates.tally([d.produced for d in drawn], [d.attempt.examples > 0 for d in drawn])
+
+
+def _closest(drawn: list[_Drawn]) -> int:
+    """When none ran cleanly, the candidate the retry hears about: the first whose functions
+    gave what the prompt's examples say, if only its own assert failed (it is shown back to
+    be kept, prompts.fix_own_check), else the first."""
+    return next((i for i, d in enumerate(drawn) if own_check_failed(d.attempt)), 0)
 
 
 class Runner:
@@ -465,7 +473,7 @@ class _Run:
         for group, members in enumerate(tally.groups, 1):
             for i in members:
                 drawn[i].attempt.group = group
-        chosen = drawn[tally.chosen]
+        chosen = drawn[tally.chosen if tally.clean else _closest(drawn)]
         attempt = chosen.attempt
         attempt.others = [d.attempt for d in drawn if d is not chosen]
         if tally.clean and not tally.certain:

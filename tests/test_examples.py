@@ -245,6 +245,28 @@ async def test_a_failed_assert_of_the_codes_own_is_weighed_against_the_prompts_e
     assert right_but_checked_wrong.output == ""
 
 
+async def test_when_no_candidate_runs_cleanly_the_one_right_on_the_examples_is_shown_back(
+    settings: Settings, llm: ScriptedLLM
+) -> None:
+    own_wrong_assert = RIGHT + "assert longest(['a', 'bb', 'cc']) == 'cc'\n"
+    wrong_function = FIRST + "assert longest(['a', 'bb']) == 'bb'\n"
+    llm.responder = by_candidate(
+        {(1, 1): wrong_function, (1, 2): own_wrong_assert, (2, 1): RIGHT, (2, 2): RIGHT}
+    )
+    runner = Runner(settings, policy=POLICIES["reconsider"]())
+    try:
+        result = await runner.run(LONGEST, candidates=2)
+    finally:
+        await runner.close()
+
+    assert result.status == "success", result.error
+    first = result.attempts[0]
+    assert first.candidate == 2 and first.examples == 2  # the attempt's face is candidate 2
+    assert [o.candidate for o in first.others] == [1]
+    retry = next(r for r in llm.requests if r["seed"] == 201)["messages"]
+    assert retry[-2]["role"] == "assistant" and "max(words, key=len)" in retry[-2]["content"]
+
+
 async def test_code_that_shadows_builtins_is_still_checked_fairly(
     runner: Runner, llm: ScriptedLLM
 ) -> None:
