@@ -306,17 +306,14 @@ def fix_own_check(task: str, failed: Attempt, settings: Settings, system: str) -
     asserting another wrong `special_factorial(6)` of a right function). Without the assert,
     the task's examples still check the code.
     """
-    return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": task},
-        {"role": "assistant", "content": failed.reply or "(no reply)"},
-        {
-            "role": "user",
-            "content": feedback(failed, settings.timeout)
-            + "\n\nReply with the complete program: these functions unchanged, and the assert "
-            "that failed removed (or its expected value corrected, if you are sure of it).",
-        },
-    ]
+    return _shown_back(
+        task,
+        failed,
+        settings,
+        system,
+        "these functions unchanged, and the assert that failed removed (or its expected value "
+        "corrected, if you are sure of it).",
+    )
 
 
 def add_checks(task: str, unchecked: Attempt, settings: Settings, system: str) -> list[Message]:
@@ -325,15 +322,27 @@ def add_checks(task: str, unchecked: Attempt, settings: Settings, system: str) -
     Its solution may well be right: regenerating would throw it away, while a small model
     asked to repeat it keeps it, and the checks it adds decide.
     """
+    return _shown_back(
+        task,
+        unchecked,
+        settings,
+        system,
+        "this solution (unless it is wrong) with asserts added after it.",
+    )
+
+
+def _shown_back(
+    task: str, attempt: Attempt, settings: Settings, system: str, wanted: str
+) -> list[Message]:
+    """The task, the attempt's reply as the model's own, what went wrong, and what to reply."""
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": task},
-        {"role": "assistant", "content": unchecked.reply or "(no reply)"},
+        {"role": "assistant", "content": attempt.reply or "(no reply)"},
         {
             "role": "user",
-            "content": feedback(unchecked, settings.timeout)
-            + "\n\nReply with the complete program: this solution (unless it is wrong) with "
-            "asserts added after it.",
+            "content": feedback(attempt, settings.timeout)
+            + f"\n\nReply with the complete program: {wanted}",
         },
     ]
 
